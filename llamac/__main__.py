@@ -1,0 +1,3 @@
+from llamac.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The `llamac` command line: argument parsing only; every command is a library call."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from llamac.errors import LlamacError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="llamac: train Llama-family models from raw text, chat-tune them and export them.")
+
+SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (value parsed as YAML). Repeatable."
+
+
+def _recipe(path: Optional[Path], overrides: List[str], device: Optional[str] = None):
+    from llamac.config import load_recipe
+    extra = list(overrides or [])
+    if device is not None:
+        extra.append(f"device={device}")
+    return load_recipe(path, extra)
+
+
+@app.command()
+def tokenize(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML: trains the tokenizer and writes token shards."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    text: Optional[str] = typer.Option(None, "--text", help="Show the pieces and ids of TEXT instead."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="SentencePiece model for --text."),
+    force: bool = typer.Option(False, "--force", help="Re-encode even when the inputs are unchanged."),
+):
+    """Train a SentencePiece tokenizer and encode the recipe's sources into token shards."""
+    if text is not None:
+        from llamac.tokenizer import show_pieces
+        if tokenizer is None:
+            raise LlamacError("--text needs --tokenizer PATH (a SentencePiece .model file)")
+        show_pieces(text, tokenizer)
+        return
+    if recipe is None:
+        raise LlamacError("tokenize needs a RECIPE (or --text with --tokenizer)")
+    from llamac.data.pipeline import prepare_data
+    prepare_data(_recipe(recipe, set_), force=force, verbose=True)
+
+
+@app.command()
+def pretrain(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: recipes/pretrain/tiny.yaml)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: the recipe's)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest checkpoint in out_dir."),
+):
+    """Pretrain a Llama model from raw text, then print a sample."""
+    from llamac.config import RECIPE_DIR
+    from llamac.train import pretrain as run
+    run(_recipe(recipe or RECIPE_DIR / "pretrain" / "tiny.yaml", set_, device), resume=resume)
+
+
+@app.command()
+def sft(
+    recipe: Path = typer.Argument(..., help="SFT recipe YAML."),
+    from_: Optional[str] = typer.Option(None, "--from", help="Checkpoint (llamac or Hugging Face folder) to start from."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    resume: bool = typer.Option(True, "--resume/--no-resume"),
+):
+    """Instruction-tune a model on chat / Alpaca data."""
+    from llamac.sft import finetune
+    extra = list(set_) + ([f"sft.from_checkpoint={from_}"] if from_ else [])
+    finetune(_recipe(recipe, extra, device), resume=resume)
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Checkpoint folder (or a run's out_dir)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line, generated as a batch."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="Chat with the model's template (REPL without --prompt)."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Generate text from a checkpoint, streamed as it is produced."""
+    from llamac.generate import generate_command
+    generate_command(checkpoint=checkpoint, prompt=prompt, prompt_file=prompt_file, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat, device=device)
+
+
+@app.command()
+def bench(
+    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu, kernels, train, decode."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'torch' to run the same shapes in PyTorch."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers to this JSON file."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Measure llamac: engine overhead, tokenizer speed, kernels, training and decoding."""
+    from llamac.bench import run_bench
+    run_bench(what=what, compare=compare, json_out=json_out, device=device)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="llamac checkpoint (or Hugging Face Llama folder)."),
+    format: str = typer.Option(..., "--format", "-f", help="hf, gguf or llamac."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    dtype: str = typer.Option("f32", "--dtype", help="gguf: f32, f16 or q8_0; hf: float32, bfloat16 or float16."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+):
+    """Export a model to Hugging Face, GGUF (llama.cpp) or native llamac files."""
+    from llamac.export import export as run
+    run(checkpoint, format=format, out=out, dtype=dtype, force=force)
+
+
+def main(argv: Optional[list] = None) -> None:
+    """Entry point: LlamacError (and a missing file) become one line on stderr and exit 1."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except LlamacError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except FileNotFoundError as exc:
+        print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's usage errors
+        import click
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            print("aborted", file=sys.stderr)
+            sys.exit(1)
+        raise
