@@ -1,14 +1,15 @@
 """llamac: a Llama-family LLM toolchain on its own tensor/autograd engine."""
 from llamac.errors import LlamacError
+from llamac.engine import Tensor, Function, no_grad, manual_seed, tensor, zeros, ones, randn, rand, full, arange
+from llamac import ops
+from llamac.ops import (cat, concatenate, cross_entropy, dropout, log_softmax, masked_fill, softmax, split, stack,
+                        where)
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Lazy so that `import llamac` stays cheap for the CLI and works piecewise while modules are built.
-    if name in ("Tensor", "no_grad", "tensor", "zeros", "ones", "randn", "arange"):
-        from llamac import tensor as _tensor
-        return getattr(_tensor, name)
+    # The tokenizer pulls in sentencepiece: load it only when asked for.
     if name == "Tokenizer":
         from llamac.tokenizer import Tokenizer
         return Tokenizer

@@ -1,0 +1,209 @@
+"""Fused neural-network primitives: one Function each, forward and backward side by side.
+
+Each is written once with `xp` (NumPy reference on the CPU, CuPy on the GPU); where a
+hand-written CUDA kernel exists it is an explicit branch next to the reference.
+Composing these from the basic ops would be correct too, but slower: fewer, larger
+array operations and fewer saved intermediates.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llamac import backend
+from llamac.engine import Function, Tensor
+from llamac.errors import ShapeError
+from llamac.ops import compute_dtype, matmul
+
+
+class Linear(Function):
+    """x @ W.T (+ b) with W stored (out, in) as in torch; batch dims folded into one GEMM."""
+
+    def forward(self, x, w, b=None):
+        if x.shape[-1] != w.shape[1]:
+            raise ShapeError(f"linear: input {x.shape} does not fit weight {w.shape} (in_features {w.shape[1]})")
+        self.save(x, w)
+        out = matmul(x, w.T)
+        return out if b is None else out + b
+
+    def backward(self, g):
+        x, w = self.saved
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = matmul(g, w) if self.needs_grad[0] else None
+        gw = matmul(g2.T, x.reshape(-1, x.shape[-1])) if self.needs_grad[1] else None
+        gb = g2.sum(axis=0) if len(self.needs_grad) > 2 else None
+        return gx, gw, gb
+
+
+class Embedding(Function):
+    """weight[ids]; the backward scatter-adds rows (repeated ids sum)."""
+
+    def forward(self, ids, weight):
+        self.save(ids)
+        self.shape = weight.shape
+        return weight[ids]
+
+    def backward(self, g):
+        (ids,) = self.saved
+        xp = backend.get_array_module(g)
+        gw = xp.zeros(self.shape, dtype=g.dtype)
+        flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, self.shape[1])
+        if xp is np:
+            np.add.at(gw, flat_ids, flat_g)
+        else:
+            xp.add.at(gw, flat_ids, flat_g)
+        return None, gw
+
+
+class RMSNorm(Function):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, statistics in fp32."""
+
+    def forward(self, x, weight, eps=1e-5):
+        xp = backend.get_array_module(x)
+        xf = x.astype(compute_dtype(x.dtype), copy=False)
+        rstd = 1.0 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
+        xhat = xf * rstd
+        self.save(xhat, rstd, weight)
+        return (xhat * weight).astype(x.dtype, copy=False)
+
+    def backward(self, g):
+        xhat, rstd, weight = self.saved
+        gf = g.astype(xhat.dtype, copy=False)
+        gw = (gf * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0).astype(weight.dtype, copy=False)
+        gxhat = gf * weight
+        gx = rstd * (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
+        return gx.astype(g.dtype, copy=False), gw
+
+
+class RoPE(Function):
+    """Rotary embedding on (B, T, H, hs) with Meta's interleaved pairing: dims (2i, 2i+1) rotate
+    by angle pos * freq_i. cos/sin are (T, hs/2)."""
+
+    def forward(self, x, cos, sin):
+        B, T, H, hs = x.shape
+        if cos.shape != (T, hs // 2):
+            raise ShapeError(f"rope: cos/sin {cos.shape} do not fit input {x.shape} (want {(T, hs // 2)})")
+        self.save(cos, sin)
+        return _rotate(x, cos, sin, sign=1.0)
+
+    def backward(self, g):
+        cos, sin = self.saved
+        return _rotate(g, cos, sin, sign=-1.0), None, None
+
+
+def _rotate(x, cos, sin, sign):
+    xp = backend.get_array_module(x)
+    B, T, H, hs = x.shape
+    pairs = x.reshape(B, T, H, hs // 2, 2)              # (B, T, H, hs/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c = cos[None, :, None, :]                           # (1, T, 1, hs/2)
+    s = sin[None, :, None, :] * sign
+    out = xp.empty_like(pairs)
+    out[..., 0] = x0 * c - x1 * s
+    out[..., 1] = x0 * s + x1 * c
+    return out.reshape(B, T, H, hs)
+
+
+class SwiGLU(Function):
+    """silu(gate) * up; on the GPU one fused kernel each way (kernels/swiglu.cu)."""
+
+    def forward(self, gate, up):
+        self.save(gate, up)
+        from llamac import kernels
+        return kernels.swiglu_forward(gate, up)
+
+    def backward(self, g):
+        gate, up = self.saved
+        from llamac import kernels
+        return kernels.swiglu_backward(gate, up, g)
+
+
+class Attention(Function):
+    """Causal grouped-query attention, softmax(q k^T / sqrt(hs)) v, never across segments.
+
+    q: (B, Tq, H, hs); k, v: (B, Tk, Hkv, hs) with H a multiple of Hkv; segments: (B, Tk)
+    document ids or None. Queries are the last Tq positions of the Tk keys (KV-cache decoding).
+    Returns (B, Tq, H, hs). The CPU reference keeps the (T, T) probabilities for the backward.
+    """
+
+    def forward(self, q, k, v, segments=None, causal=True):
+        xp = backend.get_array_module(q)
+        B, Tq, H, hs = q.shape
+        Tk, Hkv = k.shape[1], k.shape[2]
+        if k.shape != v.shape or k.shape[0] != B or k.shape[3] != hs or H % Hkv:
+            raise ShapeError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
+        G = H // Hkv
+        qg = q.reshape(B, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4)      # (B, Hkv, G, Tq, hs)
+        kt = k.transpose(0, 2, 3, 1)[:, :, None]                        # (B, Hkv, 1, hs, Tk)
+        vt = v.transpose(0, 2, 1, 3)[:, :, None]                        # (B, Hkv, 1, Tk, hs)
+        acc = compute_dtype(q.dtype)
+        scale = acc.type(1.0 / np.sqrt(hs))
+        scores = matmul(qg, kt).astype(acc, copy=False) * scale         # (B, Hkv, G, Tq, Tk)
+        mask = _attention_mask(xp, B, Tq, Tk, segments, causal)
+        if mask is not None:
+            scores = xp.where(mask, scores, acc.type(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = xp.exp(scores, out=scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = matmul(probs.astype(q.dtype, copy=False), vt)              # (B, Hkv, G, Tq, hs)
+        self.save(qg, kt, vt, probs)
+        self.dims = (B, Tq, Tk, H, Hkv, G, hs, scale)
+        return out.transpose(0, 3, 1, 2, 4).reshape(B, Tq, H, hs)
+
+    def backward(self, g):
+        qg, kt, vt, probs = self.saved
+        B, Tq, Tk, H, Hkv, G, hs, scale = self.dims
+        dt = qg.dtype
+        go = g.reshape(B, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4)      # (B, Hkv, G, Tq, hs)
+        p = probs.astype(dt, copy=False)
+        dv = matmul(p.swapaxes(-1, -2), go).sum(axis=2)                 # (B, Hkv, Tk, hs)
+        dp = matmul(go, vt.swapaxes(-1, -2)).astype(probs.dtype, copy=False)
+        ds = probs * (dp - (dp * probs).sum(axis=-1, keepdims=True))
+        ds = (ds * scale).astype(dt, copy=False)
+        dq = matmul(ds, kt.swapaxes(-1, -2))                            # (B, Hkv, G, Tq, hs)
+        dk = matmul(ds.swapaxes(-1, -2), qg).sum(axis=2)                # (B, Hkv, Tk, hs)
+        dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, Tq, H, hs)
+        return dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), None
+
+
+def _attention_mask(xp, B, Tq, Tk, segments, causal):
+    """(B or 1, 1, 1, Tq, Tk) boolean: key j visible to query i (at position Tk - Tq + i)."""
+    mask = None
+    if causal:
+        qpos = xp.arange(Tk - Tq, Tk)[:, None]
+        mask = (xp.arange(Tk)[None, :] <= qpos)[None, None, None]
+    if segments is not None:
+        same = segments[:, Tk - Tq:, None] == segments[:, None, :]       # (B, Tq, Tk)
+        same = same[:, None, None]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+# ---------------------------------------------------------------- functional API
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
+
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    return Embedding.apply(ids if isinstance(ids, Tensor) else Tensor(ids), weight)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    return RMSNorm.apply(x, weight, eps=eps)
+
+
+def rope(x: Tensor, cos, sin) -> Tensor:
+    cos = cos if isinstance(cos, Tensor) else Tensor(cos)
+    sin = sin if isinstance(sin, Tensor) else Tensor(sin)
+    return RoPE.apply(x, cos, sin)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return SwiGLU.apply(gate, up)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = True) -> Tensor:
+    if segments is None:
+        return Attention.apply(q, k, v, causal=causal)
+    segments = segments if isinstance(segments, Tensor) else Tensor(segments)
+    return Attention.apply(q, k, v, segments, causal=causal)

@@ -1,0 +1,623 @@
+"""Primitive Functions (forward and backward side by side) and the ops composed from them.
+
+Every primitive works on xp arrays (NumPy or CuPy) and is checked against a float64
+finite-difference gradient in tests/test_ops.py. Composite ops (mean, var, split,
+stack, masked_fill, dropout, ...) are built from the primitives and need no backward.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+
+import numpy as np
+
+from llamac import backend
+from llamac.errors import LlamacError, ShapeError
+from llamac.engine import Function, Tensor, generator, unbroadcast
+
+
+def _broadcast_check(a, b, op):
+    try:
+        return np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ShapeError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
+
+
+# ---------------------------------------------------------------- elementwise binary
+
+class Add(Function):
+    def forward(self, a, b):
+        if a.shape != b.shape:
+            _broadcast_check(a, b, "add")
+        return a + b
+
+    def backward(self, g):
+        return g, g
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        if a.shape != b.shape:
+            _broadcast_check(a, b, "sub")
+        return a - b
+
+    def backward(self, g):
+        return g, -g
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        if a.shape != b.shape:
+            _broadcast_check(a, b, "mul")
+        self.save(a, b)
+        return a * b
+
+    def backward(self, g):
+        a, b = self.saved
+        return g * b, g * a
+
+
+class Div(Function):
+    def forward(self, a, b):
+        if a.shape != b.shape:
+            _broadcast_check(a, b, "div")
+        self.save(a, b)
+        return a / b
+
+    def backward(self, g):
+        a, b = self.saved
+        gb = -g * a / (b * b) if self.needs_grad[1] else None
+        return g / b, gb
+
+
+class Pow(Function):
+    """a ** b with both operands tensors (b's gradient needs log a, so a > 0 there)."""
+
+    def forward(self, a, b):
+        _broadcast_check(a, b, "pow")
+        out = a ** b
+        self.save(a, b, out)
+        return out
+
+    def backward(self, g):
+        a, b, out = self.saved
+        xp = backend.get_array_module(a)
+        ga = g * b * a ** (b - 1)
+        gb = g * out * xp.log(xp.where(a > 0, a, 1)) if self.needs_grad[1] else None
+        return ga, gb
+
+
+class PowScalar(Function):
+    def forward(self, a, exponent):
+        self.exponent = exponent
+        self.save(a)
+        return a ** a.dtype.type(exponent)
+
+    def backward(self, g):
+        (a,) = self.saved
+        e = a.dtype.type(self.exponent)
+        return g * e * a ** (e - 1)
+
+
+class MatMul(Function):
+    """Batched matmul with broadcasting over the leading (batch) dimensions."""
+
+    def forward(self, a, b):
+        if a.ndim == 0 or b.ndim == 0:
+            raise ShapeError(f"matmul: operands must have at least one dimension, got {a.shape} and {b.shape}")
+        if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+            raise ShapeError(f"matmul: shapes {a.shape} and {b.shape} do not fit (inner dimensions "
+                             f"{a.shape[-1]} and {b.shape[-2 if b.ndim > 1 else 0]})")
+        self.save(a, b)
+        return matmul(a, b)
+
+    def backward(self, g):
+        a, b = self.saved
+        a2 = a[None, :] if a.ndim == 1 else a           # vectors as (1, K) / (K, 1) matrices
+        b2 = b[:, None] if b.ndim == 1 else b
+        g2 = g
+        if a.ndim == 1:
+            g2 = g2[..., None, :]
+        if b.ndim == 1:
+            g2 = g2[..., None]
+        ga = matmul(g2, b2.swapaxes(-1, -2)) if self.needs_grad[0] else None
+        gb = matmul(a2.swapaxes(-1, -2), g2) if self.needs_grad[1] else None
+        if ga is not None:
+            ga = unbroadcast(ga, a2.shape).reshape(a.shape)
+        if gb is not None:
+            if b.ndim == 2 and gb.ndim > 2:             # weight shared across the batch
+                gb = gb.reshape(-1, *gb.shape[-2:]).sum(axis=0)
+            gb = unbroadcast(gb, b2.shape).reshape(b.shape)
+        return ga, gb
+
+
+def compute_dtype(dtype):
+    """Reductions and softmaxes run in fp32 at least (fp64 stays fp64, for gradient checks)."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def matmul(a, b):
+    """xp matmul, folding batch dims into rows when b is a matrix (one big GEMM instead of many),
+    and batched bf16 on CuPy through fp32 (CuPy's batched matmul rejects bf16)."""
+    xp = backend.get_array_module(a)
+    if a.ndim > 2 and b.ndim == 2:
+        return xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+    if xp is not np and a.dtype == backend.bfloat16 and (a.ndim > 2 or b.ndim > 2):
+        return xp.matmul(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
+    return xp.matmul(a, b)
+
+
+# ---------------------------------------------------------------- elementwise unary
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return -g
+
+
+class Exp(Function):
+    def forward(self, a):
+        out = backend.get_array_module(a).exp(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        return g * self.saved[0]
+
+
+class Log(Function):
+    def forward(self, a):
+        self.save(a)
+        return backend.get_array_module(a).log(a)
+
+    def backward(self, g):
+        return g / self.saved[0]
+
+
+class Sqrt(Function):
+    def forward(self, a):
+        out = backend.get_array_module(a).sqrt(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        return g / (2 * self.saved[0])
+
+
+class Rsqrt(Function):
+    def forward(self, a):
+        out = 1 / backend.get_array_module(a).sqrt(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        out = self.saved[0]
+        return g * (-0.5) * out * out * out
+
+
+class Tanh(Function):
+    def forward(self, a):
+        out = backend.get_array_module(a).tanh(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        out = self.saved[0]
+        return g * (1 - out * out)
+
+
+def _sigmoid(xp, a):
+    # exp of a non-positive number only: no overflow for large |a|
+    e = xp.exp(-xp.abs(a))
+    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
+
+
+class Sigmoid(Function):
+    def forward(self, a):
+        out = _sigmoid(backend.get_array_module(a), a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        s = self.saved[0]
+        return g * s * (1 - s)
+
+
+class SiLU(Function):
+    def forward(self, a):
+        s = _sigmoid(backend.get_array_module(a), a)
+        self.save(a, s)
+        return a * s
+
+    def backward(self, g):
+        a, s = self.saved
+        return g * s * (1 + a * (1 - s))
+
+
+class ReLU(Function):
+    def forward(self, a):
+        self.save(a > 0)
+        return a * self.saved[0]
+
+    def backward(self, g):
+        return g * self.saved[0]
+
+
+class GELU(Function):
+    """GELU, tanh approximation (GPT-2's), as torch.nn.functional.gelu(approximate='tanh')."""
+    C = math.sqrt(2 / math.pi)
+
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        t = xp.tanh(self.C * (a + 0.044715 * a * a * a))
+        self.save(a, t)
+        return 0.5 * a * (1 + t)
+
+    def backward(self, g):
+        a, t = self.saved
+        dt = (1 - t * t) * self.C * (1 + 3 * 0.044715 * a * a)
+        return g * (0.5 * (1 + t) + 0.5 * a * dt)
+
+
+class Cast(Function):
+    def forward(self, a, dtype):
+        self.src = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, g):
+        return g.astype(self.src)
+
+
+# ---------------------------------------------------------------- reductions
+
+def _axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(a % ndim for a in axis)
+
+
+class Sum(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.in_shape, self.axes, self.keepdims = a.shape, _axes(axis, a.ndim), keepdims
+        return a.sum(axis=self.axes, keepdims=keepdims)
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        if not self.keepdims:
+            g = g.reshape([1 if i in self.axes else n for i, n in enumerate(self.in_shape)])
+        return xp.broadcast_to(g, self.in_shape)
+
+
+class Max(Function):
+    """Max over axes; the gradient is shared equally among tied maxima."""
+
+    def forward(self, a, axis=None, keepdims=False):
+        axes = _axes(axis, a.ndim)
+        out = a.max(axis=axes, keepdims=True)
+        mask = a == out
+        self.save(mask, mask.sum(axis=axes, keepdims=True))
+        self.axes, self.keepdims = axes, keepdims
+        return out if keepdims else out.squeeze(axis=axes)
+
+    def backward(self, g):
+        mask, count = self.saved
+        if not self.keepdims:
+            g = g.reshape(count.shape)
+        return mask * (g / count)
+
+
+class Cumsum(Function):
+    def forward(self, a, axis):
+        self.axis = axis
+        return backend.get_array_module(a).cumsum(a, axis=axis)
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        return xp.flip(xp.cumsum(xp.flip(g, self.axis), axis=self.axis), self.axis)
+
+
+# ---------------------------------------------------------------- shape
+
+class Reshape(Function):
+    def forward(self, a, shape):
+        self.in_shape = a.shape
+        try:
+            return a.reshape(shape)
+        except ValueError:
+            raise ShapeError(f"reshape: cannot reshape {a.shape} ({a.size} elements) to {tuple(shape)}") from None
+
+    def backward(self, g):
+        return g.reshape(self.in_shape)
+
+
+class Permute(Function):
+    def forward(self, a, axes):
+        if sorted(ax % builtins.max(a.ndim, 1) for ax in axes) != list(range(a.ndim)):
+            raise ShapeError(f"permute: axes {tuple(axes)} are not a permutation for shape {a.shape}")
+        self.axes = axes
+        return a.transpose(axes)
+
+    def backward(self, g):
+        return g.transpose(np.argsort(self.axes))
+
+
+class Expand(Function):
+    def forward(self, a, shape):
+        self.in_shape = a.shape
+        xp = backend.get_array_module(a)
+        try:
+            return xp.broadcast_to(a, shape)
+        except ValueError:
+            raise ShapeError(f"expand: cannot expand shape {a.shape} to {tuple(shape)}") from None
+
+    def backward(self, g):
+        return unbroadcast(g, self.in_shape)
+
+
+class Concatenate(Function):
+    def forward(self, *arrays, axis=0):
+        xp = backend.get_array_module(arrays[0])
+        self.axis = axis % arrays[0].ndim
+        self.sizes = [a.shape[self.axis] for a in arrays]
+        try:
+            return xp.concatenate(arrays, axis=self.axis)
+        except ValueError:
+            raise ShapeError(f"concatenate on axis {axis}: shapes {[a.shape for a in arrays]} do not fit") from None
+
+    def backward(self, g):
+        bounds = np.cumsum(self.sizes)[:-1].tolist()
+        return tuple(backend.get_array_module(g).split(g, bounds, axis=self.axis))
+
+
+class GetItem(Function):
+    """Slicing and integer-array indexing (gather); the backward scatter-adds so repeated indices sum."""
+
+    def forward(self, a, index):
+        self.in_shape, self.dtype, self.index = a.shape, a.dtype, index
+        try:
+            return a[index]
+        except IndexError as exc:
+            raise ShapeError(f"index {index!r} out of range for shape {a.shape}: {exc}") from None
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        full = xp.zeros(self.in_shape, dtype=g.dtype)
+        index = self.index if isinstance(self.index, tuple) else (self.index,)
+        if any(hasattr(i, "dtype") or isinstance(i, list) for i in index):
+            if xp is np:
+                np.add.at(full, self.index, g)
+            else:
+                xp.add.at(full, self.index, g)
+        else:
+            full[self.index] = g
+        return full
+
+
+class Where(Function):
+    def forward(self, cond, a, b):
+        self.save(cond)
+        return backend.get_array_module(a).where(cond, a, b)
+
+    def backward(self, g):
+        (cond,) = self.saved
+        zero = g.dtype.type(0)
+        xp = backend.get_array_module(g)
+        return None, xp.where(cond, g, zero), xp.where(cond, zero, g)
+
+
+# ---------------------------------------------------------------- softmax family
+
+class Softmax(Function):
+    def forward(self, a, axis=-1):
+        xp = backend.get_array_module(a)
+        e = xp.exp(a - a.max(axis=axis, keepdims=True))
+        out = e / e.sum(axis=axis, keepdims=True)
+        self.axis = axis
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        (y,) = self.saved
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def forward(self, a, axis=-1):
+        xp = backend.get_array_module(a)
+        shifted = a - a.max(axis=axis, keepdims=True)
+        out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        self.axis = axis
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        (out,) = self.saved
+        xp = backend.get_array_module(g)
+        return g - xp.exp(out) * g.sum(axis=self.axis, keepdims=True)
+
+
+class CrossEntropy(Function):
+    """Mean negative log-likelihood of integer targets over logits (..., V), skipping ignore_index.
+    Computed in fp32 whatever the logits' dtype; the gradient is softmax - onehot."""
+
+    def forward(self, logits, targets, ignore_index=-100):
+        xp = backend.get_array_module(logits)
+        if logits.shape[:-1] != targets.shape:
+            raise ShapeError(f"cross_entropy: logits {logits.shape} and targets {targets.shape} do not fit "
+                             "(targets must be logits' shape without the last axis)")
+        V = logits.shape[-1]
+        x = logits.reshape(-1, V).astype(compute_dtype(logits.dtype), copy=False)
+        t = targets.reshape(-1)
+        valid = t != ignore_index
+        safe_t = xp.where(valid, t, 0)
+        m = x.max(axis=-1, keepdims=True)
+        e = xp.exp(x - m)
+        s = e.sum(axis=-1, keepdims=True)
+        picked = xp.take_along_axis(x, safe_t[:, None], axis=-1)
+        nll = (xp.log(s) + m - picked)[:, 0]
+        count = xp.maximum(valid.sum(), 1).astype(x.dtype)
+        self.save(e / s, safe_t, valid, count)
+        self.logits_shape, self.logits_dtype = logits.shape, logits.dtype
+        return xp.where(valid, nll, 0).sum() / count
+
+    def backward(self, g):
+        probs, t, valid, count = self.saved
+        xp = backend.get_array_module(probs)
+        grad = probs
+        grad[xp.arange(len(t)), t] -= 1                 # probs is ours alone: edit in place
+        grad *= (valid[:, None] * (g / count)).astype(grad.dtype)
+        return grad.reshape(self.logits_shape).astype(self.logits_dtype, copy=False), None
+
+
+# ---------------------------------------------------------------- functional API
+
+def _t(x):
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def exp(x): return Exp.apply(_t(x))
+def log(x): return Log.apply(_t(x))
+def sqrt(x): return Sqrt.apply(_t(x))
+def rsqrt(x): return Rsqrt.apply(_t(x))
+def tanh(x): return Tanh.apply(_t(x))
+def sigmoid(x): return Sigmoid.apply(_t(x))
+def silu(x): return SiLU.apply(_t(x))
+def relu(x): return ReLU.apply(_t(x))
+def gelu(x): return GELU.apply(_t(x))
+
+
+def sum(x, axis=None, keepdims=False):  # noqa: A001 - mirrors numpy
+    return Sum.apply(_t(x), axis=axis, keepdims=keepdims)
+
+
+def mean(x, axis=None, keepdims=False):
+    x = _t(x)
+    n = int(np.prod([x.shape[a] for a in _axes(axis, x.ndim)]))
+    return Sum.apply(x, axis=axis, keepdims=keepdims) * (1.0 / n)
+
+
+def max(x, axis=None, keepdims=False):  # noqa: A001
+    return Max.apply(_t(x), axis=axis, keepdims=keepdims)
+
+
+def var(x, axis=None, keepdims=False, correction=0):
+    x = _t(x)
+    n = int(np.prod([x.shape[a] for a in _axes(axis, x.ndim)]))
+    centred = x - mean(x, axis=axis, keepdims=True)
+    return sum(centred * centred, axis=axis, keepdims=keepdims) * (1.0 / (n - correction))
+
+
+def cumsum(x, axis=0):
+    return Cumsum.apply(_t(x), axis=axis)
+
+
+def reshape(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return Reshape.apply(_t(x), shape=shape)
+
+
+def permute(x, *axes):
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    return Permute.apply(_t(x), axes=tuple(axes))
+
+
+def transpose(x, dim0=-2, dim1=-1):
+    axes = list(range(x.ndim))
+    axes[dim0], axes[dim1] = axes[dim1], axes[dim0]
+    return Permute.apply(_t(x), axes=tuple(axes))
+
+
+def expand(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    shape = tuple(x.shape[i - (len(shape) - x.ndim)] if s == -1 else s for i, s in enumerate(shape))
+    return Expand.apply(_t(x), shape=shape)
+
+
+def concatenate(tensors, axis=0):
+    return Concatenate.apply(*[_t(t) for t in tensors], axis=axis)
+
+
+cat = concatenate
+
+
+def stack(tensors, axis=0):
+    tensors = [_t(t) for t in tensors]
+    ax = axis % (tensors[0].ndim + 1)
+    return concatenate([reshape(t, t.shape[:ax] + (1,) + t.shape[ax:]) for t in tensors], axis=ax)
+
+
+def split(x, size_or_sections, axis=-1):
+    """Split into pieces of `size` along axis (an int), or at the given section sizes (a list)."""
+    n = x.shape[axis]
+    sizes = [size_or_sections] * (n // size_or_sections) if isinstance(size_or_sections, int) else list(size_or_sections)
+    if isinstance(size_or_sections, int) and n % size_or_sections:
+        sizes.append(n % size_or_sections)
+    if builtins.sum(sizes) != n:
+        raise ShapeError(f"split: sections {sizes} do not add up to {n} (axis {axis} of shape {x.shape})")
+    ax = axis % x.ndim
+    out, start = [], 0
+    for s in sizes:
+        index = (slice(None),) * ax + (slice(start, start + s),)
+        out.append(x[index])
+        start += s
+    return out
+
+
+def where(cond, a, b):
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    like = a if isinstance(a, Tensor) else b
+    a = like._lift(a) if not isinstance(a, Tensor) else a
+    b = like._lift(b) if not isinstance(b, Tensor) else b
+    _broadcast_check(a.data, b.data, "where")
+    return Where.apply(Tensor(cond), a, b)
+
+
+def masked_fill(x, mask, value):
+    return where(mask, value, x)
+
+
+def softmax(x, axis=-1):
+    return Softmax.apply(_t(x), axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax.apply(_t(x), axis=axis)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    targets = targets if isinstance(targets, Tensor) else Tensor(targets)
+    return CrossEntropy.apply(_t(logits), targets, ignore_index=ignore_index)
+
+
+def dropout(x, p=0.1, training=True):
+    if not training or p == 0:
+        return x
+    if p >= 1:
+        return x * 0.0
+    keep = generator(x.device).random(x.shape, dtype=np.float32) >= p
+    return x * Tensor((keep / (1 - p)).astype(x.dtype))
+
+
+def _attach_methods():
+    """Tensor methods are the functional ops above (x.sum(...) == llamac.ops.sum(x, ...))."""
+    for name in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "gelu", "sum", "mean", "max",
+                 "var", "cumsum", "reshape", "permute", "transpose", "expand", "split", "softmax", "log_softmax",
+                 "masked_fill"):
+        setattr(Tensor, name, globals()[name])
+    Tensor.view = reshape
+    Tensor.T = property(lambda self: permute(self, *reversed(range(self.ndim))))
+
+
+_attach_methods()
+
+
+def check_finite(x: Tensor, what: str = "tensor"):
+    xp = x.xp
+    if not bool(xp.isfinite(x.data).all()):
+        raise LlamacError(f"{what} contains NaN or infinity")
