@@ -1,0 +1,101 @@
+"""Every op on the GPU against its NumPy result: fp32 to 1e-5, bf16 to 1e-2 (relative, by norm).
+
+Forward outputs and the gradients of every float input are compared. Skipped without a GPU.
+"""
+import numpy as np
+import pytest
+
+import llamac
+from llamac import backend, fused, ops
+
+pytestmark = pytest.mark.cuda
+
+rng = np.random.default_rng(0)
+CAT_W, STACK_W = rng.standard_normal((5, 9)), rng.standard_normal((5, 2, 7))
+IDX = np.array([0, 2, 2, 4, 1])
+COND = rng.random((5, 7)) > 0.5
+TARGETS = np.array([[1, 3, -100, 0], [2, 2, 1, -100], [0, 4, 4, 3]])
+SEGMENTS = np.array([[0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0]])
+ANG = np.arange(7)[:, None] * (1.0 / 10000 ** (np.arange(0, 8, 2) / 8))[None]
+
+# name -> (function of tensors, input shapes, positive inputs?)
+CASES = {
+    "add": (lambda a, b: a + b, [(5, 7), (7,)], False),
+    "sub": (lambda a, b: a - b, [(5, 7), (5, 1)], False),
+    "mul": (lambda a, b: a * b, [(3, 5, 7), (5, 7)], False),
+    "div": (lambda a, b: a / b, [(5, 7), (5, 7)], True),
+    "pow": (lambda a, b: a ** b, [(5, 7), (7,)], True),
+    "pow_scalar": (lambda a: a ** 3, [(5, 7)], False),
+    "matmul": (lambda a, b: a @ b, [(5, 7), (7, 9)], False),
+    "matmul_batched": (lambda a, b: a @ b, [(3, 5, 7), (3, 7, 9)], False),
+    "neg": (lambda a: -a, [(5, 7)], False),
+    "exp": (ops.exp, [(5, 7)], False),
+    "log": (ops.log, [(5, 7)], True),
+    "sqrt": (ops.sqrt, [(5, 7)], True),
+    "rsqrt": (ops.rsqrt, [(5, 7)], True),
+    "tanh": (ops.tanh, [(5, 7)], False),
+    "sigmoid": (ops.sigmoid, [(5, 7)], False),
+    "silu": (ops.silu, [(5, 7)], False),
+    "relu": (ops.relu, [(5, 7)], False),
+    "gelu": (ops.gelu, [(5, 7)], False),
+    "sum": (lambda a: a.sum(axis=1), [(5, 7, 3)], False),
+    "mean": (lambda a: a.mean(axis=(0, 2), keepdims=True), [(5, 7, 3)], False),
+    "max": (lambda a: a.max(axis=-1), [(5, 7)], False),
+    "var": (lambda a: a.var(axis=-1), [(5, 7)], False),
+    "cumsum": (lambda a: ops.cumsum(a, axis=1), [(5, 7)], False),
+    "reshape": (lambda a: a.reshape(7, 5), [(5, 7)], False),
+    "permute": (lambda a: a.permute(2, 0, 1), [(5, 7, 3)], False),
+    "expand": (lambda a: a.expand(4, 5, 7), [(5, 1)], False),
+    "concatenate": (lambda a, b: llamac.cat([a, b], axis=1), [(5, 4), (5, 5)], False),
+    "stack": (lambda a, b: llamac.stack([a, b], axis=1), [(5, 7), (5, 7)], False),
+    "split": (lambda a: llamac.split(a, [3, 4], axis=1)[1], [(5, 7)], False),
+    "slice": (lambda a: a[1:4, ::2], [(5, 7)], False),
+    "gather": (lambda a: a[llamac.tensor(IDX, device="cuda")], [(5, 7)], False),
+    "where": (lambda a, b: llamac.where(llamac.tensor(COND, device="cuda"), a, b), [(5, 7), (7,)], False),
+    "softmax": (lambda a: llamac.softmax(a, axis=-1), [(5, 7)], False),
+    "log_softmax": (lambda a: llamac.log_softmax(a, axis=0), [(5, 7)], False),
+    "cross_entropy": (lambda a: llamac.cross_entropy(a, llamac.tensor(TARGETS, device="cuda")), [(3, 4, 5)], False),
+    "linear": (lambda x, w: fused.linear(x, w), [(3, 5, 7), (9, 7)], False),
+    "embedding": (lambda w: fused.embedding(llamac.tensor(IDX, device="cuda"), w), [(6, 7)], False),
+    "rms_norm": (lambda x, w: fused.rms_norm(x, w), [(3, 5, 8), (8,)], False),
+    "rope": (lambda x: fused.rope(x, llamac.tensor(np.cos(ANG).astype(np.float32), device="cuda"),
+                                  llamac.tensor(np.sin(ANG).astype(np.float32), device="cuda")), [(2, 7, 3, 8)], False),
+    "swiglu": (fused.swiglu, [(5, 7), (5, 7)], False),
+    "attention": (lambda q, k, v: fused.attention(q, k, v, llamac.tensor(SEGMENTS, device="cuda")),
+                  [(2, 7, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)], False),
+}
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def _run(fn, arrays, device, dtype):
+    """Forward and input gradients, on `device`; the CPU pass swaps cuda-made constants for numpy ones."""
+    inputs = [llamac.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in arrays]
+    out = fn(*inputs)
+    proj = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    out.backward(llamac.tensor(proj, dtype=out.dtype, device=device))
+    return out.numpy(), [t.grad if t.grad is None else backend.to_numpy(t.grad) for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_op_on_gpu_matches_numpy(name, dtype, monkeypatch):
+    fn, shapes, positive = CASES[name]
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    if positive:
+        arrays = [np.abs(a) + 0.5 for a in arrays]
+    # Reference: the same (rounded) inputs in float32 on the CPU.
+    rounded = [a.astype(backend.as_dtype(dtype)).astype(np.float32) for a in arrays]
+    gpu_out, gpu_grads = _run(fn, rounded, "cuda", dtype)
+    real_tensor = llamac.tensor
+    monkeypatch.setattr(llamac, "tensor", lambda d, *a, device=None, **k: real_tensor(d, *a, device="cpu", **k))
+    cpu_out, cpu_grads = _run(fn, rounded, "cpu", "float32")
+    tol = TOLERANCE[dtype]
+    assert _rel(gpu_out, cpu_out) <= tol, f"{name} forward"
+    for i, (g, c) in enumerate(zip(gpu_grads, cpu_grads)):
+        assert g is not None and c is not None
+        assert _rel(g, c) <= tol, f"{name} grad of input {i}: {_rel(g, c):.3g}"
