@@ -138,23 +138,34 @@ def synchronize():
 CUDA_TYPES = {np.dtype(np.float32): "float", bfloat16: "bf16_t", np.dtype(np.float16): "half_t"}
 
 
+def kernel_names() -> list[str]:
+    """Every kernels/NAME.cu, by NAME."""
+    return sorted(path.stem for path in KERNEL_DIR.glob("*.cu"))
+
+
 def kernel_source(name: str) -> str:
     """kernels/common.cuh followed by kernels/NAME.cu: one text for NVRTC, no include paths needed."""
+    path = KERNEL_DIR / f"{name}.cu"
+    if not path.is_file():
+        raise LlamacError(f"no CUDA kernel {name!r}: {path} does not exist")
     common = (KERNEL_DIR / "common.cuh").read_text()
-    return common + "\n#line 1 \"" + name + ".cu\"\n" + (KERNEL_DIR / f"{name}.cu").read_text()
+    # #line makes NVRTC's messages name NAME.cu and its own line numbers, not the concatenation's.
+    return common + "\n#line 1 \"" + name + ".cu\"\n" + path.read_text()
 
 
 def kernel_options(dtype, extra=()) -> tuple[str, ...]:
-    return ("--std=c++17", f"-DDTYPE={CUDA_TYPES[np.dtype(dtype)]}", *extra)
+    dtype = np.dtype(dtype)
+    if dtype not in CUDA_TYPES:
+        raise LlamacError(f"CUDA kernels take float32, bfloat16 or float16, not {dtype}")
+    return ("--std=c++17", f"-DDTYPE={CUDA_TYPES[dtype]}", *extra)
 
 
 _KERNEL_CACHE: dict = {}
 
 
-def get_kernel(name: str, function: str, dtype=np.float32, options=()):
-    """A compiled CUDA function from kernels/NAME.cu, cached per source, dtype, device and options."""
+def get_kernel_from_source(source: str, function: str, dtype=np.float32, options=()):
+    """A compiled CUDA function from source text (common.cuh must already be in it), cached like get_kernel."""
     cp = cupy_module()
-    source = kernel_source(name)
     opts = kernel_options(dtype, options)
     key = (hashlib.sha1(source.encode()).hexdigest(), function, opts, cp.cuda.Device().id)
     fn = _KERNEL_CACHE.get(key)
@@ -162,3 +173,102 @@ def get_kernel(name: str, function: str, dtype=np.float32, options=()):
         module = cp.RawModule(code=source, options=opts)
         fn = _KERNEL_CACHE[key] = module.get_function(function)
     return fn
+
+
+def get_kernel(name: str, function: str, dtype=np.float32, options=()):
+    """A compiled CUDA function from kernels/NAME.cu, cached per source, dtype, device and options."""
+    return get_kernel_from_source(kernel_source(name), function, dtype, options)
+
+
+# ---------------------------------------------------------------- GPU timing
+
+def cuda_event():
+    """A CUDA event that can be timed (CuPy's cupy.cuda.Event), for benchmarks outside this module."""
+    return cupy_module().cuda.Event()
+
+
+def elapsed_ms(start, end) -> float:
+    """Milliseconds between two recorded events; waits for `end` to complete."""
+    end.synchronize()
+    return float(cupy_module().cuda.get_elapsed_time(start, end))
+
+
+# ---------------------------------------------------------------- NVRTC without a GPU
+# CuPy's RawModule compiles for the GPU it finds. CI has none, so kernels are
+# also compiled directly with NVRTC from the cuda-bindings package (pip:
+# cuda-bindings, nvidia-cuda-nvrtc), for an architecture named by hand. An
+# sm_XX target runs ptxas too, so bad inline PTX and register-constraint
+# mistakes fail here, not first on the GPU.
+
+from typing import NamedTuple  # noqa: E402 - kept in this section, which the kernel work owns
+
+DEFAULT_ARCH = "sm_90"  # H100
+
+
+class CompileResult(NamedTuple):
+    ok: bool
+    log: str  # NVRTC's messages: errors and warnings, '' when silent
+    ptx: str  # '' when compilation failed
+
+
+@functools.lru_cache(maxsize=None)
+def _nvrtc_or_reason():
+    try:
+        from cuda.bindings import nvrtc  # noqa: PLC0415 - optional, for compile checks only
+    except Exception as exc:
+        return None, f"cuda.bindings is not importable ({type(exc).__name__}: {exc}); pip install cuda-bindings nvidia-cuda-nvrtc"
+    try:
+        # The shared library is only looked up on first call.
+        err, *_ = nvrtc.nvrtcVersion()
+    except Exception as exc:
+        return None, f"the NVRTC library could not be loaded ({type(exc).__name__}: {exc}); pip install nvidia-cuda-nvrtc"
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        return None, f"NVRTC is not usable ({err})"
+    return nvrtc, None
+
+
+def nvrtc_available() -> bool:
+    return _nvrtc_or_reason()[0] is not None
+
+
+def nvrtc_unavailable_reason() -> str | None:
+    return _nvrtc_or_reason()[1]
+
+
+def compile_check(source: str, options=(), arch: str = DEFAULT_ARCH, name: str = "kernel.cu") -> CompileResult:
+    """Compile CUDA source with NVRTC for `arch` (sm_90, compute_90, ...) without any GPU.
+
+    Returns a CompileResult rather than raising on a compile error, so callers
+    can show the log; raises LlamacError only when NVRTC itself is missing.
+    """
+    nvrtc, why = _nvrtc_or_reason()
+    if nvrtc is None:
+        raise LlamacError(f"cannot compile-check CUDA source: {why}")
+    ok_code = nvrtc.nvrtcResult.NVRTC_SUCCESS
+
+    def check(result, what):
+        if result[0] != ok_code:
+            raise LlamacError(f"NVRTC {what} failed: {result[0]}")
+        return result[1:] if len(result) > 1 else None
+
+    (prog,) = check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options)]
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        log = log.rstrip(b"\x00").decode(errors="replace").strip()
+        if status != ok_code:
+            return CompileResult(False, log or str(status), "")
+        (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+        ptx = b" " * size
+        check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+        return CompileResult(True, log, ptx.rstrip(b"\x00").decode(errors="replace"))
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compile_check_kernel(name: str, dtype=np.float32, arch: str = DEFAULT_ARCH, options=()) -> CompileResult:
+    """compile_check of kernels/NAME.cu exactly as get_kernel would build it, for `arch`."""
+    return compile_check(kernel_source(name), kernel_options(dtype, options), arch=arch, name=f"{name}.cu")

@@ -1,0 +1,89 @@
+// SwiGLU, the Llama MLP gate: out = silu(gate) * up, silu(x) = x * sigmoid(x).
+// NumPy references and launchers: llamac/kernels.py.
+//
+// Memory-bound, so each thread moves 16 bytes per operand when every pointer
+// is 16-byte aligned (the usual case: CuPy allocations are 256-byte aligned),
+// and one element at a time otherwise. Either way a grid-stride loop covers
+// any n with any grid, and the elements past the last full 16-byte pack are
+// done by the scalar loop.
+
+LLAMAC_DEVICE float swiglu_fwd(float g, float u) {
+    return g * sigmoidf_safe(g) * u;
+}
+
+// d/dg [g * sig(g)] = sig(g) + g * sig(g) * (1 - sig(g)) = sig * (1 + g * (1 - sig)).
+LLAMAC_DEVICE void swiglu_bwd(float g, float u, float d, float& dg, float& du) {
+    float s = sigmoidf_safe(g);
+    dg = d * u * s * (1.0f + g * (1.0f - s));
+    du = d * g * s;
+}
+
+extern "C" __global__ void swiglu_forward(const DTYPE* __restrict__ gate,
+                                          const DTYPE* __restrict__ up,
+                                          DTYPE* __restrict__ out,
+                                          long long n) {
+    const long long tid = global_thread_id();
+    const long long stride = grid_stride();
+    long long done = 0;
+
+    // Same answer in every thread, so the branch never diverges.
+    if (is_aligned16(gate) && is_aligned16(up) && is_aligned16(out)) {
+        constexpr int V = Packed128<DTYPE>::size;
+        const long long packs = n / V;
+        for (long long p = tid; p < packs; p += stride) {
+            const Packed128<DTYPE> g = load128(gate + p * V);
+            const Packed128<DTYPE> u = load128(up + p * V);
+            Packed128<DTYPE> o;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                o.v[k] = from_float<DTYPE>(swiglu_fwd(to_float(g.v[k]), to_float(u.v[k])));
+            }
+            store128(out + p * V, o);
+        }
+        done = packs * V;
+    }
+
+    for (long long i = done + tid; i < n; i += stride) {
+        store_f(out + i, swiglu_fwd(load_f(gate + i), load_f(up + i)));
+    }
+}
+
+extern "C" __global__ void swiglu_backward(const DTYPE* __restrict__ gate,
+                                           const DTYPE* __restrict__ up,
+                                           const DTYPE* __restrict__ dout,
+                                           DTYPE* __restrict__ dgate,
+                                           DTYPE* __restrict__ dup,
+                                           long long n) {
+    const long long tid = global_thread_id();
+    const long long stride = grid_stride();
+    long long done = 0;
+
+    if (is_aligned16(gate) && is_aligned16(up) && is_aligned16(dout) &&
+        is_aligned16(dgate) && is_aligned16(dup)) {
+        constexpr int V = Packed128<DTYPE>::size;
+        const long long packs = n / V;
+        for (long long p = tid; p < packs; p += stride) {
+            const Packed128<DTYPE> g = load128(gate + p * V);
+            const Packed128<DTYPE> u = load128(up + p * V);
+            const Packed128<DTYPE> d = load128(dout + p * V);
+            Packed128<DTYPE> dg, du;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                float a, b;
+                swiglu_bwd(to_float(g.v[k]), to_float(u.v[k]), to_float(d.v[k]), a, b);
+                dg.v[k] = from_float<DTYPE>(a);
+                du.v[k] = from_float<DTYPE>(b);
+            }
+            store128(dgate + p * V, dg);
+            store128(dup + p * V, du);
+        }
+        done = packs * V;
+    }
+
+    for (long long i = done + tid; i < n; i += stride) {
+        float a, b;
+        swiglu_bwd(load_f(gate + i), load_f(up + i), load_f(dout + i), a, b);
+        store_f(dgate + i, a);
+        store_f(dup + i, b);
+    }
+}

@@ -1,0 +1,21 @@
+"""Shared pytest hooks: tests marked `cuda` skip, with the reason, where no CUDA GPU with CuPy is usable."""
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return  # don't probe for CuPy (slow to import) when nothing needs it
+    from llamac import backend
+    from llamac.errors import LlamacError
+
+    if backend.cuda_available():
+        return
+    try:
+        backend.cupy_module()
+        reason = "CUDA is not available"
+    except LlamacError as exc:  # says why: no CuPy, no driver, no GPU
+        reason = str(exc)
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU and CuPy: {reason}")
+    for item in cuda_items:
+        item.add_marker(skip)

@@ -1,0 +1,407 @@
+"""The CUDA kernel path: NVRTC compile checks (CI, no GPU), the NumPy references (CPU),
+and the kernels against those references (GPU, marked cuda)."""
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+
+from llamac import backend, kernels
+from llamac.errors import DeviceError, LlamacError, ShapeError
+
+BF16 = backend.bfloat16
+KERNEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
+# Kernel vs reference, max|got - want| / max|want|: both compute in fp32 and
+# round once, so 16-bit outputs differ by at most one unit in the last place.
+TOL = {np.dtype(np.float32): 1e-5, BF16: 1e-2, np.dtype(np.float16): 1e-3}
+
+
+def rel_err(got, want) -> float:
+    got = backend.to_numpy(got).astype(np.float64)
+    want = backend.to_numpy(want).astype(np.float64)
+    return float(np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-30))
+
+
+# A test-only kernel over common.cuh's conversions, checked bit for bit on the
+# GPU against NumPy/ml_dtypes casts, and compiled in CI with the real kernels.
+CONVERT_SOURCE = textwrap.dedent("""
+    extern "C" __global__ void narrow(const float* in, DTYPE* out, long long n) {
+        for (long long i = global_thread_id(); i < n; i += grid_stride()) store_f(out + i, in[i]);
+    }
+    extern "C" __global__ void widen(const DTYPE* in, float* out, long long n) {
+        for (long long i = global_thread_id(); i < n; i += grid_stride()) out[i] = load_f(in + i);
+    }
+""")
+
+
+def convert_source() -> str:
+    return (backend.KERNEL_DIR / "common.cuh").read_text() + "\n#line 1 \"convert_test.cu\"\n" + CONVERT_SOURCE
+
+
+# ================================================================ (a) NVRTC compile checks, no GPU
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings is not installed (pip install cuda-bindings nvidia-cuda-nvrtc)")
+    if not backend.nvrtc_available():
+        pytest.skip(backend.nvrtc_unavailable_reason())
+
+
+def assert_compiles(result, what):
+    assert result.ok, f"NVRTC failed to compile {what}:\n{result.log}"
+    # Warnings are usually real bugs in kernels (narrowing, unused results); keep the log empty.
+    assert "warning" not in result.log.lower(), f"NVRTC warnings for {what}:\n{result.log}"
+
+
+def test_there_are_kernels():
+    assert "swiglu" in backend.kernel_names()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("name", backend.kernel_names())
+def test_kernel_compiles_for_sm90(nvrtc, name, dtype):
+    result = backend.compile_check_kernel(name, KERNEL_DTYPES[dtype], arch="sm_90")
+    assert_compiles(result, f"kernels/{name}.cu with DTYPE={backend.CUDA_TYPES[KERNEL_DTYPES[dtype]]}")
+
+
+@pytest.mark.parametrize("name", sorted(kernels.KERNEL_FUNCTIONS))
+def test_kernel_exports_the_launchers_functions(nvrtc, name):
+    result = backend.compile_check_kernel(name, np.float32, arch="sm_90")
+    assert_compiles(result, f"kernels/{name}.cu")
+    for function in kernels.KERNEL_FUNCTIONS[name]:
+        assert f".entry {function}(" in result.ptx, f"kernels/{name}.cu has no extern \"C\" __global__ {function}"
+
+
+def test_swiglu_uses_128_bit_loads_and_stores(nvrtc):
+    # The vectorized path is the point of the kernel: 16-bit types only reach
+    # DRAM bandwidth with 16-byte accesses, so losing them is a regression.
+    ptx = backend.compile_check_kernel("swiglu", BF16, arch="sm_90").ptx
+    assert "ld.global.nc.v4.u32" in ptx and "st.global.v4.u32" in ptx
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_conversion_test_kernel_compiles(nvrtc, dtype):
+    result = backend.compile_check(convert_source(), backend.kernel_options(KERNEL_DTYPES[dtype]), name="convert_test.cu")
+    assert_compiles(result, f"the conversion test kernel with DTYPE={dtype}")
+
+
+def test_compile_check_fails_on_a_broken_kernel(nvrtc, tmp_path, monkeypatch):
+    # The same path the CI check uses, pointed at a kernels/ folder with a bug in it.
+    (tmp_path / "common.cuh").write_text((backend.KERNEL_DIR / "common.cuh").read_text())
+    (tmp_path / "broken.cu").write_text(textwrap.dedent("""
+        extern "C" __global__ void broken(const DTYPE* x, DTYPE* y, long long n) {
+            store_f(y, load_f(x) * undefined_scale);
+        }
+    """))
+    monkeypatch.setattr(backend, "KERNEL_DIR", tmp_path)
+    result = backend.compile_check_kernel("broken", BF16)
+    assert not result.ok
+    assert "undefined_scale" in result.log and "broken.cu" in result.log, result.log
+    print(result.log)
+
+
+def test_compile_check_runs_ptxas_for_sm_targets(nvrtc):
+    # Invalid inline PTX gets past the front end and only fails in ptxas, so
+    # this passes for a virtual target and must fail for a real one.
+    source = 'extern "C" __global__ void k(float* p) { asm volatile("llamac_bogus_op;"); }'
+    assert backend.compile_check(source, arch="compute_90").ok
+    result = backend.compile_check(source, arch="sm_90")
+    assert not result.ok and "ptxas" in result.log and "llamac_bogus_op" in result.log, result.log
+
+
+def test_compile_check_demands_a_dtype(nvrtc):
+    result = backend.compile_check((backend.KERNEL_DIR / "common.cuh").read_text(), ("--std=c++17",))
+    assert not result.ok and "DDTYPE" in result.log
+
+
+def test_compile_check_without_nvrtc_says_why(monkeypatch):
+    monkeypatch.setattr(backend, "_nvrtc_or_reason", lambda: (None, "cuda.bindings is not importable"))
+    with pytest.raises(LlamacError, match="cuda.bindings is not importable"):
+        backend.compile_check('extern "C" __global__ void k() {}')
+
+
+# ================================================================ (c) the references, CPU
+
+def silu64(g):
+    return g / (1.0 + np.exp(-g))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-6), (BF16, 1e-2), (np.float16, 1e-3)])
+def test_references_match_float64_formula(dtype, tol):
+    rng = np.random.default_rng(1)
+    gate, up, dout = (rng.normal(0, 3, (7, 129)).astype(dtype) for _ in range(3))
+    g, u, d = (a.astype(np.float64) for a in (gate, up, dout))
+    s = 1 / (1 + np.exp(-g))
+
+    out = kernels.swiglu_forward_reference(gate, up)
+    dgate, dup = kernels.swiglu_backward_reference(gate, up, dout)
+    for got in (out, dgate, dup):
+        assert got.dtype == np.dtype(dtype) and got.shape == gate.shape
+    assert rel_err(out, silu64(g) * u) <= tol
+    assert rel_err(dgate, d * u * (s + g * s * (1 - s))) <= tol
+    assert rel_err(dup, d * silu64(g)) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])
+def test_references_are_safe_for_large_inputs(dtype):
+    gate = np.array([-1e4, -1000, -100, -89, -20, -0.0, 0, 20, 89, 100, 1000, 1e4], np.float32)
+    if np.dtype(dtype) == np.float16:
+        gate = gate[np.abs(gate) < 65504]
+    gate = gate.astype(dtype)
+    up = np.full(gate.shape, 0.5, dtype)
+    dout = np.ones(gate.shape, dtype)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        out = kernels.swiglu_forward_reference(gate, up)
+        dgate, dup = kernels.swiglu_backward_reference(gate, up, dout)
+    g = gate.astype(np.float64)
+    for got in (out, dgate, dup):
+        assert np.all(np.isfinite(got.astype(np.float64)))
+    big = np.abs(g) >= 89
+    # silu(x) -> x for x >> 0 and -> 0 for x << 0; its slope -> 1 and -> 0.
+    np.testing.assert_allclose(out.astype(np.float64)[big], np.where(g > 0, 0.5 * g, 0.0)[big], rtol=1e-2, atol=1e-30)
+    np.testing.assert_allclose(dgate.astype(np.float64)[big], np.where(g > 0, 0.5, 0.0)[big], atol=1e-6)
+
+
+def test_backward_reference_matches_finite_differences():
+    rng = np.random.default_rng(2)
+    gate, up, dout = (rng.normal(0, 2, 4001) for _ in range(3))
+    gate[:6] = [-30, -5, -1e-3, 0, 1e-3, 30]
+    h = 1e-6
+
+    def loss_terms(g, u):  # elementwise, so one perturbation of every entry gives every partial
+        return dout * kernels.swiglu_forward_reference(g, u)
+
+    num_dgate = (loss_terms(gate + h, up) - loss_terms(gate - h, up)) / (2 * h)
+    num_dup = (loss_terms(gate, up + h) - loss_terms(gate, up - h)) / (2 * h)
+    dgate, dup = kernels.swiglu_backward_reference(gate, up, dout)
+    np.testing.assert_allclose(dgate, num_dgate, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dup, num_dup, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------- launchers on NumPy: the reference, checked operands
+
+def test_launchers_fall_back_to_reference_on_numpy():
+    rng = np.random.default_rng(3)
+    gate, up, dout = (rng.normal(size=(5, 6)).astype(BF16) for _ in range(3))
+    assert np.array_equal(kernels.swiglu_forward(gate, up), kernels.swiglu_forward_reference(gate, up))
+    for got, want in zip(kernels.swiglu_backward(gate, up, dout), kernels.swiglu_backward_reference(gate, up, dout)):
+        assert np.array_equal(got, want)
+    out = np.full(gate.shape, np.nan, BF16)
+    assert kernels.swiglu_forward(gate, up, out=out) is out
+    assert np.array_equal(out, kernels.swiglu_forward_reference(gate, up))
+
+
+def test_launchers_check_operands():
+    a = np.ones((2, 3), np.float32)
+    with pytest.raises(ShapeError, match=r"\(2, 3\)"):
+        kernels.swiglu_forward(a, np.ones((3, 2), np.float32))
+    with pytest.raises(LlamacError, match="dtypes must match"):
+        kernels.swiglu_forward(a, a.astype(np.float16))
+    with pytest.raises(LlamacError, match="floating-point"):
+        kernels.swiglu_forward(a.astype(np.int32), a.astype(np.int32))
+    with pytest.raises(LlamacError, match="must be a NumPy or CuPy array"):
+        kernels.swiglu_forward([1.0], [1.0])
+    with pytest.raises(ShapeError):
+        kernels.swiglu_backward(a, a, a, dgate=np.empty((6,), np.float32))
+
+
+def fake_array(dtype, ptr):
+    return types.SimpleNamespace(dtype=np.dtype(dtype), data=types.SimpleNamespace(ptr=ptr))
+
+
+def test_launch_config():
+    f32, bf16 = [fake_array(np.float32, 256)], [fake_array(BF16, 256)]
+    assert kernels._launch_config(1, f32) == ((1,), (256,))
+    assert kernels._launch_config(10**9, f32) == ((kernels.MAX_BLOCKS,), (256,))
+    # aligned: one thread per 16-byte pack; misaligned: one per element
+    assert kernels._launch_config(1_000_003, bf16) == ((489,), (256,))  # ceil(ceil(n / 8) / 256)
+    assert kernels._launch_config(1_000_003, bf16 + [fake_array(BF16, 258)]) == ((3907,), (256,))  # ceil(n / 256)
+
+
+def test_modules_import_and_refuse_cleanly_without_cupy():
+    # Run where `import cupy` fails, whatever this machine has installed.
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["cupy"] = None
+        import llamac.kernels, llamac.kernel_bench
+        from llamac.errors import LlamacError
+        for call in (llamac.kernel_bench.bench_swiglu, llamac.kernel_bench.measure_copy_bandwidth):
+            try:
+                call()
+            except LlamacError as exc:
+                assert "needs a CUDA GPU" in str(exc), exc
+            else:
+                raise AssertionError(f"{call.__name__} ran without CUDA")
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# ================================================================ (b) kernels vs references, GPU
+
+SIZES = [1, 7, 255, 257, 1_000_003, (3, 17, 689)]
+# aligned: the 16-byte-pack path; offset: every operand starts one element into
+# its allocation (the scalar path); out_offset: only the outputs do.
+LAYOUTS = ["aligned", "offset", "out_offset"]
+
+
+def on_gpu(host: np.ndarray, offset: int):
+    """host copied to the GPU as a C-contiguous view starting `offset` elements into its allocation."""
+    cp = backend.cupy_module()
+    flat = np.empty(host.size + offset, host.dtype)
+    flat[offset:] = host.ravel()
+    dev = cp.asarray(flat)[offset:].reshape(host.shape)
+    assert dev.flags.c_contiguous and (dev.data.ptr % 16 == 0) == (offset == 0)
+    return dev
+
+
+def make_inputs(shape, dtype, count, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(0, 3, shape).astype(np.float32) for _ in range(count)]
+    flat = arrays[0].reshape(-1)
+    extremes = np.array([-90, 90, -30, 30, 0, -0.0, 1e-3, -1e-3], np.float32)
+    flat[: min(flat.size, extremes.size)] = extremes[: flat.size]  # the gate's tails, in every size
+    return [a.astype(dtype) for a in arrays]
+
+
+def poisoned(shape, dtype, offset):
+    return on_gpu(np.full(shape, np.nan, dtype), offset)
+
+
+def assert_close(got, want, dtype, what):
+    got = backend.to_numpy(got)
+    unwritten = int(np.isnan(got.astype(np.float32)).sum())
+    assert unwritten == 0, f"{what}: {unwritten} of {got.size} outputs still NaN (never written)"
+    err = rel_err(got, want)
+    assert err <= TOL[np.dtype(dtype)], f"{what}: rel err {err:.3g} > {TOL[np.dtype(dtype)]}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("shape", SIZES, ids=str)
+def test_swiglu_forward_kernel(shape, dtype, layout):
+    dtype = KERNEL_DTYPES[dtype]
+    in_off, out_off = {"aligned": (0, 0), "offset": (1, 1), "out_offset": (0, 1)}[layout]
+    gate, up = make_inputs(shape, dtype, 2)
+    out = poisoned(gate.shape, dtype, out_off)
+    got = kernels.swiglu_forward(on_gpu(gate, in_off), on_gpu(up, in_off), out=out)
+    assert got is out
+    assert_close(out, kernels.swiglu_forward_reference(gate, up), dtype, "swiglu_forward")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("shape", SIZES, ids=str)
+def test_swiglu_backward_kernel(shape, dtype, layout):
+    dtype = KERNEL_DTYPES[dtype]
+    in_off, out_off = {"aligned": (0, 0), "offset": (1, 1), "out_offset": (0, 1)}[layout]
+    gate, up, dout = make_inputs(shape, dtype, 3)
+    dgate, dup = poisoned(gate.shape, dtype, out_off), poisoned(gate.shape, dtype, out_off)
+    kernels.swiglu_backward(*(on_gpu(a, in_off) for a in (gate, up, dout)), dgate=dgate, dup=dup)
+    want_dgate, want_dup = kernels.swiglu_backward_reference(gate, up, dout)
+    assert_close(dgate, want_dgate, dtype, "swiglu_backward dgate")
+    assert_close(dup, want_dup, dtype, "swiglu_backward dup")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_swiglu_launchers_allocate_outputs(dtype):
+    dtype = KERNEL_DTYPES[dtype]
+    gate, up, dout = make_inputs((4, 1000), dtype, 3)
+    out = kernels.swiglu_forward(on_gpu(gate, 0), on_gpu(up, 0))
+    assert out.dtype == dtype and out.shape == gate.shape
+    assert_close(out, kernels.swiglu_forward_reference(gate, up), dtype, "swiglu_forward")
+    dgate, dup = kernels.swiglu_backward(on_gpu(gate, 0), on_gpu(up, 0), on_gpu(dout, 0))
+    for got, want in zip((dgate, dup), kernels.swiglu_backward_reference(gate, up, dout)):
+        assert_close(got, want, dtype, "swiglu_backward")
+    empty = kernels.swiglu_forward(on_gpu(gate[:0], 0), on_gpu(up[:0], 0))
+    assert empty.shape == (0, 1000)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_references_run_on_cupy(dtype):
+    dtype = KERNEL_DTYPES[dtype]
+    gate, up, dout = make_inputs(1000, dtype, 3)
+    on_device = kernels.swiglu_forward_reference(on_gpu(gate, 0), on_gpu(up, 0))
+    assert backend.device_of(on_device) == "cuda" and on_device.dtype == dtype
+    assert rel_err(on_device, kernels.swiglu_forward_reference(gate, up)) <= TOL[dtype]
+    for got, want in zip(kernels.swiglu_backward_reference(*(on_gpu(a, 0) for a in (gate, up, dout))),
+                         kernels.swiglu_backward_reference(gate, up, dout)):
+        assert rel_err(got, want) <= TOL[dtype]
+
+
+@pytest.mark.cuda
+def test_gpu_launchers_check_operands():
+    cp = backend.cupy_module()
+    a = cp.ones((8, 8), np.float32)
+    with pytest.raises(LlamacError, match="C-contiguous"):
+        kernels.swiglu_forward(a.T, a)
+    with pytest.raises(LlamacError, match="float32, bfloat16 or float16"):
+        kernels.swiglu_forward(a.astype(np.float64), a.astype(np.float64))
+    with pytest.raises(DeviceError, match="one device"):
+        kernels.swiglu_forward(a, np.ones((8, 8), np.float32))
+    with pytest.raises(LlamacError, match="overlaps"):
+        kernels.swiglu_forward(a, cp.ones((8, 8), np.float32), out=a)
+    with pytest.raises(LlamacError, match="overlaps"):
+        d = cp.empty((8, 8), np.float32)
+        kernels.swiglu_backward(a, a, a, dgate=d, dup=d)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_common_cuh_conversions_are_exact(dtype):
+    """store_f rounds fp32 exactly as NumPy/ml_dtypes do; load_f widens exactly."""
+    cp = backend.cupy_module()
+    dtype = KERNEL_DTYPES[dtype]
+    source = convert_source()
+    narrow = backend.get_kernel_from_source(source, "narrow", dtype)
+    widen = backend.get_kernel_from_source(source, "widen", dtype)
+
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0,
+                        np.finfo(np.float32).max, np.finfo(np.float32).tiny, 1e-45, 65504, 65520, 65519.99,
+                        1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, 6e-8, 3e-8, 2.9e-8], np.float32)
+    random_bits = np.random.default_rng(4).integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+    wide = np.concatenate([special, random_bits.view(np.float32)])
+    out = cp.empty(wide.size, dtype)
+    narrow((64,), (256,), (cp.asarray(wide), out, np.int64(wide.size)))
+    with np.errstate(all="ignore"):  # random bits overflow fp16 on purpose
+        want = wide.astype(dtype)
+    got = backend.to_numpy(out)
+    nan = np.isnan(want.astype(np.float32))
+    assert np.array_equal(np.isnan(got.astype(np.float32)), nan)
+    bits = np.uint32 if dtype.itemsize == 4 else np.uint16
+    mismatch = np.flatnonzero(got[~nan].view(bits) != want[~nan].view(bits))
+    assert mismatch.size == 0, f"store_f differs for fp32 inputs {wide[~nan][mismatch[:8]]}"
+
+    if dtype.itemsize == 2:  # every 16-bit pattern
+        narrow_bits = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+    else:
+        narrow_bits = random_bits.view(np.float32)
+    back = cp.empty(narrow_bits.size, np.float32)
+    widen((64,), (256,), (cp.asarray(narrow_bits), back, np.int64(narrow_bits.size)))
+    got, want = backend.to_numpy(back), narrow_bits.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_swiglu_forward_indexes_past_2_to_the_31():
+    """64-bit indexing: elements past 2^31 are written and correct (fp16, about 13 GB of GPU memory)."""
+    cp = backend.cupy_module()
+    n = (1 << 31) + 17
+    gate = (cp.arange(n, dtype=np.float32) % 13 - 6).astype(np.float16)
+    up = (cp.arange(n, dtype=np.float32) % 7 - 3).astype(np.float16)
+    out = cp.full(n, np.nan, np.float16)
+    kernels.swiglu_forward(gate, up, out=out)
+    for lo in (0, (1 << 31) - 500, n - 1000):
+        sl = slice(lo, lo + 1000)
+        assert_close(out[sl], kernels.swiglu_forward_reference(gate[sl].get(), up[sl].get()), np.float16,
+                     f"swiglu_forward [{lo}:{lo + 1000}]")
