@@ -252,31 +252,39 @@ class Tensor:
         return Tensor(other)
 
     def __add__(self, other):
-        from llamac.ops import Add
+        from llamac.ops import Add, AddScalar
+        if _is_number(other):
+            return AddScalar.apply(self, c=other)
         return Add.apply(self, self._lift(other))
 
     def __radd__(self, other):
-        from llamac.ops import Add
-        return Add.apply(self._lift(other), self)
+        return self.__add__(other)
 
     def __sub__(self, other):
         from llamac.ops import Sub
+        if _is_number(other):
+            return self.__add__(-other)
         return Sub.apply(self, self._lift(other))
 
     def __rsub__(self, other):
         from llamac.ops import Sub
+        if _is_number(other):
+            return (-self).__add__(other)
         return Sub.apply(self._lift(other), self)
 
     def __mul__(self, other):
-        from llamac.ops import Mul
+        from llamac.ops import Mul, MulScalar
+        if _is_number(other):
+            return MulScalar.apply(self, c=other)
         return Mul.apply(self, self._lift(other))
 
     def __rmul__(self, other):
-        from llamac.ops import Mul
-        return Mul.apply(self._lift(other), self)
+        return self.__mul__(other)
 
     def __truediv__(self, other):
         from llamac.ops import Div
+        if _is_number(other):
+            return self.__mul__(1.0 / other)
         return Div.apply(self, self._lift(other))
 
     def __rtruediv__(self, other):
@@ -334,6 +342,10 @@ class Tensor:
         return self._compare(other, lambda a, b: a == b)
 
     __hash__ = object.__hash__
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _topological_order(root: Tensor) -> list:

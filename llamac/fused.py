@@ -12,7 +12,7 @@ import numpy as np
 from llamac import backend
 from llamac.engine import Function, Tensor
 from llamac.errors import ShapeError
-from llamac.ops import compute_dtype, matmul
+from llamac.ops import compute_dtype, matmul, scatter_add
 
 
 class Linear(Function):
@@ -45,13 +45,7 @@ class Embedding(Function):
     def backward(self, g):
         (ids,) = self.saved
         xp = backend.get_array_module(g)
-        gw = xp.zeros(self.shape, dtype=g.dtype)
-        flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, self.shape[1])
-        if xp is np:
-            np.add.at(gw, flat_ids, flat_g)
-        else:
-            xp.add.at(gw, flat_ids, flat_g)
-        return None, gw
+        return None, scatter_add(xp, self.shape, ids.reshape(-1), g.reshape(-1, self.shape[1]))
 
 
 class RMSNorm(Function):

@@ -70,6 +70,25 @@ class Div(Function):
         return g / b, gb
 
 
+class AddScalar(Function):
+    """a + c for a Python number c: no device array is made for c (a host-to-device copy on the GPU)."""
+
+    def forward(self, a, c):
+        return a + a.dtype.type(c) if a.dtype.kind == "f" else a + c
+
+    def backward(self, g):
+        return g
+
+
+class MulScalar(Function):
+    def forward(self, a, c):
+        self.c = c
+        return a * a.dtype.type(c) if a.dtype.kind == "f" else a * c
+
+    def backward(self, g):
+        return g * g.dtype.type(self.c)
+
+
 class Pow(Function):
     """a ** b with both operands tensors (b's gradient needs log a, so a > 0 there)."""
 
@@ -310,13 +329,17 @@ class Max(Function):
 
 
 class Cumsum(Function):
+    """Running sum; accumulated in fp32 for narrow types (CuPy has no bf16 scan)."""
+
     def forward(self, a, axis):
         self.axis = axis
-        return backend.get_array_module(a).cumsum(a, axis=axis)
+        xp = backend.get_array_module(a)
+        return xp.cumsum(a.astype(compute_dtype(a.dtype), copy=False), axis=axis).astype(a.dtype, copy=False)
 
     def backward(self, g):
         xp = backend.get_array_module(g)
-        return xp.flip(xp.cumsum(xp.flip(g, self.axis), axis=self.axis), self.axis)
+        acc = g.astype(compute_dtype(g.dtype), copy=False)
+        return xp.flip(xp.cumsum(xp.flip(acc, self.axis), axis=self.axis), self.axis).astype(g.dtype, copy=False)
 
 
 # ---------------------------------------------------------------- shape
@@ -384,16 +407,21 @@ class GetItem(Function):
 
     def backward(self, g):
         xp = backend.get_array_module(g)
-        full = xp.zeros(self.in_shape, dtype=g.dtype)
         index = self.index if isinstance(self.index, tuple) else (self.index,)
         if any(hasattr(i, "dtype") or isinstance(i, list) for i in index):
-            if xp is np:
-                np.add.at(full, self.index, g)
-            else:
-                xp.add.at(full, self.index, g)
-        else:
-            full[self.index] = g
+            return scatter_add(xp, self.in_shape, self.index, g)
+        full = xp.zeros(self.in_shape, dtype=g.dtype)
+        full[self.index] = g
         return full
+
+
+def scatter_add(xp, shape, index, values):
+    """zeros(shape)[index] += values with repeated indices summed; narrow dtypes accumulate in fp32
+    (more accurate, and CuPy's add.at has no bf16)."""
+    acc = compute_dtype(values.dtype)
+    full = xp.zeros(shape, dtype=acc)
+    xp.add.at(full, index, values.astype(acc, copy=False))
+    return full.astype(values.dtype, copy=False)
 
 
 class Where(Function):

@@ -298,3 +298,8 @@ def test_factories():
     llamac.manual_seed(1)
     assert np.array_equal(a, llamac.randn(3, 3).numpy())
     assert llamac.full((2,), 7.0).tolist() == [7.0, 7.0]
+
+
+def test_python_scalar_operands_grads():
+    check_grad(lambda x: (x + 2.5) * (3 - x) / 4 + 2 / (x * x + 1) - x * 0.5, r(3, 4))
+    check_grad(lambda x: 1.5 * x - 2, r(5))

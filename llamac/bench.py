@@ -1,0 +1,174 @@
+"""`llamac bench`: engine overhead, tokenizer speed, kernels, CPU training against PyTorch.
+
+Each section returns plain dicts; the command prints them as tables and `--json` writes them all.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llamac import backend
+from llamac.errors import LlamacError
+
+
+def _timeit(fn, sync=lambda: None, reps=5, warmup=2) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- engine overhead
+
+def bench_engine(device: str, n_ops: int = 2000) -> list[dict]:
+    """Microseconds per op dispatch: a tiny add, raw xp vs llamac (recording a graph or not)."""
+    import llamac
+    xp = backend.xp_for(device)
+    sync = backend.synchronize if device == "cuda" else (lambda: None)
+    a_raw, b_raw = xp.ones(16, np.float32), xp.ones(16, np.float32)
+    a, b = llamac.Tensor(a_raw), llamac.Tensor(b_raw)
+    ag = llamac.Tensor(a_raw, requires_grad=True)
+
+    def raw():
+        for _ in range(n_ops):
+            a_raw + b_raw
+
+    def no_grad_ops():
+        for _ in range(n_ops):
+            a + b
+
+    def recording():
+        for _ in range(n_ops):
+            ag + b
+
+    def forward_backward():     # a chain of n/2 ops and its backward: n ops in all
+        x = ag
+        for _ in range(n_ops // 2):
+            x = x * 1.0001
+        x.backward(xp.ones(16, np.float32))
+        ag.grad = None
+
+    rows = []
+    for name, fn in [("raw xp add", raw), ("llamac add (no graph)", no_grad_ops),
+                     ("llamac add (recording)", recording), ("llamac forward+backward chain", forward_backward)]:
+        seconds = _timeit(fn, sync)
+        rows.append({"section": "engine", "device": device, "case": name, "us_per_op": round(seconds / n_ops * 1e6, 2)})
+    return rows
+
+
+# ---------------------------------------------------------------- CPU training vs PyTorch
+
+TINY_SHAPE = dict(dim=256, n_layers=4, n_heads=8, vocab_size=4096, seq_len=128, batch_size=16)
+
+
+def bench_train_cpu(shape: dict | None = None, steps: int = 4, compare_torch: bool = True) -> list[dict]:
+    """Full training steps (forward, backward, clip, AdamW) on the CPU: llamac and PyTorch eager."""
+    import llamac
+    from llamac.config import ModelConfig, TrainConfig
+    from llamac.model import Llama
+    from llamac.optim import AdamW
+
+    s = {**TINY_SHAPE, **(shape or {})}
+    B, T, V = s["batch_size"], s["seq_len"], s["vocab_size"]
+    cfg = ModelConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], vocab_size=V, max_seq_len=T)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    llamac.manual_seed(0)
+    model = Llama(cfg)
+    opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
+    tc = TrainConfig()
+
+    def step():
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step(lr=1e-4, clip=tc.grad_clip)
+
+    ours = _timeit(step, reps=steps)
+    rows = [{"section": "train_cpu", "impl": "llamac", **s, "params_M": round(model.num_params() / 1e6, 2),
+             "step_ms": round(ours * 1e3, 1), "tokens_per_s": round(B * T / ours, 1)}]
+    if compare_torch:
+        try:
+            import torch
+        except ImportError:
+            return rows
+        from llamac.torch_reference import build_torch_llama
+        torch.manual_seed(0)
+        tm = build_torch_llama(cfg)
+        topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+        def tstep():
+            topt.zero_grad(set_to_none=True)
+            loss = tm(tx, ty)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), tc.grad_clip)
+            topt.step()
+
+        theirs = _timeit(tstep, reps=steps)
+        rows.append({"section": "train_cpu", "impl": f"torch {torch.__version__} eager ({torch.get_num_threads()} threads)",
+                     **s, "step_ms": round(theirs * 1e3, 1), "tokens_per_s": round(B * T / theirs, 1)})
+        rows[0]["vs_torch"] = round(theirs / ours, 3)
+    return rows
+
+
+# ---------------------------------------------------------------- the command
+
+def run_bench(what: str = "engine", compare: str | None = None, json_out: Path | None = None, device: str = "auto"):
+    from rich.console import Console
+    from rich.table import Table
+
+    device = backend.resolve_device(device)
+    sections = [w.strip() for w in what.split(",") if w.strip()]
+    known = {"engine", "tokenizer", "train_cpu", "kernels"}
+    unknown = [s for s in sections if s not in known]
+    if unknown:
+        raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+    results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device,
+                        "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+                        "numpy": np.__version__}}
+    for section in sections:
+        if section == "engine":
+            rows = bench_engine("cpu") + (bench_engine("cuda") if device == "cuda" else [])
+        elif section == "tokenizer":
+            from llamac.data.pipeline import measure_encoding_speed
+            rows = [{"section": "tokenizer", **measure_encoding_speed(None)}]
+        elif section == "train_cpu":
+            rows = bench_train_cpu(compare_torch=compare == "torch" or compare is None)
+        elif section == "kernels":
+            if device != "cuda":
+                raise LlamacError("bench --what kernels needs a CUDA GPU (--device cuda)")
+            from llamac.kernel_bench import bench_swiglu, measure_copy_bandwidth
+            rows = [{"section": "kernels", "op": "device copy", "gb_per_s": round(measure_copy_bandwidth(), 1)}]
+            rows += [{"section": "kernels", **r} for r in bench_swiglu()]
+        results[section] = rows
+        _print_table(Console(width=160), Table, section, rows)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def _print_table(console, Table, title, rows):
+    if not rows:
+        return
+    columns = [k for k in rows[0] if k != "section"]
+    for r in rows[1:]:
+        columns += [k for k in r if k not in columns and k != "section"]
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(r.get(c, "")) for c in columns])
+    console.print(table)
