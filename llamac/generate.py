@@ -1,0 +1,120 @@
+"""Sampling with a KV cache: greedy, temperature, top-k, top-p; tokens streamed as produced."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from llamac import backend
+from llamac.engine import no_grad
+from llamac.errors import LlamacError
+
+
+def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
+                rng: np.random.Generator) -> np.ndarray:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(axis=-1)
+    logits = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and 0 < top_p < 1:
+        order = np.argsort(-probs, axis=-1)
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        cut = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p      # keep the smallest set reaching top_p
+        sorted_p[cut] = 0
+        probs = np.zeros_like(probs)
+        np.put_along_axis(probs, order, sorted_p, axis=-1)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+@no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 eos_id: int | None = None, stop_ids=()) -> Iterator[int]:
+    """Yield new token ids one by one (KV cache: each step feeds only the newest token)."""
+    limit = model.config.max_seq_len
+    if not prompt_ids:
+        raise LlamacError("empty prompt: nothing to condition on")
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise LlamacError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
+                          f"the model's max_seq_len ({limit})")
+    rng = np.random.default_rng(seed)
+    model.eval()
+    xp = model.tok_embeddings.weight.xp
+    cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
+    logits, _ = model(xp.asarray([prompt_ids], dtype=np.int64), cache=cache)
+    stops = set(stop_ids) | ({eos_id} if eos_id is not None else set())
+    for _ in range(max_new_tokens):
+        last = backend.to_numpy(logits.data[:, -1]).astype(np.float32)
+        token = int(sample_next(last, temperature, top_k, top_p, rng)[0])
+        if token in stops:
+            return
+        yield token
+        logits, _ = model(xp.asarray([[token]], dtype=np.int64), cache=cache)
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
+                  echo_prompt: bool = True) -> str:
+    """Generate a continuation of `prompt`; with `stream`, write text as each token arrives."""
+    ids = tokenizer.encode(prompt, bos=True)
+    produced: list[int] = []
+    shown = ""
+    if stream is not None and echo_prompt:
+        stream.write(prompt)
+        stream.flush()
+    for token in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id):
+        produced.append(token)
+        if stream is not None:
+            # decode the whole continuation: pieces of a multi-byte character only print once complete
+            text = tokenizer.decode(produced)
+            if not text.endswith("\ufffd"):
+                stream.write(text[len(shown):])
+                stream.flush()
+                shown = text
+    text = tokenizer.decode(produced)
+    if stream is not None and len(text) > len(shown):
+        stream.write(text[len(shown):])
+        stream.flush()
+    return text
+
+
+def generate_command(checkpoint, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, chat, device):
+    """`llamac generate`: load a checkpoint and stream continuations (or chat)."""
+    from llamac.checkpoint import load_model
+    if prompt is None and prompt_file is None and not chat:
+        raise LlamacError("give --prompt TEXT, --prompt-file FILE or --chat")
+    if max_new_tokens < 1:
+        raise LlamacError("--max-new-tokens must be at least 1")
+    model, tokenizer, _ = load_model(checkpoint, device=backend.resolve_device(device))
+    if tokenizer is None:
+        raise LlamacError(f"checkpoint {checkpoint} has no tokenizer.model")
+    if max_new_tokens >= model.config.max_seq_len:
+        raise LlamacError(f"--max-new-tokens {max_new_tokens} exceeds the model's max_seq_len "
+                          f"({model.config.max_seq_len}) minus the prompt")
+    if chat:
+        from llamac.chat import chat_command
+        return chat_command(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    prompts = [prompt] if prompt is not None else _read_prompts(prompt_file)
+    for i, text in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"--- [{i + 1}/{len(prompts)}]", flush=True)
+        generate_text(model, tokenizer, text, max_new_tokens, temperature, top_k, top_p, seed + i, stream=sys.stdout)
+        print(flush=True)
+
+
+def _read_prompts(path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise LlamacError(f"prompt file not found: {path}")
+    prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise LlamacError(f"prompt file {path} has no prompts (one per line)")
+    return prompts

@@ -1,0 +1,91 @@
+"""AdamW with decoupled weight decay, global-norm clipping and the warm-up + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llamac import backend
+from llamac.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def decays(name: str, param) -> bool:
+    """Weight decay on matrices only: never on norm gains, biases or the token embedding."""
+    return param.ndim >= 2 and not name.startswith("tok_embeddings")
+
+
+class AdamW:
+    """State (m, v) in fp32 beside fp32 master weights; `step` may be called with a clip."""
+
+    def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        self.params = list(named_params)                     # [(name, Parameter)]
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.m = {n: p.xp.zeros(p.shape, np.float32) for n, p in self.params}
+        self.v = {n: p.xp.zeros(p.shape, np.float32) for n, p in self.params}
+        self.t = 0
+
+    def grad_norm(self):
+        """Global L2 norm of all gradients, as a device scalar (no host sync)."""
+        total = None
+        for _, p in self.params:
+            if p.grad is not None:
+                g = p.grad.astype(np.float32, copy=False)
+                sq = (g * g).sum()
+                total = sq if total is None else total + sq
+        xp = self.params[0][1].xp
+        return xp.sqrt(total) if total is not None else xp.float32(0.0)
+
+    def step(self, lr: float | None = None, clip: float | None = None):
+        """One update; returns the pre-clip gradient norm (a device scalar)."""
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        b1, b2 = self.betas
+        norm = self.grad_norm()
+        scale = 1.0
+        if clip:
+            xp = self.params[0][1].xp
+            scale = xp.minimum(xp.float32(1.0), xp.float32(clip) / (norm + 1e-6)).astype(np.float32)
+        bias1, bias2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        step_size = lr / bias1
+        for name, p in self.params:
+            if p.grad is None:
+                continue
+            g = p.grad.astype(np.float32, copy=False) * scale
+            m, v = self.m[name], self.v[name]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            xp = p.xp
+            update = m / (xp.sqrt(v / bias2) + self.eps)
+            master = p.data if p.data.dtype == np.float32 else p.data.astype(np.float32)
+            if self.weight_decay and decays(name, p):
+                master *= (1 - lr * self.weight_decay)
+            master -= step_size * update
+            if master is not p.data:
+                p.data = master.astype(p.data.dtype)
+        return norm
+
+    def zero_grad(self):
+        for _, p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        out = {f"m.{n}": backend.to_numpy(a) for n, a in self.m.items()}
+        out.update({f"v.{n}": backend.to_numpy(a) for n, a in self.v.items()})
+        return out
+
+    def load_state_dict(self, state: dict, t: int):
+        for n, p in self.params:
+            self.m[n] = backend.to_device(np.asarray(state[f"m.{n}"], np.float32), p.device)
+            self.v[n] = backend.to_device(np.asarray(state[f"v.{n}"], np.float32), p.device)
+        self.t = t

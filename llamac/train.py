@@ -1,0 +1,305 @@
+"""The training loop shared by `pretrain` and `sft`: schedule, accumulation, clipping,
+validation, atomic checkpoints with resume, Ctrl-C handling, metrics, plot and a sample."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from llamac import backend, checkpoint
+from llamac.config import Recipe
+from llamac.engine import manual_seed, no_grad
+from llamac.errors import LlamacError
+from llamac.model import Llama
+from llamac.optim import AdamW, lr_at
+
+PEAK_FLOPS = {"bf16": 989e12, "fp32": 67e12}   # H100 SXM dense, for MFU on the GPU
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    """Runs `recipe.train` over batches from `batch_fn(step, micro_step) -> (x, y, segments)`.
+
+    `eval_fn(model) -> {"val_loss": ...}` is called every eval_every steps and at the end.
+    Everything a resumed run needs is in the checkpoint: weights, AdamW moments, the step
+    (which fixes the data position and learning rate) and the RNG state.
+    """
+
+    def __init__(self, recipe: Recipe, model: Llama, device: str, batch_fn: Callable, eval_fn: Callable,
+                 tokenizer_path=None, tokens_per_step: int | None = None, sample_fn: Callable | None = None):
+        self.recipe, self.cfg, self.model, self.device = recipe, recipe.train, model, device
+        self.batch_fn, self.eval_fn, self.sample_fn = batch_fn, eval_fn, sample_fn
+        self.tokenizer_path = tokenizer_path
+        self.out_dir = Path(recipe.out_dir)
+        self.tokens_per_step = tokens_per_step or self.cfg.batch_size * self.cfg.grad_accum * recipe.data.seq_len
+        self.optimizer = AdamW(model.named_parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                               eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
+        self.step = 0
+        self.stop_requested = False
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------ state
+    def resume_or_start(self, resume: bool):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        found = checkpoint.latest(self.out_dir)
+        if found is not None and not resume:
+            # --no-resume never deletes a previous run: it is moved aside.
+            aside = checkpoint.checkpoint_root(self.out_dir).with_name(f"checkpoints.old-{int(time.time())}")
+            os.replace(checkpoint.checkpoint_root(self.out_dir), aside)
+            if self.metrics_path.exists():
+                os.replace(self.metrics_path, aside / "metrics.jsonl")
+            log(f"--no-resume: previous checkpoints moved to {aside}")
+            found = None
+        if found is None:
+            self.metrics_path.unlink(missing_ok=True)
+            return
+        checkpoint.check_compatible(found, self.model.config)
+        state = checkpoint.read_state(found)
+        weights, _ = checkpoint.load_safetensors(found / "model.safetensors")
+        self.model.load_state_dict(weights)
+        moments, _ = checkpoint.load_safetensors(found / "optimizer.safetensors")
+        self.optimizer.load_state_dict(moments, state["optimizer_t"])
+        self.step = state["step"]
+        from llamac.engine import generator
+        generator("cpu").bit_generator.state = state["rng_cpu"]
+        self._truncate_metrics(self.step)
+        log(f"resumed from {found} at step {self.step}")
+
+    def _truncate_metrics(self, step: int):
+        """Drop metric lines from steps a resumed run will redo, so the log reads as one run."""
+        if not self.metrics_path.exists():
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()
+                and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def save(self):
+        from llamac.engine import generator
+        state = {"optimizer_t": self.optimizer.t, "rng_cpu": generator("cpu").bit_generator.state,
+                 "data_position": {"step": self.step, "seed": self.recipe.seed},
+                 "tokens_seen": self.step * self.tokens_per_step}
+        path = checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, self.recipe, state,
+                               self.tokenizer_path, keep=self.cfg.keep_checkpoints)
+        return path
+
+    def _metric(self, record: dict):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------ loop
+    def train_step(self):
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        self.optimizer.zero_grad()
+        total = None
+        for micro in range(cfg.grad_accum):
+            x, y, segments = self.batch_fn(self.step, micro)
+            _, loss = self.model(x, y, segment_ids=segments)
+            (loss * (1.0 / cfg.grad_accum)).backward() if cfg.grad_accum > 1 else loss.backward()
+            total = loss.data if total is None else total + loss.data
+        norm = self.optimizer.step(lr=lr, clip=cfg.grad_clip)
+        self.step += 1
+        return total / cfg.grad_accum, norm, lr
+
+    def run(self, resume: bool = True) -> dict:
+        cfg = self.cfg
+        manual_seed(self.recipe.seed)
+        self.resume_or_start(resume)
+        self.model.train()
+        if self.step >= cfg.max_steps:
+            log(f"already trained to step {self.step} (train.max_steps={cfg.max_steps}); nothing to do")
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        bar = _progress(cfg.max_steps, self.step)
+        flops = self.model.flops_per_token(self.recipe.data.seq_len)
+        summary = {"step": self.step}
+        t_last, steps_since = time.perf_counter(), 0
+        try:
+            while self.step < cfg.max_steps and not self.stop_requested:
+                loss, norm, lr = self.train_step()
+                steps_since += 1
+                on_log = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+                if self.device == "cpu" or on_log:   # reading the loss syncs the GPU: only when logged there
+                    loss_value = float(loss)
+                    if not math.isfinite(loss_value):
+                        good = checkpoint.latest(self.out_dir)
+                        raise LlamacError(f"loss is {loss_value} at step {self.step}; stopping. Last good checkpoint: "
+                                          f"{good or 'none'} (try a lower train.lr or stronger train.grad_clip)")
+                if on_log:
+                    backend.synchronize()
+                    now = time.perf_counter()
+                    tok_s = steps_since * self.tokens_per_step / (now - t_last)
+                    record = {"step": self.step, "loss": round(loss_value, 6), "lr": lr,
+                              "tokens_per_s": round(tok_s, 1), "grad_norm": round(float(norm), 4)}
+                    if self.device == "cuda":
+                        record["mfu"] = round(flops * tok_s / PEAK_FLOPS[cfg.dtype], 4)
+                    self._metric(record)
+                    bar.update(self.step, record)
+                    t_last, steps_since = now, 0
+                paused = False
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    self.evaluate(bar)
+                    paused = True
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
+                    self.save()
+                    paused = True
+                if paused and steps_since == 0:   # keep evaluation and saving out of tokens/s
+                    t_last = time.perf_counter()
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            log(f"interrupted at step {self.step}: checkpoint saved to {path}; run the same command to resume")
+            raise SystemExit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+        if self.stop_requested:
+            path = self.save()
+            log(f"stopped at step {self.step}: checkpoint saved to {path}")
+            return summary
+        summary.update(self.evaluate(None))
+        summary["step"] = self.step
+        summary["checkpoint"] = str(self.save())
+        plot_metrics(self.metrics_path, self.out_dir / "loss.png")
+        return summary
+
+    def evaluate(self, bar) -> dict:
+        self.model.eval()
+        with no_grad():
+            result = self.eval_fn(self.model)
+        self.model.train()
+        record = {"step": self.step, **{k: round(float(v), 6) for k, v in result.items()}}
+        if "val_loss" in result:
+            record["val_ppl"] = round(math.exp(min(float(result["val_loss"]), 50.0)), 4)
+        self._metric(record)
+        line = " ".join(f"{k} {v}" for k, v in record.items())
+        (bar.write if bar else log)(f"eval: {line}")
+        return record
+
+    def _request_stop(self, *_):
+        self.stop_requested = True
+
+
+class _progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (CI, files)."""
+
+    def __init__(self, total: int, initial: int):
+        self.interactive = sys.stderr.isatty()
+        self.bar = None
+        if self.interactive:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.last = initial
+
+    def update(self, step: int, record: dict):
+        text = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        if "mfu" in record:
+            text += f" MFU {100 * record['mfu']:.1f}%"
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            self.bar.set_postfix_str(text)
+        else:
+            log(f"step {step}: {text}")
+        self.last = step
+
+    def write(self, text: str):
+        (self.bar.write if self.bar is not None else log)(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
+    """Loss curve (train and validation) as a PNG; needs matplotlib (the `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no loss plot (pip install 'llamac[plot]')")
+        return False
+    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return True
+
+
+# ---------------------------------------------------------------- pretraining
+
+def document_segments(x, bos_id: int):
+    """Document ids per position from the <s> tokens, so packed documents never attend to each other."""
+    xp = backend.get_array_module(x)
+    return xp.cumsum(x == bos_id, axis=1)
+
+
+def build_model(recipe: Recipe, vocab_size: int, device: str) -> Llama:
+    if recipe.model.vocab_size != vocab_size:
+        recipe.model = dataclasses.replace(recipe.model, vocab_size=vocab_size)
+    manual_seed(recipe.seed)
+    return Llama(recipe.model).to(device)
+
+
+def pretrain(recipe: Recipe, resume: bool = True) -> dict:
+    """`llamac pretrain`: data (tokenizer and shards made if missing), training, checkpoint, a sample."""
+    from llamac.data.loader import TokenLoader
+    from llamac.data.pipeline import prepare_data
+    from llamac.tokenizer import Tokenizer
+
+    device = backend.resolve_device(recipe.device)
+    if recipe.train.dtype == "bf16" and device == "cpu":
+        log("train.dtype bf16 is a GPU setting; training in fp32 on the CPU")
+    info = prepare_data(recipe, verbose=True)
+    tokenizer = Tokenizer(info.tokenizer_path)
+    model = build_model(recipe, info.vocab_size, device)
+    t = recipe.train
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.dims.n_layers} layers, dim {model.dims.dim}; "
+        f"device {device}; {info.n_train_tokens:,} training tokens")
+    train_loader = TokenLoader(info.train_path, recipe.data.seq_len, t.batch_size, recipe.seed, device=device)
+    val_loader = TokenLoader(info.val_path, recipe.data.seq_len, t.batch_size, recipe.seed + 1, device=device)
+    val_batches = [val_loader.get_batch(i) for i in range(t.eval_batches)]
+    bos = tokenizer.bos_id
+
+    def batch_fn(step, micro):
+        x, y = train_loader.get_batch(step, micro)
+        return x, y, document_segments(x, bos)
+
+    def eval_fn(model):
+        losses = [model(x, y, segment_ids=document_segments(x, bos))[1].data for x, y in val_batches]
+        return {"val_loss": float(sum(float(v) for v in losses) / len(losses))}
+
+    trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=info.tokenizer_path)
+    summary = trainer.run(resume=resume)
+    if not trainer.stop_requested and t.sample_tokens > 0:
+        from llamac.generate import generate_text
+        print(f"\n--- sample (step {trainer.step}) ---", file=sys.stderr)
+        text = generate_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
+                             temperature=0.8, top_k=40, seed=recipe.seed, stream=sys.stdout)
+        summary["sample"] = text
+        print(flush=True)
+    return summary
