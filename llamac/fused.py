@@ -112,29 +112,30 @@ class SwiGLU(Function):
 
 
 class Attention(Function):
-    """Causal grouped-query attention, softmax(q k^T / sqrt(hs)) v, never across segments.
+    """Causal grouped-query attention, softmax(q k^T / sqrt(hs) + bias) v.
 
-    q: (B, Tq, H, hs); k, v: (B, Tk, Hkv, hs) with H a multiple of Hkv; segments: (B, Tk)
-    document ids or None. Queries are the last Tq positions of the Tk keys (KV-cache decoding).
-    Returns (B, Tq, H, hs). The CPU reference keeps the (T, T) probabilities for the backward.
+    q: (B, Tq, H, hs); k, v: (B, Tk, Hkv, hs) with H a multiple of Hkv. Queries are the last Tq
+    of the Tk positions (KV-cache decoding). `bias` is the additive mask from `attention_bias`
+    (0 where a key is visible, -inf elsewhere), shared by every layer of a forward pass.
+    Returns (B, Tq, H, hs). The reference keeps the (Tq, Tk) probabilities for the backward.
     """
 
-    def forward(self, q, k, v, segments=None, causal=True):
-        xp = backend.get_array_module(q)
+    def forward(self, q, k, v, bias=None):
         B, Tq, H, hs = q.shape
         Tk, Hkv = k.shape[1], k.shape[2]
         if k.shape != v.shape or k.shape[0] != B or k.shape[3] != hs or H % Hkv:
             raise ShapeError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
+        xp = backend.get_array_module(q)
         G = H // Hkv
         qg = q.reshape(B, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4)      # (B, Hkv, G, Tq, hs)
         kt = k.transpose(0, 2, 3, 1)[:, :, None]                        # (B, Hkv, 1, hs, Tk)
         vt = v.transpose(0, 2, 1, 3)[:, :, None]                        # (B, Hkv, 1, Tk, hs)
         acc = compute_dtype(q.dtype)
         scale = acc.type(1.0 / np.sqrt(hs))
-        scores = matmul(qg, kt).astype(acc, copy=False) * scale         # (B, Hkv, G, Tq, Tk)
-        mask = _attention_mask(xp, B, Tq, Tk, segments, causal)
-        if mask is not None:
-            scores = xp.where(mask, scores, acc.type(-np.inf))
+        scores = matmul(qg, kt).astype(acc, copy=False)                 # (B, Hkv, G, Tq, Tk)
+        scores *= scale
+        if bias is not None:
+            scores += bias
         scores -= scores.max(axis=-1, keepdims=True)
         probs = xp.exp(scores, out=scores)
         probs /= probs.sum(axis=-1, keepdims=True)
@@ -151,25 +152,31 @@ class Attention(Function):
         p = probs.astype(dt, copy=False)
         dv = matmul(p.swapaxes(-1, -2), go).sum(axis=2)                 # (B, Hkv, Tk, hs)
         dp = matmul(go, vt.swapaxes(-1, -2)).astype(probs.dtype, copy=False)
-        ds = probs * (dp - (dp * probs).sum(axis=-1, keepdims=True))
-        ds = (ds * scale).astype(dt, copy=False)
+        dp -= (dp * probs).sum(axis=-1, keepdims=True)
+        dp *= probs
+        dp *= scale
+        ds = dp.astype(dt, copy=False)
         dq = matmul(ds, kt.swapaxes(-1, -2))                            # (B, Hkv, G, Tq, hs)
         dk = matmul(ds.swapaxes(-1, -2), qg).sum(axis=2)                # (B, Hkv, Tk, hs)
         dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, Tq, H, hs)
         return dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), None
 
 
-def _attention_mask(xp, B, Tq, Tk, segments, causal):
-    """(B or 1, 1, 1, Tq, Tk) boolean: key j visible to query i (at position Tk - Tq + i)."""
-    mask = None
-    if causal:
+def attention_bias(xp, Tq: int, Tk: int, segments=None, causal: bool = True, dtype=np.float32):
+    """Additive mask, (B or 1, 1, 1, Tq, Tk): 0 where key j is visible to query i (at position
+    Tk - Tq + i: causal, same document), -inf elsewhere. None when everything is visible."""
+    visible = None
+    if causal and Tq > 1:
         qpos = xp.arange(Tk - Tq, Tk)[:, None]
-        mask = (xp.arange(Tk)[None, :] <= qpos)[None, None, None]
+        visible = (xp.arange(Tk)[None, :] <= qpos)[None]                 # (1, Tq, Tk)
     if segments is not None:
         same = segments[:, Tk - Tq:, None] == segments[:, None, :]       # (B, Tq, Tk)
-        same = same[:, None, None]
-        mask = same if mask is None else mask & same
-    return mask
+        visible = same if visible is None else visible & same
+    if visible is None:
+        return None
+    bias = xp.zeros(visible.shape, dtype=compute_dtype(dtype))
+    bias[~visible] = -np.inf
+    return bias[:, None, None]
 
 
 # ---------------------------------------------------------------- functional API
@@ -196,8 +203,11 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return SwiGLU.apply(gate, up)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = True) -> Tensor:
-    if segments is None:
-        return Attention.apply(q, k, v, causal=causal)
-    segments = segments if isinstance(segments, Tensor) else Tensor(segments)
-    return Attention.apply(q, k, v, segments, causal=causal)
+def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = True, bias=None) -> Tensor:
+    """Attention with a causal and/or document mask; pass `bias` (from attention_bias) to reuse one."""
+    if bias is None:
+        seg = segments.data if isinstance(segments, Tensor) else segments
+        bias = attention_bias(q.xp, q.shape[1], k.shape[1], seg, causal, q.dtype)
+    if bias is None:
+        return Attention.apply(q, k, v)
+    return Attention.apply(q, k, v, bias if isinstance(bias, Tensor) else Tensor(bias))
