@@ -37,10 +37,12 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, model: Llama, device: str, batch_fn: Callable, eval_fn: Callable,
-                 tokenizer_path=None, tokens_per_step: int | None = None, sample_fn: Callable | None = None):
+                 tokenizer_path=None, tokens_per_step: int | None = None, sample_fn: Callable | None = None,
+                 extra_state: dict | None = None):
         self.recipe, self.cfg, self.model, self.device = recipe, recipe.train, model, device
         self.batch_fn, self.eval_fn, self.sample_fn = batch_fn, eval_fn, sample_fn
         self.tokenizer_path = tokenizer_path
+        self.extra_state = extra_state or {}      # saved in every checkpoint (e.g. the chat template)
         self.out_dir = Path(recipe.out_dir)
         self.tokens_per_step = tokens_per_step or self.cfg.batch_size * self.cfg.grad_accum * recipe.data.seq_len
         self.optimizer = AdamW(model.named_parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
@@ -88,7 +90,7 @@ class Trainer:
         from llamac.engine import generator
         state = {"optimizer_t": self.optimizer.t, "rng_cpu": generator("cpu").bit_generator.state,
                  "data_position": {"step": self.step, "seed": self.recipe.seed},
-                 "tokens_seen": self.step * self.tokens_per_step}
+                 "tokens_seen": self.step * self.tokens_per_step, **self.extra_state}
         path = checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, self.recipe, state,
                                self.tokenizer_path, keep=self.cfg.keep_checkpoints)
         return path
