@@ -1,0 +1,362 @@
+"""Exports checked by the loaders that will read them: transformers for the Hugging Face folder,
+llama.cpp (llama-cpp-python) for GGUF, and llamac itself for the round trips.
+
+The models are tiny and random (seeded), so greedy continuations are degenerate loops; the
+checks only need them to be deterministic and free of near-ties, which `_margins` asserts first
+so a failure can't be blamed on a coin flip between two equal logits.
+"""
+import json
+import random
+
+import numpy as np
+import pytest
+
+import llamac
+from llamac import checkpoint
+from llamac.cli import main
+from llamac.config import ModelConfig, Recipe
+from llamac.errors import LlamacError
+from llamac.export import SpmVocab, export, read_source
+from llamac.generate import generate_ids
+from llamac.model import Llama
+
+CHAT = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>",
+        "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>")
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + "
+                 "message['content'] + '<|end|>\\n' }}{% endfor %}")
+GQA = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=416, max_seq_len=128,
+                  tie_embeddings=False, rope_theta=500000.0,
+                  rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 32})
+TIED = ModelConfig(dim=48, n_layers=2, n_heads=3, hidden_dim=80, vocab_size=400, max_seq_len=96, tie_embeddings=True)
+PROMPTS = ["The king walked", "Under the bright sea", "A letter from 1887", "  Night and morning",
+           "She answered quietly,", "Old friends: café", "Because the wind", "x"]
+WORDS = ("the a king queen river stone light house garden night morning friend letter ship sea wind walked spoke "
+         "found wrote carried opened remembered answered quietly slowly never always again beautiful old young "
+         "small great dark bright with from under over into because while and but").split()
+
+
+def _text(seed: int, sentences: int) -> str:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(sentences):
+        s = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        s = s[0].upper() + s[1:]
+        if rng.random() < 0.2:
+            s += f" in {rng.randint(1, 2024)}"
+        if rng.random() < 0.1:
+            s += " — café, naïve, 東京 🙂"
+        out.append(("  " if rng.random() < 0.1 else "") + s + rng.choice(".!?;,:"))
+        if rng.random() < 0.2:
+            out.append("\n" + ("\t" if rng.random() < 0.3 else ""))
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer trained like llamac's (BPE, byte fallback, split digits, identity normalization,
+    whitespace kept, chat tokens at ids 3..10) and a held-out validation text."""
+    spm = pytest.importorskip("sentencepiece")
+    root = tmp_path_factory.mktemp("corpus")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_text(0, 3000).split("\n")), model_prefix=str(root / "tok"), model_type="bpe",
+        vocab_size=400, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, user_defined_symbols=list(CHAT),
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return root / "tok.model", _text(1, 80)
+
+
+def _checkpoint(tmp_path, cfg, tokenizer, seed=0):
+    llamac.manual_seed(seed)
+    model = Llama(cfg).eval()
+    run = tmp_path / f"run-{seed}"
+    checkpoint.save(run, 7, model, None, Recipe(model=cfg), {"chat_template": CHAT_TEMPLATE},
+                    tokenizer_path=tokenizer, keep=1)
+    return run, model
+
+
+def _logits(model, ids) -> np.ndarray:
+    with llamac.no_grad():
+        return model(np.array([ids]))[0].numpy()[0]
+
+
+def _greedy(model, ids, n=32, eos=2) -> list:
+    return list(generate_ids(model, ids, n, temperature=0, eos_id=eos))
+
+
+def _margins(model, ids, continuation) -> np.ndarray:
+    """(top-1 - top-2) / max |logit| at each greedy step: the room a reimplementation has for rounding."""
+    logits = _logits(model, ids + continuation[:-1] if continuation else ids)[len(ids) - 1:]
+    top = np.sort(logits, axis=-1)
+    return (top[:, -1] - top[:, -2]) / np.abs(logits).max(axis=-1)
+
+
+def _tokenizer(path):
+    from llamac.tokenizer import Tokenizer
+    return Tokenizer(path)
+
+
+# ------------------------------------------------------------------ Hugging Face
+
+@pytest.mark.parametrize("cfg", [GQA, TIED], ids=["gqa-llama3-untied", "tied"])
+def test_hf_export_runs_in_transformers(tmp_path, corpus, cfg):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tok_path, validation = corpus
+    run, model = _checkpoint(tmp_path, cfg, tok_path)
+    out = export(run, format="hf", out=tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] == cfg.tie_embeddings
+    with open(out / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert header["__metadata__"] == {"format": "pt"}
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    assert json.loads((out / "special_tokens_map.json").read_text())["bos_token"]["content"] == "<s>"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours_tok = _tokenizer(tok_path)
+    chat = "<|user|>\nHi there!<|end|>\n<|assistant|>\nHello.<|end|>\n"
+    for text in (validation, chat, " leading space", "\n\ttabs  and  spaces "):
+        assert hf_tok(text)["input_ids"] == ours_tok.encode(text, bos=True), text[:40]
+    assert hf_tok.decode(hf_tok(validation)["input_ids"], skip_special_tokens=True) == validation
+
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = ours_tok.encode(prompt, bos=True)
+        ours = _logits(model, ids)
+        with torch.no_grad():
+            theirs = ref(torch.tensor([ids])).logits[0].numpy()
+        worst = max(worst, float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
+        expected = _greedy(model, ids)
+        assert _margins(model, ids, expected).min() > 1e-5, "near-tie in the test model"
+        with torch.no_grad():
+            got = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
+                               attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+        if got and got[-1] == 2:       # transformers emits the eos it stops at; generate_ids doesn't
+            got = got[:-1]
+        assert got == expected, prompt
+    print(f"max relative logit difference transformers vs llamac ({cfg.n_heads}/{cfg.n_kv_heads}): {worst:.2e}")
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("cfg", [GQA, TIED], ids=["gqa-llama3-untied", "tied"])
+def test_hf_round_trip_is_bit_identical(tmp_path, corpus, cfg):
+    tok_path, _ = corpus
+    run, model = _checkpoint(tmp_path, cfg, tok_path)
+    hf_dir = export(run, format="hf", out=tmp_path / "hf")
+    native = export(hf_dir, format="llamac", out=tmp_path / "native")   # HF folder -> llamac checkpoint
+    again = export(hf_dir, format="hf", out=tmp_path / "hf2")           # HF folder -> HF folder
+    ids = _tokenizer(tok_path).encode(PROMPTS[0], bos=True)
+    expected = _logits(model, ids)
+    for path in (hf_dir, native, again):
+        loaded, tokenizer, _ = checkpoint.load_model(path)
+        assert loaded.config.tie_embeddings == cfg.tie_embeddings
+        assert np.array_equal(_logits(loaded, ids), expected), path
+        assert tokenizer.encode(PROMPTS[0], bos=True) == ids
+    assert checkpoint.read_state(checkpoint.resolve_checkpoint(native))["chat_template"] == CHAT_TEMPLATE
+    assert (native / "state.json").is_file() and not (native / "optimizer.safetensors").exists()
+
+
+def test_hf_bf16_export_and_import(tmp_path, corpus):
+    tok_path, _ = corpus
+    run, model = _checkpoint(tmp_path, TIED, tok_path)
+    out = export(run, format="hf", out=tmp_path / "hf", dtype="bf16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded, _, _ = checkpoint.load_model(out)
+    for name, w in model.state_dict().items():
+        got = dict(loaded.named_parameters())[name].data
+        assert np.allclose(got, w, rtol=1 / 128, atol=1e-6), name
+
+
+def test_generate_cli_takes_a_hf_folder(tmp_path, corpus, capsys):
+    tok_path, _ = corpus
+    run, model = _checkpoint(tmp_path, TIED, tok_path)
+    hf_dir = export(run, format="hf", out=tmp_path / "hf")
+    main(["generate", "-c", str(hf_dir), "-p", "The king", "-n", "8", "-t", "0", "--device", "cpu"])
+    tokenizer = _tokenizer(tok_path)
+    expected = tokenizer.decode(_greedy(model, tokenizer.encode("The king", bos=True), 8))
+    assert capsys.readouterr().out == "The king" + expected + "\n"
+
+
+# ------------------------------------------------------------------ GGUF / llama.cpp
+
+def _llama_cpp(path, f32_cache=True):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama as module
+    defaults = module.llama_cpp.llama_model_default_params
+
+    def params():
+        # llama.cpp's extra CPU buffer types (weight repacking, AMX) crash on some CPUs for Q8_0,
+        # for its own quantizations too; the plain CPU path reads the same file.
+        p = defaults()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        # An F32 KV cache: llama.cpp's default F16 cache rounds keys and values (~1e-4 of the logits),
+        # which would measure the cache, not the exported weights.
+        cache = {"type_k": 0, "type_v": 0} if f32_cache else {}
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False,
+                               seed=0, **cache)
+    finally:
+        module.llama_cpp.llama_model_default_params = defaults
+
+
+def _cpp_greedy(llm, ids, n=32, eos=2) -> list:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if token == eos:
+            break
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def test_gguf_runs_in_llama_cpp(tmp_path, corpus):
+    tok_path, validation = corpus
+    run, model = _checkpoint(tmp_path, GQA, tok_path)
+    tokenizer = _tokenizer(tok_path)
+    f32 = export(run, format="gguf", out=tmp_path / "model-f32.gguf")
+    llm = _llama_cpp(f32)
+    assert llm.tokenize(validation.encode(), add_bos=True, special=False) == tokenizer.encode(validation, bos=True)
+    worst = 0.0
+    for prompt in PROMPTS[:4]:
+        ids = tokenizer.encode(prompt, bos=True)
+        expected = _greedy(model, ids)
+        assert _margins(model, ids, expected).min() > 1e-5, "near-tie in the test model"
+        assert _cpp_greedy(llm, ids) == expected, prompt
+        llm.reset()
+        llm.eval(ids)
+        ours = _logits(model, ids)
+        worst = max(worst, float(np.abs(np.array(llm.scores[:len(ids)]) - ours).max() / np.abs(ours).max()))
+    print(f"max relative logit difference llama.cpp F32 vs llamac: {worst:.2e}")
+    assert worst < 1e-4
+    del llm
+
+    for dtype, tol in (("f16", 5e-3), ("q8_0", 3e-2)):
+        path = export(run, format="gguf", out=tmp_path / f"model-{dtype}.gguf", dtype=dtype)
+        llm = _llama_cpp(path, f32_cache=False)
+        for prompt in PROMPTS[:4]:
+            ids = tokenizer.encode(prompt, bos=True)
+            llm.reset()
+            llm.eval(ids)
+            theirs, ours = np.array(llm.scores[len(ids) - 1]), _logits(model, ids)[-1]
+            assert np.abs(theirs - ours).max() / np.abs(ours).max() < tol, (dtype, prompt)
+            if dtype == "f16":
+                assert int(theirs.argmax()) == int(ours.argmax()), prompt
+        del llm
+
+
+def test_gguf_metadata(tmp_path, corpus):
+    gguf = pytest.importorskip("gguf")
+    tok_path, _ = corpus
+    run, _ = _checkpoint(tmp_path, TIED, tok_path)
+    reader = gguf.GGUFReader(export(run, format="gguf", out=tmp_path / "m.gguf", dtype="f16"))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    vocab = SpmVocab.read(tok_path)
+    assert fields["general.architecture"] == "llama" and fields["GGUF.version"] == 3
+    assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 3
+    assert fields["llama.context_length"] == 96 and fields["llama.rope.dimension_count"] == 16
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.tokens"] == vocab.pieces
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
+    assert all(types[i] == gguf.TokenType.USER_DEFINED for i in range(3, 11))
+    assert types[11] == gguf.TokenType.BYTE and np.allclose(fields["tokenizer.ggml.scores"], vocab.scores)
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.chat_template"] == CHAT_TEMPLATE
+    tensors = {t.name: t.tensor_type for t in reader.tensors}
+    assert "output.weight" not in tensors                         # tied: llama.cpp reuses token_embd
+    assert tensors["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+# ------------------------------------------------------------------ errors and atomicity
+
+def _cli_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", *map(str, argv)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_export_errors_are_one_line(tmp_path, corpus, capsys):
+    tok_path, _ = corpus
+    run, _ = _checkpoint(tmp_path, TIED, tok_path)
+    (tmp_path / "not_a_checkpoint").mkdir()
+    assert "not a llamac checkpoint" in _cli_error(capsys, tmp_path / "not_a_checkpoint", "--format", "hf",
+                                                   "--out", tmp_path / "x")
+    assert "not found" in _cli_error(capsys, tmp_path / "missing", "--format", "hf", "--out", tmp_path / "x")
+    assert "unsupported export format" in _cli_error(capsys, run, "--format", "onnx", "--out", tmp_path / "x")
+    assert "--dtype" in _cli_error(capsys, run, "--format", "gguf", "--dtype", "q4_0", "--out", tmp_path / "x")
+    (tmp_path / "taken.gguf").write_text("keep me")
+    assert "--force" in _cli_error(capsys, run, "--format", "gguf", "--out", tmp_path / "taken.gguf")
+    assert (tmp_path / "taken.gguf").read_text() == "keep me"
+    main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "taken.gguf"), "--force"])
+    assert (tmp_path / "taken.gguf").read_bytes()[:4] == b"GGUF"
+    assert capsys.readouterr().err.startswith("exported ")
+    assert "directory" in _cli_error(capsys, run, "--format", "gguf", "--out", tmp_path / "not_a_checkpoint", "--force")
+    assert "holds the checkpoint" in _cli_error(capsys, run, "--format", "llamac", "--out", run, "--force")
+    bad = tmp_path / "mistral"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}))
+    assert "Llama" in _cli_error(capsys, bad, "--format", "gguf", "--out", tmp_path / "y.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mistral", "not_a_checkpoint", "run-0", "taken.gguf"]
+
+
+def _interrupt_after(monkeypatch, owner, name):
+    """Make owner.name do its work, then raise KeyboardInterrupt (Ctrl-C with a partial output on disk)."""
+    real = getattr(owner, name)
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize("format,name", [("hf", "hf"), ("gguf", "m.gguf"), ("llamac", "native")])
+def test_interrupted_export_leaves_nothing_under_the_target(tmp_path, corpus, monkeypatch, format, name):
+    import gguf
+    import llamac.export as export_module
+    tok_path, _ = corpus
+    run, _ = _checkpoint(tmp_path, TIED, tok_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / name
+    owner, attr = {"hf": (export_module, "write_safetensors"), "gguf": (gguf.GGUFWriter, "write_tensors_to_file"),
+                   "llamac": (checkpoint, "_save_safetensors")}[format]
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, owner, attr)
+        with pytest.raises(KeyboardInterrupt):
+            export(run, format=format, out=target)
+    assert list(out.iterdir()) == []           # neither the target nor a temporary remains
+
+    export(run, format=format, out=target)     # --force over an existing output: the old one survives
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, owner, attr)
+        with pytest.raises(KeyboardInterrupt):
+            export(run, format=format, out=target, force=True)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_read_source_rejects_untied_folder_without_head(tmp_path, corpus):
+    tok_path, _ = corpus
+    run, _ = _checkpoint(tmp_path, GQA, tok_path)
+    hf_dir = export(run, format="hf", out=tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    from llamac.hf_import import read_safetensors
+    from llamac.export import write_safetensors
+    tensors, _ = read_safetensors(hf_dir / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in tensors.items() if k != "lm_head.weight"}
+    write_safetensors(hf_dir / "model.safetensors", tensors, np.float32, {"format": "pt"})
+    assert config["tie_word_embeddings"] is False
+    with pytest.raises(LlamacError, match="lm_head"):
+        read_source(hf_dir)
