@@ -37,6 +37,7 @@ class DataConfig:
     val_fraction: float = 0.01          # documents held out for validation
     seq_len: int = 256
     shard_dir: Optional[str] = None     # default: <out_dir>/data
+    num_workers: Optional[int] = None   # threads for training the tokenizer and encoding (None: all cores)
 
 
 @dataclass
