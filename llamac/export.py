@@ -87,21 +87,23 @@ def atomic_output(out: Path):
     any failure or interrupt. An existing `out` (--force) is replaced only after the new one is complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = None
     _remove(tmp)
     try:
         yield tmp
-        if out.is_dir():         # os.replace can't replace a non-empty folder: move it aside first
+        if out.is_dir() or (out.exists() and tmp.is_dir()):
+            # os.replace can't put anything over a folder, or a folder over a file: move the old one aside
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
             _remove(old)
-        else:
-            if out.exists() and tmp.is_dir():
-                out.unlink()
-            os.replace(tmp, out)
+            os.replace(out, old)
+        os.replace(tmp, out)
     except BaseException:
         _remove(tmp)
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)
         raise
+    if old is not None:
+        _remove(old)
 
 
 def _remove(path: Path):

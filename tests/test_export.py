@@ -16,7 +16,7 @@ from llamac import checkpoint
 from llamac.cli import main
 from llamac.config import ModelConfig, Recipe
 from llamac.errors import LlamacError
-from llamac.export import SpmVocab, export, read_source
+from llamac.export import export, read_source
 from llamac.generate import generate_ids
 from llamac.model import Llama
 
@@ -180,6 +180,34 @@ def test_generate_cli_takes_a_hf_folder(tmp_path, corpus, capsys):
     assert capsys.readouterr().out == "The king" + expected + "\n"
 
 
+@pytest.fixture(scope="module")
+def saved_by_transformers(tmp_path_factory, corpus):
+    """A folder as transformers itself writes it: bf16, sharded with an index, v5's rope_parameters."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=False,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    folder = tmp_path_factory.mktemp("saved") / "tiny-llama"
+    ref.save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    (folder / "tokenizer.model").write_bytes(corpus[0].read_bytes())
+    ids = _tokenizer(corpus[0]).encode(PROMPTS[0], bos=True)
+    with torch.no_grad():
+        return folder, ids, ref.float()(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_import_of_a_folder_saved_by_transformers(saved_by_transformers):
+    folder, ids, expected = saved_by_transformers
+    model, tokenizer, path = checkpoint.load_model(folder)
+    assert path == folder and model.config.rope_scaling == {"type": "linear", "factor": 2.0}
+    assert tokenizer.encode(PROMPTS[0], bos=True) == ids
+    assert np.abs(_logits(model, ids) - expected).max() / np.abs(expected).max() < 1e-4
+
+
 # ------------------------------------------------------------------ GGUF / llama.cpp
 
 def _llama_cpp(path, f32_cache=True):
@@ -199,8 +227,9 @@ def _llama_cpp(path, f32_cache=True):
         # An F32 KV cache: llama.cpp's default F16 cache rounds keys and values (~1e-4 of the logits),
         # which would measure the cache, not the exported weights.
         cache = {"type_k": 0, "type_v": 0} if f32_cache else {}
-        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False,
-                               seed=0, **cache)
+        # One thread: the model is tiny, and idle OpenMP workers spin when the CPU is shared.
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, n_threads_batch=1, logits_all=True,
+                               verbose=False, seed=0, **cache)
     finally:
         module.llama_cpp.llama_model_default_params = defaults
 
@@ -253,13 +282,21 @@ def test_gguf_runs_in_llama_cpp(tmp_path, corpus):
         del llm
 
 
+def test_gguf_from_a_transformers_folder_with_linear_rope(tmp_path, saved_by_transformers):
+    folder, ids, expected = saved_by_transformers
+    llm = _llama_cpp(export(folder, format="gguf", out=tmp_path / "tiny.gguf"))
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-4
+
+
 def test_gguf_metadata(tmp_path, corpus):
     gguf = pytest.importorskip("gguf")
     tok_path, _ = corpus
     run, _ = _checkpoint(tmp_path, TIED, tok_path)
     reader = gguf.GGUFReader(export(run, format="gguf", out=tmp_path / "m.gguf", dtype="f16"))
     fields = {k: f.contents() for k, f in reader.fields.items()}
-    vocab = SpmVocab.read(tok_path)
+    vocab = _tokenizer(tok_path)              # llamac's reading of the model, not the exporter's
     assert fields["general.architecture"] == "llama" and fields["GGUF.version"] == 3
     assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 3
     assert fields["llama.context_length"] == 96 and fields["llama.rope.dimension_count"] == 16
@@ -269,6 +306,7 @@ def test_gguf_metadata(tmp_path, corpus):
     assert all(types[i] == gguf.TokenType.USER_DEFINED for i in range(3, 11))
     assert types[11] == gguf.TokenType.BYTE and np.allclose(fields["tokenizer.ggml.scores"], vocab.scores)
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert fields["tokenizer.ggml.unknown_token_id"] == 0 and fields["tokenizer.ggml.padding_token_id"] == 7
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.chat_template"] == CHAT_TEMPLATE
     tensors = {t.name: t.tensor_type for t in reader.tensors}
     assert "output.weight" not in tensors                         # tied: llama.cpp reuses token_embd
