@@ -335,7 +335,9 @@ def tokenizer_json(v: SpmVocab, add_bos: bool = True) -> dict:
         normalizers.append(replace(r"\A▁", "▁▁", True))
     pre = []
     if v.add_dummy_prefix:
-        pre.append({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False})
+        # "always": text after a control token (the chat template's leading <s>) is encoded as if on its own,
+        # as llamac encodes bos + text and llama.cpp treats text after special tokens
+        pre.append({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False})
     if user_defined:                 # SentencePiece emits user-defined pieces whole, wherever they occur
         pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
         pre.append({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False})

@@ -121,6 +121,11 @@ def test_hf_export_runs_in_transformers(tmp_path, corpus, cfg):
     for text in (validation, chat, " leading space", "\n\ttabs  and  spaces "):
         assert hf_tok(text)["input_ids"] == ours_tok.encode(text, bos=True), text[:40]
     assert hf_tok.decode(hf_tok(validation)["input_ids"], skip_special_tokens=True) == validation
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there!"},
+                {"role": "assistant", "content": "Hello."}]
+    rendered = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)   # the template, by hand
+    templated = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert templated == ours_tok.encode(rendered, bos=True)
 
     worst = 0.0
     for prompt in PROMPTS:
