@@ -370,7 +370,7 @@ def train_tokenizer(text_iter_or_files, model_prefix: str | os.PathLike, vocab_s
         raise fed["error"]
     path = Path(f"{model_prefix}.model")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     partial.write_bytes(model.getvalue())
     os.replace(partial, path)  # never a half-written model under the real name
     if verbose:

@@ -56,7 +56,7 @@ class ShardWriter:
         self.n_tokens = 0
         self.n_documents = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")  # one per writer
         self._file = open(self._partial, "wb")
         self._file.write(bytes(HEADER_SIZE))
 

