@@ -1,9 +1,7 @@
-"""Exports checked by the loaders that will read them: transformers for the Hugging Face folder,
-llama.cpp (llama-cpp-python) for GGUF, and llamac itself for the round trips.
-
-The models are tiny and random (seeded), so greedy continuations are degenerate loops; the
-checks only need them to be deterministic and free of near-ties, which `_margins` asserts first
-so a failure can't be blamed on a coin flip between two equal logits.
+"""Exports checked by the loaders that read them: transformers (Hugging Face folder), llama.cpp through
+llama-cpp-python (GGUF) and llamac itself (round trips). The models are tiny, random and seeded, so greedy
+continuations are degenerate loops; the checks only need them deterministic and free of near-ties, which
+`_margins` asserts first so a failure can't be blamed on a coin flip between two equal logits.
 """
 import json
 import random
