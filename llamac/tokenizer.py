@@ -40,8 +40,7 @@ class Tokenizer:
             model_proto = Path(path).read_bytes()
         self.path = str(path) if path is not None else None
         self._proto = bytes(model_proto)
-        self._sp = _load_processor(self._proto, self.path or "model bytes")
-        sp = self._sp
+        self._sp = sp = _load_processor(self._proto, self.path or "model bytes")
         self.vocab_size = sp.get_piece_size()
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id()
         self.special_ids = {t: i for t in SPECIAL_TOKENS if (i := sp.piece_to_id(t)) != self.unk_id}
@@ -56,9 +55,6 @@ class Tokenizer:
 
     def model_proto_bytes(self) -> bytes:
         return self._proto
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path or 'bytes'}, vocab_size={self.vocab_size})"
@@ -130,12 +126,9 @@ class Tokenizer:
         return [self._wrap(ids.tolist(), bos, eos) for ids in self.encode_arrays(texts, num_threads)]
 
     def encode_arrays(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[np.ndarray]:
-        """The ids of each text as an int32 array, no bos/eos: the fast path for bulk encoding.
-
-        SentencePiece's C++ threads share the work (it releases the GIL). A long text is cut
-        before spaces that no token can span, so it is spread over the threads too and
-        gets the same ids as in one piece (tests/test_tokenizer.py checks this).
-        """
+        """The ids of each text as an int32 array, no bos/eos: the fast path for bulk encoding, on
+        SentencePiece's C++ threads (it releases the GIL). A long text is cut before spaces that no
+        token can span, so it is spread over the threads too and gets the same ids as in one piece."""
         texts = list(texts)
         starts, continuations, literal = [], [], []  # (text index, chunk): with / without the dummy prefix
         for i, text in enumerate(texts):
@@ -257,8 +250,7 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
+        out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
     return bytes(out + bytes([value]))
 
 
@@ -274,7 +266,7 @@ def _fields(buf: bytes):
         elif wire == 2:
             size, pos = _read_varint(buf, pos)
             value, pos = buf[pos:pos + size], pos + size
-        elif wire in (1, 5):
+        elif wire in (1, 5):  # fixed 64 / 32 bits
             size = 8 if wire == 1 else 4
             value, pos = buf[pos:pos + size], pos + size
         else:
@@ -342,7 +334,7 @@ def train_tokenizer(text_iter_or_files, model_prefix: str | os.PathLike, vocab_s
 
     def sentences():
         try:
-            documents = (_read_document(item) if isinstance(item, os.PathLike) else item for item in text_iter_or_files)
+            documents = (_read_file(item) if isinstance(item, os.PathLike) else item for item in text_iter_or_files)
             for sentence in training_sentences(documents):
                 size = len(sentence.encode("utf-8"))
                 fed["bytes"], fed["sentences"] = fed["bytes"] + size, fed["sentences"] + 1
@@ -368,9 +360,8 @@ def train_tokenizer(text_iter_or_files, model_prefix: str | os.PathLike, vocab_s
         progress.close()
     if fed["error"] is not None:
         raise fed["error"]
-    path = Path(f"{model_prefix}.model")
+    path, partial = Path(f"{model_prefix}.model"), Path(f"{model_prefix}.model.{os.getpid()}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     partial.write_bytes(model.getvalue())
     os.replace(partial, path)  # never a half-written model under the real name
     if verbose:
@@ -379,7 +370,7 @@ def train_tokenizer(text_iter_or_files, model_prefix: str | os.PathLike, vocab_s
     return str(path)
 
 
-def _read_document(path) -> str:
+def _read_file(path) -> str:
     from llamac.data.sources import read_text
     if not Path(path).is_file():
         raise LlamacError(f"tokenizer training file not found: {path}")
@@ -408,9 +399,8 @@ def show_pieces(text: str, tokenizer_path: str | os.PathLike) -> list[int]:
     """Print the pieces and ids of `text` (no <s>), one per line, then the list of ids."""
     tok = Tokenizer(tokenizer_path)
     ids = tok.encode(text, bos=False)
-    width = len(str(tok.vocab_size))
     for token_id in ids:
-        print(f"{token_id:>{width}}  {tok.id_to_piece(token_id)!r}")
+        print(f"{token_id:>{len(str(tok.vocab_size))}}  {tok.id_to_piece(token_id)!r}")
     n_bytes = len(text.encode("utf-8"))
     print(f"{len(ids)} tokens for {n_bytes} bytes" + (f", {len(ids) / n_bytes:.3f} tokens/byte" if n_bytes else ""))
     print(ids)
