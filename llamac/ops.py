@@ -163,6 +163,10 @@ def matmul(a, b):
         return xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
     if xp is not np and a.dtype == backend.bfloat16 and (a.ndim > 2 or b.ndim > 2):
         return xp.matmul(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
+    if xp is np and (a.ndim > 2 or b.ndim > 2):
+        # NumPy hands a stack of matrices to BLAS only when each is contiguous; a transposed view
+        # (attention's q, k, v) falls to a plain C loop ~100x slower than copying first.
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     return xp.matmul(a, b)
 
 
@@ -482,12 +486,14 @@ class CrossEntropy(Function):
         valid = t != ignore_index
         safe_t = xp.where(valid, t, 0)
         m = x.max(axis=-1, keepdims=True)
-        e = xp.exp(x - m)
-        s = e.sum(axis=-1, keepdims=True)
         picked = xp.take_along_axis(x, safe_t[:, None], axis=-1)
+        probs = x - m                                   # one (N, V) buffer, reused in place
+        xp.exp(probs, out=probs)
+        s = probs.sum(axis=-1, keepdims=True)
+        probs /= s
         nll = (xp.log(s) + m - picked)[:, 0]
         count = xp.maximum(valid.sum(), 1).astype(x.dtype)
-        self.save(e / s, safe_t, valid, count)
+        self.save(probs, safe_t, valid, count)
         self.logits_shape, self.logits_dtype = logits.shape, logits.dtype
         return xp.where(valid, nll, 0).sum() / count
 

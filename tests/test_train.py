@@ -1,0 +1,196 @@
+"""Pretraining end to end on the debug recipe: overfitting, resume after SIGKILL, generation, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llamac
+from llamac import checkpoint
+from llamac.config import load_recipe
+from llamac.errors import LlamacError
+from llamac.generate import generate_ids
+from llamac.model import Llama
+from llamac.train import Trainer, build_model, document_segments
+
+ROOT = Path(__file__).resolve().parent.parent
+DEBUG = ROOT / "recipes" / "pretrain" / "debug.yaml"
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory):
+    """Tokenizer and shards of the debug recipe, made once for the whole session."""
+    from llamac.data.pipeline import prepare_data
+    path = tmp_path_factory.mktemp("debug_data")
+    prepare_data(load_recipe(DEBUG, [f"data.shard_dir={path}", f"out_dir={path}"]), verbose=False)
+    return path
+
+
+def debug_recipe(tmp_path, shard_dir, *overrides):
+    return load_recipe(DEBUG, [f"out_dir={tmp_path / 'run'}", f"data.shard_dir={shard_dir}", *overrides])
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "llamac", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_debug_recipe_overfits_one_batch(tmp_path, shard_dir):
+    from llamac.data.loader import TokenLoader
+    from llamac.data.pipeline import prepare_data
+    recipe = debug_recipe(tmp_path, shard_dir, "train.max_steps=200", "train.warmup_steps=10",
+                          "train.eval_every=0", "train.ckpt_every=0", "train.log_every=50")
+    info = prepare_data(recipe, verbose=False)
+    loader = TokenLoader(info.train_path, recipe.data.seq_len, recipe.train.batch_size, recipe.seed)
+    x, y = loader.get_batch(0)
+    model = build_model(recipe, info.vocab_size, "cpu")
+    segments = document_segments(x, 1)
+    trainer = Trainer(recipe, model, "cpu", lambda step, micro: (x, y, segments),
+                      lambda m: {"val_loss": m(x, y, segment_ids=segments)[1].item()})
+    summary = trainer.run(resume=False)
+    assert summary["val_loss"] < 0.1, summary
+
+
+def _final_loss(out_dir: Path) -> float:
+    records = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r][-1]["loss"]
+
+
+def test_sigkill_and_resume_ends_with_the_same_loss(tmp_path, shard_dir):
+    common = ["--set", f"data.shard_dir={shard_dir}", "--set", "train.max_steps=40", "--set", "train.ckpt_every=10",
+              "--set", "train.sample_tokens=0", "--set", "train.eval_every=0"]
+    straight = run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'a'}", *common)
+    assert straight.returncode == 0, straight.stderr
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out_b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "llamac", "pretrain", str(DEBUG), "--set", f"out_dir={out_b}",
+                             *common], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out_b / "checkpoints" / "step_00000020" / "state.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest(out_b) is not None
+    killed_at = checkpoint.read_state(checkpoint.latest(out_b))["step"]
+    assert killed_at < 40, "the run finished before it could be killed: make it longer"
+    resumed = run_cli("pretrain", DEBUG, "--set", f"out_dir={out_b}", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from" in resumed.stderr
+    assert _final_loss(out_b) == _final_loss(tmp_path / "a")
+    losses_a = [r["loss"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses_b = [r["loss"] for r in map(json.loads, (out_b / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses_a == losses_b
+
+
+def test_pretrain_writes_checkpoint_metrics_plot_and_sample(tmp_path, shard_dir):
+    result = run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'run'}", "--set", f"data.shard_dir={shard_dir}",
+                     "--set", "train.max_steps=20")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[0])
+    assert any("val_loss" in r and "val_ppl" in r for r in records)
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    ckpt = checkpoint.latest(run)
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "state.json",
+                                                "tokenizer.model"}
+    assert len(checkpoint.complete_checkpoints(run)) <= 2       # keep_checkpoints
+    assert "sample" in result.stderr and result.stdout.strip()  # the sample is printed
+
+    gen = run_cli("generate", "--checkpoint", run, "--prompt", "The king", "--max-new-tokens", "10",
+                  "--temperature", "0")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("The king")
+
+
+def test_loss_goes_down_on_real_text(tmp_path, shard_dir):
+    recipe = debug_recipe(tmp_path, shard_dir, "train.max_steps=200", "train.sample_tokens=0", "train.log_every=2")
+    from llamac.train import pretrain
+    pretrain(recipe, resume=False)
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_kv_cache_generation_equals_recomputation():
+    cfg = load_recipe(DEBUG).model
+    llamac.manual_seed(0)
+    model = Llama(cfg)
+    for p in model.parameters():           # larger weights: peaked, tie-free distributions
+        p.data = p.data * 8
+    prompt = [1, 5, 9, 13, 200]
+    cached = list(generate_ids(model, prompt, 30, temperature=0))
+    ids = list(prompt)
+    with llamac.no_grad():
+        for _ in range(30):
+            logits, _ = model(np.array([ids]))
+            ids.append(int(logits.numpy()[0, -1].argmax()))
+    assert cached == ids[len(prompt):]
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    from llamac.generate import sample_next
+    logits = np.random.default_rng(0).standard_normal((2, 50)).astype(np.float32)
+    a = [sample_next(logits, 1.0, 5, None, np.random.default_rng(7)).tolist() for _ in range(3)]
+    assert a[0] == sample_next(logits, 1.0, 5, None, np.random.default_rng(7)).tolist()
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        picks = sample_next(logits, 1.0, 5, 0.9, rng)
+        assert all(p in top5[i] for i, p in enumerate(picks))
+    assert sample_next(logits, 0.0, None, None, rng).tolist() == logits.argmax(-1).tolist()
+
+
+# ---------------------------------------------------------------- errors: one line, non-zero, no traceback
+
+def _one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr   # one line, the last one
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_error_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dim: [1, 2\n")
+    _one_line_error(run_cli("pretrain", bad), "malformed YAML", "bad.yaml")
+
+
+def test_error_unknown_and_mistyped_keys(tmp_path):
+    _one_line_error(run_cli("pretrain", DEBUG, "--set", "train.learning_rate=1"), "learning_rate", "train")
+    _one_line_error(run_cli("pretrain", DEBUG, "--set", "model.dim=big"), "model.dim")
+    with pytest.raises(LlamacError, match="unknown key 'colour' in recipe section 'model'"):
+        load_recipe(DEBUG, ["model.colour=red"])
+
+
+def test_error_missing_data_path(tmp_path):
+    _one_line_error(run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path}", "--set",
+                            f"data.sources=[{tmp_path / 'nope.txt'}]"), "nope.txt")
+
+
+def test_error_incompatible_checkpoint(tmp_path, shard_dir):
+    ok = run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'run'}", "--set", f"data.shard_dir={shard_dir}",
+                 "--set", "train.max_steps=2", "--set", "train.sample_tokens=0")
+    assert ok.returncode == 0, ok.stderr
+    _one_line_error(run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'run'}", "--set",
+                            f"data.shard_dir={shard_dir}", "--set", "model.dim=32", "--set", "train.max_steps=4"),
+                    "incompatible", "model.dim")
+    _one_line_error(run_cli("generate", "-c", tmp_path / "run", "--prompt", "Hi", "--max-new-tokens", "500"),
+                    "max_seq_len")
+    _one_line_error(run_cli("generate", "-c", tmp_path / "nowhere", "--prompt", "Hi"), "not found")
+
+
+def test_cuda_request_without_gpu_says_why(tmp_path):
+    if llamac.backend.cuda_available():
+        pytest.skip("a GPU is present")
+    _one_line_error(run_cli("pretrain", DEBUG, "--device", "cuda", "--set", f"out_dir={tmp_path}"), "cuda")
