@@ -256,15 +256,17 @@ def compile_check(source: str, options=(), arch: str = DEFAULT_ARCH, name: str =
         opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options)]
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
+        # A fresh buffer: NVRTC writes into it, and b" " * 1 is CPython's shared one-byte
+        # object, so writing into that would turn every b" " in the process into b"\x00".
+        log = bytearray(size)
         check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-        log = log.rstrip(b"\x00").decode(errors="replace").strip()
+        log = bytes(log).rstrip(b"\x00").decode(errors="replace").strip()
         if status != ok_code:
             return CompileResult(False, log or str(status), "")
         (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-        ptx = b" " * size
+        ptx = bytearray(size)
         check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-        return CompileResult(True, log, ptx.rstrip(b"\x00").decode(errors="replace"))
+        return CompileResult(True, log, bytes(ptx).rstrip(b"\x00").decode(errors="replace"))
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 

@@ -405,3 +405,10 @@ def test_swiglu_forward_indexes_past_2_to_the_31():
         sl = slice(lo, lo + 1000)
         assert_close(out[sl], kernels.swiglu_forward_reference(gate[sl].get(), up[sl].get()), np.float16,
                      f"swiglu_forward [{lo}:{lo + 1000}]")
+
+
+def test_compile_check_leaves_python_bytes_alone(nvrtc):
+    # Regression: NVRTC once wrote its (empty) log into CPython's shared b" " object,
+    # after which every b" " in the process was a NUL byte and tokenizers spelled spaces as \x00.
+    backend.compile_check_kernel("swiglu", np.float32)
+    assert " ".encode() == bytes([32]) and b" " * 1 == bytes([32])
