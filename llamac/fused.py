@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llamac import backend
+from llamac import backend, cpu
 from llamac.engine import Function, Tensor
 from llamac.errors import ShapeError
 from llamac.ops import compute_dtype, matmul, scatter_add
@@ -98,17 +98,52 @@ def _rotate(x, cos, sin, sign):
 
 
 class SwiGLU(Function):
-    """silu(gate) * up; on the GPU one fused kernel each way (kernels/swiglu.cu)."""
+    """silu(gate) * up. GPU: one fused kernel each way (kernels/swiglu.cu). CPU: the NumPy
+    reference in row blocks on every core, keeping sigmoid(gate) for the backward."""
 
     def forward(self, gate, up):
-        self.save(gate, up)
         from llamac import kernels
-        return kernels.swiglu_forward(gate, up)
+        if backend.get_array_module(gate) is not np or gate.dtype == np.float64:
+            self.save(gate, up, None)
+            return kernels.swiglu_forward(gate, up)
+        g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+        out, sig = np.empty_like(g2), np.empty_like(g2)
+
+        def rows(a, b):
+            s = sig[a:b]
+            np.negative(g2[a:b], out=s)
+            with np.errstate(over="ignore"):     # exp(-x) = inf for x << 0 gives sigmoid 0, as it should
+                np.exp(s, out=s)
+            s += 1
+            np.reciprocal(s, out=s)
+            np.multiply(g2[a:b], s, out=out[a:b])
+            out[a:b] *= u2[a:b]
+
+        cpu.for_row_blocks(rows, len(g2), g2.size)
+        self.save(gate, up, sig)
+        return out.reshape(gate.shape)
 
     def backward(self, g):
-        gate, up = self.saved
+        gate, up, sig = self.saved
         from llamac import kernels
-        return kernels.swiglu_backward(gate, up, g)
+        if sig is None:
+            return kernels.swiglu_backward(gate, up, g)
+        g2, u2, d2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]), g.reshape(-1, g.shape[-1])
+        dgate, dup = np.empty_like(g2), np.empty_like(g2)
+
+        def rows(a, b):
+            s, silu = sig[a:b], dup[a:b]
+            np.multiply(g2[a:b], s, out=silu)          # silu(x) = x s
+            dg = dgate[a:b]
+            np.subtract(1, s, out=dg)                  # d silu / dx = s + silu (1 - s)
+            dg *= silu
+            dg += s
+            dg *= d2[a:b]
+            dg *= u2[a:b]
+            silu *= d2[a:b]                            # dup = dout * silu
+
+        cpu.for_row_blocks(rows, len(g2), g2.size)
+        return dgate.reshape(gate.shape), dup.reshape(up.shape)
 
 
 class Attention(Function):

@@ -303,3 +303,20 @@ def test_factories():
 def test_python_scalar_operands_grads():
     check_grad(lambda x: (x + 2.5) * (3 - x) / 4 + 2 / (x * x + 1) - x * 0.5, r(3, 4))
     check_grad(lambda x: 1.5 * x - 2, r(5))
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (64, 3001)])   # the second is large enough for the threaded path
+def test_swiglu_fp32_cpu_path_matches_float64(shape):
+    gate, up = r(*shape) * 4, r(*shape)
+    dout = r(*shape)
+    g32 = llamac.tensor(gate.astype(np.float32), requires_grad=True)
+    u32 = llamac.tensor(up.astype(np.float32), requires_grad=True)
+    out = fused.swiglu(g32, u32)
+    out.backward(dout.astype(np.float32))
+    silu = gate / (1 + np.exp(-gate))
+    s = 1 / (1 + np.exp(-gate))
+    assert np.allclose(out.numpy(), silu * up, rtol=1e-5, atol=1e-6)
+    assert np.allclose(g32.grad, dout * up * (s + silu * (1 - s)), rtol=1e-4, atol=1e-5)
+    assert np.allclose(u32.grad, dout * silu, rtol=1e-5, atol=1e-6)
+    big = fused.swiglu(llamac.tensor(np.array([-1000.0, 1000.0], np.float32)), llamac.tensor(np.ones(2, np.float32)))
+    assert big.numpy().tolist() == [0.0, 1000.0]
