@@ -70,16 +70,22 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     if stream is not None and echo_prompt:
         stream.write(prompt)
         stream.flush()
+    # Decode prompt and continuation together and keep the new part: decoding the continuation
+    # alone would drop its first space (SentencePiece strips a leading "▁" as the dummy prefix).
+    base = tokenizer.decode(ids)
+
+    def continuation():
+        return tokenizer.decode(ids + produced)[len(base):]
+
     for token in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id):
         produced.append(token)
         if stream is not None:
-            # decode the whole continuation: pieces of a multi-byte character only print once complete
-            text = tokenizer.decode(produced)
-            if not text.endswith("\ufffd"):
+            text = continuation()
+            if not text.endswith("\ufffd"):      # a character's byte pieces print once it is complete
                 stream.write(text[len(shown):])
                 stream.flush()
                 shown = text
-    text = tokenizer.decode(produced)
+    text = continuation()
     if stream is not None and len(text) > len(shown):
         stream.write(text[len(shown):])
         stream.flush()

@@ -21,17 +21,19 @@ from llamac.errors import LlamacError
 SKILLS = ("add", "subtract", "reverse", "sort", "count_letters", "copy", "capitalize", "convert")
 WORDS = ("cat dog sun moon tree book fish bird star rain milk door lamp ship road king ring hand frog cake "
          "red blue gold salt wind fire snow leaf rose wolf bear lion corn rice bell coin boat drum kite").split()
-UNITS = (("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60),
-         ("minutes", "seconds", 60), ("days", "hours", 24), ("liters", "milliliters", 1000))
+# Decimal conversions only: the answer is a pattern (append zeros), learnable by a tiny model.
+UNITS = (("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("kg", "g", 1000), ("g", "mg", 1000),
+         ("liters", "milliliters", 1000), ("meters", "millimeters", 1000))
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def skill_example(task: str, rng: random.Random) -> tuple[str, str]:
     """One (prompt, answer) of a skill task; answers are short and exact."""
     if task == "add":
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
         return f"What is {a} + {b}?", str(a + b)
     if task == "subtract":
-        a = rng.randint(0, 50)
+        a = rng.randint(0, 20)
         b = rng.randint(0, a)
         return f"What is {a} - {b}?", str(a - b)
     if task == "reverse":
@@ -41,8 +43,8 @@ def skill_example(task: str, rng: random.Random) -> tuple[str, str]:
         items = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
         return f"Sort these numbers: {', '.join(map(str, items))}", ", ".join(map(str, sorted(items)))
     if task == "count_letters":
-        word = rng.choice(WORDS)
-        return f"How many letters are in the word {word}?", str(len(word))
+        letters = [rng.choice(LETTERS) for _ in range(rng.randint(2, 9))]
+        return f"Count the letters: {' '.join(letters)}", str(len(letters))
     if task == "copy":
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
         return f"Repeat exactly: {text}", text
@@ -51,7 +53,7 @@ def skill_example(task: str, rng: random.Random) -> tuple[str, str]:
         return f"Capitalize: {text}", text.upper()
     if task == "convert":
         src, dst, factor = rng.choice(UNITS)
-        n = rng.randint(1, 9)
+        n = rng.randint(1, 99)
         return f"Convert {n} {src} to {dst}.", f"{n * factor} {dst}"
     raise LlamacError(f"unknown skill task {task!r}")
 

@@ -145,3 +145,34 @@ def test_skill_answers_are_right():
         assert a == ", ".join(map(str, sorted(nums)))
         p, a = skill_example("convert", rng)
         assert a.split()[-1] in p
+
+
+def test_sft_end_to_end_on_the_debug_recipes(tmp_path):
+    """pretrain debug -> sft debug through the CLI: evaluation before/after, template stored, chat works."""
+    from test_train import DEBUG, ROOT, run_cli
+    base = tmp_path / "base"
+    pre = run_cli("pretrain", DEBUG, "--set", f"out_dir={base}", "--set", "train.max_steps=30",
+                  "--set", "train.sample_tokens=0")
+    assert pre.returncode == 0, pre.stderr
+    out = tmp_path / "sft"
+    res = run_cli("sft", ROOT / "recipes" / "sft" / "debug.yaml", "--from", base, "--set", f"out_dir={out}")
+    assert res.returncode == 0, res.stderr
+    assert "base model: exact match" in res.stderr and "after SFT: exact match" in res.stderr
+    report = json.loads((out / "sft_eval.json").read_text())
+    assert report["before"]["n"] == 16 and 0 <= report["after"]["exact_match"] <= 1
+    from llamac import checkpoint
+    from llamac.chat import JINJA_TEMPLATE
+    state = checkpoint.read_state(checkpoint.latest(out))
+    assert state["chat_template"] == JINJA_TEMPLATE
+    chat = run_cli("generate", "-c", out, "--chat", "--prompt", "What is 2 + 3?", "--max-new-tokens", "8",
+                   "--temperature", "0")
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.strip().splitlines()) <= 2
+
+
+def test_sft_without_a_base_model_is_a_one_line_error(tmp_path):
+    from test_train import ROOT, run_cli
+    res = run_cli("sft", ROOT / "recipes" / "sft" / "debug.yaml", "--from", tmp_path / "missing",
+                  "--set", f"out_dir={tmp_path / 'o'}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found")
