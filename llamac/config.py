@@ -179,8 +179,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         dotted, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise LlamacError(f"--set {dotted}: value {raw!r} is not valid YAML ({exc.problem})") from None
+        except yaml.YAMLError:
+            value = raw     # not YAML (e.g. a glob like **/*.py): take the text as it is
         node = data
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
