@@ -170,5 +170,11 @@ def _print_table(console, Table, title, rows):
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*[str(r.get(c, "")) for c in columns])
+        table.add_row(*[_fmt(r.get(c, "")) for c in columns])
     console.print(table)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
