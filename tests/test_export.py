@@ -11,6 +11,7 @@ import pytest
 
 import llamac
 from llamac import checkpoint
+from llamac.chat import JINJA_TEMPLATE, encode_chat
 from llamac.cli import main
 from llamac.config import ModelConfig, Recipe
 from llamac.errors import LlamacError
@@ -20,8 +21,7 @@ from llamac.model import Llama
 
 CHAT = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>",
         "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>")
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + "
-                 "message['content'] + '<|end|>\\n' }}{% endfor %}")
+CHAT_TEMPLATE = JINJA_TEMPLATE     # llamac's chat template, as SFT stores it
 GQA = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=416, max_seq_len=128,
                   tie_embeddings=False, rope_theta=500000.0,
                   rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -121,9 +121,12 @@ def test_hf_export_runs_in_transformers(tmp_path, corpus, cfg):
     assert hf_tok.decode(hf_tok(validation)["input_ids"], skip_special_tokens=True) == validation
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there!"},
                 {"role": "assistant", "content": "Hello."}]
-    rendered = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)   # the template, by hand
     templated = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    assert templated == ours_tok.encode(rendered, bos=True)
+    assert templated == encode_chat(ours_tok, messages)[0]             # the ids SFT trains on
+    prompt_only = messages[:2]
+    templated = hf_tok.apply_chat_template(prompt_only, tokenize=True, return_dict=True,
+                                           add_generation_prompt=True)["input_ids"]
+    assert templated == encode_chat(ours_tok, prompt_only, add_generation_prompt=True)[0]   # what chat sends
 
     worst = 0.0
     for prompt in PROMPTS:
