@@ -26,6 +26,7 @@ from llamac import hf
 from llamac.errors import LlamacError
 from llamac.hf_import import Source, is_hf_folder, read_hf_folder, write_llamac
 from llamac.model import resolve
+from llamac.tokenizer import proto_fields
 
 FORMATS = ("hf", "gguf", "llamac")
 HF_DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -146,20 +147,20 @@ class SpmVocab:
         data = Path(path).read_bytes()
         v = cls([], [], [])
         try:
-            for num, value in _proto_fields(data):
+            for num, value, _, _ in proto_fields(data):
                 if num == 1:                                  # repeated SentencePiece pieces
-                    piece = dict(_proto_fields(value))
+                    piece = {n: x for n, x, _, _ in proto_fields(value)}
                     v.pieces.append(bytes(piece.get(1, b"")).decode("utf-8"))
                     v.scores.append(float(np.frombuffer(piece.get(2, b"\0\0\0\0"), "<f4")[0]))
                     v.types.append(int(piece.get(3, NORMAL)))
                 elif num == 2:                                # TrainerSpec
-                    spec = dict(_proto_fields(value))
+                    spec = {n: x for n, x, _, _ in proto_fields(value)}
                     v.model_type = spec.get(3, 1)
                     v.byte_fallback = bool(spec.get(35, 0))
                     v.unk_id, v.bos_id, v.eos_id, v.pad_id = (_int32(spec.get(k, d)) for k, d in
                                                               ((40, 0), (41, 1), (42, 2), (43, -1)))
                 elif num == 3:                                # NormalizerSpec
-                    spec = dict(_proto_fields(value))
+                    spec = {n: x for n, x, _, _ in proto_fields(value)}
                     v.charsmap = bytes(spec.get(2, b""))
                     v.add_dummy_prefix, v.remove_extra_whitespaces, v.escape_whitespaces = (
                         bool(spec.get(k, 1)) for k in (3, 4, 5))
@@ -171,36 +172,6 @@ class SpmVocab:
 
     def piece(self, i: int) -> str | None:
         return self.pieces[i] if 0 <= i < len(self.pieces) else None
-
-
-def _proto_fields(buf: bytes):
-    """(field number, value) of a protobuf message: ints for varints, bytes for the rest."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            value, i = buf[i:i + size], i + size
-        elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            value, i = buf[i:i + width], i + width
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-        yield key >> 3, value
-
-
-def _varint(buf: bytes, i: int):
-    result = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return result, i
 
 
 def _int32(value: int) -> int:

@@ -25,17 +25,22 @@ WORDS = ("cat dog sun moon tree book fish bird star rain milk door lamp ship roa
 UNITS = (("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("kg", "g", 1000), ("g", "mg", 1000),
          ("liters", "milliliters", 1000), ("meters", "millimeters", 1000))
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Several phrasings of one sum: a held-out prompt is new text, while the arithmetic fact behind it
+# may have been seen in another phrasing (as with any instruction set).
+ADD_TEMPLATES = ("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.", "What is the sum of {a} and {b}?")
+SUBTRACT_TEMPLATES = ("What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}.",
+                      "What is {a} take away {b}?")
 
 
 def skill_example(task: str, rng: random.Random) -> tuple[str, str]:
     """One (prompt, answer) of a skill task; answers are short and exact."""
     if task == "add":
         a, b = rng.randint(0, 20), rng.randint(0, 20)
-        return f"What is {a} + {b}?", str(a + b)
+        return rng.choice(ADD_TEMPLATES).format(a=a, b=b), str(a + b)
     if task == "subtract":
         a = rng.randint(0, 20)
         b = rng.randint(0, a)
-        return f"What is {a} - {b}?", str(a - b)
+        return rng.choice(SUBTRACT_TEMPLATES).format(a=a, b=b), str(a - b)
     if task == "reverse":
         items = rng.sample(WORDS, rng.randint(3, 5))
         return f"Reverse the list: {', '.join(items)}", ", ".join(reversed(items))

@@ -254,7 +254,7 @@ def _varint(value: int) -> bytes:
     return bytes(out + bytes([value]))
 
 
-def _fields(buf: bytes):
+def proto_fields(buf: bytes):
     """(field number, value, start, end) for each top-level field of a protobuf message."""
     pos = 0
     while pos < len(buf):
@@ -277,8 +277,8 @@ def _fields(buf: bytes):
 def _normalizer_spec(proto: bytes) -> dict:
     spec = {"name": "", "add_dummy_prefix": True, "remove_extra_whitespaces": True}  # protobuf defaults
     names = {1: "name", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces"}
-    for number, value, _, _ in _fields(proto):
-        for field, inner, _, _ in _fields(value) if number == 3 else ():
+    for number, value, _, _ in proto_fields(proto):
+        for field, inner, _, _ in proto_fields(value) if number == 3 else ():
             if field in names:
                 spec[names[field]] = bytes(inner).decode("utf-8", "replace") if field == 1 else bool(inner)
     return spec
@@ -287,7 +287,7 @@ def _normalizer_spec(proto: bytes) -> dict:
 def _without_dummy_prefix(proto: bytes) -> bytes:
     off = b"\x18\x00"  # field 3 (add_dummy_prefix) = 0; of repeated values the last one wins
     out, seen = bytearray(), False
-    for number, value, start, end in _fields(proto):
+    for number, value, start, end in proto_fields(proto):
         if number == 3:
             seen = True
             out += b"\x1a" + _varint(len(value) + len(off)) + bytes(value) + off

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from llamac.cli import main
 from llamac.errors import LlamacError
-from llamac.tokenizer import SPECIAL_TOKENS, Tokenizer, _fields, _normalizer_spec, show_pieces, train_tokenizer
+from llamac.tokenizer import SPECIAL_TOKENS, Tokenizer, proto_fields, _normalizer_spec, show_pieces, train_tokenizer
 
 BOTCHAN = Path(__file__).parent / "data" / "botchan_en_bpe_1000.model"
 WORDS = "the king queen of and to a in that is my with not his be your thou thee love night day 1599 42".split()
@@ -41,7 +41,7 @@ def test_trained_model_has_llama_layout(tok):
     assert tok.vocab_size == len(tok.pieces) == len(tok.scores) == 400
     spec = _normalizer_spec(tok.model_proto_bytes())
     assert spec == {"name": "identity", "add_dummy_prefix": True, "remove_extra_whitespaces": False}
-    trainer = dict((n, v) for n, v, _, _ in _fields(next(v for n, v, _, _ in _fields(tok.model_proto_bytes()) if n == 2)))
+    trainer = dict((n, v) for n, v, _, _ in proto_fields(next(v for n, v, _, _ in proto_fields(tok.model_proto_bytes()) if n == 2)))
     assert trainer[4] == 400 and trainer[35] == 1 and trainer[10] == struct.pack("<f", 1.0)  # vocab, bytes, coverage
     assert tok.id_to_piece(tok.encode("king", bos=False)[0]).startswith("\u2581")  # the dummy prefix
 
