@@ -127,6 +127,21 @@ def to_numpy(array) -> np.ndarray:
     return array if isinstance(array, np.ndarray) else np.asarray(array.get())
 
 
+def gpu_pool_bytes() -> int:
+    """Bytes held by CuPy's memory pool (an upper bound on what llamac has live on the GPU)."""
+    cp, _ = _cupy_or_reason()
+    return int(cp.get_default_memory_pool().total_bytes()) if cp is not None else 0
+
+
+def release_gpu_memory():
+    """Give CuPy's cached blocks back to the driver (before another library allocates)."""
+    cp, _ = _cupy_or_reason()
+    if cp is not None:
+        import gc
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 def synchronize():
     cp, _ = _cupy_or_reason()
     if cp is not None:

@@ -70,11 +70,20 @@ def bench_engine(device: str, n_ops: int = 2000) -> list[dict]:
 
 # ---------------------------------------------------------------- CPU training vs PyTorch
 
-TINY_SHAPE = dict(dim=256, n_layers=4, n_heads=8, vocab_size=4096, seq_len=128, batch_size=16)
+TINY_SHAPE = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=None, vocab_size=4096, seq_len=128,
+                  batch_size=16)    # recipes/pretrain/tiny.yaml
+GPU_SHAPES = {  # DEVELOPERS.md / shared/anchors/torch_anchor.py CONFIGS
+    "15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, vocab_size=32000, seq_len=256,
+                batch_size=128),
+    "110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, vocab_size=32000, seq_len=1024,
+                 batch_size=32),
+}
 
 
-def bench_train_cpu(shape: dict | None = None, steps: int = 4, compare_torch: bool = True) -> list[dict]:
-    """Full training steps (forward, backward, clip, AdamW) on the CPU: llamac and PyTorch eager."""
+def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, compare_torch: bool = True,
+                name: str = "tiny") -> list[dict]:
+    """Full training steps (forward, backward, clip, AdamW) on synthetic tokens: llamac, then the same
+    model in PyTorch eager (fp32 on the CPU; bf16 autocast, SDPA and fused AdamW on the GPU)."""
     import llamac
     from llamac.config import ModelConfig, TrainConfig
     from llamac.model import Llama
@@ -82,23 +91,34 @@ def bench_train_cpu(shape: dict | None = None, steps: int = 4, compare_torch: bo
 
     s = {**TINY_SHAPE, **(shape or {})}
     B, T, V = s["batch_size"], s["seq_len"], s["vocab_size"]
-    cfg = ModelConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], vocab_size=V, max_seq_len=T)
+    cfg = ModelConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                      hidden_dim=s["hidden_dim"], vocab_size=V, max_seq_len=T)
+    xp = backend.xp_for(device)
+    sync = backend.synchronize if device == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
-    x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    x_np, y_np = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    x, y = xp.asarray(x_np), xp.asarray(y_np)
     llamac.manual_seed(0)
-    model = Llama(cfg)
+    model = Llama(cfg).to(device)
     opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
-    tc = TrainConfig()
+    clip = TrainConfig().grad_clip
 
     def step():
         opt.zero_grad()
         _, loss = model(x, y)
         loss.backward()
-        opt.step(lr=1e-4, clip=tc.grad_clip)
+        opt.step(lr=1e-4, clip=clip)
 
-    ours = _timeit(step, reps=steps)
-    rows = [{"section": "train_cpu", "impl": "llamac", **s, "params_M": round(model.num_params() / 1e6, 2),
-             "step_ms": round(ours * 1e3, 1), "tokens_per_s": round(B * T / ours, 1)}]
+    ours = _timeit(step, sync, reps=steps)
+    flops = model.flops_per_token(T)
+    row = {"section": "train", "shape": name, "device": device, "impl": "llamac (fp32)", **s,
+           "params_M": round(model.num_params() / 1e6, 2), "step_ms": round(ours * 1e3, 1),
+           "tokens_per_s": round(B * T / ours, 1), "TFLOP_s": round(flops * B * T / ours / 1e12, 3)}
+    if device == "cuda":
+        row["gpu_pool_GB"] = round(backend.gpu_pool_bytes() / 1e9, 2)
+    rows = [row]
+    del model, opt, x, y
+    backend.release_gpu_memory()
     if compare_torch:
         try:
             import torch
@@ -106,20 +126,31 @@ def bench_train_cpu(shape: dict | None = None, steps: int = 4, compare_torch: bo
             return rows
         from llamac.torch_reference import build_torch_llama
         torch.manual_seed(0)
-        tm = build_torch_llama(cfg)
-        topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1)
-        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        dev = "cuda" if device == "cuda" else "cpu"
+        tm = build_torch_llama(cfg).to(dev)
+        topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1, fused=dev == "cuda")
+        tx, ty = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
 
         def tstep():
             topt.zero_grad(set_to_none=True)
-            loss = tm(tx, ty)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+                loss = tm(tx, ty)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(tm.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), clip)
             topt.step()
 
-        theirs = _timeit(tstep, reps=steps)
-        rows.append({"section": "train_cpu", "impl": f"torch {torch.__version__} eager ({torch.get_num_threads()} threads)",
-                     **s, "step_ms": round(theirs * 1e3, 1), "tokens_per_s": round(B * T / theirs, 1)})
+        tsync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        theirs = _timeit(tstep, tsync, reps=steps)
+        trow = {"section": "train", "shape": name, "device": device,
+                "impl": f"torch {torch.__version__} eager" + (" bf16 autocast" if dev == "cuda" else
+                                                            f" ({torch.get_num_threads()} threads)"),
+                **s, "step_ms": round(theirs * 1e3, 1), "tokens_per_s": round(B * T / theirs, 1),
+                "TFLOP_s": round(flops * B * T / theirs / 1e12, 3)}
+        if dev == "cuda":
+            trow["gpu_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        rows.append(trow)
         rows[0]["vs_torch"] = round(theirs / ours, 3)
     return rows
 
@@ -132,7 +163,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 
     device = backend.resolve_device(device)
     sections = [w.strip() for w in what.split(",") if w.strip()]
-    known = {"engine", "tokenizer", "train_cpu", "kernels"}
+    known = {"engine", "tokenizer", "train_cpu", "train", "kernels"}
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
@@ -146,7 +177,13 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             from llamac.data.pipeline import measure_encoding_speed
             rows = [{"section": "tokenizer", **measure_encoding_speed(None)}]
         elif section == "train_cpu":
-            rows = bench_train_cpu(compare_torch=compare == "torch" or compare is None)
+            rows = bench_train("cpu", compare_torch=compare == "torch" or compare is None)
+        elif section == "train":
+            if device != "cuda":
+                raise LlamacError("bench --what train runs the GPU shapes (--device cuda); use train_cpu on the CPU")
+            rows = []
+            for name, shape in GPU_SHAPES.items():
+                rows += bench_train("cuda", shape, steps=5, compare_torch=compare == "torch", name=name)
         elif section == "kernels":
             if device != "cuda":
                 raise LlamacError("bench --what kernels needs a CUDA GPU (--device cuda)")
