@@ -86,8 +86,16 @@ class Trainer:
                 and json.loads(ln).get("step", 0) <= step]
         self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
+    def _stop_on_non_finite(self, what: str):
+        good = checkpoint.latest(self.out_dir)
+        raise LlamacError(f"{what} at step {self.step}; stopping. Last good checkpoint: {good or 'none'} "
+                          "(try a lower train.lr or stronger train.grad_clip)")
+
     def save(self):
         from llamac.engine import generator
+        # Never let a diverged model replace a good checkpoint (one reduction per save).
+        if not all(bool(p.xp.isfinite(p.data).all()) for p in self.model.parameters()):
+            self._stop_on_non_finite("weights are NaN or infinite")
         state = {"optimizer_t": self.optimizer.t, "rng_cpu": generator("cpu").bit_generator.state,
                  "data_position": {"step": self.step, "seed": self.recipe.seed},
                  "tokens_seen": self.step * self.tokens_per_step, **self.extra_state}
@@ -134,9 +142,7 @@ class Trainer:
                 if self.device == "cpu" or on_log:   # reading the loss syncs the GPU: only when logged there
                     loss_value = float(loss)
                     if not math.isfinite(loss_value):
-                        good = checkpoint.latest(self.out_dir)
-                        raise LlamacError(f"loss is {loss_value} at step {self.step}; stopping. Last good checkpoint: "
-                                          f"{good or 'none'} (try a lower train.lr or stronger train.grad_clip)")
+                        self._stop_on_non_finite(f"loss is {loss_value}")
                 if on_log:
                     backend.synchronize()
                     now = time.perf_counter()

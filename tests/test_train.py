@@ -194,3 +194,41 @@ def test_cuda_request_without_gpu_says_why(tmp_path):
     if llamac.backend.cuda_available():
         pytest.skip("a GPU is present")
     _one_line_error(run_cli("pretrain", DEBUG, "--device", "cuda", "--set", f"out_dir={tmp_path}"), "cuda")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, shard_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "llamac", "pretrain", str(DEBUG), "--set", f"out_dir={out}",
+                             "--set", f"data.shard_dir={shard_dir}", "--set", "train.max_steps=100000",
+                             "--set", "train.ckpt_every=0", "--set", "train.eval_every=0"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted at step" in stderr
+    saved = checkpoint.read_state(checkpoint.latest(out))["step"]
+    assert saved > 0                                   # no periodic checkpoints: this one came from Ctrl-C
+    resumed = run_cli("pretrain", DEBUG, "--set", f"out_dir={out}", "--set", f"data.shard_dir={shard_dir}",
+                      "--set", f"train.max_steps={saved + 3}", "--set", "train.sample_tokens=0")
+    assert resumed.returncode == 0 and f"resumed from" in resumed.stderr, resumed.stderr
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, shard_dir):
+    out = tmp_path / "run"
+    common = ["--set", f"out_dir={out}", "--set", f"data.shard_dir={shard_dir}", "--set", "train.sample_tokens=0"]
+    first = run_cli("pretrain", DEBUG, *common, "--set", "train.max_steps=5")
+    assert first.returncode == 0, first.stderr
+    # resume with an absurd learning rate: the weights blow up within a few updates
+    result = run_cli("pretrain", DEBUG, *common, "--set", "train.max_steps=40", "--set", "train.lr=1.0e+30",
+                     "--set", "train.grad_clip=0", "--set", "train.ckpt_every=1")
+    _one_line_error(result, "NaN", "Last good checkpoint")
+    named = Path(result.stderr.split("Last good checkpoint: ")[1].split(" (")[0])
+    assert named == checkpoint.latest(out) and named.name >= "step_00000005"
+    from llamac.checkpoint import load_safetensors
+    weights, _ = load_safetensors(named / "model.safetensors")
+    assert all(np.isfinite(w).all() for w in weights.values())      # what is kept is usable
