@@ -232,3 +232,9 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
     from llamac.checkpoint import load_safetensors
     weights, _ = load_safetensors(named / "model.safetensors")
     assert all(np.isfinite(w).all() for w in weights.values())      # what is kept is usable
+
+
+def test_unknown_option_and_command_are_one_line_errors():
+    _one_line_error(run_cli("pretrain", "--bogus"), "--bogus")
+    _one_line_error(run_cli("frobnicate"), "frobnicate")
+    _one_line_error(run_cli("generate", "-c", ".", "-n", "many", "--prompt", "x"), "--max-new-tokens")
