@@ -49,6 +49,7 @@ class Trainer:
                                eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
         self.step = 0
         self.stop_requested = False
+        self.stop_signal = None
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------ state
@@ -129,7 +130,9 @@ class Trainer:
         self.model.train()
         if self.step >= cfg.max_steps:
             log(f"already trained to step {self.step} (train.max_steps={cfg.max_steps}); nothing to do")
-        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        # Ctrl-C and SIGTERM finish the step in flight, then save: a signal never lands between the
+        # updates of two parameters. A second Ctrl-C aborts at once (the last checkpoint stays).
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = _progress(cfg.max_steps, self.step)
         flops = self.model.flops_per_token(self.recipe.data.seq_len)
         summary = {"step": self.step}
@@ -163,16 +166,15 @@ class Trainer:
                     paused = True
                 if paused and steps_since == 0:   # keep evaluation and saving out of tokens/s
                     t_last = time.perf_counter()
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save()
-            log(f"interrupted at step {self.step}: checkpoint saved to {path}; run the same command to resume")
-            raise SystemExit(130)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             bar.close()
         if self.stop_requested:
             path = self.save()
+            if self.stop_signal == signal.SIGINT:
+                log(f"interrupted at step {self.step}: checkpoint saved to {path}; run the same command to resume")
+                raise SystemExit(130)
             log(f"stopped at step {self.step}: checkpoint saved to {path}")
             return summary
         summary.update(self.evaluate(None))
@@ -194,8 +196,11 @@ class Trainer:
         (bar.write if bar else log)(f"eval: {line}")
         return record
 
-    def _request_stop(self, *_):
-        self.stop_requested = True
+    def _request_stop(self, signum, _frame):
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt          # second Ctrl-C: stop now, without saving
+        self.stop_requested, self.stop_signal = True, signum
+        log("stopping after this step (Ctrl-C again to abort without saving)")
 
 
 class _progress:
