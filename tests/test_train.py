@@ -238,3 +238,24 @@ def test_unknown_option_and_command_are_one_line_errors():
     _one_line_error(run_cli("pretrain", "--bogus"), "--bogus")
     _one_line_error(run_cli("frobnicate"), "frobnicate")
     _one_line_error(run_cli("generate", "-c", ".", "-n", "many", "--prompt", "x"), "--max-new-tokens")
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path, shard_dir):
+    """Two micro-batches of B rows give the gradient of one batch of 2B rows (the same windows)."""
+    from llamac.data.loader import TokenLoader
+    from llamac.data.pipeline import prepare_data
+    recipe = debug_recipe(tmp_path, shard_dir, "train.grad_accum=2")
+    info = prepare_data(recipe, verbose=False)
+    loader = TokenLoader(info.train_path, recipe.data.seq_len, recipe.train.batch_size, recipe.seed)
+    halves = [loader.get_batch(0, micro) for micro in (0, 1)]
+    model = build_model(recipe, info.vocab_size, "cpu").to(dtype="float64")
+    trainer = Trainer(recipe, model, "cpu", lambda step, micro: (*halves[micro], None), lambda m: {})
+    trainer.optimizer.step = lambda lr=None, clip=None: 0.0      # keep the gradients, skip the update
+    trainer.train_step()
+    accumulated = {n: p.grad.copy() for n, p in model.named_parameters()}
+    model.zero_grad()
+    x = np.concatenate([h[0] for h in halves])
+    y = np.concatenate([h[1] for h in halves])
+    model(x, y)[1].backward()
+    for name, p in model.named_parameters():
+        assert np.allclose(accumulated[name], p.grad, rtol=1e-9, atol=1e-12), name
