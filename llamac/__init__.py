@@ -1,8 +1,8 @@
 """llamac: a Llama-family LLM toolchain on its own tensor/autograd engine."""
 from llamac.errors import LlamacError
 from llamac.engine import Tensor, Function, no_grad, manual_seed, tensor, zeros, ones, randn, rand, full, arange
-from llamac import ops
-from llamac.ops import (cat, concatenate, cross_entropy, dropout, log_softmax, masked_fill, softmax, split, stack,
+from llamac import functional, ops
+from llamac.functional import (cat, concatenate, cross_entropy, dropout, log_softmax, masked_fill, softmax, split, stack,
                         where)
 
 __version__ = "0.1.0"

@@ -443,4 +443,4 @@ def tensor(data, dtype=None, device="cpu", requires_grad=False) -> Tensor:
     return Tensor(array, requires_grad=requires_grad)
 
 
-from llamac import ops as _ops  # noqa: E402,F401 - attaches the op methods (x.sum(), x.reshape(), ...)
+from llamac import functional as _functional  # noqa: E402,F401 - attaches x.sum(), x.reshape(), ...

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from llamac import backend, fused, nn, ops
+from llamac import backend, functional, fused, nn
 from llamac.config import ModelConfig
 from llamac.engine import Tensor, no_grad
 
@@ -128,9 +128,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, bias=None, cache=None, layer=0):
         h = self.attention(self.attention_norm(x), cos, sin, bias, cache, layer)
-        x = x + ops.dropout(h, self.dropout, self.training)
+        x = x + functional.dropout(h, self.dropout, self.training)
         h = self.feed_forward(self.ffn_norm(x))
-        return x + ops.dropout(h, self.dropout, self.training)
+        return x + functional.dropout(h, self.dropout, self.training)
 
 
 class Llama(nn.Module):
@@ -183,7 +183,7 @@ class Llama(nn.Module):
         x = self.norm(x)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = fused.linear(x, head)                                  # (B, T, V)
-        loss = ops.cross_entropy(logits, targets) if targets is not None else None
+        loss = functional.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

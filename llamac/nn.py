@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from llamac import backend, fused, ops
+from llamac import backend, functional, fused
 from llamac.engine import Tensor, generator
 from llamac.errors import LlamacError
 
@@ -149,4 +149,4 @@ class Dropout(Module):
         self.p = p
 
     def forward(self, x):
-        return ops.dropout(x, self.p, self.training)
+        return functional.dropout(x, self.p, self.training)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, fused, ops
+from llamac import backend, functional, fused
 
 pytestmark = pytest.mark.cuda
 
@@ -29,20 +29,20 @@ CASES = {
     "matmul": (lambda a, b: a @ b, [(5, 7), (7, 9)], False),
     "matmul_batched": (lambda a, b: a @ b, [(3, 5, 7), (3, 7, 9)], False),
     "neg": (lambda a: -a, [(5, 7)], False),
-    "exp": (ops.exp, [(5, 7)], False),
-    "log": (ops.log, [(5, 7)], True),
-    "sqrt": (ops.sqrt, [(5, 7)], True),
-    "rsqrt": (ops.rsqrt, [(5, 7)], True),
-    "tanh": (ops.tanh, [(5, 7)], False),
-    "sigmoid": (ops.sigmoid, [(5, 7)], False),
-    "silu": (ops.silu, [(5, 7)], False),
-    "relu": (ops.relu, [(5, 7)], False),
-    "gelu": (ops.gelu, [(5, 7)], False),
+    "exp": (functional.exp, [(5, 7)], False),
+    "log": (functional.log, [(5, 7)], True),
+    "sqrt": (functional.sqrt, [(5, 7)], True),
+    "rsqrt": (functional.rsqrt, [(5, 7)], True),
+    "tanh": (functional.tanh, [(5, 7)], False),
+    "sigmoid": (functional.sigmoid, [(5, 7)], False),
+    "silu": (functional.silu, [(5, 7)], False),
+    "relu": (functional.relu, [(5, 7)], False),
+    "gelu": (functional.gelu, [(5, 7)], False),
     "sum": (lambda a: a.sum(axis=1), [(5, 7, 3)], False),
     "mean": (lambda a: a.mean(axis=(0, 2), keepdims=True), [(5, 7, 3)], False),
     "max": (lambda a: a.max(axis=-1), [(5, 7)], False),
     "var": (lambda a: a.var(axis=-1), [(5, 7)], False),
-    "cumsum": (lambda a: ops.cumsum(a, axis=1), [(5, 7)], False),
+    "cumsum": (lambda a: functional.cumsum(a, axis=1), [(5, 7)], False),
     "reshape": (lambda a: a.reshape(7, 5), [(5, 7)], False),
     "permute": (lambda a: a.permute(2, 0, 1), [(5, 7, 3)], False),
     "expand": (lambda a: a.expand(4, 5, 7), [(5, 1)], False),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import nn, ops
+from llamac import functional, nn
 from llamac.errors import LlamacError
 
 
@@ -14,7 +14,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(0.0)
 
     def forward(self, x):
-        return self.fc2(self.drop(ops.tanh(self.fc1(x))))
+        return self.fc2(self.drop(functional.tanh(self.fc1(x))))
 
 
 def train_mlp(device: str, steps: int = 300):
