@@ -49,15 +49,17 @@ def checkpoint_root(out_dir) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save(out_dir, step: int, model, optimizer, recipe: Recipe, state: dict, tokenizer_path=None, keep: int = 2) -> Path:
-    """Write a complete checkpoint atomically and prune all but the newest `keep`."""
+def save(out_dir, step: int, model, optimizer, recipe: Recipe, state: dict, tokenizer_path=None, keep: int = 2,
+         weights: dict | None = None) -> Path:
+    """Write a complete checkpoint atomically and prune all but the newest `keep`.
+    `weights` overrides the model's own (the fp32 masters of a mixed-precision run)."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_safetensors(model.state_dict(), tmp / "model.safetensors",
+    _save_safetensors(weights if weights is not None else model.state_dict(), tmp / "model.safetensors",
                       {"format": "llamac", "model_config": json.dumps(dataclasses.asdict(model.config))})
     if optimizer is not None:
         _save_safetensors(optimizer.state_dict(), tmp / "optimizer.safetensors")

@@ -31,6 +31,9 @@ class AdamW:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.m = {n: p.xp.zeros(p.shape, np.float32) for n, p in self.params}
         self.v = {n: p.xp.zeros(p.shape, np.float32) for n, p in self.params}
+        # Mixed precision: bf16/fp16 parameters are what the model computes with; the optimizer
+        # updates fp32 master copies and rounds them back after every step.
+        self.master = {n: p.data.astype(np.float32) for n, p in self.params if backend.is_low_precision(p.dtype)}
         self.t = 0
 
     def grad_norm(self):
@@ -67,17 +70,25 @@ class AdamW:
             v += (1 - b2) * (g * g)
             xp = p.xp
             update = m / (xp.sqrt(v / bias2) + self.eps)
-            master = p.data if p.data.dtype == np.float32 else p.data.astype(np.float32)
+            master = self.master.get(name, p.data)
             if self.weight_decay and decays(name, p):
                 master *= (1 - lr * self.weight_decay)
             master -= step_size * update
-            if master is not p.data:
+            if name in self.master:
                 p.data = master.astype(p.data.dtype)
         return norm
 
     def zero_grad(self):
         for _, p in self.params:
             p.grad = None
+
+    def master_weights(self) -> dict:
+        """The full-precision weights (fp32 masters where the model computes in bf16/fp16)."""
+        return {n: self.master.get(n, p.data) for n, p in self.params}
+
+    def load_master_weights(self, weights: dict):
+        for n in self.master:
+            self.master[n] = backend.to_device(np.asarray(weights[n], np.float32), self.params[0][1].device)
 
     def state_dict(self) -> dict:
         out = {f"m.{n}": backend.to_numpy(a) for n, a in self.m.items()}

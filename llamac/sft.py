@@ -200,6 +200,8 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         if tokenizer.piece_to_id(token) == tokenizer.unk_id:
             raise LlamacError(f"the tokenizer of {ckpt} has no {token} token: train it with llamac's reserved tokens")
     recipe.model = model.config
+    from llamac.train import compute_precision
+    compute_precision(model, recipe, device)
     seq_len = min(recipe.data.seq_len, model.config.max_seq_len)
     train_examples, heldout = load_sources(recipe.data.sources, recipe.seed)
     heldout = heldout[: recipe.sft.eval_tasks]

@@ -71,6 +71,7 @@ class Trainer:
         state = checkpoint.read_state(found)
         weights, _ = checkpoint.load_safetensors(found / "model.safetensors")
         self.model.load_state_dict(weights)
+        self.optimizer.load_master_weights(weights)
         moments, _ = checkpoint.load_safetensors(found / "optimizer.safetensors")
         self.optimizer.load_state_dict(moments, state["optimizer_t"])
         self.step = state["step"]
@@ -95,13 +96,15 @@ class Trainer:
     def save(self):
         from llamac.engine import generator
         # Never let a diverged model replace a good checkpoint (one reduction per save).
-        if not all(bool(p.xp.isfinite(p.data).all()) for p in self.model.parameters()):
+        if not all(bool(backend.get_array_module(w).isfinite(w).all())
+                   for w in self.optimizer.master_weights().values()):
             self._stop_on_non_finite("weights are NaN or infinite")
         state = {"optimizer_t": self.optimizer.t, "rng_cpu": generator("cpu").bit_generator.state,
                  "data_position": {"step": self.step, "seed": self.recipe.seed},
                  "tokens_seen": self.step * self.tokens_per_step, **self.extra_state}
         path = checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, self.recipe, state,
-                               self.tokenizer_path, keep=self.cfg.keep_checkpoints)
+                               self.tokenizer_path, keep=self.cfg.keep_checkpoints,
+                               weights=self.optimizer.master_weights())
         return path
 
     def _metric(self, record: dict):
@@ -275,7 +278,14 @@ def build_model(recipe: Recipe, vocab_size: int, device: str) -> Llama:
     if recipe.model.vocab_size != vocab_size:
         recipe.model = dataclasses.replace(recipe.model, vocab_size=vocab_size)
     manual_seed(recipe.seed)
-    return Llama(recipe.model).to(device)
+    return compute_precision(Llama(recipe.model).to(device), recipe, device)
+
+
+def compute_precision(model: Llama, recipe: Recipe, device: str) -> Llama:
+    """train.dtype bf16 on the GPU: the model computes in bf16 (the optimizer keeps fp32 masters)."""
+    if recipe.train.dtype == "bf16" and device == "cuda":
+        model.to(dtype="bfloat16")
+    return model
 
 
 def pretrain(recipe: Recipe, resume: bool = True) -> dict:
