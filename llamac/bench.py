@@ -81,7 +81,7 @@ GPU_SHAPES = {  # DEVELOPERS.md / shared/anchors/torch_anchor.py CONFIGS
 
 
 def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, compare_torch: bool = True,
-                name: str = "tiny") -> list[dict]:
+                name: str = "tiny", dtype: str = "fp32") -> list[dict]:
     """Full training steps (forward, backward, clip, AdamW) on synthetic tokens: llamac, then the same
     model in PyTorch eager (fp32 on the CPU; bf16 autocast, SDPA and fused AdamW on the GPU)."""
     import llamac
@@ -99,7 +99,7 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
     x_np, y_np = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
     x, y = xp.asarray(x_np), xp.asarray(y_np)
     llamac.manual_seed(0)
-    model = Llama(cfg).to(device)
+    model = Llama(cfg).to(device, dtype="bfloat16" if dtype == "bf16" else None)
     opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
     clip = TrainConfig().grad_clip
 
@@ -111,7 +111,7 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
 
     ours = _timeit(step, sync, reps=steps)
     flops = model.flops_per_token(T)
-    row = {"section": "train", "shape": name, "device": device, "impl": "llamac (fp32)", **s,
+    row = {"section": "train", "shape": name, "device": device, "impl": f"llamac ({dtype})", **s,
            "params_M": round(model.num_params() / 1e6, 2), "step_ms": round(ours * 1e3, 1),
            "tokens_per_s": round(B * T / ours, 1), "TFLOP_s": round(flops * B * T / ours / 1e12, 3)}
     if device == "cuda":
@@ -183,7 +183,8 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
                 raise LlamacError("bench --what train runs the GPU shapes (--device cuda); use train_cpu on the CPU")
             rows = []
             for name, shape in GPU_SHAPES.items():
-                rows += bench_train("cuda", shape, steps=5, compare_torch=compare == "torch", name=name)
+                rows += bench_train("cuda", shape, steps=5, compare_torch=False, name=name, dtype="fp32")
+                rows += bench_train("cuda", shape, steps=5, compare_torch=compare == "torch", name=name, dtype="bf16")
         elif section == "kernels":
             if device != "cuda":
                 raise LlamacError("bench --what kernels needs a CUDA GPU (--device cuda)")
