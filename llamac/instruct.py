@@ -35,10 +35,10 @@ SUBTRACT_TEMPLATES = ("What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {
 def skill_example(task: str, rng: random.Random) -> tuple[str, str]:
     """One (prompt, answer) of a skill task; answers are short and exact."""
     if task == "add":
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
         return rng.choice(ADD_TEMPLATES).format(a=a, b=b), str(a + b)
     if task == "subtract":
-        a = rng.randint(0, 20)
+        a = rng.randint(0, 12)
         b = rng.randint(0, a)
         return rng.choice(SUBTRACT_TEMPLATES).format(a=a, b=b), str(a - b)
     if task == "reverse":
