@@ -85,8 +85,7 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig:
-    from_checkpoint: Optional[str] = None
-    max_len_policy: str = "truncate_left_prompt"
+    from_checkpoint: Optional[str] = None    # llamac checkpoint or Hugging Face Llama folder
     eval_tasks: int = 200
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from llamac import backend, checkpoint
 from llamac.config import Recipe
@@ -37,10 +36,10 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, model: Llama, device: str, batch_fn: Callable, eval_fn: Callable,
-                 tokenizer_path=None, tokens_per_step: int | None = None, sample_fn: Callable | None = None,
+                 tokenizer_path=None, tokens_per_step: int | None = None,
                  extra_state: dict | None = None):
         self.recipe, self.cfg, self.model, self.device = recipe, recipe.train, model, device
-        self.batch_fn, self.eval_fn, self.sample_fn = batch_fn, eval_fn, sample_fn
+        self.batch_fn, self.eval_fn = batch_fn, eval_fn
         self.tokenizer_path = tokenizer_path
         self.extra_state = extra_state or {}      # saved in every checkpoint (e.g. the chat template)
         self.out_dir = Path(recipe.out_dir)
