@@ -49,23 +49,53 @@ class Embedding(Function):
 
 
 class RMSNorm(Function):
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis, statistics in fp32."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, statistics in fp32.
+    On the CPU the rows are split over the cores."""
 
     def forward(self, x, weight, eps=1e-5):
         xp = backend.get_array_module(x)
-        xf = x.astype(compute_dtype(x.dtype), copy=False)
-        rstd = 1.0 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
-        xhat = xf * rstd
+        ct = compute_dtype(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        xhat = xp.empty(x2.shape, ct)
+        rstd = xp.empty((len(x2), 1), ct)
+        out = xp.empty(x2.shape, x.dtype)
+
+        def rows(a, b):
+            xs = x2[a:b].astype(ct, copy=False)
+            r = rstd[a:b]
+            xp.multiply(xs, xs, out=xhat[a:b])
+            xp.mean(xhat[a:b], axis=-1, keepdims=True, out=r)
+            r += eps
+            xp.sqrt(r, out=r)
+            xp.reciprocal(r, out=r)
+            xp.multiply(xs, r, out=xhat[a:b])
+            out[a:b] = xhat[a:b] * weight
+
+        cpu.for_row_blocks(rows, len(x2), x2.size) if xp is np else rows(0, len(x2))
         self.save(xhat, rstd, weight)
-        return (xhat * weight).astype(x.dtype, copy=False)
+        self.shape = x.shape
+        return out.reshape(x.shape)
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
-        gf = g.astype(xhat.dtype, copy=False)
-        gw = (gf * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0).astype(weight.dtype, copy=False)
-        gxhat = gf * weight
-        gx = rstd * (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
-        return gx.astype(g.dtype, copy=False), gw
+        xp = backend.get_array_module(g)
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = xp.empty(g2.shape, g.dtype)
+        partial_gw = {}                       # weight gradient per row block, summed below
+
+        def rows(a, b):
+            gf = g2[a:b].astype(xhat.dtype, copy=False)
+            xh = xhat[a:b]
+            partial_gw[a] = (gf * xh).sum(axis=0)
+            gxhat = gf * weight
+            dot = (gxhat * xh).mean(axis=-1, keepdims=True)
+            gxhat -= xh * dot
+            gxhat *= rstd[a:b]
+            gx[a:b] = gxhat
+
+        cpu.for_row_blocks(rows, len(g2), g2.size) if xp is np else rows(0, len(g2))
+        gw = sum(partial_gw[a] for a in sorted(partial_gw))
+        return gx.reshape(self.shape), gw.astype(weight.dtype, copy=False)
 
 
 class RoPE(Function):

@@ -320,3 +320,19 @@ def test_swiglu_fp32_cpu_path_matches_float64(shape):
     assert np.allclose(u32.grad, dout * silu, rtol=1e-5, atol=1e-6)
     big = fused.swiglu(llamac.tensor(np.array([-1000.0, 1000.0], np.float32)), llamac.tensor(np.ones(2, np.float32)))
     assert big.numpy().tolist() == [0.0, 1000.0]
+
+
+@pytest.mark.parametrize("rows", [3, 4000])     # 4000 x 64 takes the threaded row-block path
+def test_rms_norm_fp32_cpu_path_matches_float64(rows):
+    x, w, dout = r(rows, 64), r(64), r(rows, 64)
+    x32 = llamac.tensor(x.astype(np.float32), requires_grad=True)
+    w32 = llamac.tensor(w.astype(np.float32), requires_grad=True)
+    fused.rms_norm(x32, w32).backward(dout.astype(np.float32))
+    x64 = llamac.tensor(x, requires_grad=True)
+    w64 = llamac.tensor(w, requires_grad=True)
+    out64 = fused.rms_norm(x64, w64)
+    out64.backward(dout)
+    assert np.allclose(fused.rms_norm(llamac.tensor(x.astype(np.float32)), w32.detach()).numpy(), out64.numpy(),
+                       rtol=1e-5, atol=1e-5)
+    assert np.allclose(x32.grad, x64.grad, rtol=1e-4, atol=1e-4)
+    assert np.allclose(w32.grad, w64.grad, rtol=1e-4, atol=1e-3)
