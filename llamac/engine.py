@@ -177,11 +177,10 @@ class Tensor:
 
     def to(self, target=None, dtype=None) -> "Tensor":
         """.to('cuda'), .to('float32'), .to('cpu', 'bfloat16'). Differentiable for dtype changes."""
-        if target is not None and isinstance(target, str) and target.lower() in ("cpu", "cuda", "gpu", "auto") \
-                or (isinstance(target, str) and target.startswith("cuda:")):
-            device, dt = backend.resolve_device(target), dtype
-        else:
-            device, dt = None, target if dtype is None else dtype
+        is_device = isinstance(target, str) and (target.lower() in ("cpu", "cuda", "gpu", "auto")
+                                                 or target.startswith("cuda:"))
+        device = backend.resolve_device(target) if is_device else None
+        dt = dtype if is_device or dtype is not None else target
         out = self
         if device is not None and device != self.device:
             out = Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llamac import backend, cpu
+from llamac import backend, cpu, kernels
 from llamac.engine import Function, Tensor
 from llamac.errors import ShapeError
 from llamac.ops import compute_dtype, matmul, scatter_add
@@ -132,7 +132,6 @@ class SwiGLU(Function):
     reference in row blocks on every core, keeping sigmoid(gate) for the backward."""
 
     def forward(self, gate, up):
-        from llamac import kernels
         if backend.get_array_module(gate) is not np or gate.dtype == np.float64:
             self.save(gate, up, None)
             return kernels.swiglu_forward(gate, up)
@@ -155,7 +154,6 @@ class SwiGLU(Function):
 
     def backward(self, g):
         gate, up, sig = self.saved
-        from llamac import kernels
         if sig is None:
             return kernels.swiglu_backward(gate, up, g)
         g2, u2, d2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]), g.reshape(-1, g.shape[-1])
