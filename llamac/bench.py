@@ -188,9 +188,10 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
         elif section == "kernels":
             if device != "cuda":
                 raise LlamacError("bench --what kernels needs a CUDA GPU (--device cuda)")
-            from llamac.kernel_bench import bench_swiglu, measure_copy_bandwidth
+            from llamac.kernel_bench import bench_swiglu, bench_training_kernels, measure_copy_bandwidth
             rows = [{"section": "kernels", "op": "device copy", "gb_per_s": round(measure_copy_bandwidth(), 1)}]
             rows += [{"section": "kernels", **r} for r in bench_swiglu()]
+            rows += [{"section": "kernels", **r} for r in bench_training_kernels()]
         results[section] = rows
         _print_table(Console(width=160), Table, section, rows)
     if json_out is not None:

@@ -45,6 +45,8 @@ class Embedding(Function):
     def backward(self, g):
         (ids,) = self.saved
         xp = backend.get_array_module(g)
+        if xp is not np and g.dtype in backend.CUDA_TYPES:     # sorted, deterministic: kernels/embedding.cu
+            return None, kernels.embedding_backward(ids, g, self.shape[0])
         return None, scatter_add(xp, self.shape, ids.reshape(-1), g.reshape(-1, self.shape[1]))
 
 
@@ -54,6 +56,11 @@ class RMSNorm(Function):
 
     def forward(self, x, weight, eps=1e-5):
         xp = backend.get_array_module(x)
+        if xp is not np and x.dtype in backend.CUDA_TYPES and weight.dtype == x.dtype:   # kernels/rmsnorm.cu
+            out, rstd = kernels.rmsnorm_forward(x, weight, eps)
+            self.save(x, rstd, weight)
+            self.gpu = True                                    # saved x, not xhat
+            return out
         ct = compute_dtype(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xhat = xp.empty(x2.shape, ct)
@@ -78,6 +85,9 @@ class RMSNorm(Function):
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
+        if getattr(self, "gpu", False):                        # kernels/rmsnorm.cu (xhat is x here)
+            dx, dw = kernels.rmsnorm_backward(g, xhat, weight, rstd)
+            return dx, dw.astype(weight.dtype, copy=False)
         xp = backend.get_array_module(g)
         g2 = g.reshape(-1, g.shape[-1])
         gx = xp.empty(g2.shape, g.dtype)
@@ -107,10 +117,14 @@ class RoPE(Function):
         if cos.shape != (T, hs // 2):
             raise ShapeError(f"rope: cos/sin {cos.shape} do not fit input {x.shape} (want {(T, hs // 2)})")
         self.save(cos, sin)
+        if backend.get_array_module(x) is not np and x.dtype in backend.CUDA_TYPES:    # kernels/rope.cu
+            return kernels.rope_forward(x, cos, sin)
         return _rotate(x, cos, sin, sign=1.0)
 
     def backward(self, g):
         cos, sin = self.saved
+        if backend.get_array_module(g) is not np and g.dtype in backend.CUDA_TYPES:
+            return kernels.rope_backward(g, cos, sin), None, None
         return _rotate(g, cos, sin, sign=-1.0), None, None
 
 

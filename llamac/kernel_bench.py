@@ -140,3 +140,203 @@ def bench_swiglu(sizes=DEFAULT_SIZES, dtype="bfloat16", reps: int = 100, warmup:
             })
         del gate, up, dout, out, dgate, dup
     return rows
+
+
+# ---------------------------------------------------------------- the training kernels
+# One row per (kernel, direction) at a training step's shape; bytes are what the op must move.
+
+# The 110M recipe: B*T = 32 x 1024 rows, dim 768, 12 heads of 64, vocab 32000, hidden 2048, 12 layers.
+SHAPE_110M = {"rows": 32 * 1024, "batch": 32, "seq": 1024, "dim": 768, "heads": 12, "vocab": 32000,
+              "hidden": 2048, "layers": 12}
+
+
+def _torch(dtype):
+    """(torch, torch dtype) when torch with CUDA imports, else (None, None)."""
+    try:
+        import torch  # noqa: PLC0415 - optional comparison only
+    except Exception:
+        return None, None
+    if not torch.cuda.is_available():
+        return None, None
+    return torch, {np.dtype(np.float32): torch.float32, backend.bfloat16: torch.bfloat16,
+                   np.dtype(np.float16): torch.float16}[np.dtype(dtype)]
+
+
+def _row(op, shape, dtype, ms, nbytes, copy_gbps, err, torch_ms, note=""):
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {"op": op, "shape": str(shape), "dtype": str(dtype), "ms": ms, "gb_per_s": gbps,
+            "copy_gb_per_s": copy_gbps, "pct_of_copy": 100.0 * gbps / copy_gbps, "max_rel_err": err,
+            "torch_ms": torch_ms, "torch_over_ours": (torch_ms / ms) if torch_ms else None, "note": note}
+
+
+def _model_param_sizes(shape) -> list[tuple[str, tuple]]:
+    """(name, shape) of every parameter of a Llama model of `shape` (untied output head)."""
+    C, V, Hd, L = shape["dim"], shape["vocab"], shape["hidden"], shape["layers"]
+    out = [("tok_embeddings.weight", (V, C))]
+    for i in range(L):
+        out += [(f"layers.{i}.attention.{w}.weight", (C, C)) for w in ("wq", "wk", "wv", "wo")]
+        out += [(f"layers.{i}.feed_forward.w1.weight", (Hd, C)), (f"layers.{i}.feed_forward.w3.weight", (Hd, C)),
+                (f"layers.{i}.feed_forward.w2.weight", (C, Hd)),
+                (f"layers.{i}.attention_norm.weight", (C,)), (f"layers.{i}.ffn_norm.weight", (C,))]
+    return out + [("norm.weight", (C,)), ("output.weight", (V, C))]
+
+
+def bench_training_kernels(dtype="bfloat16", shape=None, reps: int = 20, warmup: int = 3,
+                           flush_l2: bool = True, torch_compare: bool = True, only=None) -> list[dict]:
+    """Time the fused training kernels (RMSNorm, RoPE, embedding backward, cross-entropy, AdamW) at a
+    training step's shape (default: the 110M recipe) against the copy ceiling and eager PyTorch.
+
+    Keys as bench_swiglu's, plus shape and note. `only`: a set of op-name prefixes to run.
+    """
+    cp = _cupy("bench_training_kernels")
+    from llamac.engine import Tensor  # noqa: PLC0415
+    from llamac.optim import AdamW, decays  # noqa: PLC0415
+
+    dtype = backend.as_dtype(dtype)
+    shape = dict(SHAPE_110M, **(shape or {}))
+    N, C, V, H = shape["rows"], shape["dim"], shape["vocab"], shape["heads"]
+    B, T, hs = shape["batch"], shape["seq"], shape["dim"] // shape["heads"]
+    isz = dtype.itemsize
+    copy_gbps = measure_copy_bandwidth()
+    scratch = cp.empty(FLUSH_BYTES, dtype=np.uint8) if flush_l2 else None
+    between = (lambda: scratch.fill(1)) if flush_l2 else None
+    torch, tdt = _torch(dtype) if torch_compare else (None, None)
+    rng = cp.random.default_rng(0)
+    rows = []
+
+    def want(name):
+        return only is None or any(name.startswith(o) for o in only)
+
+    def randn(*s, std=1.0):
+        return (rng.standard_normal(s, dtype=np.float32) * std).astype(dtype)
+
+    def t_of(a, grad=False):
+        # bf16 crosses as its bits: __cuda_array_interface__ has no bfloat16 type string
+        t = (torch.as_tensor(a.view(np.uint16), device="cuda").view(torch.bfloat16) if a.dtype == backend.bfloat16
+             else torch.as_tensor(a, device="cuda"))
+        return t.detach().requires_grad_(grad)
+
+    def timed(fn):
+        return _time_ms(fn, reps, warmup, between)
+
+    if want("rmsnorm"):
+        x, w, d = randn(N, C), (1 + 0.1 * randn(C).astype(np.float32)).astype(dtype), randn(N, C)
+        y, rstd = kernels.rmsnorm_forward(x, w)
+        err = _rel_err(y, kernels.rmsnorm_forward_reference(x, w)[0])
+        dx, dw = kernels.rmsnorm_backward(d, x, w, rstd)
+        rdx, rdw = kernels.rmsnorm_backward_reference(d, x, w, rstd)
+        berr = max(_rel_err(dx, rdx), _rel_err(dw, rdw))
+        fwd, bwd = timed(lambda: kernels.rmsnorm_forward(x, w)), timed(lambda: kernels.rmsnorm_backward(d, x, w, rstd))
+        tf = tb = None
+        if torch is not None and hasattr(torch.nn.functional, "rms_norm"):
+            tx, tw, td = t_of(x, True), t_of(w, True), t_of(d)
+            with torch.no_grad():
+                tf = timed(lambda: torch.nn.functional.rms_norm(tx, (C,), tw, 1e-5))
+            ty = torch.nn.functional.rms_norm(tx, (C,), tw, 1e-5)
+            tb = timed(lambda: torch.autograd.grad(ty, (tx, tw), td, retain_graph=True))
+        rows.append(_row("rmsnorm_forward", (N, C), dtype, fwd, 2 * N * C * isz + 4 * N, copy_gbps, err, tf))
+        rows.append(_row("rmsnorm_backward", (N, C), dtype, bwd, 3 * N * C * isz + 4 * N, copy_gbps, berr, tb,
+                         "dx + deterministic fp32 dw"))
+        del x, d, y, dx
+
+    if want("rope"):
+        x = randn(B, T, H, hs)
+        ang = cp.arange(T, dtype=np.float32)[:, None] * (1.0 / 10000 ** (cp.arange(0, hs, 2, dtype=np.float32) / hs))
+        cos, sin = cp.cos(ang).astype(np.float32), cp.sin(ang).astype(np.float32)
+        out = kernels.rope_forward(x, cos, sin)
+        err = _rel_err(out, kernels.rope_reference(x, cos, sin))
+        berr = _rel_err(kernels.rope_backward(out, cos, sin), kernels.rope_reference(out, cos, sin, -1.0))
+        fwd, bwd = timed(lambda: kernels.rope_forward(x, cos, sin)), timed(lambda: kernels.rope_backward(x, cos, sin))
+        tf = tb = None
+        if torch is not None:
+            freqs = torch.polar(torch.ones_like(t_of(cos)), t_of(ang))[None, :, None, :]
+            tx, td = t_of(x, True), t_of(randn(B, T, H, hs))
+
+            def meta_rope(a):  # Meta's llama apply_rotary_emb
+                z = torch.view_as_complex(a.float().reshape(*a.shape[:-1], -1, 2))
+                return torch.view_as_real(z * freqs).flatten(3).type_as(a)
+            with torch.no_grad():
+                tf = timed(lambda: meta_rope(tx))
+            ty = meta_rope(tx)
+            tb = timed(lambda: torch.autograd.grad(ty, (tx,), td, retain_graph=True))
+        rows.append(_row("rope_forward", (B, T, H, hs), dtype, fwd, 2 * x.size * isz, copy_gbps, err, tf,
+                         "torch: Meta's complex-multiply apply_rotary_emb"))
+        rows.append(_row("rope_backward", (B, T, H, hs), dtype, bwd, 2 * x.size * isz, copy_gbps, berr, tb))
+        del x, out
+
+    if want("embedding"):
+        ids = rng.integers(0, V, N, dtype=np.int64)
+        d = randn(N, C)
+        dW = kernels.embedding_backward(ids, d, V)
+        err = _rel_err(dW, kernels.embedding_backward_reference(ids, d, V))
+        ms = timed(lambda: kernels.embedding_backward(ids, d, V))
+        tb = None
+        if torch is not None:
+            tw, tids, td = t_of(randn(V, C), True), torch.as_tensor(ids, device="cuda"), t_of(d)
+            ty = torch.nn.functional.embedding(tids, tw)
+            tb = timed(lambda: torch.autograd.grad(ty, (tw,), td, retain_graph=True))
+        rows.append(_row("embedding_backward", (N, C, V), dtype, ms, N * C * isz + V * C * isz, copy_gbps, err, tb,
+                         "bytes: dout read + dW written (zeroed); includes the device sort"))
+        del d, dW
+
+    if want("cross_entropy"):
+        logits = randn(N, V, std=2.0)
+        targets = rng.integers(0, V, N, dtype=np.int64)
+        targets[::97] = -100
+        loss, lse = kernels.cross_entropy_forward(logits, targets)
+        sub = slice(0, 512)     # the fp32 reference of all N x V rows would need 4 N V bytes
+        rl, rlse = kernels.cross_entropy_forward_reference(logits[sub], targets[sub])
+        err = max(_rel_err(loss[sub], rl), _rel_err(lse[sub], rlse))
+        scale = cp.full(1, 1.0 / N, np.float32)
+        dl = kernels.cross_entropy_backward(logits, targets, lse, scale)
+        berr = _rel_err(dl[sub], kernels.cross_entropy_backward_reference(logits[sub], targets[sub], lse[sub], 1.0 / N))
+        del dl
+        fwd = timed(lambda: kernels.cross_entropy_forward(logits, targets))
+        out = cp.empty_like(logits)
+        bwd = timed(lambda: kernels.cross_entropy_backward(logits, targets, lse, scale, out=out))
+        del out
+        tf = tb = None
+        if torch is not None:
+            tl, tt = t_of(logits, True), torch.as_tensor(targets, device="cuda")
+            with torch.no_grad():
+                tf = timed(lambda: torch.nn.functional.cross_entropy(tl, tt))
+            ty = torch.nn.functional.cross_entropy(tl, tt)
+            tb = timed(lambda: torch.autograd.grad(ty, (tl,), retain_graph=True))
+            del tl, ty
+        rows.append(_row("cross_entropy_forward", (N, V), dtype, fwd, N * V * isz, copy_gbps, err, tf))
+        rows.append(_row("cross_entropy_backward", (N, V), dtype, bwd, 2 * N * V * isz, copy_gbps, berr, tb,
+                         "dlogits written in the logits' dtype"))
+        del logits
+
+    if want("adamw"):
+        named = [(n, Tensor(randn(*s, std=0.02), requires_grad=True)) for n, s in _model_param_sizes(shape)]
+        for _, p in named:
+            p.grad = randn(*p.shape, std=1e-3)
+        opt = AdamW(named, lr=1e-3, weight_decay=0.1)
+        P = sum(p.size for _, p in named)
+        lowp = backend.is_low_precision(dtype)
+        # g read twice (norm, update); m, v, fp32 master read and written; a bf16/fp16 param written
+        nbytes = P * (2 * isz + 6 * 4 + (isz if lowp else 0))
+        opt.step(lr=1e-3, clip=1.0)
+        ms = timed(lambda: opt.step(lr=1e-3, clip=1.0))
+        norm = cp.empty((), np.float32)
+        launch = timed(lambda: opt._fused.launch(norm))
+        torch_ms = None
+        if torch is not None:
+            tparams = [torch.nn.Parameter(t_of(p.data).float()) for _, p in named]
+            for tp, (_, p) in zip(tparams, named):
+                tp.grad = t_of(p.grad).float()
+            groups = [{"params": [tp for tp, (n, p) in zip(tparams, named) if decays(n, p)], "weight_decay": 0.1},
+                      {"params": [tp for tp, (n, p) in zip(tparams, named) if not decays(n, p)], "weight_decay": 0.0}]
+            topt = torch.optim.AdamW(groups, lr=1e-3, fused=True)
+
+            def torch_step():
+                torch.nn.utils.clip_grad_norm_(tparams, 1.0, foreach=True)
+                topt.step()
+            torch_ms = timed(torch_step)
+        rows.append(_row("adamw_step", (P,), dtype, ms, nbytes, copy_gbps, None, torch_ms,
+                         f"{len(named)} tensors, clip + update, host table upload included; "
+                         "torch: fused AdamW + foreach clip on fp32 params"))
+        rows.append(_row("adamw_launch", (P,), dtype, launch, nbytes, copy_gbps, None, None,
+                         "the three kernels alone (graph-capturable part)"))
+    return rows

@@ -25,6 +25,11 @@ MAX_BLOCKS = 132 * 32
 # tests check the compiled PTX against this, so a renamed kernel fails in CI.
 KERNEL_FUNCTIONS = {
     "swiglu": ("swiglu_forward", "swiglu_backward"),
+    "rmsnorm": ("rmsnorm_forward", "rmsnorm_backward", "rmsnorm_dw_reduce"),
+    "rope": ("rope_forward", "rope_backward"),
+    "embedding": ("embedding_backward",),
+    "cross_entropy": ("cross_entropy_forward", "cross_entropy_backward"),
+    "adamw": ("adamw_sumsq", "adamw_finalize", "adamw_update"),
 }
 
 
@@ -185,3 +190,400 @@ def swiglu_backward(gate, up, dout, dgate=None, dup=None):
             grid, block = _launch_config(n, (gate, up, dout, dgate, dup))
             fn(grid, block, (gate, up, dout, dgate, dup, np.int64(n)))
     return dgate, dup
+
+
+# ---------------------------------------------------------------- shared by the row kernels
+
+_SM_COUNTS: dict = {}
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors on the current GPU (132 on H100 SXM): grids are sized from it."""
+    cp = backend.cupy_module()
+    dev = cp.cuda.Device().id
+    if dev not in _SM_COUNTS:
+        _SM_COUNTS[dev] = int(cp.cuda.Device(dev).attributes["MultiProcessorCount"])
+    return _SM_COUNTS[dev]
+
+
+def _on_gpu(op: str, **arrays):
+    """The array module of the named arrays (one device for all); on the GPU, checks the float dtypes."""
+    modules = {name: backend.get_array_module(a) for name, a in arrays.items()}
+    for name, a in arrays.items():
+        if not isinstance(a, modules[name].ndarray):
+            raise LlamacError(f"{op}: {name} must be a NumPy or CuPy array, not {type(a).__name__}")
+    if len(set(modules.values())) > 1:
+        where = ", ".join(f"{n} on {'cpu' if m is np else 'cuda'}" for n, m in modules.items())
+        raise DeviceError(f"{op}: operands must all be on one device ({where})")
+    return next(iter(modules.values()))
+
+
+def _cuda_dtype(op: str, array):
+    if array.dtype not in backend.CUDA_TYPES:
+        raise LlamacError(f"{op}: the CUDA kernel takes float32, bfloat16 or float16, got {array.dtype}")
+    return array.dtype
+
+
+# ---------------------------------------------------------------- RMSNorm
+# y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps) kept per row in fp32 for
+# the backward. Kernel: kernels/rmsnorm.cu (one warp per row; deterministic fp32 weight gradient).
+
+RMSNORM_MAX_C = 12288   # the backward keeps one fp32 row of dw per warp in 48 KB of shared memory
+
+
+def rmsnorm_forward_reference(x, weight, eps=1e-5):
+    """(y, rstd): y (..., C) in x's dtype, rstd (N,) fp32 (fp64 for fp64 x), N = x.size / C."""
+    xp = backend.get_array_module(x)
+    ct = _compute_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).astype(ct, copy=False)
+    rstd = 1 / xp.sqrt((x2 * x2).mean(axis=-1) + ct.type(eps))
+    y = x2 * rstd[:, None] * weight.astype(ct, copy=False)
+    return y.astype(x.dtype, copy=False).reshape(x.shape), rstd.astype(ct, copy=False)
+
+
+def rmsnorm_backward_reference(dout, x, weight, rstd):
+    """(dx in x's dtype, dw (C,) in fp32): the gradients of y = x * rstd * w."""
+    ct = _compute_dtype(x.dtype)
+    C = x.shape[-1]
+    d2 = dout.reshape(-1, C).astype(ct, copy=False)
+    r = rstd.reshape(-1, 1).astype(ct, copy=False)
+    xhat = x.reshape(-1, C).astype(ct, copy=False) * r
+    dw = (d2 * xhat).sum(axis=0)
+    gxhat = d2 * weight.astype(ct, copy=False)
+    dx = (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True)) * r
+    return dx.astype(x.dtype, copy=False).reshape(x.shape), dw
+
+
+def rmsnorm_forward(x, weight, eps=1e-5):
+    """(y, rstd) for y = x / sqrt(mean(x^2) + eps) * weight over the last axis.
+
+    x (..., C) and weight (C,) share a dtype; rstd is (N,) fp32 with N = x.size / C. CUDA kernel on
+    CuPy arrays (x made contiguous if it is not), the reference on NumPy arrays.
+    """
+    xp = _on_gpu("rmsnorm_forward", x=x, weight=weight)
+    C = x.shape[-1] if x.ndim else 0
+    if weight.shape != (C,):
+        raise ShapeError(f"rmsnorm_forward: weight {weight.shape} does not fit input {x.shape} (want ({C},))")
+    if weight.dtype != x.dtype:
+        raise LlamacError(f"rmsnorm_forward: weight is {weight.dtype} but x is {x.dtype}; dtypes must match")
+    if xp is np:
+        return rmsnorm_forward_reference(x, weight, eps)
+    _cuda_dtype("rmsnorm_forward", x)
+    x2 = xp.ascontiguousarray(x).reshape(-1, C)
+    w = xp.ascontiguousarray(weight)
+    N = x2.shape[0]
+    out = xp.empty_like(x2)
+    rstd = xp.empty(N, np.float32)
+    if N and C:
+        with x2.device:
+            warps = THREADS // 32
+            grid = max(1, min(-(-N // warps), sm_count() * 8))
+            fn = backend.get_kernel("rmsnorm", "rmsnorm_forward", x.dtype)
+            fn((grid,), (THREADS,), (x2, w, out, rstd, np.int64(N), np.int32(C), np.float32(eps)))
+    return out.reshape(x.shape), rstd
+
+
+def rmsnorm_backward(dout, x, weight, rstd):
+    """(dx, dw) for y = rmsnorm(x) * weight: dx in x's dtype, dw (C,) in fp32, deterministic.
+
+    rstd is rmsnorm_forward's second result. CUDA kernel on CuPy arrays, the reference on NumPy.
+    """
+    xp = _on_gpu("rmsnorm_backward", dout=dout, x=x, weight=weight, rstd=rstd)
+    C = x.shape[-1] if x.ndim else 0
+    if dout.shape != x.shape or weight.shape != (C,) or rstd.size * C != x.size:
+        raise ShapeError(f"rmsnorm_backward: dout {dout.shape}, x {x.shape}, weight {weight.shape} and "
+                         f"rstd {rstd.shape} do not fit")
+    if xp is np or C > RMSNORM_MAX_C:
+        return rmsnorm_backward_reference(dout, x, weight, rstd)
+    dtype = _cuda_dtype("rmsnorm_backward", x)
+    if dout.dtype != dtype or weight.dtype != dtype:
+        raise LlamacError(f"rmsnorm_backward: dout {dout.dtype}, x {x.dtype} and weight {weight.dtype} must match")
+    x2 = xp.ascontiguousarray(x).reshape(-1, C)
+    d2 = xp.ascontiguousarray(dout).reshape(-1, C)
+    w = xp.ascontiguousarray(weight)
+    r = xp.ascontiguousarray(rstd, dtype=np.float32).reshape(-1)
+    N = x2.shape[0]
+    dx = xp.empty_like(x2)
+    dw = xp.zeros(C, np.float32)
+    if N and C:
+        with x2.device:
+            warps = max(1, min(THREADS // 32, RMSNORM_MAX_C // C))
+            shared = warps * C * 4
+            per_sm = max(1, min(2048 // (32 * warps), (200 << 10) // shared))
+            grid = max(1, min(-(-N // warps), sm_count() * per_sm))
+            partial = xp.empty((grid, C), np.float32)
+            fn = backend.get_kernel("rmsnorm", "rmsnorm_backward", dtype)
+            fn((grid,), (32 * warps,), (d2, x2, w, r, dx, partial, np.int64(N), np.int32(C)), shared_mem=shared)
+            reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
+            reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))
+    return dx.reshape(x.shape), dw
+
+
+# ---------------------------------------------------------------- RoPE
+# Meta's interleaved pairs (2i, 2i+1) of each head rotated by t * freq_i; the backward rotates by
+# -angle. x (B, T, H, hs), cos/sin (T, hs/2). Kernel: kernels/rope.cu.
+
+def rope_reference(x, cos, sin, sign=1.0):
+    """x rotated pairwise by +angle (sign 1, the forward) or -angle (sign -1, the backward)."""
+    xp = backend.get_array_module(x)
+    ct = _compute_dtype(x.dtype)
+    B, T, H, hs = x.shape
+    pairs = x.reshape(B, T, H, hs // 2, 2).astype(ct, copy=False)    # (B, T, H, hs/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c = cos.astype(ct, copy=False)[None, :, None, :]                 # (1, T, 1, hs/2)
+    s = sin.astype(ct, copy=False)[None, :, None, :] * ct.type(sign)
+    out = xp.empty(pairs.shape, ct)
+    out[..., 0] = x0 * c - x1 * s
+    out[..., 1] = x0 * s + x1 * c
+    return out.reshape(B, T, H, hs).astype(x.dtype, copy=False)
+
+
+def _rope(op, x, cos, sin, sign):
+    xp = _on_gpu(op, x=x, cos=cos, sin=sin)
+    if x.ndim != 4 or x.shape[3] % 2:
+        raise ShapeError(f"{op}: x must be (B, T, H, hs) with hs even, got {x.shape}")
+    B, T, H, hs = x.shape
+    if cos.shape != (T, hs // 2) or sin.shape != (T, hs // 2):
+        raise ShapeError(f"{op}: cos {cos.shape} / sin {sin.shape} do not fit x {x.shape} (want {(T, hs // 2)})")
+    if xp is np:
+        return rope_reference(x, cos, sin, sign)
+    dtype = _cuda_dtype(op, x)
+    x = xp.ascontiguousarray(x)
+    # The model's tables are in its own dtype: read them as they are (exact widening), no cast.
+    options = ("-DROPE_TABLE_IN_DTYPE",) if cos.dtype == dtype and dtype != np.float32 else ()
+    table = dtype if options else np.float32
+    cos = xp.ascontiguousarray(cos, dtype=table)
+    sin = xp.ascontiguousarray(sin, dtype=table)
+    out = xp.empty_like(x)
+    if x.size:
+        with x.device:
+            fn = backend.get_kernel("rope", op, dtype, options)
+            grid, block = _launch_config(x.size, (x, out))
+            fn(grid, block, (x, cos, sin, out, np.int64(x.size), np.int32(T), np.int32(H), np.int32(hs)))
+    return out
+
+
+def rope_forward(x, cos, sin):
+    """x (B, T, H, hs) rotated by angle t * freq_i per pair (2i, 2i+1); cos, sin (T, hs/2).
+
+    CUDA kernel on CuPy arrays (float32/bfloat16/float16 x; fp32 tables, or tables in x's dtype),
+    the reference on NumPy arrays. Returns a new array.
+    """
+    return _rope("rope_forward", x, cos, sin, 1.0)
+
+
+def rope_backward(dout, cos, sin):
+    """The gradient of rope_forward: dout rotated by -angle."""
+    return _rope("rope_backward", dout, cos, sin, -1.0)
+
+
+# ---------------------------------------------------------------- embedding backward
+# dW[v] = sum of dout rows whose id is v, in a fixed order. Kernel: kernels/embedding.cu.
+
+def embedding_backward_reference(ids, dout, num_embeddings):
+    """dW (V, C) in dout's dtype, summed in fp32 (fp64 for fp64): np.add.at semantics."""
+    xp = backend.get_array_module(dout)
+    ct = _compute_dtype(dout.dtype)
+    C = dout.shape[-1]
+    full = xp.zeros((num_embeddings, C), ct)
+    xp.add.at(full, ids.reshape(-1), dout.reshape(-1, C).astype(ct, copy=False))
+    return full.astype(dout.dtype, copy=False)
+
+
+def embedding_backward(ids, dout, num_embeddings):
+    """dW (num_embeddings, C) for out = W[ids]: dout (..., C) rows summed per id, deterministically.
+
+    ids: integer array with ids.size rows of dout. On CuPy arrays: a device sort, then the kernel
+    (ids outside [0, V) contribute nothing); on NumPy arrays: the reference.
+    """
+    xp = _on_gpu("embedding_backward", ids=ids, dout=dout)
+    C = dout.shape[-1] if dout.ndim else 0
+    if ids.dtype.kind not in "iu":
+        raise LlamacError(f"embedding_backward: ids must be integers, got {ids.dtype}")
+    if ids.size * C != dout.size:
+        raise ShapeError(f"embedding_backward: {ids.size} ids do not fit dout {dout.shape}")
+    V = int(num_embeddings)
+    if xp is np:
+        return embedding_backward_reference(ids, dout, V)
+    dtype = _cuda_dtype("embedding_backward", dout)
+    d2 = xp.ascontiguousarray(dout).reshape(-1, C)
+    N = d2.shape[0]
+    out = xp.zeros((V, C), dtype)
+    if N and C and V:
+        with d2.device:
+            flat = ids.reshape(-1).astype(np.int64, copy=False)
+            flat = xp.where((flat < 0) | (flat >= V), V, flat)            # invalid ids sort last, skipped
+            keys = flat * np.int64(N) + xp.arange(N, dtype=np.int64)      # distinct: any sort is stable
+            keys = xp.sort(keys)
+            packs = -(-C // (16 // dtype.itemsize))                    # 16-byte packs per row
+            threads = min(THREADS, -(-packs // 32) * 32)
+            fn = backend.get_kernel("embedding", "embedding_backward", dtype)
+            fn((min(N, 1 << 24),), (threads,), (keys, d2, out, np.int64(N), np.int32(C), np.int64(V)))
+    return out
+
+
+# ---------------------------------------------------------------- cross-entropy
+# Per-row loss = lse - logit[target] (0 where target == ignore_index) and its gradient
+# (softmax - onehot) * scale, with no fp32 (N, V) array. Kernel: kernels/cross_entropy.cu.
+
+CE_THREADS = 512
+
+
+def cross_entropy_forward_reference(logits, targets, ignore_index=-100):
+    """(loss (N,), lse (N,)) in fp32 (fp64 for fp64 logits); loss 0 on ignored rows."""
+    xp = backend.get_array_module(logits)
+    ct = _compute_dtype(logits.dtype)
+    x = logits.reshape(-1, logits.shape[-1]).astype(ct, copy=False)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    safe = xp.where(valid, t, 0)
+    m = x.max(axis=-1)
+    lse = m + xp.log(xp.exp(x - m[:, None]).sum(axis=-1))
+    picked = xp.take_along_axis(x, safe[:, None], axis=-1)[:, 0]
+    return xp.where(valid, lse - picked, 0).astype(ct, copy=False), lse
+
+
+def cross_entropy_backward_reference(logits, targets, lse, scale, ignore_index=-100):
+    """dlogits = (softmax - onehot(target)) * scale in logits' dtype; zero rows where ignored."""
+    xp = backend.get_array_module(logits)
+    ct = _compute_dtype(logits.dtype)
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V).astype(ct, copy=False)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    grad = xp.exp(x - lse.reshape(-1, 1).astype(ct, copy=False))
+    grad[xp.arange(len(t)), xp.where(valid, t, 0)] -= 1
+    grad *= (valid[:, None] * xp.asarray(scale, dtype=ct).reshape(()))
+    return grad.astype(logits.dtype, copy=False).reshape(logits.shape)
+
+
+def _ce_operands(op, logits, targets):
+    xp = _on_gpu(op, logits=logits, targets=targets)
+    if logits.ndim < 1 or logits.shape[:-1] != targets.shape:
+        raise ShapeError(f"{op}: logits {logits.shape} and targets {targets.shape} do not fit "
+                         "(targets must be logits' shape without the last axis)")
+    if targets.dtype.kind not in "iu":
+        raise LlamacError(f"{op}: targets must be integers, got {targets.dtype}")
+    return xp
+
+
+def cross_entropy_forward(logits, targets, ignore_index=-100):
+    """(loss (N,), lse (N,)), both fp32: per-row -log softmax(logits)[target] and log-sum-exp.
+
+    logits (..., V) in float32/bfloat16/float16, targets (...) integers; N rows. The kernel reads
+    the logits once (online max and sum); ignored rows (and targets outside [0, V)) give loss 0.
+    """
+    xp = _ce_operands("cross_entropy_forward", logits, targets)
+    if xp is np:
+        return cross_entropy_forward_reference(logits, targets, ignore_index)
+    dtype = _cuda_dtype("cross_entropy_forward", logits)
+    V = logits.shape[-1]
+    x2 = xp.ascontiguousarray(logits).reshape(-1, V)
+    t = xp.ascontiguousarray(targets.reshape(-1), dtype=np.int64)
+    N = x2.shape[0]
+    loss, lse = xp.empty(N, np.float32), xp.empty(N, np.float32)
+    if N and V:
+        with x2.device:
+            fn = backend.get_kernel("cross_entropy", "cross_entropy_forward", dtype)
+            grid = min(N, sm_count() * 4)
+            fn((grid,), (CE_THREADS,), (x2, t, lse, loss, np.int64(N), np.int32(V), np.int64(ignore_index)))
+    return loss, lse
+
+
+def cross_entropy_backward(logits, targets, lse, scale, ignore_index=-100, out=None):
+    """dlogits = (softmax(logits) - onehot(targets)) * scale, in the logits' dtype and shape.
+
+    scale: a number or a 1-element fp32 device array (g / count, read on the device: no sync).
+    out may be `logits` itself (the gradient overwrites the logits in place) or None (allocated).
+    """
+    xp = _ce_operands("cross_entropy_backward", logits, targets)
+    if xp is np:
+        got = cross_entropy_backward_reference(logits, targets, lse, scale, ignore_index)
+        return _fill_out(out, got)
+    dtype = _cuda_dtype("cross_entropy_backward", logits)
+    V = logits.shape[-1]
+    x2 = xp.ascontiguousarray(logits).reshape(-1, V)
+    t = xp.ascontiguousarray(targets.reshape(-1), dtype=np.int64)
+    N = x2.shape[0]
+    if lse.size != N:
+        raise ShapeError(f"cross_entropy_backward: lse has {lse.size} rows, logits {N}")
+    lse = xp.ascontiguousarray(lse.reshape(-1), dtype=np.float32)
+    scale = xp.asarray(scale, dtype=np.float32).reshape(1)
+    if out is None:
+        out = xp.empty(logits.shape, dtype)
+    elif out.shape != logits.shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise LlamacError(f"cross_entropy_backward: out must be a C-contiguous {dtype} array of shape {logits.shape}")
+    if N and V:
+        with x2.device:
+            fn = backend.get_kernel("cross_entropy", "cross_entropy_backward", dtype)
+            grid = min(N, sm_count() * 4)
+            fn((grid,), (CE_THREADS,), (x2, t, lse, scale, out, np.int64(N), np.int32(V), np.int64(ignore_index)))
+    return out
+
+
+# ---------------------------------------------------------------- AdamW, multi-tensor
+# Kernel: kernels/adamw.cu. The reference is llamac.optim.AdamW's xp path (same formulas).
+
+ADAMW_CHUNK = 16384          # must equal ADAMW_CHUNK in kernels/adamw.cu
+ADAMW_TABLE = 7              # 64-bit words per tensor in the table (param, grad, master, m, v, size, decays)
+ADAMW_SCALARS = 16           # fp32 slots after the table: 0-7 host-written, 8-9 device-written
+
+
+class FusedAdamW:
+    """The launches for one fixed list of tensor sizes: sum of squares, clip factor, update.
+
+    `step` uploads the pointer table and the step's scalars in ONE host-to-device copy (async, no
+    sync), then runs three kernels that read everything else from device memory, so the three
+    launches (`launch`) can be captured in a CUDA graph once the table no longer changes.
+    """
+
+    def __init__(self, sizes, dtype):
+        cp = backend.cupy_module()
+        self.dtype = np.dtype(dtype)
+        _cuda_dtype("FusedAdamW", np.empty(0, self.dtype))
+        self.sizes = [int(n) for n in sizes]
+        n = len(self.sizes)
+        tensor_of, start = [], []
+        for i, size in enumerate(self.sizes):
+            for lo in range(0, size, ADAMW_CHUNK):
+                tensor_of.append(i)
+                start.append(lo)
+        self.n_chunks = len(start)
+        self.chunk_tensor = cp.asarray(np.array(tensor_of, np.int32))
+        self.chunk_start = cp.asarray(np.array(start, np.int64))
+        words = n * ADAMW_TABLE + ADAMW_SCALARS // 2
+        self.host = np.zeros(words, np.uint64)                   # table, then 16 fp32 scalars
+        self.host_table = self.host[: n * ADAMW_TABLE].reshape(n, ADAMW_TABLE)
+        self.host_scalars = self.host[n * ADAMW_TABLE:].view(np.float32)
+        self.device = cp.zeros(words, np.uint64)
+        self.table = self.device[: n * ADAMW_TABLE]
+        self.scalars = self.device[n * ADAMW_TABLE:].view(np.float32)
+        sms = sm_count()
+        self.sumsq_grid = max(1, min(self.n_chunks, sms * 4))   # fixed: the norm's summation order
+        self.update_grid = max(1, min(self.n_chunks, sms * 8))
+        self.partial = cp.empty(self.sumsq_grid, np.float32)
+        self._fns = [backend.get_kernel("adamw", f, self.dtype) for f in KERNEL_FUNCTIONS["adamw"]]
+
+    def step(self, entries, lr, step_size, inv_bias2, clip, weight_decay, beta1, beta2, eps):
+        """entries: per tensor (param, grad or None, fp32 master (the param itself if fp32), m, v, decays).
+
+        Returns the pre-clip global gradient norm as a fresh 0-d fp32 device array.
+        """
+        rows = self.host_table
+        for i, (p, g, master, m, v, decays) in enumerate(entries):
+            rows[i] = (p.data.ptr, 0 if g is None else g.data.ptr, master.data.ptr, m.data.ptr, v.data.ptr,
+                       self.sizes[i], 1 if decays else 0)
+        self.host_scalars[:8] = (lr, step_size, inv_bias2, clip or 0.0, weight_decay, beta1, beta2, eps)
+        cp = backend.cupy_module()
+        self.device.set(self.host, stream=cp.cuda.get_current_stream())
+        norm = cp.empty((), np.float32)
+        self.launch(norm)
+        return norm
+
+    def launch(self, norm_out):
+        """The three kernels alone (graph-capturable): norm_out gets the pre-clip norm."""
+        sumsq, finalize, update = self._fns
+        n = np.int32(self.n_chunks)
+        sumsq((self.sumsq_grid,), (THREADS,), (self.table, self.chunk_tensor, self.chunk_start, n, self.partial))
+        finalize((1,), (1024,), (self.partial, np.int32(self.sumsq_grid), self.scalars, norm_out))
+        update((self.update_grid,), (THREADS,), (self.table, self.chunk_tensor, self.chunk_start, n, self.scalars))

@@ -472,13 +472,18 @@ class LogSoftmax(Function):
 
 class CrossEntropy(Function):
     """Mean negative log-likelihood of integer targets over logits (..., V), skipping ignore_index.
-    Computed in fp32 whatever the logits' dtype; the gradient is softmax - onehot."""
+    Computed in fp32 whatever the logits' dtype; the gradient is softmax - onehot.
+    GPU: kernels/cross_entropy.cu keeps only the logits and an fp32 lse per row (no fp32 (N, V)
+    array); overwrite_logits=True lets the backward write the gradient into the logits' memory
+    (for a caller whose logits feed nothing else, e.g. the model's training loss)."""
 
-    def forward(self, logits, targets, ignore_index=-100):
+    def forward(self, logits, targets, ignore_index=-100, overwrite_logits=False):
         xp = backend.get_array_module(logits)
         if logits.shape[:-1] != targets.shape:
             raise ShapeError(f"cross_entropy: logits {logits.shape} and targets {targets.shape} do not fit "
                              "(targets must be logits' shape without the last axis)")
+        if xp is not np and logits.dtype in backend.CUDA_TYPES:
+            return self._forward_gpu(xp, logits, targets, ignore_index, overwrite_logits)
         V = logits.shape[-1]
         x = logits.reshape(-1, V).astype(compute_dtype(logits.dtype), copy=False)
         t = targets.reshape(-1)
@@ -497,9 +502,28 @@ class CrossEntropy(Function):
         return xp.where(valid, nll, 0).sum() / count
 
     def backward(self, g):
+        if getattr(self, "gpu", False):
+            return self._backward_gpu(g)
         probs, t, valid, count = self.saved
         xp = backend.get_array_module(probs)
         grad = probs
         grad[xp.arange(len(t)), t] -= 1                 # probs is ours alone: edit in place
         grad *= (valid[:, None] * (g / count)).astype(grad.dtype)
         return grad.reshape(self.logits_shape).astype(self.logits_dtype, copy=False), None
+
+    # ------------------------------------------------------------ GPU: kernels/cross_entropy.cu
+    def _forward_gpu(self, xp, logits, targets, ignore_index, overwrite_logits):
+        from llamac import kernels  # noqa: PLC0415 - (no cycle: kernels imports nothing from ops)
+        loss, lse = kernels.cross_entropy_forward(logits, targets, ignore_index)
+        t = targets.reshape(-1)
+        count = xp.maximum((t != ignore_index).sum(), 1).astype(np.float32)
+        self.save(logits, targets, lse, count)
+        self.gpu, self.ignore_index, self.overwrite = True, ignore_index, overwrite_logits
+        return loss.sum() / count
+
+    def _backward_gpu(self, g):
+        from llamac import kernels  # noqa: PLC0415
+        logits, targets, lse, count = self.saved
+        scale = g.astype(np.float32) / count                   # on the device: no sync
+        out = logits if self.overwrite and logits.flags.c_contiguous else None
+        return kernels.cross_entropy_backward(logits, targets, lse, scale, self.ignore_index, out=out), None

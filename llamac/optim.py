@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from llamac import backend
+from llamac import backend, kernels
 from llamac.config import TrainConfig
 
 
@@ -35,6 +35,7 @@ class AdamW:
         # updates fp32 master copies and rounds them back after every step.
         self.master = {n: p.data.astype(np.float32) for n, p in self.params if backend.is_low_precision(p.dtype)}
         self.t = 0
+        self._fused = None                                   # kernels.FusedAdamW, made on the first GPU step
 
     def grad_norm(self):
         """Global L2 norm of all gradients, as a device scalar (no host sync)."""
@@ -52,6 +53,8 @@ class AdamW:
         lr = self.lr if lr is None else lr
         self.t += 1
         b1, b2 = self.betas
+        if self.params and self.params[0][1].xp is not np and self._fusable():
+            return self._fused_step(lr, clip)
         norm = self.grad_norm()
         scale = 1.0
         if clip:
@@ -77,6 +80,29 @@ class AdamW:
             if name in self.master:
                 p.data = master.astype(p.data.dtype)
         return norm
+
+    def _fusable(self) -> bool:
+        """GPU, one kernel dtype for every parameter, contiguous parameters: the multi-tensor kernels apply."""
+        dtype = self.params[0][1].dtype
+        return dtype in backend.CUDA_TYPES and all(p.dtype == dtype and p.data.flags.c_contiguous
+                                                   for _, p in self.params)
+
+    def _fused_step(self, lr, clip):
+        """kernels/adamw.cu: every parameter in three launches, no host sync; bf16/fp16 parameters
+        are rewritten in place from their fp32 masters (their addresses never change)."""
+        if self._fused is None:
+            self._fused = kernels.FusedAdamW([p.size for _, p in self.params], self.params[0][1].dtype)
+        b1, b2 = self.betas
+        entries, keep = [], []
+        for name, p in self.params:
+            g = p.grad
+            if g is not None and (g.dtype != p.dtype or not g.flags.c_contiguous or g.shape != p.shape):
+                g = p.xp.ascontiguousarray(g.reshape(p.shape), dtype=p.dtype)   # e.g. a broadcast view
+                keep.append(g)
+            entries.append((p.data, g, self.master.get(name, p.data), self.m[name], self.v[name],
+                            bool(self.weight_decay) and decays(name, p)))
+        return self._fused.step(entries, lr=lr, step_size=lr / (1 - b1 ** self.t), inv_bias2=1 / (1 - b2 ** self.t),
+                                clip=clip, weight_decay=self.weight_decay, beta1=b1, beta2=b2, eps=self.eps)
 
     def zero_grad(self):
         for _, p in self.params:

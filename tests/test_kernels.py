@@ -81,6 +81,24 @@ def test_swiglu_uses_128_bit_loads_and_stores(nvrtc):
     assert "ld.global.nc.v4.u32" in ptx and "st.global.v4.u32" in ptx
 
 
+@pytest.mark.parametrize("name", ["rmsnorm", "rope", "embedding", "cross_entropy"])
+def test_training_kernels_use_128_bit_loads_and_stores(nvrtc, name):
+    ptx = backend.compile_check_kernel(name, BF16, arch="sm_90").ptx
+    assert "ld.global.nc.v4.u32" in ptx or "ld.global.v4.u32" in ptx, name
+    assert "st.global.v4.u32" in ptx or "st.global.v4.b32" in ptx, name
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_rope_kernel_compiles_with_tables_in_the_model_dtype(nvrtc, dtype):
+    result = backend.compile_check_kernel("rope", KERNEL_DTYPES[dtype], options=("-DROPE_TABLE_IN_DTYPE",))
+    assert_compiles(result, f"kernels/rope.cu -DROPE_TABLE_IN_DTYPE with {dtype}")
+
+
+def test_adamw_chunk_matches_the_kernel():
+    assert f"#define ADAMW_CHUNK {kernels.ADAMW_CHUNK}" in (backend.KERNEL_DIR / "adamw.cu").read_text()
+    assert f"#define ADAMW_TABLE {kernels.ADAMW_TABLE}" in (backend.KERNEL_DIR / "adamw.cu").read_text()
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_conversion_test_kernel_compiles(nvrtc, dtype):
     result = backend.compile_check(convert_source(), backend.kernel_options(KERNEL_DTYPES[dtype]), name="convert_test.cu")
@@ -227,7 +245,8 @@ def test_modules_import_and_refuse_cleanly_without_cupy():
         sys.modules["cupy"] = None
         import llamac.kernels, llamac.kernel_bench
         from llamac.errors import LlamacError
-        for call in (llamac.kernel_bench.bench_swiglu, llamac.kernel_bench.measure_copy_bandwidth):
+        for call in (llamac.kernel_bench.bench_swiglu, llamac.kernel_bench.measure_copy_bandwidth,
+                     llamac.kernel_bench.bench_training_kernels):
             try:
                 call()
             except LlamacError as exc:
@@ -412,3 +431,89 @@ def test_compile_check_leaves_python_bytes_alone(nvrtc):
     # after which every b" " in the process was a NUL byte and tokenizers spelled spaces as \x00.
     backend.compile_check_kernel("swiglu", np.float32)
     assert " ".encode()[0] == 32 and (b" " * 1)[0] == 32   # (bytes([32]) is that same object)
+
+
+# ================================================================ the training kernels' references, CPU (float64)
+
+def numeric_grad(f, x, h=1e-6):
+    """d sum(f(x)) / dx by central differences, one entry at a time (small x only)."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        g[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return g
+
+
+def test_rmsnorm_references_match_float64():
+    rng = np.random.default_rng(20)
+    x, w, d = rng.normal(size=(2, 3, 9)), rng.normal(size=9), rng.normal(size=(2, 3, 9))
+    y, rstd = kernels.rmsnorm_forward_reference(x, w, eps=1e-5)
+    want_rstd = 1 / np.sqrt((x * x).mean(-1) + 1e-5)
+    np.testing.assert_allclose(rstd, want_rstd.reshape(-1), rtol=1e-13)
+    np.testing.assert_allclose(y, x * want_rstd[..., None] * w, rtol=1e-13)
+    dx, dw = kernels.rmsnorm_backward_reference(d, x, w, rstd)
+    np.testing.assert_allclose(dx, numeric_grad(lambda a: (kernels.rmsnorm_forward_reference(a, w)[0] * d).sum(), x),
+                               atol=1e-7)
+    np.testing.assert_allclose(dw, numeric_grad(lambda a: (kernels.rmsnorm_forward_reference(x, a)[0] * d).sum(), w),
+                               atol=1e-7)
+    # the launchers on NumPy are the references; bf16 computes in fp32 and rounds once
+    xb, wb = x.astype(BF16), w.astype(BF16)
+    yb, rb = kernels.rmsnorm_forward(xb, wb)
+    assert yb.dtype == BF16 and rb.dtype == np.float32
+    assert rel_err(yb, kernels.rmsnorm_forward_reference(xb.astype(np.float64), wb.astype(np.float64))[0]) <= 1e-2
+
+
+def test_rope_reference_is_the_fused_rotation_and_its_inverse():
+    from llamac import fused
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(2, 5, 3, 8))
+    ang = rng.normal(size=(5, 4))
+    cos, sin = np.cos(ang), np.sin(ang)
+    out = kernels.rope_forward(x, cos, sin)
+    np.testing.assert_allclose(out, fused._rotate(x, cos, sin, 1.0), rtol=1e-14, atol=1e-15)
+    # pair i of position t is the complex number x[2i] + i x[2i+1] times e^(i angle)
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * ang)[None, :, None, :]
+    np.testing.assert_allclose(out[..., 0::2], z.real, atol=1e-13)
+    np.testing.assert_allclose(out[..., 1::2], z.imag, atol=1e-13)
+    np.testing.assert_allclose(kernels.rope_backward(out, cos, sin), x, atol=1e-13)
+    with pytest.raises(ShapeError, match="want"):
+        kernels.rope_forward(x, cos[:4], sin[:4])
+
+
+def test_embedding_backward_reference_sums_repeats():
+    rng = np.random.default_rng(22)
+    ids = rng.integers(0, 6, (3, 7))
+    d = rng.normal(size=(3, 7, 5))
+    want = np.zeros((6, 5))
+    for j, i in enumerate(ids.reshape(-1)):
+        want[i] += d.reshape(-1, 5)[j]
+    np.testing.assert_allclose(kernels.embedding_backward(ids, d, 6), want, rtol=1e-14)
+    assert kernels.embedding_backward(ids, d.astype(BF16), 6).dtype == BF16
+    with pytest.raises(LlamacError, match="integers"):
+        kernels.embedding_backward(ids.astype(np.float32), d, 6)
+
+
+def test_cross_entropy_references_match_float64():
+    rng = np.random.default_rng(23)
+    logits = rng.normal(0, 3, (2, 3, 11))
+    targets = rng.integers(0, 11, (2, 3))
+    targets[1, 2] = -100
+    loss, lse = kernels.cross_entropy_forward(logits, targets)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, np.where(targets < 0, 0, targets)[..., None], -1)[..., 0]
+    want[1, 2] = 0
+    np.testing.assert_allclose(loss, want.reshape(-1), rtol=1e-13)
+    np.testing.assert_allclose(lse, np.log(np.exp(logits).sum(-1)).reshape(-1), rtol=1e-13)
+    d = kernels.cross_entropy_backward(logits, targets, lse, 0.25)
+    num = numeric_grad(lambda a: kernels.cross_entropy_forward(a, targets)[0].sum() * 0.25, logits)
+    np.testing.assert_allclose(d, num, atol=1e-8)
+    assert np.all(d[1, 2] == 0)
+    out = np.empty_like(logits)
+    assert kernels.cross_entropy_backward(logits, targets, lse, 0.25, out=out) is out
+    # the GPU-path loss (mean over counted rows) equals the ops.CrossEntropy CPU value
+    import llamac
+    ce = llamac.cross_entropy(llamac.tensor(logits.astype(np.float32)), llamac.tensor(targets)).item()
+    assert abs(loss.sum() / 5 - ce) <= 1e-5 * abs(ce)
+    with pytest.raises(ShapeError, match="do not fit"):
+        kernels.cross_entropy_forward(logits, targets[:, :2])

@@ -1,0 +1,133 @@
+// Fused multi-tensor AdamW with the global-norm clip. Launcher and reference: llamac/optim.py
+// (AdamW's GPU path) and llamac/kernels.py (adamw_reference).
+//
+// Every parameter of the model in a few launches, none of which needs the host: a table in
+// device memory gives each tensor's pointers, and the per-step numbers (lr, bias corrections,
+// clip, ...) sit in a small fp32 array the host refreshes with one host-to-device copy, so the
+// launches can be captured in a CUDA graph. DTYPE is the parameters' (and gradients') dtype; a
+// bf16/fp16 parameter has an fp32 master copy, updated and then rounded into the parameter in
+// place (its address never changes); an fp32 parameter is its own master.
+//
+//   adamw_sumsq     partial[b] = sum of g^2 over block b's chunks (fixed grid: deterministic)
+//   adamw_finalize  norm = sqrt(sum of partials, in order); clip factor into the scalars
+//   adamw_update    the update, reading the clip factor from the scalars
+//
+// Work is cut into chunks of ADAMW_CHUNK elements of one tensor (chunk_tensor/chunk_start,
+// built once from the sizes); blocks stride over the chunks.
+
+#define ADAMW_CHUNK 16384
+#define ADAMW_TABLE 7  // per tensor: param, grad, master, m, v, size, decays (all 64-bit)
+
+// scalars (fp32): host-written each step ...
+#define S_LR 0
+#define S_STEP_SIZE 1      // lr / (1 - beta1^t)
+#define S_INV_BIAS2 2      // 1 / (1 - beta2^t)
+#define S_CLIP 3           // <= 0: no clipping
+#define S_WEIGHT_DECAY 4
+#define S_BETA1 5
+#define S_BETA2 6
+#define S_EPS 7
+// ... and device-written by adamw_finalize
+#define S_SCALE 8          // min(1, clip / (norm + 1e-6)), or 1
+#define S_NORM 9
+
+struct AdamWTensor {
+    DTYPE* p;
+    const DTYPE* g;
+    float* master;  // == (float*)p for fp32 parameters
+    float* m;
+    float* v;
+    long long n;
+    bool decays;
+};
+
+LLAMAC_DEVICE AdamWTensor adamw_tensor(const unsigned long long* table, int i) {
+    const unsigned long long* e = table + (long long)i * ADAMW_TABLE;
+    AdamWTensor t;
+    t.p = reinterpret_cast<DTYPE*>(e[0]);
+    t.g = reinterpret_cast<const DTYPE*>(e[1]);
+    t.master = reinterpret_cast<float*>(e[2]);
+    t.m = reinterpret_cast<float*>(e[3]);
+    t.v = reinterpret_cast<float*>(e[4]);
+    t.n = (long long)e[5];
+    t.decays = e[6] != 0ull;
+    return t;
+}
+
+LLAMAC_DEVICE float adamw_block_sum(float v, float* shared32) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared32[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+    if (threadIdx.x == 0) {
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += shared32[w];
+    }
+    __syncthreads();
+    return total;  // meaningful in thread 0 only
+}
+
+extern "C" __global__ void adamw_sumsq(const unsigned long long* __restrict__ table,
+                                       const int* __restrict__ chunk_tensor,
+                                       const long long* __restrict__ chunk_start,
+                                       int n_chunks, float* __restrict__ partial) {
+    __shared__ float shared32[32];
+    float acc = 0.0f;
+    for (int c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        const AdamWTensor t = adamw_tensor(table, chunk_tensor[c]);
+        if (t.g == nullptr) continue;
+        const long long lo = chunk_start[c];
+        const long long hi = min(lo + ADAMW_CHUNK, t.n);
+        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+            const float g = load_f(t.g + i);
+            acc += g * g;
+        }
+    }
+    const float total = adamw_block_sum(acc, shared32);
+    if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// One block. Also writes the norm to norm_out (a fresh device scalar the caller returns).
+extern "C" __global__ void adamw_finalize(const float* __restrict__ partial, int n_partial,
+                                          float* __restrict__ scalars, float* __restrict__ norm_out) {
+    __shared__ float shared32[32];
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < n_partial; i += blockDim.x) acc += partial[i];
+    const float total = adamw_block_sum(acc, shared32);
+    if (threadIdx.x == 0) {
+        const float norm = sqrtf(total);
+        const float clip = scalars[S_CLIP];
+        scalars[S_SCALE] = clip > 0.0f ? fminf(1.0f, clip / (norm + 1e-6f)) : 1.0f;
+        scalars[S_NORM] = norm;
+        norm_out[0] = norm;
+    }
+}
+
+extern "C" __global__ void adamw_update(const unsigned long long* __restrict__ table,
+                                        const int* __restrict__ chunk_tensor,
+                                        const long long* __restrict__ chunk_start,
+                                        int n_chunks, const float* __restrict__ scalars) {
+    const float lr = scalars[S_LR], step_size = scalars[S_STEP_SIZE], inv_bias2 = scalars[S_INV_BIAS2];
+    const float wd = scalars[S_WEIGHT_DECAY], b1 = scalars[S_BETA1], b2 = scalars[S_BETA2];
+    const float eps = scalars[S_EPS], scale = scalars[S_SCALE];
+    for (int c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        const AdamWTensor t = adamw_tensor(table, chunk_tensor[c]);
+        if (t.g == nullptr) continue;  // no gradient this step: leave the parameter and moments alone
+        const float decay = t.decays ? 1.0f - lr * wd : 1.0f;
+        const bool own_master = reinterpret_cast<void*>(t.master) == reinterpret_cast<void*>(t.p);
+        const long long lo = chunk_start[c];
+        const long long hi = min(lo + ADAMW_CHUNK, t.n);
+        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+            const float g = load_f(t.g + i) * scale;
+            const float m = b1 * t.m[i] + (1.0f - b1) * g;
+            const float v = b2 * t.v[i] + (1.0f - b2) * (g * g);
+            t.m[i] = m;
+            t.v[i] = v;
+            float w = t.master[i] * decay;
+            w -= step_size * (m / (sqrtf(v * inv_bias2) + eps));
+            t.master[i] = w;
+            if (!own_master) store_f(t.p + i, w);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+// RMSNorm over the last axis: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps).
+// NumPy references and launchers: llamac/kernels.py (rmsnorm_forward/backward).
+//
+// One warp per row (C is a few hundred to a few thousand: a warp's 32 lanes
+// each take C/32 values, and the row reduction is five shuffles, no shared
+// memory or __syncthreads). A row is read twice: the second pass hits L1/L2,
+// so DRAM sees x once. Rows are 16-byte vectorized when every row start is
+// aligned (C a multiple of the pack and aligned base pointers), else scalar.
+//
+// The weight gradient dw[c] = sum_rows dy * x * rstd must be deterministic, so
+// there are no float atomics: each warp adds its rows into its own slice of
+// shared memory (a lane owns fixed columns: no races), the block sums its
+// warps' slices in warp order into partial[block, :], and rmsnorm_dw_reduce
+// sums the blocks' partials in block order. The grid is fixed by the launcher
+// (from the SM count, not the data), so the summation order never changes.
+
+LLAMAC_DEVICE float rms_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// True when x, every other pointer and every row start (row * C) are 16-byte aligned.
+LLAMAC_DEVICE bool rms_rows_vectorizable(int C, const void* a, const void* b, const void* c, const void* d) {
+    constexpr int P = Packed128<DTYPE>::size;
+    return (C % P) == 0 && is_aligned16(a) && is_aligned16(b) && is_aligned16(c) && is_aligned16(d);
+}
+
+extern "C" __global__ void rmsnorm_forward(const DTYPE* __restrict__ x,     // (N, C)
+                                           const DTYPE* __restrict__ w,     // (C,)
+                                           DTYPE* __restrict__ y,           // (N, C)
+                                           float* __restrict__ rstd,        // (N,)
+                                           long long N, int C, float eps) {
+    constexpr int P = Packed128<DTYPE>::size;
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    const long long first = (long long)blockIdx.x * warps + (threadIdx.x >> 5);
+    const long long stride = (long long)gridDim.x * warps;
+    const bool vec = rms_rows_vectorizable(C, x, w, y, x);
+
+    for (long long r = first; r < N; r += stride) {
+        const DTYPE* xr = x + r * C;
+        DTYPE* yr = y + r * C;
+        float ss = 0.0f;
+        if (vec) {
+            for (int c = lane * P; c < C; c += 32 * P) {
+                const Packed128<DTYPE> a = load128(xr + c);
+#pragma unroll
+                for (int k = 0; k < P; ++k) { float f = to_float(a.v[k]); ss += f * f; }
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) { float f = load_f(xr + c); ss += f * f; }
+        }
+        ss = rms_warp_sum(ss);
+        const float rs = rsqrtf(ss / (float)C + eps);
+        if (lane == 0) rstd[r] = rs;
+        if (vec) {
+            for (int c = lane * P; c < C; c += 32 * P) {
+                const Packed128<DTYPE> a = load128(xr + c);
+                const Packed128<DTYPE> g = load128(w + c);
+                Packed128<DTYPE> o;
+#pragma unroll
+                for (int k = 0; k < P; ++k) o.v[k] = from_float<DTYPE>(to_float(a.v[k]) * rs * to_float(g.v[k]));
+                store128(yr + c, o);
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) store_f(yr + c, load_f(xr + c) * rs * load_f(w + c));
+        }
+    }
+}
+
+// dx = (dy * w - xhat * mean(dy * w * xhat)) * rstd, xhat = x * rstd; partial[block, c] = sum over
+// the block's rows of dy * xhat. Dynamic shared memory: (blockDim.x / 32) * C floats.
+extern "C" __global__ void rmsnorm_backward(const DTYPE* __restrict__ dy,    // (N, C)
+                                            const DTYPE* __restrict__ x,     // (N, C)
+                                            const DTYPE* __restrict__ w,     // (C,)
+                                            const float* __restrict__ rstd,  // (N,)
+                                            DTYPE* __restrict__ dx,          // (N, C)
+                                            float* __restrict__ partial,     // (gridDim.x, C)
+                                            long long N, int C) {
+    extern __shared__ float dw_slices[];  // (warps, C)
+    constexpr int P = Packed128<DTYPE>::size;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    float* mine = dw_slices + (long long)warp * C;
+    for (int c = lane; c < C; c += 32) mine[c] = 0.0f;
+    __syncwarp();
+    const bool vec = rms_rows_vectorizable(C, dy, x, w, dx);
+
+    for (long long r = (long long)blockIdx.x * warps + warp; r < N; r += (long long)gridDim.x * warps) {
+        const DTYPE* dyr = dy + r * C;
+        const DTYPE* xr = x + r * C;
+        DTYPE* dxr = dx + r * C;
+        const float rs = rstd[r];
+        float dot = 0.0f;  // sum(dy * w * x); times rs gives sum(dy * w * xhat)
+        if (vec) {
+            for (int c = lane * P; c < C; c += 32 * P) {
+                const Packed128<DTYPE> d = load128(dyr + c), a = load128(xr + c), g = load128(w + c);
+#pragma unroll
+                for (int k = 0; k < P; ++k) dot += to_float(d.v[k]) * to_float(g.v[k]) * to_float(a.v[k]);
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) dot += load_f(dyr + c) * load_f(w + c) * load_f(xr + c);
+        }
+        dot = rms_warp_sum(dot) * rs / (float)C;  // mean(dy * w * xhat)
+        if (vec) {
+            for (int c = lane * P; c < C; c += 32 * P) {
+                const Packed128<DTYPE> d = load128(dyr + c), a = load128(xr + c), g = load128(w + c);
+                Packed128<DTYPE> o;
+#pragma unroll
+                for (int k = 0; k < P; ++k) {
+                    const float xh = to_float(a.v[k]) * rs, df = to_float(d.v[k]);
+                    o.v[k] = from_float<DTYPE>((df * to_float(g.v[k]) - xh * dot) * rs);
+                    mine[k * (C / P) + c / P] += df * xh;  // pack-major: lanes hit distinct banks
+                }
+                store128(dxr + c, o);
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) {
+                const float xh = load_f(xr + c) * rs, df = load_f(dyr + c);
+                store_f(dxr + c, (df * load_f(w + c) - xh * dot) * rs);
+                mine[c] += df * xh;
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float s = 0.0f;
+        const int slot = vec ? (c % P) * (C / P) + c / P : c;
+        for (int k = 0; k < warps; ++k) s += dw_slices[(long long)k * C + slot];
+        partial[(long long)blockIdx.x * C + c] = s;
+    }
+}
+
+// dw[c] = sum of partial[b, c] over the blocks b, in a fixed order, in fp32. Each block takes 32
+// columns with its 8 warps: warp k sums blocks k, k + 8, ... (lanes read 32 adjacent columns:
+// coalesced), then warp 0 adds the 8 warp sums in warp order. Launch with 256 threads.
+extern "C" __global__ void rmsnorm_dw_reduce(const float* __restrict__ partial,  // (blocks, C)
+                                             float* __restrict__ dw,             // (C,)
+                                             int blocks, int C) {
+    __shared__ float sums[8][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + lane;
+    float s = 0.0f;
+    if (c < C) {
+        for (int b = warp; b < blocks; b += 8) s += partial[(long long)b * C + c];
+    }
+    sums[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && c < C) {
+        float total = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) total += sums[k][lane];
+        dw[c] = total;
+    }
+}
