@@ -54,6 +54,24 @@ LLAMAC_DEVICE AdamWTensor adamw_tensor(const unsigned long long* table, int i) {
     return t;
 }
 
+// Four consecutive values in one load/store: 16 bytes of fp32, 8 of bf16/fp16.
+template <typename T> struct alignas(4 * sizeof(T)) Quad { T v[4]; };
+
+template <typename T> LLAMAC_DEVICE Quad<T> load_quad(T* p) { return *reinterpret_cast<const Quad<T>*>(p); }
+template <typename T> LLAMAC_DEVICE void store_quad(T* p, const Quad<T>& x) { *reinterpret_cast<Quad<T>*>(p) = x; }
+
+template <typename T> LLAMAC_DEVICE bool adamw_aligned(const T* p) {
+    return (reinterpret_cast<unsigned long long>(p) % (4 * sizeof(T))) == 0;
+}
+
+// One parameter: moments, decoupled decay, bias-corrected step (optim.AdamW's formulas).
+LLAMAC_DEVICE void adamw_element(float g, float& m, float& v, float& w, float b1, float b2, float inv_bias2,
+                                 float eps, float step_size, float decay) {
+    m = b1 * m + (1.0f - b1) * g;
+    v = b2 * v + (1.0f - b2) * (g * g);
+    w = w * decay - step_size * (m / (sqrtf(v * inv_bias2) + eps));
+}
+
 LLAMAC_DEVICE float adamw_block_sum(float v, float* shared32) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -79,7 +97,16 @@ extern "C" __global__ void adamw_sumsq(const unsigned long long* __restrict__ ta
         if (t.g == nullptr) continue;
         const long long lo = chunk_start[c];
         const long long hi = min(lo + ADAMW_CHUNK, t.n);
-        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        long long i = lo;
+        if (adamw_aligned(t.g + lo)) {
+            for (long long q = lo + 4 * threadIdx.x; q + 4 <= hi; q += 4 * blockDim.x) {
+                const Quad<const DTYPE> g = load_quad(t.g + q);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) { const float f = to_float(g.v[k]); acc += f * f; }
+            }
+            i = lo + ((hi - lo) & ~3ll);
+        }
+        for (i += threadIdx.x; i < hi; i += blockDim.x) {
             const float g = load_f(t.g + i);
             acc += g * g;
         }
@@ -118,14 +145,32 @@ extern "C" __global__ void adamw_update(const unsigned long long* __restrict__ t
         const bool own_master = reinterpret_cast<void*>(t.master) == reinterpret_cast<void*>(t.p);
         const long long lo = chunk_start[c];
         const long long hi = min(lo + ADAMW_CHUNK, t.n);
-        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-            const float g = load_f(t.g + i) * scale;
-            const float m = b1 * t.m[i] + (1.0f - b1) * g;
-            const float v = b2 * t.v[i] + (1.0f - b2) * (g * g);
+        long long i = lo;
+        // Four elements a thread per step (float4 for the fp32 state, 4 x DTYPE for the parameter
+        // and gradient) when every array is aligned at the chunk start; the tail goes one by one.
+        if (adamw_aligned(t.g + lo) && adamw_aligned(t.p + lo) && adamw_aligned(t.master + lo) &&
+            adamw_aligned(t.m + lo) && adamw_aligned(t.v + lo)) {
+            for (long long q = lo + 4 * threadIdx.x; q + 4 <= hi; q += 4 * blockDim.x) {
+                const Quad<const DTYPE> g = load_quad(t.g + q);
+                Quad<float> m = load_quad(t.m + q), v = load_quad(t.v + q), w = load_quad(t.master + q);
+                Quad<DTYPE> p;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    adamw_element(to_float(g.v[k]) * scale, m.v[k], v.v[k], w.v[k], b1, b2, inv_bias2, eps, step_size, decay);
+                    p.v[k] = from_float<DTYPE>(w.v[k]);
+                }
+                store_quad(t.m + q, m);
+                store_quad(t.v + q, v);
+                store_quad(t.master + q, w);
+                if (!own_master) store_quad(t.p + q, p);
+            }
+            i = lo + ((hi - lo) & ~3ll);
+        }
+        for (i += threadIdx.x; i < hi; i += blockDim.x) {
+            float m = t.m[i], v = t.v[i], w = t.master[i];
+            adamw_element(load_f(t.g + i) * scale, m, v, w, b1, b2, inv_bias2, eps, step_size, decay);
             t.m[i] = m;
             t.v[i] = v;
-            float w = t.master[i] * decay;
-            w -= step_size * (m / (sqrtf(v * inv_bias2) + eps));
             t.master[i] = w;
             if (!own_master) store_f(t.p + i, w);
         }

@@ -64,8 +64,15 @@ extern "C" __global__ void cross_entropy_forward(const DTYPE* __restrict__ logit
         for (int c = threadIdx.x; c < head; c += blockDim.x) ce_add(m, s, load_f(row + c));
         for (int p = threadIdx.x; p < packs; p += blockDim.x) {
             const Packed128<DTYPE> a = load128(row + head + p * P);
+            // One rescale per pack, not per element: max of the pack first, then P exps, no branches inside.
+            float xs[P], pm = CE_NEG_INF;
 #pragma unroll
-            for (int k = 0; k < P; ++k) ce_add(m, s, to_float(a.v[k]));
+            for (int k = 0; k < P; ++k) { xs[k] = to_float(a.v[k]); pm = fmaxf(pm, xs[k]); }
+            if (pm > m) { s *= __expf(m - pm); m = pm; }
+            if (m != CE_NEG_INF) {
+#pragma unroll
+                for (int k = 0; k < P; ++k) s += __expf(xs[k] - m);  // exp(-inf - m) = 0 for masked logits
+            }
         }
         for (int c = head + packs * P + threadIdx.x; c < V; c += blockDim.x) ce_add(m, s, load_f(row + c));
 #pragma unroll

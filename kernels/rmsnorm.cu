@@ -14,6 +14,14 @@
 // sums the blocks' partials in block order. The grid is fixed by the launcher
 // (from the SM count, not the data), so the summation order never changes.
 
+// With -DRMS_PACKS=K (K > 0) a lane keeps its K packs of the row in registers between the two
+// passes instead of reading them again (from L2: the dw slices leave little L1); the launcher
+// compiles K = the next power of two of C / (32 * pack) and uses the re-reading loop (K = 0) for
+// rows too long for K <= 8. Unset, it is 4, so the CI compile check covers the cached path.
+#ifndef RMS_PACKS
+#define RMS_PACKS 4
+#endif
+
 LLAMAC_DEVICE float rms_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -38,6 +46,40 @@ extern "C" __global__ void rmsnorm_forward(const DTYPE* __restrict__ x,     // (
     const long long stride = (long long)gridDim.x * warps;
     const bool vec = rms_rows_vectorizable(C, x, w, y, x);
 
+#if RMS_PACKS > 0
+    if (vec && C <= 32 * P * RMS_PACKS) {
+        for (long long r = first; r < N; r += stride) {
+            const DTYPE* xr = x + r * C;
+            DTYPE* yr = y + r * C;
+            Packed128<DTYPE> a[RMS_PACKS];
+            float ss = 0.0f;
+#pragma unroll
+            for (int j = 0; j < RMS_PACKS; ++j) {
+                const int c = (lane + 32 * j) * P;
+                if (c < C) {
+                    a[j] = load128(xr + c);
+#pragma unroll
+                    for (int k = 0; k < P; ++k) { float f = to_float(a[j].v[k]); ss += f * f; }
+                }
+            }
+            ss = rms_warp_sum(ss);
+            const float rs = rsqrtf(ss / (float)C + eps);
+            if (lane == 0) rstd[r] = rs;
+#pragma unroll
+            for (int j = 0; j < RMS_PACKS; ++j) {
+                const int c = (lane + 32 * j) * P;
+                if (c < C) {
+                    const Packed128<DTYPE> g = load128(w + c);
+                    Packed128<DTYPE> o;
+#pragma unroll
+                    for (int k = 0; k < P; ++k) o.v[k] = from_float<DTYPE>(to_float(a[j].v[k]) * rs * to_float(g.v[k]));
+                    store128(yr + c, o);
+                }
+            }
+        }
+        return;
+    }
+#endif
     for (long long r = first; r < N; r += stride) {
         const DTYPE* xr = x + r * C;
         DTYPE* yr = y + r * C;
@@ -88,7 +130,49 @@ extern "C" __global__ void rmsnorm_backward(const DTYPE* __restrict__ dy,    // 
     __syncwarp();
     const bool vec = rms_rows_vectorizable(C, dy, x, w, dx);
 
-    for (long long r = (long long)blockIdx.x * warps + warp; r < N; r += (long long)gridDim.x * warps) {
+#if RMS_PACKS > 0
+    const bool cached = vec && C <= 32 * P * RMS_PACKS;
+    if (cached) {
+        for (long long r = (long long)blockIdx.x * warps + warp; r < N; r += (long long)gridDim.x * warps) {
+            const DTYPE* dyr = dy + r * C;
+            const DTYPE* xr = x + r * C;
+            DTYPE* dxr = dx + r * C;
+            const float rs = rstd[r];
+            Packed128<DTYPE> d[RMS_PACKS], a[RMS_PACKS];
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < RMS_PACKS; ++j) {
+                const int c = (lane + 32 * j) * P;
+                if (c < C) {
+                    d[j] = load128(dyr + c);
+                    a[j] = load128(xr + c);
+                    const Packed128<DTYPE> g = load128(w + c);
+#pragma unroll
+                    for (int k = 0; k < P; ++k) dot += to_float(d[j].v[k]) * to_float(g.v[k]) * to_float(a[j].v[k]);
+                }
+            }
+            dot = rms_warp_sum(dot) * rs / (float)C;
+#pragma unroll
+            for (int j = 0; j < RMS_PACKS; ++j) {
+                const int c = (lane + 32 * j) * P;
+                if (c < C) {
+                    const Packed128<DTYPE> g = load128(w + c);
+                    Packed128<DTYPE> o;
+#pragma unroll
+                    for (int k = 0; k < P; ++k) {
+                        const float xh = to_float(a[j].v[k]) * rs, df = to_float(d[j].v[k]);
+                        o.v[k] = from_float<DTYPE>((df * to_float(g.v[k]) - xh * dot) * rs);
+                        mine[k * (C / P) + c / P] += df * xh;
+                    }
+                    store128(dxr + c, o);
+                }
+            }
+        }
+    }
+#else
+    const bool cached = false;
+#endif
+    for (long long r = (long long)blockIdx.x * warps + warp; !cached && r < N; r += (long long)gridDim.x * warps) {
         const DTYPE* dyr = dy + r * C;
         const DTYPE* xr = x + r * C;
         DTYPE* dxr = dx + r * C;

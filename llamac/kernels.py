@@ -229,6 +229,14 @@ def _cuda_dtype(op: str, array):
 # the backward. Kernel: kernels/rmsnorm.cu (one warp per row; deterministic fp32 weight gradient).
 
 RMSNORM_MAX_C = 12288   # the backward keeps one fp32 row of dw per warp in 48 KB of shared memory
+RMSNORM_CACHE = True    # keep each lane's share of a row in registers between the passes (RMS_PACKS)
+
+
+def _rmsnorm_options(C: int, dtype) -> tuple[str, ...]:
+    """-DRMS_PACKS=K: the 16-byte packs per lane of a row of C, when K <= 8; 0 (re-read the row) else."""
+    pack = 16 // np.dtype(dtype).itemsize
+    k = -(-C // (32 * pack))
+    return (f"-DRMS_PACKS={k if RMSNORM_CACHE and C % pack == 0 and k <= 8 else 0}",)
 
 
 def rmsnorm_forward_reference(x, weight, eps=1e-5):
@@ -278,7 +286,7 @@ def rmsnorm_forward(x, weight, eps=1e-5):
         with x2.device:
             warps = THREADS // 32
             grid = max(1, min(-(-N // warps), sm_count() * 8))
-            fn = backend.get_kernel("rmsnorm", "rmsnorm_forward", x.dtype)
+            fn = backend.get_kernel("rmsnorm", "rmsnorm_forward", x.dtype, _rmsnorm_options(C, x.dtype))
             fn((grid,), (THREADS,), (x2, w, out, rstd, np.int64(N), np.int32(C), np.float32(eps)))
     return out.reshape(x.shape), rstd
 
@@ -312,7 +320,7 @@ def rmsnorm_backward(dout, x, weight, rstd):
             per_sm = max(1, min(2048 // (32 * warps), (200 << 10) // shared))
             grid = max(1, min(-(-N // warps), sm_count() * per_sm))
             partial = xp.empty((grid, C), np.float32)
-            fn = backend.get_kernel("rmsnorm", "rmsnorm_backward", dtype)
+            fn = backend.get_kernel("rmsnorm", "rmsnorm_backward", dtype, _rmsnorm_options(C, dtype))
             fn((grid,), (32 * warps,), (d2, x2, w, r, dx, partial, np.int64(N), np.int32(C)), shared_mem=shared)
             reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
             reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))

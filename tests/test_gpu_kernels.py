@@ -46,13 +46,15 @@ def check(got, want, tol, what):
 
 # ---------------------------------------------------------------- RMSNorm
 
-RMS_SHAPES = [(1, 8), (7, 129), (3, 1, 1000), (2, 5, 768), (33, 4096), (4, 13000)]
+RMS_SHAPES = [(1, 8), (7, 129), (3, 1, 1000), (2, 5, 768), (9, 2048), (33, 4096), (4, 13000)]
 
 
+@pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", RMS_SHAPES, ids=str)
-def test_rmsnorm_kernels(shape, dtype, offset):
+def test_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
+    monkeypatch.setattr(kernels, "RMSNORM_CACHE", cache)     # rows kept in registers, or read twice
     dtype = DTYPES[dtype]
     x, d = normal(shape, dtype, 0, 2.0), normal(shape, dtype, 1)
     w = (1 + normal(shape[-1:], np.float32, 2, 0.3)).astype(dtype)
@@ -246,6 +248,8 @@ def test_fused_adamw_takes_strided_gradients():
         p = named[1][1]
         xp = p.xp
         p.grad = xp.broadcast_to(xp.asarray(np.float32(0.25)), p.shape)     # e.g. from a sum's backward
+    g3 = np.random.default_rng(17).normal(size=gpu[3][1].shape).astype(np.float32)
+    gpu[3][1].grad, cpu[3][1].grad = on_gpu(g3, 1), g3            # contiguous but not 16-byte aligned
     AdamW(gpu, lr=1e-2).step(clip=1.0)
     AdamW(cpu, lr=1e-2).step(clip=1.0)
     for (name, gp), (_, c) in zip(gpu, cpu):
