@@ -219,6 +219,12 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
         sync()
         seconds = (time.perf_counter() - t0) / steps
         peak = max(peak, backend.gpu_pools_bytes())
+        if runner.captured:     # the graph alone: what the eager optimizer after it costs
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                runner._replay([(x, y, None)])
+            sync()
+            row["fwd_bwd_graph_ms"] = round((time.perf_counter() - t0) / steps * 1e3, 2)
         row.update({"step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(B * T / seconds),
                     "MFU": round(flops * B * T / seconds / PEAK_BF16, 4), "peak_GB": round(peak / 1e9, 2) if gpu else None,
                     "MFU_peak": "989 TFLOP/s (H100 SXM dense bf16)",
