@@ -520,30 +520,17 @@ def cublas_library_path() -> str:
 
 # ---------------------------------------------------------------- streams and CUDA graphs
 
-_GRAPH_POOLS: list = []
-
-
 def new_graph_pool():
     """A memory pool used only while capturing: memory a graph points into is never handed to other code."""
-    import weakref
-    pool = cupy_module().cuda.MemoryPool()
-    _GRAPH_POOLS.append(weakref.ref(pool))
-    return pool
+    return cupy_module().cuda.MemoryPool()
 
 
-def gpu_pools_bytes() -> int:
-    """Bytes held by CuPy's default pool and every live graph pool (blocks in use plus cached)."""
+def gpu_pools_bytes(*graph_pools) -> int:
+    """Bytes held by CuPy's default pool and the given graph pools (blocks in use plus cached)."""
     cp, _ = _cupy_or_reason()
     if cp is None:
         return 0
-    total = int(cp.get_default_memory_pool().total_bytes())
-    for ref in list(_GRAPH_POOLS):
-        pool = ref()
-        if pool is None:
-            _GRAPH_POOLS.remove(ref)
-        else:
-            total += int(pool.total_bytes())
-    return total
+    return int(cp.get_default_memory_pool().total_bytes()) + sum(int(p.total_bytes()) for p in graph_pools if p)
 
 
 _CAPTURE_STREAMS: dict = {}

@@ -211,14 +211,14 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
         peak = 0
         for _ in range(warmup):
             loss, _ = runner(lambda micro: (x, y, None), 1e-4)
-            peak = max(peak, backend.gpu_pools_bytes())
+            peak = max(peak, backend.gpu_pools_bytes(runner.pool))
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             loss, _ = runner(lambda micro: (x, y, None), 1e-4)
         sync()
         seconds = (time.perf_counter() - t0) / steps
-        peak = max(peak, backend.gpu_pools_bytes())
+        peak = max(peak, backend.gpu_pools_bytes(runner.pool))
         if runner.captured:     # the graph alone: what the eager optimizer after it costs
             t0 = time.perf_counter()
             for _ in range(steps):

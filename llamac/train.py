@@ -50,6 +50,7 @@ class TrainStep:
         self.use_graph = bool(cuda_graph) and self.device == "cuda" and dropout == 0.0
         self.eager_steps = 0
         self.graphs = None          # [first micro-step graph, accumulating graph or None]
+        self.pool = None            # the graphs' private memory pool
         self.graph_error = None     # why capture failed (then every step runs eagerly)
         self.mismatch_warned = False
 
@@ -107,8 +108,8 @@ class TrainStep:
         self.optimizer.zero_grad()
         backend.synchronize()
         backend.free_cached_gpu_memory()     # the eager steps' activations: not twice in memory
-        self.pool = backend.new_graph_pool()
         try:
+            self.pool = backend.new_graph_pool()
             first, self.loss_first = backend.capture_graph(self._forward_backward, self.pool)
             self.grads = [p.grad for p in self.params]
             graphs = [first, None]
