@@ -174,7 +174,8 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
                     cuda_graph: bool = True, warmup: int = 4, device: str = "cuda") -> list[dict]:
     """bf16 training steps on the GPU (forward, backward, clip 1.0, AdamW with fp32 masters) on
     synthetic tokens: llamac (TrainStep: CUDA graph after 2 eager steps), then the same model in
-    PyTorch (bf16 autocast, SDPA, fused AdamW) eager and/or torch.compile, in this process.
+    PyTorch (bf16 autocast, SDPA, fused AdamW) eager and/or torch.compile, in this process (PyTorch
+    first; rows: llamac, then each PyTorch mode).
     Timed over `steps` back-to-back steps after `warmup`; memory is llamac's CuPy pools (default +
     graph pools, blocks in use and cached) and torch.cuda.max_memory_allocated. device="cpu" runs
     the same code on a tiny shape (tests), without graphs, autocast or fused AdamW."""
@@ -195,10 +196,63 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
     gpu = device == "cuda"
     sync = backend.synchronize if gpu else (lambda: None)
     base = {"section": "train", "shape": name, "device": device, **s}
+    from llamac.model import resolve
+    d = resolve(cfg)
+    n_params = d.vocab_size * d.dim * (1 if cfg.tie_embeddings else 2) + d.dim + d.n_layers * (
+        2 * d.dim + d.dim * d.head_dim * (2 * d.n_heads + 2 * d.n_kv_heads) + 3 * d.dim * d.hidden_dim)
+    n_params -= 0 if cfg.tie_embeddings else d.vocab_size * d.dim      # the lookup is no matmul
+    model_flops = 6 * n_params + 12 * d.n_layers * d.n_heads * d.head_dim * T    # Llama.flops_per_token
     rows = []
+    # PyTorch first, its cache emptied after: llamac's pools never crowd it out (and vice versa).
+    try:
+        import torch
+    except ImportError:
+        torch_modes = ()
+    from llamac.torch_reference import build_torch_llama
+    for mode in torch_modes:
+        trow = {**base, "mode": mode, "impl": f"torch {torch.__version__} {mode}" + (" (bf16 autocast, SDPA, fused AdamW)" if gpu else "")}
+        try:
+            torch.manual_seed(0)
+            tm = build_torch_llama(cfg).to(device)
+            topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1, fused=gpu)
+            fwd = torch.compile(tm) if mode == "compile" else tm
+            tx, ty = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
+            tsync = torch.cuda.synchronize if gpu else (lambda: None)
+
+            def tstep():
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
+                    tloss = fwd(tx, ty)
+                tloss.backward()
+                torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+                topt.step()
+                topt.zero_grad(set_to_none=True)
+                return tloss
+
+            for _ in range(3):
+                tstep()
+            tsync()
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tloss = tstep()
+            tsync()
+            theirs = (time.perf_counter() - t0) / steps
+            trow.update({"step_ms": round(theirs * 1e3, 2), "tokens_per_s": round(B * T / theirs),
+                         "MFU": round(model_flops * B * T / theirs / PEAK_BF16, 4),
+                         "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
+                         "loss": round(float(tloss), 4)})
+        except Exception as exc:
+            trow = _error_row(trow, exc)
+        rows.append(trow)
+        tm = topt = fwd = tx = ty = None  # noqa: F841
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+
     backend.release_gpu_memory()
     row = {**base, "impl": ("llamac bf16" + (" + CUDA graph" if cuda_graph else " eager")) if gpu else "llamac fp32"}
-    seconds = None
+    seconds = runner = None
     try:
         xp = backend.xp_for(device)
         x, y = xp.asarray(x_np), xp.asarray(y_np)
@@ -232,59 +286,15 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
                     **({"graph_error": runner.graph_error} if runner.graph_error else {})})
     except Exception as exc:   # OOM at 350M without flash attention: a row, not a crash
         row = _error_row(row, exc)
-    rows.append(row)
-    model = opt = runner = x = y = loss = None   # noqa: F841 - drop every reference before torch runs
+    rows.insert(0, row)
+    if runner is not None:
+        runner.release()
+    model = opt = runner = x = y = loss = None   # noqa: F841
     gc.collect()
     backend.release_gpu_memory()
-    if not torch_modes:
-        return rows
-    try:
-        import torch
-    except ImportError:
-        return rows
-    from llamac.torch_reference import build_torch_llama
-    for mode in torch_modes:
-        trow = {**base, "impl": f"torch {torch.__version__} {mode}" + (" (bf16 autocast, SDPA, fused AdamW)" if gpu else "")}
-        try:
-            torch.manual_seed(0)
-            tm = build_torch_llama(cfg).to(device)
-            topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1, fused=gpu)
-            fwd = torch.compile(tm) if mode == "compile" else tm
-            tx, ty = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
-            tsync = torch.cuda.synchronize if gpu else (lambda: None)
-
-            def tstep():
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
-                    tloss = fwd(tx, ty)
-                tloss.backward()
-                torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
-                topt.step()
-                topt.zero_grad(set_to_none=True)
-                return tloss
-
-            for _ in range(3):
-                tstep()
-            tsync()
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                tloss = tstep()
-            tsync()
-            theirs = (time.perf_counter() - t0) / steps
-            trow.update({"step_ms": round(theirs * 1e3, 2), "tokens_per_s": round(B * T / theirs),
-                         "MFU": round(flops * B * T / theirs / PEAK_BF16, 4),
-                         "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
-                         "loss": round(float(tloss), 4)})
-            if seconds is not None:
-                rows[0][f"vs_torch_{mode}"] = round(theirs / seconds, 3)
-        except Exception as exc:
-            trow = _error_row(trow, exc)
-        rows.append(trow)
-        tm = topt = fwd = tx = ty = None  # noqa: F841
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+    for r in rows[1:]:      # PyTorch's step time over ours
+        if seconds is not None and r.get("step_ms"):
+            row[f"vs_torch_{r['mode']}"] = round(r["step_ms"] / 1e3 / seconds, 3)
     return rows
 
 

@@ -132,6 +132,17 @@ class TrainStep:
             return
         self.graphs = graphs
 
+    def release(self):
+        """Drop the graphs, their buffers and the parameters' gradients, and give the graph pool's
+        memory back to the driver (benchmarks that build one model after another)."""
+        self.graphs = self.static = self.grads = self.keep = None
+        self.loss_first = self.loss_accum = None
+        for p in self.params:
+            p.grad = None
+        if self.pool is not None:
+            self.pool.free_all_blocks()
+            self.pool = None
+
     def _bind_params(self):
         """Keep each weight at the address the graph was captured with: an optimizer that replaced
         p.data (the bf16 copy of an fp32 master) is copied back into the captured array."""
