@@ -120,7 +120,7 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
     if device == "cuda":
         row["gpu_pool_GB"] = round(backend.gpu_pool_bytes() / 1e9, 2)
     rows = [row]
-    del model, opt, x, y, runner
+    model = opt = x = y = runner = None  # noqa: F841 - free the GPU before PyTorch runs
     backend.release_gpu_memory()
     if compare_torch:
         try:
@@ -210,7 +210,8 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
         torch_modes = ()
     from llamac.torch_reference import build_torch_llama
     for mode in torch_modes:
-        trow = {**base, "mode": mode, "impl": f"torch {torch.__version__} {mode}" + (" (bf16 autocast, SDPA, fused AdamW)" if gpu else "")}
+        trow = {**base, "mode": mode,
+                "impl": f"torch {torch.__version__} {mode}" + (" (bf16 autocast, SDPA, fused AdamW)" if gpu else "")}
         try:
             torch.manual_seed(0)
             tm = build_torch_llama(cfg).to(device)
@@ -280,7 +281,8 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
             sync()
             row["fwd_bwd_graph_ms"] = round((time.perf_counter() - t0) / steps * 1e3, 2)
         row.update({"step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(B * T / seconds),
-                    "MFU": round(flops * B * T / seconds / PEAK_BF16, 4), "peak_GB": round(peak / 1e9, 2) if gpu else None,
+                    "MFU": round(flops * B * T / seconds / PEAK_BF16, 4),
+                    "peak_GB": round(peak / 1e9, 2) if gpu else None,
                     "MFU_peak": "989 TFLOP/s (H100 SXM dense bf16)",
                     "loss": round(float(loss), 4), "graph": runner.captured,
                     **({"graph_error": runner.graph_error} if runner.graph_error else {})})
