@@ -77,7 +77,10 @@ GPU_SHAPES = {  # DEVELOPERS.md / shared/anchors/torch_anchor.py CONFIGS
                 batch_size=128),
     "110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, vocab_size=32000, seq_len=1024,
                  batch_size=32),
+    "350M": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=4, hidden_dim=2816, vocab_size=32000, seq_len=2048,
+                 batch_size=16),
 }
+PEAK_BF16 = 989e12      # H100 SXM dense bf16 (datasheet), the MFU denominator
 
 
 def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, compare_torch: bool = True,
@@ -103,11 +106,11 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
     opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
     clip = TrainConfig().grad_clip
 
+    from llamac.train import TrainStep
+    runner = TrainStep(model, opt, grad_clip=clip, cuda_graph=False)
+
     def step():
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step(lr=1e-4, clip=clip)
+        runner(lambda micro: (x, y, None), 1e-4)
 
     ours = _timeit(step, sync, reps=steps)
     flops = model.flops_per_token(T)
@@ -117,7 +120,7 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
     if device == "cuda":
         row["gpu_pool_GB"] = round(backend.gpu_pool_bytes() / 1e9, 2)
     rows = [row]
-    del model, opt, x, y
+    model = opt = x = y = runner = None  # noqa: F841 - free the GPU before PyTorch runs
     backend.release_gpu_memory()
     if compare_torch:
         try:
@@ -155,6 +158,148 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
     return rows
 
 
+# ---------------------------------------------------------------- GPU training vs PyTorch
+
+def _is_oom(exc) -> bool:
+    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+
+
+def _error_row(row: dict, exc) -> dict:
+    import traceback
+    traceback.print_exc()
+    return {**row, "status": "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:120]}"}
+
+
+def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager", "compile"),
+                    cuda_graph: bool = True, warmup: int = 4, device: str = "cuda") -> list[dict]:
+    """bf16 training steps on the GPU (forward, backward, clip 1.0, AdamW with fp32 masters) on
+    synthetic tokens: llamac (TrainStep: CUDA graph after 2 eager steps), then the same model in
+    PyTorch (bf16 autocast, SDPA, fused AdamW) eager and/or torch.compile, in this process (PyTorch
+    first; rows: llamac, then each PyTorch mode).
+    Timed over `steps` back-to-back steps after `warmup`; memory is llamac's CuPy pools (default +
+    graph pools, blocks in use and cached) and torch.cuda.max_memory_allocated. device="cpu" runs
+    the same code on a tiny shape (tests), without graphs, autocast or fused AdamW."""
+    import gc
+
+    import llamac
+    from llamac.config import ModelConfig
+    from llamac.model import Llama
+    from llamac.optim import AdamW
+    from llamac.train import TrainStep
+
+    s = dict(shape)
+    B, T, V = s["batch_size"], s["seq_len"], s["vocab_size"]
+    cfg = ModelConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                      hidden_dim=s["hidden_dim"], vocab_size=V, max_seq_len=T)
+    rng = np.random.default_rng(0)
+    x_np, y_np = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    gpu = device == "cuda"
+    sync = backend.synchronize if gpu else (lambda: None)
+    base = {"section": "train", "shape": name, "device": device, **s}
+    from llamac.model import resolve
+    d = resolve(cfg)
+    n_params = d.vocab_size * d.dim * (1 if cfg.tie_embeddings else 2) + d.dim + d.n_layers * (
+        2 * d.dim + d.dim * d.head_dim * (2 * d.n_heads + 2 * d.n_kv_heads) + 3 * d.dim * d.hidden_dim)
+    n_params -= 0 if cfg.tie_embeddings else d.vocab_size * d.dim      # the lookup is no matmul
+    model_flops = 6 * n_params + 12 * d.n_layers * d.n_heads * d.head_dim * T    # Llama.flops_per_token
+    rows = []
+    # PyTorch first, its cache emptied after: llamac's pools never crowd it out (and vice versa).
+    try:
+        import torch
+    except ImportError:
+        torch_modes = ()
+    from llamac.torch_reference import build_torch_llama
+    for mode in torch_modes:
+        trow = {**base, "mode": mode,
+                "impl": f"torch {torch.__version__} {mode}" + (" (bf16 autocast, SDPA, fused AdamW)" if gpu else "")}
+        try:
+            torch.manual_seed(0)
+            tm = build_torch_llama(cfg).to(device)
+            topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1, fused=gpu)
+            fwd = torch.compile(tm) if mode == "compile" else tm
+            tx, ty = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
+            tsync = torch.cuda.synchronize if gpu else (lambda: None)
+
+            def tstep():
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
+                    tloss = fwd(tx, ty)
+                tloss.backward()
+                torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+                topt.step()
+                topt.zero_grad(set_to_none=True)
+                return tloss
+
+            for _ in range(3):
+                tstep()
+            tsync()
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tloss = tstep()
+            tsync()
+            theirs = (time.perf_counter() - t0) / steps
+            trow.update({"step_ms": round(theirs * 1e3, 2), "tokens_per_s": round(B * T / theirs),
+                         "MFU": round(model_flops * B * T / theirs / PEAK_BF16, 4),
+                         "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
+                         "loss": round(float(tloss), 4)})
+        except Exception as exc:
+            trow = _error_row(trow, exc)
+        rows.append(trow)
+        tm = topt = fwd = tx = ty = None  # noqa: F841
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+
+    backend.release_gpu_memory()
+    row = {**base, "impl": ("llamac bf16" + (" + CUDA graph" if cuda_graph else " eager")) if gpu else "llamac fp32"}
+    seconds = runner = None
+    try:
+        xp = backend.xp_for(device)
+        x, y = xp.asarray(x_np), xp.asarray(y_np)
+        llamac.manual_seed(0)
+        model = Llama(cfg).to(device, dtype="bfloat16" if gpu else None)
+        flops = model.flops_per_token(T)
+        row["params_M"] = round(model.num_params() / 1e6, 2)
+        opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
+        runner = TrainStep(model, opt, grad_clip=1.0, cuda_graph=cuda_graph)
+        peak = 0
+        for _ in range(warmup):
+            loss, _ = runner(lambda micro: (x, y, None), 1e-4)
+            peak = max(peak, backend.gpu_pools_bytes(runner.pool))
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss, _ = runner(lambda micro: (x, y, None), 1e-4)
+        sync()
+        seconds = (time.perf_counter() - t0) / steps
+        peak = max(peak, backend.gpu_pools_bytes(runner.pool))
+        if runner.captured:     # the graph alone: what the eager optimizer after it costs
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                runner._replay([(x, y, None)])
+            sync()
+            row["fwd_bwd_graph_ms"] = round((time.perf_counter() - t0) / steps * 1e3, 2)
+        row.update({"step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(B * T / seconds),
+                    "MFU": round(flops * B * T / seconds / PEAK_BF16, 4),
+                    "peak_GB": round(peak / 1e9, 2) if gpu else None,
+                    "MFU_peak": "989 TFLOP/s (H100 SXM dense bf16)",
+                    "loss": round(float(loss), 4), "graph": runner.captured,
+                    **({"graph_error": runner.graph_error} if runner.graph_error else {})})
+    except Exception as exc:   # OOM at 350M without flash attention: a row, not a crash
+        row = _error_row(row, exc)
+    rows.insert(0, row)
+    if runner is not None:
+        runner.release()
+    model = opt = runner = x = y = loss = None   # noqa: F841
+    gc.collect()
+    backend.release_gpu_memory()
+    for r in rows[1:]:      # PyTorch's step time over ours
+        if seconds is not None and r.get("step_ms"):
+            row[f"vs_torch_{r['mode']}"] = round(r["step_ms"] / 1e3 / seconds, 3)
+    return rows
+
+
 # ---------------------------------------------------------------- the command
 
 def run_bench(what: str = "engine", compare: str | None = None, json_out: Path | None = None, device: str = "auto"):
@@ -182,9 +327,9 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             if device != "cuda":
                 raise LlamacError("bench --what train runs the GPU shapes (--device cuda); use train_cpu on the CPU")
             rows = []
+            modes = ("eager", "compile") if compare == "torch" else ()
             for name, shape in GPU_SHAPES.items():
-                rows += bench_train("cuda", shape, steps=5, compare_torch=False, name=name, dtype="fp32")
-                rows += bench_train("cuda", shape, steps=5, compare_torch=compare == "torch", name=name, dtype="bf16")
+                rows += bench_train_gpu(name, shape, torch_modes=modes)
         elif section == "kernels":
             if device != "cuda":
                 raise LlamacError("bench --what kernels needs a CUDA GPU (--device cuda)")

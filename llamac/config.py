@@ -73,6 +73,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dtype: str = "fp32"                 # fp32 | bf16 (mixed precision on the GPU)
+    cuda_graph: bool = True             # GPU: replay forward+backward as a CUDA graph (static shapes, no dropout)
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20

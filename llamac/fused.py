@@ -29,9 +29,27 @@ class Linear(Function):
         x, w = self.saved
         g2 = g.reshape(-1, g.shape[-1])
         gx = matmul(g, w) if self.needs_grad[0] else None
-        gw = matmul(g2.T, x.reshape(-1, x.shape[-1])) if self.needs_grad[1] else None
+        gw = None
+        if self.needs_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            acc = _accumulable_grad(getattr(self, "inputs", (None, None))[1], w)
+            if acc is not None:                 # later micro-steps: add into .grad inside the GEMM
+                matmul(g2.T, x2, out=acc, beta=1.0)
+            else:
+                gw = matmul(g2.T, x2)
         gb = g2.sum(axis=0) if len(self.needs_grad) > 2 else None
         return gx, gw, gb
+
+
+def _accumulable_grad(param, w):
+    """param.grad when a GPU GEMM may add into it in place: a leaf's own contiguous gradient
+    array of w's shape and dtype (never a view that another tensor's gradient could share)."""
+    grad = getattr(param, "grad", None)
+    if (grad is None or param._ctx is not None or backend.get_array_module(grad) is np
+            or grad.shape != w.shape or grad.dtype != w.dtype or not grad.flags.c_contiguous
+            or grad.base is not None):
+        return None
+    return grad
 
 
 class Embedding(Function):
@@ -251,8 +269,10 @@ def attention_bias(xp, Tq: int, Tk: int, segments=None, causal: bool = True, dty
         visible = same if visible is None else visible & same
     if visible is None:
         return None
-    bias = xp.zeros(visible.shape, dtype=compute_dtype(dtype))
-    bias[~visible] = -np.inf
+    # where(), not bias[~visible] = -inf: boolean-mask assignment counts the mask on the host,
+    # a synchronisation that a CUDA graph capture cannot contain.
+    ct = compute_dtype(dtype)
+    bias = xp.where(visible, ct.type(0), ct.type(-np.inf)).astype(ct, copy=False)
     return bias[:, None, None]
 
 

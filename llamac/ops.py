@@ -139,12 +139,15 @@ class MatMul(Function):
         if b.ndim == 1:
             g2 = g2[..., None]
         ga = matmul(g2, b2.swapaxes(-1, -2)) if self.needs_grad[0] else None
-        gb = matmul(a2.swapaxes(-1, -2), g2) if self.needs_grad[1] else None
+        gb = None
+        if self.needs_grad[1]:
+            if b2.ndim == 2 and a2.ndim > 2:            # weight shared across the batch: one GEMM
+                gb = matmul(a2.reshape(-1, a2.shape[-1]).swapaxes(-1, -2), g2.reshape(-1, g2.shape[-1]))
+            else:
+                gb = matmul(a2.swapaxes(-1, -2), g2)
         if ga is not None:
             ga = unbroadcast(ga, a2.shape).reshape(a.shape)
         if gb is not None:
-            if b.ndim == 2 and gb.ndim > 2:             # weight shared across the batch
-                gb = gb.reshape(-1, *gb.shape[-2:]).sum(axis=0)
             gb = unbroadcast(gb, b2.shape).reshape(b.shape)
         return ga, gb
 
@@ -154,19 +157,54 @@ def compute_dtype(dtype):
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def matmul(a, b):
-    """xp matmul, folding batch dims into rows when b is a matrix (one big GEMM instead of many),
-    and batched bf16 on CuPy through fp32 (CuPy's batched matmul rejects bf16)."""
+def matmul(a, b, out=None, beta: float = 0.0):
+    """a @ b on xp arrays (batch dims broadcast). With `out`, the result is written there, plus
+    beta * out (beta=1 accumulates a gradient in place: one pass fewer than gemm-then-add).
+
+    GPU: cuBLAS through backend.gemm for fp32/bf16/fp16/fp64: strided views (transposes,
+    attention's head layouts) are read in place, bf16 batches work (CuPy's batched matmul rejects
+    them), fp32 accumulation, and the call can be captured in a CUDA graph.
+    CPU: NumPy, folding batch dims into rows when b is a matrix (one big GEMM instead of many)."""
     xp = backend.get_array_module(a)
+    if xp is not np:
+        return _gpu_matmul(xp, a, b, out, beta)
     if a.ndim > 2 and b.ndim == 2:
-        return xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
-    if xp is not np and a.dtype == backend.bfloat16 and (a.ndim > 2 or b.ndim > 2):
-        return xp.matmul(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
-    if xp is np and (a.ndim > 2 or b.ndim > 2):
-        # NumPy hands a stack of matrices to BLAS only when each is contiguous; a transposed view
-        # (attention's q, k, v) falls to a plain C loop ~100x slower than copying first.
-        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return xp.matmul(a, b)
+        result = np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+    else:
+        if a.ndim > 2 or b.ndim > 2:
+            # NumPy hands a stack of matrices to BLAS only when each is contiguous; a transposed view
+            # (attention's q, k, v) falls to a plain C loop ~100x slower than copying first.
+            a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        result = np.matmul(a, b)
+    if out is None:
+        return result
+    if beta:
+        result = result + out * out.dtype.type(beta)
+    out[...] = result
+    return out
+
+
+def _gpu_matmul(xp, a, b, out, beta):
+    if not (backend.gemm_supported(a.dtype) and backend.gemm_supported(b.dtype)):
+        result = xp.matmul(a, b)                       # integers: not a cuBLAS job
+        if out is None:
+            return result
+        out[...] = result + out * beta if beta else result
+        return out
+    if a.dtype != b.dtype:
+        dt = np.promote_types(a.dtype, b.dtype)
+        a, b = a.astype(dt, copy=False), b.astype(dt, copy=False)
+    vec_a, vec_b = a.ndim == 1, b.ndim == 1
+    if vec_a or vec_b:                                 # vectors as (1, K) / (K, 1) matrices
+        if out is not None:
+            raise ShapeError("matmul: out= needs matrix operands")
+        result = backend.gemm(a[None, :] if vec_a else a, b[:, None] if vec_b else b)
+        if vec_b:
+            result = result[..., 0]
+        if vec_a:
+            result = result[..., 0, :] if not vec_b else result[..., 0]
+        return result
+    return backend.gemm(a, b, out=out, beta=beta)
 
 
 # ---------------------------------------------------------------- elementwise unary

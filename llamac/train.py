@@ -27,6 +27,149 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
+
+class TrainStep:
+    """One optimizer step: forward + backward over `grad_accum` micro-batches, then clip and AdamW.
+
+    On the GPU (cuda_graph on, no dropout) the first `warmup` steps run eagerly (kernels compile,
+    caches such as the RoPE tables fill); the next one captures forward+backward of a micro-batch
+    into a CUDA graph whose memory comes from a private pool, and every later step copies its batch
+    into static input buffers and replays the graph: one launch instead of hundreds of Python-driven
+    ones. With accumulation a second graph adds into the gradients the first one assigned. The
+    optimizer runs eagerly after the graphs. A batch whose shapes differ from the captured ones
+    runs eagerly. Nothing here waits for the GPU: the loss and norm stay device scalars.
+    """
+
+    def __init__(self, model, optimizer, grad_accum: int = 1, grad_clip: float | None = None,
+                 cuda_graph: bool = True, warmup: int = 2):
+        self.model, self.optimizer = model, optimizer
+        self.grad_accum, self.grad_clip, self.warmup = grad_accum, grad_clip, warmup
+        self.params = [p for _, p in model.named_parameters()]
+        self.device = self.params[0].device if self.params else "cpu"
+        dropout = getattr(getattr(model, "config", None), "dropout", 0.0) or 0.0
+        self.use_graph = bool(cuda_graph) and self.device == "cuda" and dropout == 0.0
+        self.eager_steps = 0
+        self.graphs = None          # [first micro-step graph, accumulating graph or None]
+        self.pool = None            # the graphs' private memory pool
+        self.graph_error = None     # why capture failed (then every step runs eagerly)
+        self.mismatch_warned = False
+
+    @property
+    def captured(self) -> bool:
+        return self.graphs is not None
+
+    def __call__(self, get_batch: Callable, lr: float):
+        """get_batch(micro) -> (x, y, segments); returns (mean loss, pre-clip grad norm) as device scalars."""
+        batches = [get_batch(micro) for micro in range(self.grad_accum)]
+        if self.use_graph and not self.captured and self.graph_error is None and self.eager_steps >= self.warmup:
+            self._capture(batches[0])
+        if self.captured and all(self._key(b) == self.key for b in batches):
+            loss = self._replay(batches)
+        else:
+            if self.captured and not self.mismatch_warned:
+                log("a batch's shapes differ from the captured CUDA graph's: that step runs eagerly")
+                self.mismatch_warned = True
+            loss = self._eager(batches)
+        norm = self.optimizer.step(lr=lr, clip=self.grad_clip)
+        if self.captured:
+            self._bind_params()
+        return loss, norm
+
+    # ------------------------------------------------------------ eager
+    def _eager(self, batches):
+        self.optimizer.zero_grad()
+        total = None
+        for x, y, segments in batches:
+            _, loss = self.model(x, y, segment_ids=segments)
+            (loss * (1.0 / self.grad_accum)).backward() if self.grad_accum > 1 else loss.backward()
+            total = loss.data if total is None else total + loss.data
+        self.eager_steps += 1
+        return total / self.grad_accum if self.grad_accum > 1 else total
+
+    # ------------------------------------------------------------ CUDA graphs
+    @staticmethod
+    def _key(batch):
+        return tuple(None if a is None else (tuple(a.shape), str(a.dtype)) for a in batch)
+
+    def _forward_backward(self):
+        x, y, segments = self.static
+        _, loss = self.model(x, y, segment_ids=segments)
+        (loss * (1.0 / self.grad_accum)).backward() if self.grad_accum > 1 else loss.backward()
+        return loss.data
+
+    def _capture(self, batch):
+        xp = self.params[0].xp
+        self.key = self._key(batch)
+        self.static = tuple(None if a is None else xp.array(a, copy=True) for a in batch)
+        self._bind_params()
+        # Arrays the graph reads but does not own must outlive it: the weights (rebound after
+        # every optimizer step) and the RoPE tables the model caches.
+        self.keep = list(getattr(self.model, "_rope_cache", {}).values())
+        self.optimizer.zero_grad()
+        backend.synchronize()
+        backend.free_cached_gpu_memory()     # the eager steps' activations: not twice in memory
+        try:
+            self.pool = backend.new_graph_pool()
+            first, self.loss_first = backend.capture_graph(self._forward_backward, self.pool)
+            self.grads = [p.grad for p in self.params]
+            graphs = [first, None]
+            if self.grad_accum > 1:
+                def accumulate():
+                    loss = self._forward_backward()
+                    for i, p in enumerate(self.params):       # end in the first graph's buffers
+                        if self.grads[i] is not None and p.grad is not self.grads[i]:
+                            xp.copyto(self.grads[i], p.grad)
+                            p.grad = self.grads[i]
+                    return loss
+                graphs[1], self.loss_accum = backend.capture_graph(accumulate, self.pool)
+        except Exception as exc:   # an op that cannot be captured: train eagerly, say why once
+            self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log(f"CUDA graph capture failed ({self.graph_error}); training eagerly "
+                "(set train.cuda_graph: false to skip the attempt)")
+            self.optimizer.zero_grad()
+            self.pool = self.static = self.keep = None
+            backend.release_gpu_memory()
+            return
+        self.graphs = graphs
+
+    def release(self):
+        """Drop the graphs, their buffers and the parameters' gradients, and give the graph pool's
+        memory back to the driver (benchmarks that build one model after another)."""
+        self.graphs = self.static = self.grads = self.keep = None
+        self.loss_first = self.loss_accum = None
+        for p in self.params:
+            p.grad = None
+        if self.pool is not None:
+            self.pool.free_all_blocks()
+            self.pool = None
+
+    def _bind_params(self):
+        """Keep each weight at the address the graph was captured with: an optimizer that replaced
+        p.data (the bf16 copy of an fp32 master) is copied back into the captured array."""
+        if not hasattr(self, "bound"):
+            self.bound = [p.data for p in self.params]
+            return
+        xp = self.params[0].xp
+        for i, p in enumerate(self.params):
+            if p.data is not self.bound[i]:
+                xp.copyto(self.bound[i], p.data)
+                p.data = self.bound[i]
+
+    def _replay(self, batches):
+        xp = self.params[0].xp
+        total = None
+        for micro, batch in enumerate(batches):
+            for dst, src in zip(self.static, batch):
+                if dst is not None:
+                    xp.copyto(dst, xp.asarray(src))
+            self.graphs[0 if micro == 0 else 1].launch()
+            loss = self.loss_first if micro == 0 else self.loss_accum
+            total = loss.copy() if total is None else total + loss
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        return total / self.grad_accum if self.grad_accum > 1 else total
+
+
 class Trainer:
     """Runs `recipe.train` over batches from `batch_fn(step, micro_step) -> (x, y, segments)`.
 
@@ -46,6 +189,8 @@ class Trainer:
         self.tokens_per_step = tokens_per_step or self.cfg.batch_size * self.cfg.grad_accum * recipe.data.seq_len
         self.optimizer = AdamW(model.named_parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
+        self.stepper = TrainStep(model, self.optimizer, self.cfg.grad_accum, self.cfg.grad_clip,
+                                 cuda_graph=self.cfg.cuda_graph)
         self.step = 0
         self.stop_requested = False
         self.stop_signal = None
@@ -112,18 +257,10 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
     def train_step(self):
-        cfg = self.cfg
-        lr = lr_at(self.step, cfg)
-        self.optimizer.zero_grad()
-        total = None
-        for micro in range(cfg.grad_accum):
-            x, y, segments = self.batch_fn(self.step, micro)
-            _, loss = self.model(x, y, segment_ids=segments)
-            (loss * (1.0 / cfg.grad_accum)).backward() if cfg.grad_accum > 1 else loss.backward()
-            total = loss.data if total is None else total + loss.data
-        norm = self.optimizer.step(lr=lr, clip=cfg.grad_clip)
+        lr = lr_at(self.step, self.cfg)
+        loss, norm = self.stepper(lambda micro: self.batch_fn(self.step, micro), lr)
         self.step += 1
-        return total / cfg.grad_accum, norm, lr
+        return loss, norm, lr
 
     def run(self, resume: bool = True) -> dict:
         cfg = self.cfg
@@ -181,6 +318,7 @@ class Trainer:
             return summary
         summary.update(self.evaluate(None))
         summary["step"] = self.step
+        summary["cuda_graph"] = self.stepper.captured
         summary["checkpoint"] = str(self.save())
         plot_metrics(self.metrics_path, self.out_dir / "loss.png")
         return summary

@@ -25,3 +25,33 @@ def test_unknown_section_and_gpu_only_sections():
         run_bench(what="nope", device="cpu")
     with pytest.raises(LlamacError, match="GPU"):
         run_bench(what="train", device="cpu")
+
+
+def test_gpu_training_bench_runs_a_tiny_shape_on_the_cpu():
+    # The same code path as `bench --what train --device cuda`, minus graphs and autocast.
+    pytest.importorskip("torch")
+    from llamac.bench import bench_train_gpu
+    shape = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=64, seq_len=16, batch_size=2)
+    rows = bench_train_gpu("tiny", shape, steps=2, warmup=1, torch_modes=("eager",), device="cpu")
+    ours, theirs = rows
+    assert ours["impl"].startswith("llamac") and "status" not in ours, ours
+    assert ours["tokens_per_s"] > 0 and 0 <= ours["MFU"] < 1 and ours["graph"] is False
+    assert theirs["tokens_per_s"] > 0 and ours["vs_torch_eager"] > 0
+    # both start from the same initialisation scale on the same tokens: near log(64) = 4.16
+    assert abs(ours["loss"] - theirs["loss"]) < 0.2
+
+
+def test_gpu_training_bench_reports_a_failure_as_a_row(monkeypatch):
+    from llamac import bench
+    import llamac.train
+
+    class Boom(Exception):
+        pass
+
+    def explode(*a, **k):
+        raise Boom("CUDA out of memory allocating 9 GB")
+
+    monkeypatch.setattr(llamac.train, "TrainStep", explode)
+    shape = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=64, seq_len=16, batch_size=2)
+    rows = bench.bench_train_gpu("tiny", shape, steps=1, warmup=1, torch_modes=(), device="cpu")
+    assert rows[0]["status"] == "OOM"
