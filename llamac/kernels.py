@@ -25,6 +25,8 @@ MAX_BLOCKS = 132 * 32
 # tests check the compiled PTX against this, so a renamed kernel fails in CI.
 KERNEL_FUNCTIONS = {
     "swiglu": ("swiglu_forward", "swiglu_backward"),
+    # launcher: llamac/flash_backward.py
+    "flash_attn_bwd": ("flash_attn_bwd_preprocess", "flash_attn_bwd", "flash_attn_bwd_convert_dq"),
 }
 
 
