@@ -8,7 +8,7 @@
 //
 // Three kernels:
 //   flash_attn_bwd_preprocess  D = rowsum(dout * out), and zeroes dq_acc (one warp per row)
-//   flash_attn_bwd             one CTA per (key block of 64, kv head, batch): dK, dV in
+//   flash_attn_bwd             one CTA per (key block of 16 * NWARPS, kv head, batch): dK, dV in
 //                              registers over all G query heads and query blocks (no atomics),
 //                              dQ added into dq_acc with fp32 atomics
 //   flash_attn_bwd_convert_dq  dq_acc -> dq in the input dtype
@@ -19,11 +19,12 @@
 // (its tiles are rounded to bf16 on load) so the kernel builds for every dtype
 // llamac compiles, but the launcher only takes bf16 and fp16.
 //
-// Per warp, the 64-key block is split into four 16-key slices; a warp computes the
+// The key block is split into 16-key slices, one per warp; a warp computes the
 // transposed tiles S^T = K Q^T and dP^T = V dO^T (16 keys x BLOCK_Q queries), so P^T
 // and dS^T sit in registers in the accumulator layout, which is exactly the A-operand
 // layout of the next mma (dV += P^T dO, dK += dS^T Q): no shared-memory round trip.
-// Only dS goes through shared memory, for dQ = dS K, which needs all 64 keys.
+// Only dS goes through shared memory, for dQ = dS K, which needs all the block's keys.
+// Query tiles are double-buffered with cp.async: tile i+1 streams in while tile i is computed.
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64
@@ -32,13 +33,18 @@
 #define BLOCK_Q 64
 #endif
 
-#define BLOCK_K 64
+#ifndef NWARPS
 #define NWARPS 4
+#endif
+
+#define BLOCK_K (NWARPS * 16)  // each warp owns 16 keys of the block
 #define NTHREADS (NWARPS * 32)
 
 static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM >= 16 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 16, at most 256");
 static_assert(BLOCK_Q == 32 || BLOCK_Q == 64, "BLOCK_Q must be 32 or 64");
-static_assert(BLOCK_K == NWARPS * 16, "each warp owns 16 keys of the block");
+static_assert(NWARPS == 4 || NWARPS == 8, "NWARPS must be 4 or 8");
+static_assert(NWARPS % (BLOCK_Q / 16) == 0 && (HEAD_DIM / (NWARPS / (BLOCK_Q / 16))) % 16 == 0,
+              "the dQ tile must split evenly over the warps");
 
 // Shared rows are padded by 16 bytes: a row stride of an odd number of 16-byte
 // units puts the 8 rows one ldmatrix reads in 8 different bank groups.
@@ -119,6 +125,43 @@ LLAMAC_DEVICE void load_tile(mma_t* s, const DTYPE* g, long long row_stride, int
     }
 }
 
+// cp.async: global -> shared without a register round trip, so the next query tile
+// streams in while the tensor cores work on this one. src_bytes 0 zero-fills.
+LLAMAC_DEVICE void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+LLAMAC_DEVICE void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+LLAMAC_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// dq_acc[0:2] += (a, b) without a return value (sm_90 vector reduction: one L2 op for two floats).
+LLAMAC_DEVICE void red_add2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+
+template <int N> LLAMAC_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// load_tile, asynchronously for 16-bit inputs (fp32 ones are rounded on the way, synchronously).
+template <int ROWS>
+LLAMAC_DEVICE void load_tile_async(mma_t* s, const DTYPE* g, long long row_stride, int valid) {
+    if constexpr (sizeof(DTYPE) == 2) {
+        constexpr int CPR = HEAD_DIM / 8;
+#pragma unroll
+        for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
+            const int r = c / CPR, col = (c % CPR) * 8;
+            // An invalid row still needs a valid address: row 0 of the tile.
+            cp_async16(s + r * LDS + col, g + (r < valid ? r : 0) * row_stride + col, r < valid);
+        }
+    } else {
+        load_tile<ROWS>(s, g, row_stride, valid);
+    }
+}
+
 // ------------------------------------------------------------ D = rowsum(dO * O); dq_acc = 0
 
 extern "C" __global__ void flash_attn_bwd_preprocess(const DTYPE* __restrict__ out,
@@ -163,13 +206,13 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
     extern __shared__ __align__(16) unsigned char smem_raw[];
     mma_t* sK = reinterpret_cast<mma_t*>(smem_raw);  // (BLOCK_K, LDS)
     mma_t* sV = sK + BLOCK_K * LDS;                   // (BLOCK_K, LDS)
-    mma_t* sQ = sV + BLOCK_K * LDS;                   // (BLOCK_Q, LDS)
-    mma_t* sdO = sQ + BLOCK_Q * LDS;                  // (BLOCK_Q, LDS)
-    mma_t* sdS = sdO + BLOCK_Q * LDS;                 // (BLOCK_K, LDP): dS^T, keys x queries
-    float* sL = reinterpret_cast<float*>(sdS + BLOCK_K * LDP);  // (BLOCK_Q,) lse * log2(e)
-    float* sD = sL + BLOCK_Q;                                    // (BLOCK_Q,)
-    int* sSegK = reinterpret_cast<int*>(sD + BLOCK_Q);           // (BLOCK_K,)
-    int* sSegQ = sSegK + BLOCK_K;                                // (BLOCK_Q,)
+    mma_t* sQ0 = sV + BLOCK_K * LDS;                  // 2 stages of (BLOCK_Q, LDS)
+    mma_t* sdO0 = sQ0 + 2 * BLOCK_Q * LDS;            // 2 stages of (BLOCK_Q, LDS)
+    mma_t* sdS = sdO0 + 2 * BLOCK_Q * LDS;            // (BLOCK_K, LDP): dS^T, keys x queries
+    float* sL0 = reinterpret_cast<float*>(sdS + BLOCK_K * LDP);  // 2 stages of (BLOCK_Q,) lse
+    float* sD0 = sL0 + 2 * BLOCK_Q;                               // 2 stages of (BLOCK_Q,) D
+    int* sSegQ0 = reinterpret_cast<int*>(sD0 + 2 * BLOCK_Q);      // 2 stages of (BLOCK_Q,)
+    int* sSegK = sSegQ0 + 2 * BLOCK_Q;                            // (BLOCK_K,)
 
     const int k0 = blockIdx.x * BLOCK_K, hk = blockIdx.y, b = blockIdx.z;
     const int G = H / Hkv, off = Tk - Tq;
@@ -179,13 +222,38 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
     const int kvalid = min(BLOCK_K, Tk - k0);
     const bool seg = segments != nullptr;
 
+    // Causal: query i sees this block only if i + off >= k0, so earlier query blocks are skipped.
+    const int qb_first = causal ? max(0, k0 - off) / BLOCK_Q : 0;
+    const int nqb = (Tq + BLOCK_Q - 1) / BLOCK_Q;
+    const int per_head = nqb - qb_first;
+    const int ntiles = G * per_head;  // (query head, query block) pairs, in that order
+
+    // Query tile `it` into stage `st`: q, dO, lse, D and the queries' document ids.
+    auto issue_tile = [&](int it, int st) {
+        const int h = hk * G + it / per_head;
+        const int q0 = (qb_first + it % per_head) * BLOCK_Q;
+        const int qvalid = min(BLOCK_Q, Tq - q0);
+        const long long q_off = (((long long)b * Tq + q0) * H + h) * HEAD_DIM;
+        load_tile_async<BLOCK_Q>(sQ0 + st * BLOCK_Q * LDS, q + q_off, (long long)H * HEAD_DIM, qvalid);
+        load_tile_async<BLOCK_Q>(sdO0 + st * BLOCK_Q * LDS, dout + q_off, (long long)H * HEAD_DIM, qvalid);
+        for (int i = threadIdx.x; i < BLOCK_Q; i += NTHREADS) {
+            const bool ok = i < qvalid;
+            const long long r = ((long long)b * H + h) * Tq + q0 + (ok ? i : 0);
+            cp_async4(sL0 + st * BLOCK_Q + i, lse + r, ok);   // zero-filled past Tq
+            cp_async4(sD0 + st * BLOCK_Q + i, Dsum + r, ok);
+            if (seg) cp_async4(sSegQ0 + st * BLOCK_Q + i, segments + (long long)b * Tk + q0 + (ok ? i : 0) + off, ok);
+        }
+    };
+
     const long long kv_off = (((long long)b * Tk + k0) * Hkv + hk) * HEAD_DIM;
-    load_tile<BLOCK_K>(sK, k + kv_off, (long long)Hkv * HEAD_DIM, kvalid);
-    load_tile<BLOCK_K>(sV, v + kv_off, (long long)Hkv * HEAD_DIM, kvalid);
+    load_tile_async<BLOCK_K>(sK, k + kv_off, (long long)Hkv * HEAD_DIM, kvalid);
+    load_tile_async<BLOCK_K>(sV, v + kv_off, (long long)Hkv * HEAD_DIM, kvalid);
     if (seg) {
         for (int i = threadIdx.x; i < BLOCK_K; i += NTHREADS)
             sSegK[i] = i < kvalid ? segments[(long long)b * Tk + k0 + i] : 0;
     }
+    issue_tile(0, 0);
+    cp_async_commit();
 
     float accK[HEAD_DIM / 8][4], accV[HEAD_DIM / 8][4];  // this warp's 16 keys x HEAD_DIM
 #pragma unroll
@@ -193,139 +261,133 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
 #pragma unroll
         for (int e = 0; e < 4; ++e) accK[j][e] = accV[j][e] = 0.0f;
 
-    // Causal: query i sees this block only if i + off >= k0, so earlier query blocks are skipped.
-    const int qb_first = causal ? max(0, k0 - off) / BLOCK_Q : 0;
-    const int nqb = (Tq + BLOCK_Q - 1) / BLOCK_Q;
-    const float sl2 = scale * LOG2E;
+    for (int it = 0; it < ntiles; ++it) {
+        const int st = it & 1;
+        const int h = hk * G + it / per_head;
+        const int q0 = (qb_first + it % per_head) * BLOCK_Q;
+        const int qvalid = min(BLOCK_Q, Tq - q0);
+        __syncthreads();  // every warp is done with the other stage and with sdS
+        if (it + 1 < ntiles) {
+            issue_tile(it + 1, st ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();  // this tile (and K, V) landed; the next one may still be in flight
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const mma_t* sQ = sQ0 + st * BLOCK_Q * LDS;
+        const mma_t* sdO = sdO0 + st * BLOCK_Q * LDS;
+        const float* sL = sL0 + st * BLOCK_Q;
+        const float* sD = sD0 + st * BLOCK_Q;
+        const int* sSegQ = sSegQ0 + st * BLOCK_Q;
 
-    for (int hq = 0; hq < G; ++hq) {
-        const int h = hk * G + hq;
-        for (int qb = qb_first; qb < nqb; ++qb) {
-            const int q0 = qb * BLOCK_Q;
-            const int qvalid = min(BLOCK_Q, Tq - q0);
-            __syncthreads();  // the previous tile's readers are done with sQ, sdO, sdS, sL, sD
-            const long long q_off = (((long long)b * Tq + q0) * H + h) * HEAD_DIM;
-            load_tile<BLOCK_Q>(sQ, q + q_off, (long long)H * HEAD_DIM, qvalid);
-            load_tile<BLOCK_Q>(sdO, dout + q_off, (long long)H * HEAD_DIM, qvalid);
-            for (int i = threadIdx.x; i < BLOCK_Q; i += NTHREADS) {
-                const bool ok = i < qvalid;
-                const long long r = ((long long)b * H + h) * Tq + q0 + i;
-                sL[i] = ok ? lse[r] * LOG2E : 0.0f;
-                sD[i] = ok ? Dsum[r] : 0.0f;
-                if (seg) sSegQ[i] = ok ? segments[(long long)b * Tk + q0 + i + off] : 0;
+        // S^T = K Q^T and dP^T = V dO^T: 16 keys x BLOCK_Q queries per warp.
+        float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];
+#pragma unroll
+        for (int j = 0; j < BLOCK_Q / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+            unsigned aK[4], aV[4];
+            ldsm_x4(aK, sK + (kw + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+            ldsm_x4(aV, sV + (kw + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < BLOCK_Q / 16; ++np) {
+                unsigned bq[4], bo[4];
+                const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
+                const int col = kk * 16 + ((lane >> 3) & 1) * 8;
+                ldsm_x4(bq, sQ + row * LDS + col);
+                ldsm_x4(bo, sdO + row * LDS + col);
+                mma16816(s[2 * np], aK, bq[0], bq[1]);
+                mma16816(s[2 * np + 1], aK, bq[2], bq[3]);
+                mma16816(dp[2 * np], aV, bo[0], bo[1]);
+                mma16816(dp[2 * np + 1], aV, bo[2], bo[3]);
             }
-            __syncthreads();
+        }
 
-            // S^T = K Q^T and dP^T = V dO^T: 16 keys x BLOCK_Q queries per warp.
-            float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];
+        // P^T = exp(S^T scale - lse), 0 where masked; dS^T = P^T (dP^T - D).
+        // Element e of tile j: key kw + g (+8 for e >= 2), query j*8 + 2t (+1 for odd e).
+        const bool need_mask = (causal && k0 + BLOCK_K - 1 > q0 + off) || qvalid < BLOCK_Q ||
+                               kvalid < BLOCK_K || seg;
 #pragma unroll
-            for (int j = 0; j < BLOCK_Q / 8; ++j)
+        for (int j = 0; j < BLOCK_Q / 8; ++j) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                unsigned aK[4], aV[4];
-                ldsm_x4(aK, sK + (kw + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-                ldsm_x4(aV, sV + (kw + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int np = 0; np < BLOCK_Q / 16; ++np) {
-                    unsigned bq[4], bo[4];
-                    const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
-                    const int col = kk * 16 + ((lane >> 3) & 1) * 8;
-                    ldsm_x4(bq, sQ + row * LDS + col);
-                    ldsm_x4(bo, sdO + row * LDS + col);
-                    mma16816(s[2 * np], aK, bq[0], bq[1]);
-                    mma16816(s[2 * np + 1], aK, bq[2], bq[3]);
-                    mma16816(dp[2 * np], aV, bo[0], bo[1]);
-                    mma16816(dp[2 * np + 1], aV, bo[2], bo[3]);
+            for (int e = 0; e < 4; ++e) {
+                const int qi = j * 8 + 2 * t + (e & 1);
+                const int kj = kw + g + (e >> 1) * 8;
+                float p = exp2f(fmaf(s[j][e], scale, -sL[qi]) * LOG2E);
+                if (need_mask) {
+                    const bool visible = qi < qvalid && kj < kvalid &&
+                                         (!causal || k0 + kj <= q0 + qi + off) &&
+                                         (!seg || sSegK[kj] == sSegQ[qi]);
+                    if (!visible) p = 0.0f;  // replaces, so an inf from a masked score never leaks
                 }
+                s[j][e] = p;
+                dp[j][e] = p * (dp[j][e] - sD[qi]);
             }
+        }
 
-            // P^T = exp(S^T scale - lse), 0 where masked; dS^T = P^T (dP^T - D).
-            // Element e of tile j: key kw + g (+8 for e >= 2), query j*8 + 2t (+1 for odd e).
-            const bool need_mask = (causal && k0 + BLOCK_K - 1 > q0 + off) || qvalid < BLOCK_Q ||
-                                   kvalid < BLOCK_K || seg;
+        // dV += P^T dO, dK += dS^T Q (scaled at the end). The accumulator layout of two
+        // adjacent 8-query tiles is the A-operand layout of one 16-query k-step.
 #pragma unroll
-            for (int j = 0; j < BLOCK_Q / 8; ++j) {
+        for (int kq = 0; kq < BLOCK_Q / 16; ++kq) {
+            const unsigned aP[4] = {pack2(s[2 * kq][0], s[2 * kq][1]), pack2(s[2 * kq][2], s[2 * kq][3]),
+                                    pack2(s[2 * kq + 1][0], s[2 * kq + 1][1]), pack2(s[2 * kq + 1][2], s[2 * kq + 1][3])};
+            const unsigned aS[4] = {pack2(dp[2 * kq][0], dp[2 * kq][1]), pack2(dp[2 * kq][2], dp[2 * kq][3]),
+                                    pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]), pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3])};
+            // dS^T to shared memory for dQ: rows are keys, columns queries.
+            *reinterpret_cast<unsigned*>(sdS + (kw + g) * LDP + kq * 16 + 2 * t) = aS[0];
+            *reinterpret_cast<unsigned*>(sdS + (kw + g + 8) * LDP + kq * 16 + 2 * t) = aS[1];
+            *reinterpret_cast<unsigned*>(sdS + (kw + g) * LDP + kq * 16 + 8 + 2 * t) = aS[2];
+            *reinterpret_cast<unsigned*>(sdS + (kw + g + 8) * LDP + kq * 16 + 8 + 2 * t) = aS[3];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = j * 8 + 2 * t + (e & 1);
-                    const int kj = kw + g + (e >> 1) * 8;
-                    float p = exp2f(s[j][e] * sl2 - sL[qi]);
-                    if (need_mask) {
-                        const bool visible = qi < qvalid && kj < kvalid &&
-                                             (!causal || k0 + kj <= q0 + qi + off) &&
-                                             (!seg || sSegK[kj] == sSegQ[qi]);
-                        if (!visible) p = 0.0f;  // replaces, so an inf from a masked score never leaks
-                    }
-                    s[j][e] = p;
-                    dp[j][e] = p * (dp[j][e] - sD[qi]);
-                }
+            for (int dn = 0; dn < HEAD_DIM / 16; ++dn) {
+                unsigned bo[4], bq[4];
+                const int row = kq * 16 + (lane & 15);
+                const int col = dn * 16 + (lane >> 4) * 8;
+                ldsm_x4_t(bo, sdO + row * LDS + col);
+                ldsm_x4_t(bq, sQ + row * LDS + col);
+                mma16816(accV[2 * dn], aP, bo[0], bo[1]);
+                mma16816(accV[2 * dn + 1], aP, bo[2], bo[3]);
+                mma16816(accK[2 * dn], aS, bq[0], bq[1]);
+                mma16816(accK[2 * dn + 1], aS, bq[2], bq[3]);
             }
+        }
+        __syncthreads();  // all of dS^T is in shared memory
 
-            // dV += P^T dO, dK += dS^T Q (scaled at the end). The accumulator layout of two
-            // adjacent 8-query tiles is the A-operand layout of one 16-query k-step.
+        // dQ (BLOCK_Q x HEAD_DIM) += dS K over this block's keys: warps split the
+        // query rows into 16-row tiles and, when there are fewer tiles than warps, the columns.
+        constexpr int MT = BLOCK_Q / 16, WN = NWARPS / MT, DN = HEAD_DIM / WN;
+        const int m0 = (warp / WN) * 16, n0 = (warp % WN) * DN;
+        float dq[DN / 8][4];
 #pragma unroll
-            for (int kq = 0; kq < BLOCK_Q / 16; ++kq) {
-                const unsigned aP[4] = {pack2(s[2 * kq][0], s[2 * kq][1]), pack2(s[2 * kq][2], s[2 * kq][3]),
-                                        pack2(s[2 * kq + 1][0], s[2 * kq + 1][1]), pack2(s[2 * kq + 1][2], s[2 * kq + 1][3])};
-                const unsigned aS[4] = {pack2(dp[2 * kq][0], dp[2 * kq][1]), pack2(dp[2 * kq][2], dp[2 * kq][3]),
-                                        pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]), pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3])};
-                // dS^T to shared memory for dQ: rows are keys, columns queries.
-                *reinterpret_cast<unsigned*>(sdS + (kw + g) * LDP + kq * 16 + 2 * t) = aS[0];
-                *reinterpret_cast<unsigned*>(sdS + (kw + g + 8) * LDP + kq * 16 + 2 * t) = aS[1];
-                *reinterpret_cast<unsigned*>(sdS + (kw + g) * LDP + kq * 16 + 8 + 2 * t) = aS[2];
-                *reinterpret_cast<unsigned*>(sdS + (kw + g + 8) * LDP + kq * 16 + 8 + 2 * t) = aS[3];
+        for (int j = 0; j < DN / 8; ++j)
 #pragma unroll
-                for (int dn = 0; dn < HEAD_DIM / 16; ++dn) {
-                    unsigned bo[4], bq[4];
-                    const int row = kq * 16 + (lane & 15);
-                    const int col = dn * 16 + (lane >> 4) * 8;
-                    ldsm_x4_t(bo, sdO + row * LDS + col);
-                    ldsm_x4_t(bq, sQ + row * LDS + col);
-                    mma16816(accV[2 * dn], aP, bo[0], bo[1]);
-                    mma16816(accV[2 * dn + 1], aP, bo[2], bo[3]);
-                    mma16816(accK[2 * dn], aS, bq[0], bq[1]);
-                    mma16816(accK[2 * dn + 1], aS, bq[2], bq[3]);
-                }
+            for (int e = 0; e < 4; ++e) dq[j][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_K / 16; ++kk) {
+            unsigned a[4];  // dS (queries x keys) read transposed from dS^T
+            ldsm_x4_t(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDP + m0 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int np = 0; np < DN / 16; ++np) {
+                unsigned bk[4];
+                ldsm_x4_t(bk, sK + (kk * 16 + (lane & 15)) * LDS + n0 + np * 16 + (lane >> 4) * 8);
+                mma16816(dq[2 * np], a, bk[0], bk[1]);
+                mma16816(dq[2 * np + 1], a, bk[2], bk[3]);
             }
-            __syncthreads();  // all of dS^T is in shared memory
-
-            // dQ (BLOCK_Q x HEAD_DIM) += dS K over this block's 64 keys: warps split the
-            // query rows into 16-row tiles and, when there are fewer tiles than warps, the columns.
-            constexpr int MT = BLOCK_Q / 16, WN = NWARPS / MT, DN = HEAD_DIM / WN;
-            const int m0 = (warp / WN) * 16, n0 = (warp % WN) * DN;
-            float dq[DN / 8][4];
+        }
 #pragma unroll
-            for (int j = 0; j < DN / 8; ++j)
+        for (int half = 0; half < 2; ++half) {
+            const int qi = m0 + g + half * 8;
+            if (qi < qvalid) {
+                float* row = dq_acc + (((long long)b * Tq + q0 + qi) * H + h) * HEAD_DIM + n0 + 2 * t;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) dq[j][e] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < BLOCK_K / 16; ++kk) {
-                unsigned a[4];  // dS (queries x keys) read transposed from dS^T
-                ldsm_x4_t(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDP + m0 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-                for (int np = 0; np < DN / 16; ++np) {
-                    unsigned bk[4];
-                    ldsm_x4_t(bk, sK + (kk * 16 + (lane & 15)) * LDS + n0 + np * 16 + (lane >> 4) * 8);
-                    mma16816(dq[2 * np], a, bk[0], bk[1]);
-                    mma16816(dq[2 * np + 1], a, bk[2], bk[3]);
-                }
-            }
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int qi = m0 + g + half * 8;
-                if (qi < qvalid) {
-                    float* row = dq_acc + (((long long)b * Tq + q0 + qi) * H + h) * HEAD_DIM + n0 + 2 * t;
-#pragma unroll
-                    for (int j = 0; j < DN / 8; ++j) {
-                        atomicAdd(row + j * 8, dq[j][2 * half] * scale);
-                        atomicAdd(row + j * 8 + 1, dq[j][2 * half + 1] * scale);
-                    }
-                }
+                for (int j = 0; j < DN / 8; ++j) red_add2(row + j * 8, dq[j][2 * half] * scale, dq[j][2 * half + 1] * scale);
             }
         }
     }
+    cp_async_wait<0>();  // nothing may be left in flight at exit (ntiles is never 0, but cheap)
 
     // This CTA owns its keys of dK, dV for the kv head: plain stores.
 #pragma unroll

@@ -44,16 +44,19 @@ def inputs(B, Tq, Tk, H, Hkv, hs, segments, dtype=BF16, seed=0):
 
 
 def rel_norm(got, want) -> float:
+    """|got - want| / |want| by norm, with |want| floored at 1e-2 RMS: a gradient that is zero in
+    exact arithmetic (dq with a single visible key: dS = dP - D = 0) is rounding noise in both."""
     got, want = got.astype(np.float32), want.astype(np.float32)
-    return float(np.linalg.norm((got - want).ravel()) / max(float(np.linalg.norm(want.ravel())), 1e-30))
+    floor = 1e-2 * float(np.sqrt(want.size))
+    return float(np.linalg.norm((got - want).ravel()) / max(float(np.linalg.norm(want.ravel())), floor))
 
 
-def check(case, dtype=BF16, tol=1e-2, seed=0):
+def check(case, dtype=BF16, tol=1e-2, seed=0, **tiles):
     B, Tq, Tk, H, Hkv, hs, causal, segmented = case
     q, k, v, dout, seg = inputs(B, Tq, Tk, H, Hkv, hs, segmented, dtype, seed)
     out32, lse = fb.attention_reference(q, k, v, causal, seg)
     out = out32.astype(dtype)  # what the forward kernel hands over
-    got = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg)
+    got = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, **tiles)
     want = fb.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
     for name, g, w, like in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
         assert g.dtype == dtype and g.shape == like.shape, name
@@ -72,17 +75,14 @@ def test_kernel_matches_reference_fp16(case):
     check(case, np.dtype(np.float16), tol=5e-3)
 
 
-@pytest.mark.parametrize("block_q", [32, 64])
-def test_both_query_tiles_agree(block_q):
-    cp = backend.cupy_module()
-    q, k, v, dout, _ = inputs(2, 333, 333, 4, 2, 128, False)
-    out32, lse = fb.attention_reference(q, k, v)
-    out = out32.astype(BF16)
-    got = fb.flash_attention_backward(q, k, v, out, dout, lse, block_q=block_q)
-    want = fb.attention_backward_reference(q, k, v, out, dout, lse)
-    for g, w in zip(got, want):
-        assert rel_norm(g, w) <= 1e-2
-    assert cp is not None
+TILES = [(32, 4), (64, 4), (32, 8), (64, 8)]  # (block_q, warps): every variant the launcher can pick
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=str)
+@pytest.mark.parametrize("case", [(2, 333, 333, 4, 2, 128, True, False), (2, 150, 777, 4, 1, 64, True, True),
+                                  (1, 200, 200, 2, 2, 64, False, False)], ids=str)
+def test_every_tile_variant_matches_reference(case, tiles):
+    check(case, block_q=tiles[0], warps=tiles[1])
 
 
 def test_masked_keys_get_no_gradient():
