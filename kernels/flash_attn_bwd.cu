@@ -37,12 +37,18 @@
 #define NWARPS 4
 #endif
 
-#define BLOCK_K (NWARPS * 16)  // each warp owns 16 keys of the block
+#ifndef KEY_TILES
+#define KEY_TILES 1  // 16-key row tiles per warp: 2 reuses every Q/dO fragment twice (fewer ldmatrix per mma)
+#endif
+
+#define KPW (KEY_TILES * 16)         // keys per warp
+#define BLOCK_K (NWARPS * KPW)       // keys per CTA
 #define NTHREADS (NWARPS * 32)
 
 static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM >= 16 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 16, at most 256");
 static_assert(BLOCK_Q == 32 || BLOCK_Q == 64, "BLOCK_Q must be 32 or 64");
 static_assert(NWARPS == 4 || NWARPS == 8, "NWARPS must be 4 or 8");
+static_assert(KEY_TILES == 1 || KEY_TILES == 2, "KEY_TILES must be 1 or 2");
 static_assert(NWARPS % (BLOCK_Q / 16) == 0 && (HEAD_DIM / (NWARPS / (BLOCK_Q / 16))) % 16 == 0,
               "the dQ tile must split evenly over the warps");
 
@@ -218,7 +224,7 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
     const int G = H / Hkv, off = Tk - Tq;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;  // mma fragment row group and column pair
-    const int kw = warp * 16;               // this warp's keys within the block
+    const int kw = warp * KPW;              // this warp's first key within the block
     const int kvalid = min(BLOCK_K, Tk - k0);
     const bool seg = segments != nullptr;
 
@@ -255,43 +261,49 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
     issue_tile(0, 0);
     cp_async_commit();
 
-    float accK[HEAD_DIM / 8][4], accV[HEAD_DIM / 8][4];  // this warp's 16 keys x HEAD_DIM
+    float accK[KEY_TILES][HEAD_DIM / 8][4], accV[KEY_TILES][HEAD_DIM / 8][4];  // this warp's keys x HEAD_DIM
 #pragma unroll
-    for (int j = 0; j < HEAD_DIM / 8; ++j)
+    for (int m = 0; m < KEY_TILES; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) accK[j][e] = accV[j][e] = 0.0f;
+        for (int j = 0; j < HEAD_DIM / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) accK[m][j][e] = accV[m][j][e] = 0.0f;
 
     for (int it = 0; it < ntiles; ++it) {
         const int st = it & 1;
         const int h = hk * G + it / per_head;
         const int q0 = (qb_first + it % per_head) * BLOCK_Q;
         const int qvalid = min(BLOCK_Q, Tq - q0);
-        __syncthreads();  // every warp is done with the other stage and with sdS
-        if (it + 1 < ntiles) {
-            issue_tile(it + 1, st ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();  // this tile (and K, V) landed; the next one may still be in flight
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_wait<0>();  // this thread's copies of this tile (and, first, of K and V) landed
+        // Everyone's copies landed, and every warp is done with the previous tile: its
+        // stage (the other one) and sdS are free for the next tile's copies and dS.
         __syncthreads();
+        if (it + 1 < ntiles) {
+            issue_tile(it + 1, st ^ 1);  // streams in while this tile is computed
+            cp_async_commit();
+        }
         const mma_t* sQ = sQ0 + st * BLOCK_Q * LDS;
         const mma_t* sdO = sdO0 + st * BLOCK_Q * LDS;
         const float* sL = sL0 + st * BLOCK_Q;
         const float* sD = sD0 + st * BLOCK_Q;
         const int* sSegQ = sSegQ0 + st * BLOCK_Q;
 
-        // S^T = K Q^T and dP^T = V dO^T: 16 keys x BLOCK_Q queries per warp.
-        float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];
+        // S^T = K Q^T and dP^T = V dO^T: KPW keys x BLOCK_Q queries per warp.
+        float s[KEY_TILES][BLOCK_Q / 8][4], dp[KEY_TILES][BLOCK_Q / 8][4];
 #pragma unroll
-        for (int j = 0; j < BLOCK_Q / 8; ++j)
+        for (int m = 0; m < KEY_TILES; ++m)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+            for (int j = 0; j < BLOCK_Q / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[m][j][e] = dp[m][j][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-            unsigned aK[4], aV[4];
-            ldsm_x4(aK, sK + (kw + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-            ldsm_x4(aV, sV + (kw + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+            unsigned aK[KEY_TILES][4], aV[KEY_TILES][4];
+#pragma unroll
+            for (int m = 0; m < KEY_TILES; ++m) {
+                ldsm_x4(aK[m], sK + (kw + m * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+                ldsm_x4(aV[m], sV + (kw + m * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+            }
 #pragma unroll
             for (int np = 0; np < BLOCK_Q / 16; ++np) {
                 unsigned bq[4], bo[4];
@@ -299,32 +311,38 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                 const int col = kk * 16 + ((lane >> 3) & 1) * 8;
                 ldsm_x4(bq, sQ + row * LDS + col);
                 ldsm_x4(bo, sdO + row * LDS + col);
-                mma16816(s[2 * np], aK, bq[0], bq[1]);
-                mma16816(s[2 * np + 1], aK, bq[2], bq[3]);
-                mma16816(dp[2 * np], aV, bo[0], bo[1]);
-                mma16816(dp[2 * np + 1], aV, bo[2], bo[3]);
+#pragma unroll
+                for (int m = 0; m < KEY_TILES; ++m) {
+                    mma16816(s[m][2 * np], aK[m], bq[0], bq[1]);
+                    mma16816(s[m][2 * np + 1], aK[m], bq[2], bq[3]);
+                    mma16816(dp[m][2 * np], aV[m], bo[0], bo[1]);
+                    mma16816(dp[m][2 * np + 1], aV[m], bo[2], bo[3]);
+                }
             }
         }
 
         // P^T = exp(S^T scale - lse), 0 where masked; dS^T = P^T (dP^T - D).
-        // Element e of tile j: key kw + g (+8 for e >= 2), query j*8 + 2t (+1 for odd e).
+        // Element e of tile (m, j): key kw + 16m + g (+8 for e >= 2), query j*8 + 2t (+1 for odd e).
         const bool need_mask = (causal && k0 + BLOCK_K - 1 > q0 + off) || qvalid < BLOCK_Q ||
                                kvalid < BLOCK_K || seg;
 #pragma unroll
-        for (int j = 0; j < BLOCK_Q / 8; ++j) {
+        for (int m = 0; m < KEY_TILES; ++m) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int qi = j * 8 + 2 * t + (e & 1);
-                const int kj = kw + g + (e >> 1) * 8;
-                float p = exp2f(fmaf(s[j][e], scale, -sL[qi]) * LOG2E);
-                if (need_mask) {
-                    const bool visible = qi < qvalid && kj < kvalid &&
-                                         (!causal || k0 + kj <= q0 + qi + off) &&
-                                         (!seg || sSegK[kj] == sSegQ[qi]);
-                    if (!visible) p = 0.0f;  // replaces, so an inf from a masked score never leaks
+            for (int j = 0; j < BLOCK_Q / 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = j * 8 + 2 * t + (e & 1);
+                    const int kj = kw + m * 16 + g + (e >> 1) * 8;
+                    float p = exp2f(fmaf(s[m][j][e], scale, -sL[qi]) * LOG2E);
+                    if (need_mask) {
+                        const bool visible = qi < qvalid && kj < kvalid &&
+                                             (!causal || k0 + kj <= q0 + qi + off) &&
+                                             (!seg || sSegK[kj] == sSegQ[qi]);
+                        if (!visible) p = 0.0f;  // replaces, so an inf from a masked score never leaks
+                    }
+                    s[m][j][e] = p;
+                    dp[m][j][e] = p * (dp[m][j][e] - sD[qi]);
                 }
-                s[j][e] = p;
-                dp[j][e] = p * (dp[j][e] - sD[qi]);
             }
         }
 
@@ -332,15 +350,24 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
         // adjacent 8-query tiles is the A-operand layout of one 16-query k-step.
 #pragma unroll
         for (int kq = 0; kq < BLOCK_Q / 16; ++kq) {
-            const unsigned aP[4] = {pack2(s[2 * kq][0], s[2 * kq][1]), pack2(s[2 * kq][2], s[2 * kq][3]),
-                                    pack2(s[2 * kq + 1][0], s[2 * kq + 1][1]), pack2(s[2 * kq + 1][2], s[2 * kq + 1][3])};
-            const unsigned aS[4] = {pack2(dp[2 * kq][0], dp[2 * kq][1]), pack2(dp[2 * kq][2], dp[2 * kq][3]),
-                                    pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]), pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3])};
-            // dS^T to shared memory for dQ: rows are keys, columns queries.
-            *reinterpret_cast<unsigned*>(sdS + (kw + g) * LDP + kq * 16 + 2 * t) = aS[0];
-            *reinterpret_cast<unsigned*>(sdS + (kw + g + 8) * LDP + kq * 16 + 2 * t) = aS[1];
-            *reinterpret_cast<unsigned*>(sdS + (kw + g) * LDP + kq * 16 + 8 + 2 * t) = aS[2];
-            *reinterpret_cast<unsigned*>(sdS + (kw + g + 8) * LDP + kq * 16 + 8 + 2 * t) = aS[3];
+            unsigned aP[KEY_TILES][4], aS[KEY_TILES][4];
+#pragma unroll
+            for (int m = 0; m < KEY_TILES; ++m) {
+                aP[m][0] = pack2(s[m][2 * kq][0], s[m][2 * kq][1]);
+                aP[m][1] = pack2(s[m][2 * kq][2], s[m][2 * kq][3]);
+                aP[m][2] = pack2(s[m][2 * kq + 1][0], s[m][2 * kq + 1][1]);
+                aP[m][3] = pack2(s[m][2 * kq + 1][2], s[m][2 * kq + 1][3]);
+                aS[m][0] = pack2(dp[m][2 * kq][0], dp[m][2 * kq][1]);
+                aS[m][1] = pack2(dp[m][2 * kq][2], dp[m][2 * kq][3]);
+                aS[m][2] = pack2(dp[m][2 * kq + 1][0], dp[m][2 * kq + 1][1]);
+                aS[m][3] = pack2(dp[m][2 * kq + 1][2], dp[m][2 * kq + 1][3]);
+                // dS^T to shared memory for dQ: rows are keys, columns queries.
+                mma_t* ds = sdS + (kw + m * 16 + g) * LDP + kq * 16 + 2 * t;
+                *reinterpret_cast<unsigned*>(ds) = aS[m][0];
+                *reinterpret_cast<unsigned*>(ds + 8 * LDP) = aS[m][1];
+                *reinterpret_cast<unsigned*>(ds + 8) = aS[m][2];
+                *reinterpret_cast<unsigned*>(ds + 8 * LDP + 8) = aS[m][3];
+            }
 #pragma unroll
             for (int dn = 0; dn < HEAD_DIM / 16; ++dn) {
                 unsigned bo[4], bq[4];
@@ -348,10 +375,13 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                 const int col = dn * 16 + (lane >> 4) * 8;
                 ldsm_x4_t(bo, sdO + row * LDS + col);
                 ldsm_x4_t(bq, sQ + row * LDS + col);
-                mma16816(accV[2 * dn], aP, bo[0], bo[1]);
-                mma16816(accV[2 * dn + 1], aP, bo[2], bo[3]);
-                mma16816(accK[2 * dn], aS, bq[0], bq[1]);
-                mma16816(accK[2 * dn + 1], aS, bq[2], bq[3]);
+#pragma unroll
+                for (int m = 0; m < KEY_TILES; ++m) {
+                    mma16816(accV[m][2 * dn], aP[m], bo[0], bo[1]);
+                    mma16816(accV[m][2 * dn + 1], aP[m], bo[2], bo[3]);
+                    mma16816(accK[m][2 * dn], aS[m], bq[0], bq[1]);
+                    mma16816(accK[m][2 * dn + 1], aS[m], bq[2], bq[3]);
+                }
             }
         }
         __syncthreads();  // all of dS^T is in shared memory
@@ -391,16 +421,19 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
 
     // This CTA owns its keys of dK, dV for the kv head: plain stores.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int kj = kw + g + half * 8;
-        if (kj < kvalid) {
-            const long long base = (((long long)b * Tk + k0 + kj) * Hkv + hk) * HEAD_DIM + 2 * t;
+    for (int m = 0; m < KEY_TILES; ++m) {
 #pragma unroll
-            for (int j = 0; j < HEAD_DIM / 8; ++j) {
-                store_f(dk + base + j * 8, accK[j][2 * half] * scale);
-                store_f(dk + base + j * 8 + 1, accK[j][2 * half + 1] * scale);
-                store_f(dv + base + j * 8, accV[j][2 * half]);
-                store_f(dv + base + j * 8 + 1, accV[j][2 * half + 1]);
+        for (int half = 0; half < 2; ++half) {
+            const int kj = kw + m * 16 + g + half * 8;
+            if (kj < kvalid) {
+                const long long base = (((long long)b * Tk + k0 + kj) * Hkv + hk) * HEAD_DIM + 2 * t;
+#pragma unroll
+                for (int j = 0; j < HEAD_DIM / 8; ++j) {
+                    store_f(dk + base + j * 8, accK[m][j][2 * half] * scale);
+                    store_f(dk + base + j * 8 + 1, accK[m][j][2 * half + 1] * scale);
+                    store_f(dv + base + j * 8, accV[m][j][2 * half]);
+                    store_f(dv + base + j * 8 + 1, accV[m][j][2 * half + 1]);
+                }
             }
         }
     }

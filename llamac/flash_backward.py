@@ -24,11 +24,11 @@ from llamac.errors import DeviceError, LlamacError, ShapeError
 
 KERNEL = "flash_attn_bwd"
 HEAD_DIMS = (64, 128)
-# Tiles per head_dim (kernels/flash_attn_bwd.cu): queries per tile, and warps per CTA, each
-# warp owning 16 keys (a CTA's key block is 16 * warps). For hs=128 the dK/dV accumulators
-# alone take 128 registers a thread, and 64-query tiles spill, so 32.
-BLOCK_Q = {64: 64, 128: 32}
-WARPS = {64: 4, 128: 4}
+# Tiles per head_dim (kernels/flash_attn_bwd.cu): (queries per tile, warps per CTA, 16-key
+# row tiles per warp); a CTA's key block is 16 * warps * key_tiles keys. Chosen by timing
+# every variant on an H100 (B=8, H=16, T=2048, causal); see bench_flash_backward.
+TILES = {64: (64, 4, 1), 128: (64, 8, 1)}
+VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 2))
 
 
 # ---------------------------------------------------------------- references (xp, fp32)
@@ -182,23 +182,23 @@ def _check_operands(q, k, v, out, dout, lse, segments):
     return xp
 
 
-def shared_bytes(head_dim: int, block_q: int, warps: int = 4) -> int:
+def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1) -> int:
     """Dynamic shared memory of one CTA of the main kernel (the layout in flash_attn_bwd.cu)."""
-    block_k = 16 * warps
+    block_k = 16 * warps * key_tiles
     lds = head_dim + 8
     tiles = (2 * block_k + 2 * 2 * block_q) * lds * 2      # K, V, and two stages of Q, dO, as 16-bit
     ds = block_k * (block_q + 8) * 2                        # dS^T
     return tiles + ds + 2 * 3 * block_q * 4 + block_k * 4   # two stages of lse, D, query ids; key ids
 
 
-def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None, *, block_q=None, warps=None):
+def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None, *, tiles=None):
     """(dq, dk, dv) of attention: the tensor-core kernel on CuPy bf16/fp16 arrays, the reference on NumPy.
 
     q, out, dout (B, Tq, H, hs); k, v (B, Tk, Hkv, hs); lse (B, H, Tq) fp32 from the forward;
     segments (B, Tk) integer document ids or None. dq comes back like q, dk and dv like k
     (each kv head's gradient summed over its G query heads), all in q's dtype, computed with
-    fp32 accumulation. head_dim 64 or 128 on the GPU. `block_q` (32 or 64 queries) and
-    `warps` (4 or 8) override the tiles, for benchmarks.
+    fp32 accumulation. head_dim 64 or 128 on the GPU. `tiles` = (block_q, warps, key_tiles),
+    one of VARIANTS, overrides TILES[hs], for benchmarks and tests.
     """
     xp = _check_operands(q, k, v, out, dout, lse, segments)
     if xp is np:
@@ -213,11 +213,11 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk[...] = 0
         dv[...] = 0
         return dq, dk, dv
-    block_q = block_q or BLOCK_Q[hs]
-    warps = warps or WARPS[hs]
-    if block_q not in (32, 64) or warps not in (4, 8):
-        raise LlamacError(f"flash_attention_backward: block_q must be 32 or 64 and warps 4 or 8, got {block_q}, {warps}")
-    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}")
+    tiles = tuple(tiles or TILES[hs])
+    if tiles not in VARIANTS:
+        raise LlamacError(f"flash_attention_backward: tiles must be one of {VARIANTS}, got {tiles}")
+    block_q, warps, key_tiles = tiles
+    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
     with q.device:
         lse = xp.ascontiguousarray(lse, dtype=np.float32)
         seg = None if segments is None else xp.ascontiguousarray(segments, dtype=np.int32)
@@ -228,10 +228,10 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         pre((-(-rows // 8),), (256,), (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
 
         main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options)
-        smem = shared_bytes(hs, block_q, warps)
+        smem = shared_bytes(hs, block_q, warps, key_tiles)
         if smem > 48 * 1024:  # above the default, the launch fails unless the kernel opts in
             main.max_dynamic_shared_size_bytes = smem
-        grid = (-(-Tk // (16 * warps)), Hkv, B)
+        grid = (-(-Tk // (16 * warps * key_tiles)), Hkv, B)
         main(grid, (32 * warps,),
              (q, k, v, dout, lse, Dsum, seg if seg is not None else np.uint64(0), dq_acc, dk, dv,
               np.int32(Tq), np.int32(Tk), np.int32(H), np.int32(Hkv), np.int32(bool(causal)),
@@ -267,8 +267,8 @@ def _time_ms(fn, reps: int, warmup: int) -> float:
 
 def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 128), Hkv: int | None = None,
                          causal: bool = True, dtype="bfloat16", reps: int = 20, warmup: int = 3,
-                         tiles=((None, None),), torch_compare: bool = True) -> list[dict]:
-    """Time flash_attention_backward (bf16) per head_dim and (block_q, warps) in `tiles`: ms and
+                         tiles=(None,), torch_compare: bool = True) -> list[dict]:
+    """Time flash_attention_backward (bf16) per head_dim and tile variant in `tiles`: ms and
     TFLOP/s; with torch, SDPA's flash backend forward and forward+backward on the same shapes
     (its backward = the difference)."""
     try:
@@ -288,11 +288,10 @@ def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 
         out = rng.standard_normal((B, T, H, hs), dtype=np.float32).astype(dtype)
         lse = cp.full((B, H, T), math.log(T) + 2.0, np.float32)
         flops = backward_flops(B, H, T, T, hs, causal)
-        for bq, nw in tiles:
-            ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, block_q=bq, warps=nw),
-                          reps, warmup)
-            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "block_q": bq or BLOCK_Q[hs],
-                   "warps": nw or WARPS[hs], "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
+        for tile in tiles:
+            ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, tiles=tile), reps, warmup)
+            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or TILES[hs],
+                   "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
             rows.append(row)
         if torch_compare:
             rows[-1].update(_torch_sdpa_times(q, k, v, dout, causal, reps, warmup, flops))

@@ -151,7 +151,9 @@ def test_flop_count():
 def test_shared_memory_fits_the_sm():
     # H100: 227 KB of shared memory per SM; two CTAs resident is the design point.
     for hs in fb.HEAD_DIMS:
-        assert fb.shared_bytes(hs, fb.BLOCK_Q[hs], fb.WARPS[hs]) * (2 if fb.WARPS[hs] == 4 else 1) <= 227 * 1024
+        for tiles in fb.VARIANTS:
+            assert fb.shared_bytes(hs, *tiles) <= 227 * 1024
+        assert 2 * fb.shared_bytes(64, *fb.TILES[64]) <= 227 * 1024  # two CTAs of 4 warps per SM
 
 
 def test_bench_without_cuda_says_why(monkeypatch):
@@ -172,7 +174,9 @@ def nvrtc():
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("hs", fb.HEAD_DIMS)
 def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
-    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={fb.BLOCK_Q[hs]}", f"-DNWARPS={fb.WARPS[hs]}", "--ptxas-options=-v")
+    block_q, warps, key_tiles = fb.TILES[hs]
+    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
+               "--ptxas-options=-v")
     result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90", options=options)
     assert result.ok, result.log
     for function in ("flash_attn_bwd", "flash_attn_bwd_preprocess", "flash_attn_bwd_convert_dq"):

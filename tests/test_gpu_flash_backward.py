@@ -75,14 +75,11 @@ def test_kernel_matches_reference_fp16(case):
     check(case, np.dtype(np.float16), tol=5e-3)
 
 
-TILES = [(32, 4), (64, 4), (32, 8), (64, 8)]  # (block_q, warps): every variant the launcher can pick
-
-
-@pytest.mark.parametrize("tiles", TILES, ids=str)
+@pytest.mark.parametrize("tiles", fb.VARIANTS, ids=str)
 @pytest.mark.parametrize("case", [(2, 333, 333, 4, 2, 128, True, False), (2, 150, 777, 4, 1, 64, True, True),
                                   (1, 200, 200, 2, 2, 64, False, False)], ids=str)
 def test_every_tile_variant_matches_reference(case, tiles):
-    check(case, block_q=tiles[0], warps=tiles[1])
+    check(case, tiles=tiles)
 
 
 def test_masked_keys_get_no_gradient():
