@@ -30,6 +30,8 @@ KERNEL_FUNCTIONS = {
     "embedding": ("embedding_backward",),
     "cross_entropy": ("cross_entropy_forward", "cross_entropy_backward"),
     "adamw": ("adamw_sumsq", "adamw_finalize", "adamw_update"),
+    # launcher: llamac/flash_backward.py
+    "flash_attn_bwd": ("flash_attn_bwd_preprocess", "flash_attn_bwd", "flash_attn_bwd_convert_dq"),
 }
 
 

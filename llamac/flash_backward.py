@@ -1,0 +1,352 @@
+"""Flash-attention backward: the tensor-core kernel (kernels/flash_attn_bwd.cu) beside its references.
+
+Semantics shared with the forward (llamac.flash): q (B, Tq, H, hs); k, v (B, Tk, Hkv, hs)
+with H % Hkv == 0 (query head h reads kv head h // (H // Hkv)); query i sits at absolute
+position Tk - Tq + i; key j is visible to it iff (not causal or j <= i + Tk - Tq) and
+(segments is None or segments[b, j] == segments[b, i + Tk - Tq]); scale = 1 / sqrt(hs).
+The forward returns out (B, Tq, H, hs) and lse (B, H, Tq), the natural-log logsumexp of
+the scaled, masked scores, which is all the backward needs to rebuild the probabilities
+block by block: nothing Tq x Tk is ever held.
+
+The references are written against `xp` (NumPy or CuPy) and compute in fp32 (fp64 for
+fp64 inputs); they do hold the full (Tq, Tk) scores, so they are for tests and small
+sizes. Nothing here imports cupy (llamac.backend hands it out).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+
+from llamac import backend
+from llamac.errors import DeviceError, LlamacError, ShapeError
+
+KERNEL = "flash_attn_bwd"
+HEAD_DIMS = (64, 128)
+# Tiles per head_dim (kernels/flash_attn_bwd.cu): (queries per tile, warps per CTA, 16-key
+# row tiles per warp); a CTA's key block is 16 * warps * key_tiles keys. Chosen by timing
+# every variant (bench_flash_backward, B=8, H=16, T=2048, causal, bf16) on an H200:
+#   hs=64:  (32, 4, 2) 1.07 ms; (32, 4, 1) 1.21; (64, 4, 1) 1.22; (64, 8, 1) 1.24; (32, 8, 2) 1.29; (32, 8, 1) 1.44
+#   hs=128: (64, 8, 1) 2.15 ms; (64, 4, 1) 2.23; (32, 8, 1) 2.26; (32, 4, 1) 2.28
+# Two row tiles per warp reuse each Q/dO fragment twice, but need 255 registers at hs=64
+# and spill at hs=128 (the dK/dV accumulators alone would be 256 registers).
+TILES = {64: (32, 4, 2), 128: (64, 8, 1)}
+VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 2))
+
+
+# ---------------------------------------------------------------- references (xp, fp32)
+
+def _compute_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def visible_mask(xp, Tq: int, Tk: int, causal: bool = True, segments=None):
+    """(B or 1, 1, Tq, Tk) bool: key j visible to query i (at position Tk - Tq + i), or None if all are."""
+    visible = None
+    if causal:
+        qpos = xp.arange(Tk - Tq, Tk)[:, None]
+        visible = (xp.arange(Tk)[None, :] <= qpos)[None]                 # (1, Tq, Tk)
+    if segments is not None:
+        segments = xp.asarray(segments)
+        same = segments[:, Tk - Tq:, None] == segments[:, None, :]       # (B, Tq, Tk)
+        visible = same if visible is None else visible & same
+    return None if visible is None else visible[:, None]                 # (B|1, 1, Tq, Tk)
+
+
+def _heads_first(xp, x, ct):
+    return xp.ascontiguousarray(x.transpose(0, 2, 1, 3).astype(ct, copy=False))   # (B, H, T, hs)
+
+
+def _scores(q, k, causal, segments):
+    """The scaled scores (B, H, Tq, Tk) with -inf where masked, the mask, and head-first
+    compute-dtype copies of q (B, H, Tq, hs) and of k repeated over the G query heads (B, H, Tk, hs)."""
+    xp = backend.get_array_module(q)
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    ct = _compute_dtype(q.dtype)
+    qh = _heads_first(xp, q, ct)                                          # (B, H, Tq, hs)
+    kh = xp.repeat(_heads_first(xp, k, ct), G, axis=1)                    # (B, H, Tk, hs)
+    scores = qh @ kh.swapaxes(-1, -2)                                     # (B, H, Tq, Tk)
+    scores *= ct.type(1.0 / math.sqrt(hs))
+    mask = visible_mask(xp, Tq, Tk, causal, segments)
+    if mask is not None:
+        scores = xp.where(mask, scores, ct.type(-np.inf))
+    return scores, mask, qh, kh
+
+
+def _check_shapes(op, q, k, v, segments=None):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ShapeError(f"{op}: q {q.shape}, k {k.shape}, v {v.shape} must be (B, Tq, H, hs) and two equal (B, Tk, Hkv, hs)")
+    B, Tq, H, hs = q.shape
+    if k.shape[0] != B or k.shape[3] != hs or k.shape[2] == 0 or H % k.shape[2]:
+        raise ShapeError(f"{op}: q {q.shape} does not fit k {k.shape} (same B and hs, H a multiple of Hkv)")
+    if Tq > k.shape[1]:
+        raise ShapeError(f"{op}: q has {Tq} positions but k only {k.shape[1]}; queries are the last Tq of the Tk keys")
+    if segments is not None and tuple(segments.shape) != (B, k.shape[1]):
+        raise ShapeError(f"{op}: segments has shape {tuple(segments.shape)}, expected (B, Tk) = {(B, k.shape[1])}")
+
+
+def attention_reference(q, k, v, causal=True, segments=None):
+    """(out (B, Tq, H, hs), lse (B, H, Tq)) in fp32 (fp64 for fp64 inputs), with xp."""
+    _check_shapes("attention_reference", q, k, v, segments)
+    xp = backend.get_array_module(q)
+    G = q.shape[2] // k.shape[2]
+    scores, _, _, _ = _scores(q, k, causal, segments)
+    m = scores.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)                # a row with no visible key: lse = -inf, out = 0
+    p = xp.exp(scores - m)
+    total = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = (xp.log(total) + m)[..., 0]                                  # (B, H, Tq)
+        p /= xp.where(total > 0, total, 1)
+    vh = xp.repeat(_heads_first(xp, v, scores.dtype), G, axis=1)          # (B, H, Tk, hs)
+    out = (p @ vh).transpose(0, 2, 1, 3)                                  # (B, Tq, H, hs)
+    return xp.ascontiguousarray(out), lse
+
+
+def attention_backward_reference(q, k, v, out, dout, lse, causal=True, segments=None):
+    """(dq, dk, dv) of sum(dout * attention(q, k, v)) in fp32 (fp64 for fp64 inputs), with xp.
+
+    Uses the same recipe as the kernel: P = exp(S - lse), D = rowsum(dout * out),
+    dS = P (dP - D); dk, dv summed over the G query heads that share a kv head.
+    """
+    _check_shapes("attention_backward_reference", q, k, v, segments)
+    xp = backend.get_array_module(q)
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scores, _, qh, kh = _scores(q, k, causal, segments)
+    ct = scores.dtype
+    lse = lse.astype(ct, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = xp.exp(scores - xp.where(xp.isfinite(lse), lse, 0)[..., None])
+    p = xp.where(xp.isfinite(scores), p, 0)                               # (B, H, Tq, Tk)
+    doh = _heads_first(xp, dout, ct)                                      # (B, H, Tq, hs)
+    vh = xp.repeat(_heads_first(xp, v, ct), G, axis=1)                    # (B, H, Tk, hs)
+    D = (dout.astype(ct, copy=False) * out.astype(ct, copy=False)).sum(axis=-1).transpose(0, 2, 1)  # (B, H, Tq)
+    dvh = p.swapaxes(-1, -2) @ doh                                        # (B, H, Tk, hs)
+    ds = p * (doh @ vh.swapaxes(-1, -2) - D[..., None])                   # (B, H, Tq, Tk)
+    scale = ct.type(1.0 / math.sqrt(hs))
+    dqh = (ds @ kh) * scale                                               # (B, H, Tq, hs)
+    dkh = (ds.swapaxes(-1, -2) @ qh) * scale                              # (B, H, Tk, hs)
+
+    def kv_grad(x):  # (B, H, Tk, hs) -> (B, Tk, Hkv, hs), summing each kv head's G query heads
+        return xp.ascontiguousarray(x.reshape(B, Hkv, G, Tk, hs).sum(axis=2).transpose(0, 2, 1, 3))
+
+    return xp.ascontiguousarray(dqh.transpose(0, 2, 1, 3)), kv_grad(dkh), kv_grad(dvh)
+
+
+# ---------------------------------------------------------------- the kernel
+
+def _check_operands(q, k, v, out, dout, lse, segments):
+    op = "flash_attention_backward"
+    arrays = {"q": q, "k": k, "v": v, "out": out, "dout": dout, "lse": lse}
+    modules = set()
+    for name, a in arrays.items():
+        xp = backend.get_array_module(a)
+        if not isinstance(a, xp.ndarray):
+            raise LlamacError(f"{op}: {name} must be a NumPy or CuPy array, not {type(a).__name__}")
+        modules.add(xp)
+    if segments is not None:
+        modules.add(backend.get_array_module(segments))
+    if len(modules) > 1:
+        raise DeviceError(f"{op}: operands must all be on one device (cpu and cuda mixed)")
+    _check_shapes(op, q, k, v, segments)
+    B, Tq, H, hs = q.shape
+    for name, a in (("out", out), ("dout", dout)):
+        if a.shape != q.shape:
+            raise ShapeError(f"{op}: {name} has shape {a.shape} but q has {q.shape}; shapes must match")
+    if lse.shape != (B, H, Tq):
+        raise ShapeError(f"{op}: lse has shape {lse.shape}, expected (B, H, Tq) = {(B, H, Tq)}")
+    for name, a in (("k", k), ("v", v), ("out", out), ("dout", dout)):
+        if a.dtype != q.dtype:
+            raise LlamacError(f"{op}: {name} is {a.dtype} but q is {q.dtype}; dtypes must match")
+    if segments is not None and np.dtype(segments.dtype).kind not in "iu":
+        raise LlamacError(f"{op}: segments must hold integer document ids, got {segments.dtype}")
+    xp = modules.pop()
+    if xp is np:
+        if not backend.is_float(q.dtype):
+            raise LlamacError(f"{op}: needs floating-point arrays, got {q.dtype}")
+        return xp
+    if q.dtype not in (backend.bfloat16, np.dtype(np.float16)):
+        raise LlamacError(f"{op}: the CUDA kernel takes bfloat16 or float16, got {q.dtype}")
+    if hs not in HEAD_DIMS:
+        raise LlamacError(f"{op}: the CUDA kernel takes head_dim {' or '.join(map(str, HEAD_DIMS))}, got {hs}")
+    for name, a in arrays.items():
+        # The kernel indexes flat memory and loads 16 bytes at a time.
+        if not a.flags.c_contiguous:
+            raise LlamacError(f"{op}: {name} is not C-contiguous; pass xp.ascontiguousarray({name})")
+        if a.data.ptr % 16:
+            raise LlamacError(f"{op}: {name} does not start on a 16-byte boundary; pass a copy")
+    devices = {a.device.id for a in arrays.values()}
+    if len(devices) > 1:
+        raise DeviceError(f"{op}: operands are on different GPUs")
+    return xp
+
+
+def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1) -> int:
+    """Dynamic shared memory of one CTA of the main kernel (the layout in flash_attn_bwd.cu)."""
+    block_k = 16 * warps * key_tiles
+    lds = head_dim + 8
+    tiles = (2 * block_k + 2 * 2 * block_q) * lds * 2      # K, V, and two stages of Q, dO, as 16-bit
+    ds = block_k * (block_q + 8) * 2                        # dS^T
+    return tiles + ds + 2 * 3 * block_q * 4 + block_k * 4   # two stages of lse, D, query ids; key ids
+
+
+def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None, *, tiles=None):
+    """(dq, dk, dv) of attention: the tensor-core kernel on CuPy bf16/fp16 arrays, the reference on NumPy.
+
+    q, out, dout (B, Tq, H, hs); k, v (B, Tk, Hkv, hs); lse (B, H, Tq) fp32 from the forward;
+    segments (B, Tk) integer document ids or None. dq comes back like q, dk and dv like k
+    (each kv head's gradient summed over its G query heads), all in q's dtype, computed with
+    fp32 accumulation. head_dim 64 or 128 on the GPU. `tiles` = (block_q, warps, key_tiles),
+    one of VARIANTS, overrides TILES[hs], for benchmarks and tests.
+    """
+    xp = _check_operands(q, k, v, out, dout, lse, segments)
+    if xp is np:
+        grads = attention_backward_reference(q, k, v, out, dout, lse, causal, segments)
+        return tuple(g.astype(q.dtype, copy=False) for g in grads)
+
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    dq = xp.empty_like(q)
+    dk, dv = xp.empty_like(k), xp.empty_like(v)
+    if B == 0 or Tq == 0 or H == 0:
+        dk[...] = 0
+        dv[...] = 0
+        return dq, dk, dv
+    tiles = tuple(tiles or TILES[hs])
+    if tiles not in VARIANTS:
+        raise LlamacError(f"flash_attention_backward: tiles must be one of {VARIANTS}, got {tiles}")
+    block_q, warps, key_tiles = tiles
+    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
+    with q.device:
+        lse = xp.ascontiguousarray(lse, dtype=np.float32)
+        seg = None if segments is None else xp.ascontiguousarray(segments, dtype=np.int32)
+        Dsum = xp.empty((B, H, Tq), np.float32)
+        dq_acc = xp.empty(q.shape, np.float32)
+        rows = B * Tq * H
+        pre = backend.get_kernel(KERNEL, "flash_attn_bwd_preprocess", q.dtype, options)
+        pre((-(-rows // 8),), (256,), (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
+
+        main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options)
+        smem = shared_bytes(hs, block_q, warps, key_tiles)
+        if smem > 48 * 1024:  # above the default, the launch fails unless the kernel opts in
+            main.max_dynamic_shared_size_bytes = smem
+        grid = (-(-Tk // (16 * warps * key_tiles)), Hkv, B)
+        main(grid, (32 * warps,),
+             (q, k, v, dout, lse, Dsum, seg if seg is not None else np.uint64(0), dq_acc, dk, dv,
+              np.int32(Tq), np.int32(Tk), np.int32(H), np.int32(Hkv), np.int32(bool(causal)),
+              np.float32(1.0 / math.sqrt(hs))),
+             shared_mem=smem)
+
+        conv = backend.get_kernel(KERNEL, "flash_attn_bwd_convert_dq", q.dtype, options)
+        n = q.size
+        conv((max(1, min(-(-n // 256), 132 * 32)),), (256,), (dq_acc, dq, np.int64(n)))
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- benchmark
+
+def backward_flops(B: int, H: int, Tq: int, Tk: int, hs: int, causal: bool = True) -> float:
+    """Matmul FLOPs of the backward: 2.5 x the forward's 4 B H Tq Tk hs (halved when causal, Tq = Tk)."""
+    fwd = 4.0 * B * H * Tq * Tk * hs
+    return 2.5 * (fwd / 2 if causal else fwd)
+
+
+def _time_ms(fn, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    pairs = []
+    for _ in range(reps):
+        start, end = backend.cuda_event(), backend.cuda_event()
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    return statistics.median(backend.elapsed_ms(s, e) for s, e in pairs)
+
+
+def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 128), Hkv: int | None = None,
+                         causal: bool = True, dtype="bfloat16", reps: int = 20, warmup: int = 3,
+                         tiles=(None,), torch_compare: bool = True) -> list[dict]:
+    """Time flash_attention_backward (bf16) per head_dim and tile variant in `tiles`: ms and
+    TFLOP/s; with torch, SDPA's flash backend forward and forward+backward on the same shapes
+    (its backward = the difference)."""
+    try:
+        cp = backend.cupy_module()
+    except LlamacError as exc:
+        raise LlamacError(f"bench_flash_backward needs a CUDA GPU with CuPy: {exc}") from None
+    dtype = backend.as_dtype(dtype)
+    Hkv = Hkv or H
+    rows = []
+    for hs in head_dims:
+        rng = cp.random.default_rng(0)
+        q = rng.standard_normal((B, T, H, hs), dtype=np.float32).astype(dtype)
+        k = rng.standard_normal((B, T, Hkv, hs), dtype=np.float32).astype(dtype)
+        v = rng.standard_normal((B, T, Hkv, hs), dtype=np.float32).astype(dtype)
+        dout = rng.standard_normal((B, T, H, hs), dtype=np.float32).astype(dtype)
+        # Any out and lse time the same; plausible ones keep the exponentials in range.
+        out = rng.standard_normal((B, T, H, hs), dtype=np.float32).astype(dtype)
+        lse = cp.full((B, H, T), math.log(T) + 2.0, np.float32)
+        flops = backward_flops(B, H, T, T, hs, causal)
+        for tile in tiles:
+            ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, tiles=tile), reps, warmup)
+            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or TILES[hs],
+                   "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
+            rows.append(row)
+        if torch_compare:
+            rows[-1].update(_torch_sdpa_times(q, k, v, dout, causal, reps, warmup, flops))
+    return rows
+
+
+def _torch_sdpa_times(q, k, v, dout, causal, reps, warmup, flops) -> dict:
+    try:
+        import torch  # noqa: PLC0415 - optional, only for the comparison
+        import torch.nn.functional as F  # noqa: PLC0415
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+    except Exception as exc:
+        return {"torch": f"unavailable ({type(exc).__name__})"}
+    try:
+        def t(x):  # (B, T, H, hs) -> torch (B, H, T, hs), bf16, same values
+            return torch.as_tensor(x.astype(np.float32), device="cuda").to(torch.bfloat16).transpose(1, 2).contiguous()
+
+        tq, tk, tv, tdo = t(q), t(k), t(v), t(dout)
+        tq.requires_grad_(True)
+        tk.requires_grad_(True)
+        tv.requires_grad_(True)
+        gqa = tq.shape[1] != tk.shape[1]
+
+        def fwd():
+            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, enable_gqa=gqa)
+
+        def fwd_bwd():
+            o = fwd()
+            o.backward(tdo)
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
+            f_ms = _torch_ms(torch, fwd, reps, warmup)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            fb_ms = _torch_ms(torch, fwd_bwd, reps, warmup)
+        b_ms = fb_ms - f_ms
+        return {"torch_fwd_ms": f_ms, "torch_fwd_bwd_ms": fb_ms, "torch_bwd_ms": b_ms,
+                "torch_bwd_tflops": flops / (b_ms * 1e-3) / 1e12}
+    except Exception as exc:  # a torch without the flash backend for these shapes, say
+        return {"torch": f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"}
+
+
+def _torch_ms(torch, fn, reps, warmup) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)

@@ -1,0 +1,189 @@
+"""The flash-attention backward on the CPU: the fp32 references against float64 finite
+differences and a direct formula, the launcher's NumPy path and its checks, and the
+kernel source compiled with NVRTC for every head_dim / tile it is launched with."""
+import math
+import re
+
+import numpy as np
+import pytest
+
+from llamac import backend
+from llamac import flash_backward as fb
+from llamac.errors import LlamacError, ShapeError
+
+BF16 = backend.bfloat16
+
+
+def make(B, Tq, Tk, H, Hkv, hs, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(B, Tq, H, hs)).astype(dtype)
+    k = rng.normal(size=(B, Tk, Hkv, hs)).astype(dtype)
+    v = rng.normal(size=(B, Tk, Hkv, hs)).astype(dtype)
+    dout = rng.normal(size=(B, Tq, H, hs)).astype(dtype)
+    return q, k, v, dout
+
+
+def direct_attention(q, k, v, causal, segments):
+    """Loop-per-(b, h, i) float64 attention with the documented visibility rule."""
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    out = np.zeros((B, Tq, H, hs))
+    lse = np.zeros((B, H, Tq))
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                pos = Tk - Tq + i
+                keys = [j for j in range(Tk) if (not causal or j <= pos)
+                        and (segments is None or segments[b, j] == segments[b, pos])]
+                s = np.array([q[b, i, h] @ k[b, j, h // G] for j in keys]) / math.sqrt(hs)
+                m = s.max()
+                lse[b, h, i] = m + math.log(np.exp(s - m).sum())
+                p = np.exp(s - lse[b, h, i])
+                out[b, i, h] = p @ v[b, keys, h // G]
+    return out, lse
+
+
+CASES = [  # B, Tq, Tk, H, Hkv, hs, causal, with segments
+    (1, 5, 5, 2, 2, 4, True, False),
+    (2, 3, 7, 4, 2, 4, True, False),    # queries are the last 3 of 7 positions; GQA G=2
+    (1, 6, 6, 4, 1, 3, False, False),   # G=4, no mask
+    (2, 6, 9, 2, 1, 4, True, True),     # documents and an offset
+    (1, 5, 5, 2, 2, 4, False, True),
+]
+
+
+def segments_for(B, Tk, rng):
+    return np.sort(rng.integers(0, 3, (B, Tk)), axis=1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_forward_matches_direct_loops(case):
+    B, Tq, Tk, H, Hkv, hs, causal, seg = case
+    q, k, v, _ = make(B, Tq, Tk, H, Hkv, hs)
+    segments = segments_for(B, Tk, np.random.default_rng(1)) if seg else None
+    out, lse = fb.attention_reference(q, k, v, causal, segments)
+    want_out, want_lse = direct_attention(q, k, v, causal, segments)
+    assert out.shape == q.shape and lse.shape == (B, H, Tq)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_backward_matches_finite_differences(case):
+    B, Tq, Tk, H, Hkv, hs, causal, seg = case
+    q, k, v, dout = make(B, Tq, Tk, H, Hkv, hs, seed=2)
+    segments = segments_for(B, Tk, np.random.default_rng(3)) if seg else None
+    out, lse = fb.attention_reference(q, k, v, causal, segments)
+    dq, dk, dv = fb.attention_backward_reference(q, k, v, out, dout, lse, causal, segments)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+    def loss(q, k, v):
+        return float((fb.attention_reference(q, k, v, causal, segments)[0] * dout).sum())
+
+    h = 1e-6
+    for grad, which in ((dq, 0), (dk, 1), (dv, 2)):
+        num = np.zeros_like(grad)
+        args = [q, k, v]
+        for idx in np.ndindex(grad.shape):
+            plus = [a.copy() for a in args]
+            minus = [a.copy() for a in args]
+            plus[which][idx] += h
+            minus[which][idx] -= h
+            num[idx] = (loss(*plus) - loss(*minus)) / (2 * h)
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-7, err_msg=f"d{'qkv'[which]}")
+    if seg or causal:  # a key a query can't see gets no gradient from it: the mask is real
+        assert np.abs(dk).sum() > 0
+
+
+def test_reference_lower_precision_inputs_compute_in_fp32():
+    q, k, v, dout = make(2, 33, 40, 4, 2, 16, dtype=BF16, seed=4)
+    out, lse = fb.attention_reference(q, k, v)
+    grads = fb.attention_backward_reference(q, k, v, out.astype(BF16), dout, lse)
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in grads)
+    q64, k64, v64, d64 = (a.astype(np.float64) for a in (q, k, v, dout))
+    out64, lse64 = fb.attention_reference(q64, k64, v64)
+    want = fb.attention_backward_reference(q64, k64, v64, out64, d64, lse64)
+    for got, w in zip(grads, want):
+        # out rounded to bf16 enters D = rowsum(dout * out): about bf16's precision
+        assert np.linalg.norm(got - w) / np.linalg.norm(w) < 1e-2
+
+
+def test_launcher_on_numpy_is_the_reference_in_the_input_dtype():
+    q, k, v, dout = make(1, 9, 12, 4, 2, 8, dtype=np.float16, seed=5)
+    out, lse = fb.attention_reference(q, k, v)
+    segments = np.array([[0] * 5 + [1] * 7])
+    got = fb.flash_attention_backward(q, k, v, out.astype(np.float16), dout, lse, True, segments)
+    want = fb.attention_backward_reference(q, k, v, out.astype(np.float16), dout, lse, True, segments)
+    for g, w, like in zip(got, want, (q, k, v)):
+        assert g.dtype == np.float16 and g.shape == like.shape
+        assert np.array_equal(g, w.astype(np.float16))
+
+
+def test_launcher_checks_operands():
+    q, k, v, dout = make(1, 4, 6, 4, 2, 8, dtype=np.float32)
+    out, lse = fb.attention_reference(q, k, v)
+    with pytest.raises(ShapeError, match="multiple of Hkv"):
+        fb.flash_attention_backward(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), out, dout, lse)
+    with pytest.raises(ShapeError, match="last Tq"):
+        fb.flash_attention_backward(q, k[:, :3], v[:, :3], out, dout, lse)
+    with pytest.raises(ShapeError, match="lse"):
+        fb.flash_attention_backward(q, k, v, out, dout, lse[:, :1])
+    with pytest.raises(ShapeError, match="dout"):
+        fb.flash_attention_backward(q, k, v, out, dout[:, :2], lse)
+    with pytest.raises(ShapeError, match="segments"):
+        fb.flash_attention_backward(q, k, v, out, dout, lse, segments=np.zeros((1, 4), np.int64))
+    with pytest.raises(LlamacError, match="integer"):
+        fb.flash_attention_backward(q, k, v, out, dout, lse, segments=np.zeros((1, 6), np.float32))
+    with pytest.raises(LlamacError, match="dtypes must match"):
+        fb.flash_attention_backward(q, k.astype(np.float16), v, out, dout, lse)
+    with pytest.raises(LlamacError, match="NumPy or CuPy"):
+        fb.flash_attention_backward(q.tolist(), k, v, out, dout, lse)
+
+
+def test_flop_count():
+    # causal backward = 2.5 x the causal forward's 2 * 2 * B H T^2 hs / 2
+    assert fb.backward_flops(8, 16, 2048, 2048, 64) == 2.5 * 2 * 2 * 8 * 16 * 2048 * 2048 * 64 / 2
+    assert fb.backward_flops(1, 1, 4, 4, 8, causal=False) == 2.5 * 4 * 16 * 8
+
+
+def test_shared_memory_fits_the_sm():
+    # H100: 227 KB of shared memory per SM; two CTAs resident is the design point.
+    for hs in fb.HEAD_DIMS:
+        for tiles in fb.VARIANTS:
+            assert fb.shared_bytes(hs, *tiles) <= 227 * 1024
+        assert 2 * fb.shared_bytes(64, *fb.TILES[64]) <= 227 * 1024  # two CTAs of 4 warps per SM
+
+
+def test_bench_without_cuda_says_why(monkeypatch):
+    monkeypatch.setattr(backend, "_cupy_or_reason", lambda: (None, "CuPy is not installed"))
+    with pytest.raises(LlamacError, match="needs a CUDA GPU"):
+        fb.bench_flash_backward()
+
+
+# ---------------------------------------------------------------- NVRTC, no GPU
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings is not installed")
+    if not backend.nvrtc_available():
+        pytest.skip(backend.nvrtc_unavailable_reason())
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("hs", fb.HEAD_DIMS)
+def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
+    block_q, warps, key_tiles = fb.TILES[hs]
+    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
+               "--ptxas-options=-v")
+    result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90", options=options)
+    assert result.ok, result.log
+    for function in ("flash_attn_bwd", "flash_attn_bwd_preprocess", "flash_attn_bwd_convert_dq"):
+        assert f".entry {function}(" in result.ptx
+    # Tensor cores, fed by ldmatrix: the whole point of the kernel.
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16.bf16" if dtype == BF16 else "f16.f16")
+    assert mma in result.ptx and "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in result.ptx
+    # A spill to local memory in the inner loop costs more than the tile size saves.
+    spills = re.findall(r"(\d+) bytes spill stores", result.log)
+    assert spills and all(n == "0" for n in spills), result.log

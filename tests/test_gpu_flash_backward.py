@@ -1,0 +1,110 @@
+"""The flash-attention backward kernel against the fp32 reference on the GPU, at sizes that
+are not tile multiples (T = 1, 17, 100, 1000, 8191), both head dims, GQA, causal or not,
+documents, and queries that are only the last Tq of the Tk positions."""
+import numpy as np
+import pytest
+
+from llamac import backend
+from llamac import flash_backward as fb
+from llamac.errors import LlamacError
+
+pytestmark = pytest.mark.cuda
+
+BF16 = backend.bfloat16
+
+CASES = [  # B, Tq, Tk, H, Hkv, hs, causal, segments
+    (2, 1, 1, 2, 2, 64, True, False),
+    (2, 17, 17, 4, 2, 64, True, False),
+    (2, 100, 100, 4, 1, 128, True, False),
+    (2, 1000, 1000, 4, 4, 64, True, False),
+    (2, 1000, 1000, 4, 2, 128, False, False),
+    (2, 2048, 2048, 4, 1, 64, True, False),
+    (2, 2048, 2048, 4, 2, 128, True, False),
+    (2, 17, 100, 4, 2, 64, True, False),       # queries = the last 17 of 100 positions
+    (2, 1, 1000, 4, 4, 128, True, False),      # one decode-like query
+    (2, 100, 1000, 2, 1, 128, False, False),
+    (2, 1000, 1000, 4, 2, 64, True, True),     # packed documents
+    (2, 1000, 1000, 2, 2, 128, False, True),
+    (2, 300, 1000, 4, 1, 64, True, True),
+    (1, 8191, 8191, 2, 1, 64, True, True),
+]
+
+
+def inputs(B, Tq, Tk, H, Hkv, hs, segments, dtype=BF16, seed=0):
+    cp = backend.cupy_module()
+    rng = cp.random.default_rng(seed)
+    q = rng.standard_normal((B, Tq, H, hs), dtype=np.float32).astype(dtype)
+    k = rng.standard_normal((B, Tk, Hkv, hs), dtype=np.float32).astype(dtype)
+    v = rng.standard_normal((B, Tk, Hkv, hs), dtype=np.float32).astype(dtype)
+    dout = rng.standard_normal((B, Tq, H, hs), dtype=np.float32).astype(dtype)
+    seg = None
+    if segments:  # sorted document ids with lengths that cross every tile boundary
+        seg = cp.cumsum(rng.random((B, Tk)) < 0.01, axis=1).astype(np.int64)
+    return q, k, v, dout, seg
+
+
+def rel_norm(got, want) -> float:
+    """|got - want| / |want| by norm, with |want| floored at 1e-2 RMS: a gradient that is zero in
+    exact arithmetic (dq with a single visible key: dS = dP - D = 0) is rounding noise in both."""
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    floor = 1e-2 * float(np.sqrt(want.size))
+    return float(np.linalg.norm((got - want).ravel()) / max(float(np.linalg.norm(want.ravel())), floor))
+
+
+def check(case, dtype=BF16, tol=1e-2, seed=0, **tiles):
+    B, Tq, Tk, H, Hkv, hs, causal, segmented = case
+    q, k, v, dout, seg = inputs(B, Tq, Tk, H, Hkv, hs, segmented, dtype, seed)
+    out32, lse = fb.attention_reference(q, k, v, causal, seg)
+    out = out32.astype(dtype)  # what the forward kernel hands over
+    got = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, **tiles)
+    want = fb.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
+    for name, g, w, like in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+        assert g.dtype == dtype and g.shape == like.shape, name
+        assert bool(backend.cupy_module().isfinite(g.astype(np.float32)).all()), f"{name}: not finite"
+        err = rel_norm(g, w)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol} for {case}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_reference_bf16(case):
+    check(case)
+
+
+@pytest.mark.parametrize("case", [(2, 100, 300, 4, 2, 64, True, True), (2, 1000, 1000, 4, 1, 128, True, False)], ids=str)
+def test_kernel_matches_reference_fp16(case):
+    check(case, np.dtype(np.float16), tol=5e-3)
+
+
+@pytest.mark.parametrize("tiles", fb.VARIANTS, ids=str)
+@pytest.mark.parametrize("case", [(2, 333, 333, 4, 2, 128, True, False), (2, 150, 777, 4, 1, 64, True, True),
+                                  (1, 200, 200, 2, 2, 64, False, False)], ids=str)
+def test_every_tile_variant_matches_reference(case, tiles):
+    check(case, tiles=tiles)
+
+
+def test_masked_keys_get_no_gradient():
+    # Causal with an offset: the keys after the last query's position see no query at all.
+    cp = backend.cupy_module()
+    q, k, v, dout, _ = inputs(1, 50, 200, 2, 2, 64, False)
+    seg = cp.zeros((1, 200), np.int64)
+    seg[:, :120] = 1          # the queries (positions 150..199) are in document 0: keys < 120 unseen
+    out32, lse = fb.attention_reference(q, k, v, True, seg)
+    _, dk, dv = fb.flash_attention_backward(q, k, v, out32.astype(BF16), dout, lse, True, seg)
+    assert float(cp.abs(dk[:, :120].astype(np.float32)).max()) == 0.0
+    assert float(cp.abs(dv[:, :120].astype(np.float32)).max()) == 0.0
+    assert float(cp.abs(dv[:, 120:].astype(np.float32)).max()) > 0.0
+
+
+def test_gpu_launcher_refuses_what_the_kernel_cannot_do():
+    cp = backend.cupy_module()
+    q = cp.zeros((1, 8, 2, 64), BF16)
+    lse = cp.zeros((1, 2, 8), np.float32)
+    with pytest.raises(LlamacError, match="bfloat16 or float16"):
+        f = q.astype(np.float32)
+        fb.flash_attention_backward(f, f, f, f, f, lse)
+    with pytest.raises(LlamacError, match="head_dim"):
+        z = cp.zeros((1, 8, 2, 32), BF16)
+        fb.flash_attention_backward(z, z, z, z, z, lse)
+    with pytest.raises(LlamacError, match="C-contiguous"):
+        t = cp.zeros((1, 2, 8, 64), BF16).transpose(0, 2, 1, 3)
+        fb.flash_attention_backward(t, q, q, q, q, lse)
