@@ -9,12 +9,16 @@
 // seg[b, j] == seg[b, i + Tk - Tq]). Rows of q/k/v are addressed through element strides, so
 // views (a KV cache's first Tk rows) need no copy; only the last dimension must be contiguous.
 //
-// One CTA per (query block of BM = 16 * WARPS rows, head, batch). Each warp owns 16 query
-// rows and keeps its Q slice in registers for the whole key loop (mma A fragments). K and V
-// tiles of BN = 64 keys are staged in shared memory by cp.async, FA2 order: V_t streams in
-// while S = Q K_t^T and its softmax are computed, K_{t+1} while P V_t is. Scores never leave
-// registers: the m16n8k16 accumulator layout of S is exactly the A-operand layout P needs for
-// P V, after rounding to 16 bits. The softmax is online, in base 2 (one FFMA + ex2 per score).
+// One CTA per (query block of BM = 16 * MT * WARPS rows, head, batch). Each warp owns MT tiles
+// of 16 query rows; its Q fragments stay in registers for the whole key loop (or, with
+// FLASH_Q_SMEM, are re-read from shared memory to free registers). K and V tiles of BN keys are
+// staged in shared memory by cp.async, FA2 order: V_t streams in while S = Q K_t^T and its
+// softmax are computed, K_{t+1} while P V_t is. Scores never leave registers: the m16n8k16
+// accumulator layout of S is exactly the A-operand layout P needs for P V, after rounding to
+// 16 bits. The softmax is online, in base 2 (one FFMA + ex2 per score). Causal CTAs stop at
+// the diagonal; masks are applied only on tiles that need them.
+// Compile-time shape: HEAD_DIM, FLASH_WARPS, FLASH_MT, FLASH_Q_SMEM, FLASH_BN, FLASH_MIN_BLOCKS
+// (llamac.flash.KernelConfig picks them per head size).
 // Nothing of size Tq x Tk exists anywhere.
 //
 // No #include (NVRTC on the GPU machine resolves none), so mma / ldmatrix / cp.async are
@@ -28,6 +32,15 @@
 #ifndef FLASH_WARPS
 #define FLASH_WARPS 4
 #endif
+#ifndef FLASH_MT           // m16 row tiles per warp: 2 reads each K/V fragment once for 32 rows
+#define FLASH_MT 1
+#endif
+#ifndef FLASH_Q_SMEM       // 1: Q fragments re-read from shared memory per tile, not held in registers
+#define FLASH_Q_SMEM 0
+#endif
+#ifndef FLASH_BN           // keys per K/V tile: 32 halves the score registers (room for FLASH_MT=2 at hs=128)
+#define FLASH_BN 64
+#endif
 #ifndef FLASH_MIN_BLOCKS   // CTAs per SM to fit registers for (__launch_bounds__)
 #define FLASH_MIN_BLOCKS 1
 #endif
@@ -38,14 +51,18 @@ namespace flash {
 enum : int {
     D = HEAD_DIM,
     WARPS = FLASH_WARPS,
+    MT = FLASH_MT,
+    Q_SMEM = FLASH_Q_SMEM,
     THREADS = 32 * WARPS,
-    BM = 16 * WARPS,     // query rows per CTA
-    BN = 64,             // keys per tile
+    BM = 16 * MT * WARPS,  // query rows per CTA
+    BN = FLASH_BN,       // keys per tile
     CHUNKS = D / 8,      // 16-byte chunks per row
 };
 
 static_assert(D % 64 == 0 && D <= 256, "HEAD_DIM must be a multiple of 64 (64 and 128 are the tested ones)");
 static_assert(WARPS == 4 || WARPS == 8, "FLASH_WARPS must be 4 or 8");
+static_assert(MT == 1 || MT == 2, "FLASH_MT must be 1 or 2");
+static_assert(BN == 32 || BN == 64, "FLASH_BN must be 32 or 64");
 
 // ------------------------------------------------------------ the 16-bit types' tensor-core ops
 
@@ -121,6 +138,21 @@ LLAMAC_DEVICE float ex2(float x) {  // 2^x; ex2.approx(-inf) = +0, which the mas
 // XOR-ing the chunk index with r % 8 spreads them over all 32.
 LLAMAC_DEVICE int swz(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
 
+// ldmatrix addresses for fragment (row block rb of 16 rows, column block kb of 16) when lane
+// reads row rb*16 + lrow and chunk 2*kb + lc (lrow % 8 == lane % 8). Since the XOR touches only
+// the chunk's low 3 bits and 16 * rb rows keep r % 8, the address is one of four per-lane
+// offsets (kb % 4) plus a compile-time constant: 4 registers per operand instead of one per
+// fragment, which is what lets 32 accumulator rows per warp fit.
+struct FragAddr {
+    unsigned off[4];
+    LLAMAC_DEVICE FragAddr(unsigned base, int lrow, int lc) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) off[j] = base + 2u * (lrow * D + (((2 * j + lc) ^ (lrow & 7)) << 3));
+    }
+    // byte address; rb and kb must be compile-time constants after unrolling
+    LLAMAC_DEVICE unsigned at(int rb, int kb) const { return off[kb & 3] + 2u * (rb * 16 * D + (kb >> 2) * 64); }
+};
+
 // rows [row0, row0 + ROWS) of a (T, D) slab with row stride `stride` into a swizzled tile;
 // rows at or past `limit` are zero-filled (and read row 0, which is always in bounds).
 template <int ROWS, typename T>
@@ -156,6 +188,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
     // the tail of the grid instead of leaving one long CTA running alone at the end.
     const int q0 = (gridDim.y - 1 - blockIdx.y) * BM;
     const int off = Tk - Tq;                     // absolute position of query row 0
+    const int warp_row = warp * 16 * MT;         // this warp's first row in the CTA
 
     const T* qb = q + b * qsb + h * qsh;
     const T* kb = k + b * ksb + kvh * ksh;
@@ -172,27 +205,36 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
     cp_async_wait<1>();                          // Q landed (K_0 may still be in flight)
     __syncthreads();
 
-    // This warp's 16 query rows as m16n8k16 A fragments, one per 16 columns of D.
-    unsigned qf[D / 16][4];
+    // This warp's query rows as m16n8k16 A fragments ([m tile][16 columns of D]), held in
+    // registers for the whole key loop, or (Q_SMEM) re-read from sQ for each tile.
+    const FragAddr qaddr(smem_addr(sQ + warp_row * D), lane % 16, lane / 16);
+    const FragAddr kaddr(smem_addr(sK), (lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
+    const FragAddr vaddr(smem_addr(sV), (lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
+    unsigned qf[Q_SMEM ? 1 : MT][Q_SMEM ? 1 : D / 16][4];
+    if constexpr (!Q_SMEM) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        ldsm_x4(qf[kk], smem_addr(sQ + swz(warp * 16 + lane % 16, kk * 2 + lane / 16)));
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[mt][kk], qaddr.at(mt, kk));
     }
 
-    // Each thread holds rows r0 = lane / 4 and r0 + 8 of the warp's 16: index [.][0..1] and [.][2..3].
-    float o[D / 8][4];
+    // Thread rows: m tile mt, r0 = lane / 4 and r0 + 8 of its 16 -> index [mt][.][0..1] and [mt][.][2..3].
+    float o[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float m_run[2] = {neg_inf(), neg_inf()};   // running max of scale * log2(e) * score
-    float l_run[2] = {0.0f, 0.0f};             // this thread's share of the running sum
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+    float m_run[MT][2], l_run[MT][2];   // running max of scale log2(e) s; this thread's share of the sum
+    // absolute position of this thread's row (mt, r) is qpos0 + 16 mt + 8 r
+    const int qpos0 = q0 + warp_row + lane / 4 + off;
 
-    const int row_in_cta = warp * 16 + lane / 4;
-    int qpos[2], qseg[2] = {0, 0};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        qpos[r] = q0 + row_in_cta + 8 * r + off;
-        // rows past Tq are computed (and dropped); clamp so their segment read stays in bounds
-        if (sb) qseg[r] = sb[min(qpos[r], Tk - 1)];
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            m_run[mt][r] = neg_inf();
+            l_run[mt][r] = 0.0f;
+        }
     }
 
     for (int t = 0; t < n_tiles; ++t) {
@@ -202,19 +244,40 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
         cp_async_wait<1>();                      // K_t landed; V_t may still be in flight
         __syncthreads();
 
-        // S = Q K_t^T: (16, BN) per warp.
-        float s[BN / 8][4];
+        // On the causal diagonal a warp whose rows all precede this tile's first key has nothing
+        // to add (it still takes part in the barriers).
+        const bool warp_idle = causal && kbase > q0 + off + warp_row + 16 * MT - 1;
+
+        // S = Q K_t^T: (16 MT, BN) per warp; each K fragment feeds MT mma pairs.
+        float s[MT][BN / 8][4];
 #pragma unroll
-        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
+        if (!warp_idle) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Q_SMEM) {
+                    ldsm_x4(qa[mt], qaddr.at(mt, kk));
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) qa[mt][i] = qf[mt][kk][i];
+                }
+            }
 #pragma unroll
             for (int np = 0; np < BN / 16; ++np) {
                 unsigned bk[4];   // keys np*16 .. +15, d kk*16 .. +15: two n8 tiles
-                ldsm_x4(bk, smem_addr(sK + swz(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2)));
-                Mma<T>::mma(s[2 * np], qf[kk], bk[0], bk[1]);
-                Mma<T>::mma(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+                ldsm_x4(bk, kaddr.at(np, kk));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(s[mt][2 * np], qa[mt], bk[0], bk[1]);
+                    Mma<T>::mma(s[mt][2 * np + 1], qa[mt], bk[2], bk[3]);
+                }
             }
+        }
         }
         __syncthreads();                         // every warp is done with sK
         if (t + 1 < n_tiles) load_tile<BN>(sK, kb, kst, kbase + BN, Tk);
@@ -222,7 +285,14 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 
         // Masks, only on tiles that need them: the last partial tile, the causal diagonal, documents.
         const bool diagonal = causal && kbase + BN - 1 > q0 + off;
-        if (diagonal || kbase + BN > Tk || sb) {
+        if (!warp_idle && (diagonal || kbase + BN > Tk || sb)) {
+            // Each row's document id is re-read here (L1 hits) rather than kept in registers.
+            // Rows past Tq are computed (and dropped): clamp so their read stays in bounds.
+            int qseg[MT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) qseg[mt][r] = sb ? sb[min(qpos0 + 16 * mt + 8 * r, Tk - 1)] : 0;
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -230,87 +300,110 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
                     const int j = kbase + nt * 8 + (lane % 4) * 2 + e;
                     const int kseg = (sb && j < Tk) ? sb[j] : 0;
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const bool visible = j < Tk && (!causal || j <= qpos[r]) && (!sb || kseg == qseg[r]);
-                        if (!visible) s[nt][2 * r + e] = neg_inf();
+                    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const bool visible = j < Tk && (!causal || j <= qpos0 + 16 * mt + 8 * r) && (!sb || kseg == qseg[mt][r]);
+                            if (!visible) s[mt][nt][2 * r + e] = neg_inf();
+                        }
                     }
                 }
             }
         }
 
         // Online softmax, base 2: p = 2^(scale log2e s - m).
+        if (!warp_idle) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = m_run[r];
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]) * scale_log2);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // A row with every key so far masked keeps m = -inf; subtracting 0 instead keeps
-            // 2^(-inf - m) = 0 rather than NaN.
-            const float m_use = mx == neg_inf() ? 0.0f : mx;
-            const float alpha = ex2(m_run[r] - m_use);
-            m_run[r] = mx;
-            float sum = 0.0f;
+            for (int r = 0; r < 2; ++r) {
+                float mx = m_run[mt][r];
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                s[nt][2 * r] = ex2(fmaf(s[nt][2 * r], scale_log2, -m_use));
-                s[nt][2 * r + 1] = ex2(fmaf(s[nt][2 * r + 1], scale_log2, -m_use));
-                sum += s[nt][2 * r] + s[nt][2 * r + 1];
+                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]) * scale_log2);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // A row with every key so far masked keeps m = -inf; subtracting 0 instead keeps
+                // 2^(-inf - m) = 0 rather than NaN.
+                const float m_use = mx == neg_inf() ? 0.0f : mx;
+                const float alpha = ex2(m_run[mt][r] - m_use);
+                m_run[mt][r] = mx;
+                float sum = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    s[mt][nt][2 * r] = ex2(fmaf(s[mt][nt][2 * r], scale_log2, -m_use));
+                    s[mt][nt][2 * r + 1] = ex2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use));
+                    sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+                }
+                l_run[mt][r] = l_run[mt][r] * alpha + sum;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    o[mt][dt][2 * r] *= alpha;
+                    o[mt][dt][2 * r + 1] *= alpha;
+                }
             }
-            l_run[r] = l_run[r] * alpha + sum;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                o[dt][2 * r] *= alpha;
-                o[dt][2 * r + 1] *= alpha;
-            }
+        }
         }
 
         cp_async_wait<1>();                      // V_t landed; K_{t+1} may still be in flight
         __syncthreads();
 
         // O += P V_t. P's accumulator fragments for keys 16kk .. 16kk+15 are an A fragment.
+        if (!warp_idle) {
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            const unsigned pa[4] = {
-                Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 unsigned bv[4];   // keys kk*16 .. +15, d dp*16 .. +15, transposed: two n8 tiles of d
-                ldsm_x4_trans(bv, smem_addr(sV + swz(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16)));
-                Mma<T>::mma(o[2 * dp], pa, bv[0], bv[1]);
-                Mma<T>::mma(o[2 * dp + 1], pa, bv[2], bv[3]);
+                ldsm_x4_trans(bv, vaddr.at(kk, dp));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(o[mt][2 * dp], pa[mt], bv[0], bv[1]);
+                    Mma<T>::mma(o[mt][2 * dp + 1], pa[mt], bv[2], bv[3]);
+                }
             }
+        }
         }
         __syncthreads();                         // every warp is done with sV before V_{t+1} lands
     }
 
     // Epilogue: finish the row sums across the quad, normalise, write lse, and stage the 16-bit
-    // output through this warp's (no longer needed) rows of sQ so global stores are 16 bytes wide.
+    // output through this warp's rows of sQ (no warp reads Q any more: the loop ended on a
+    // barrier after the last S) so global stores are 16 bytes wide.
     T* sO = sQ;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        const int lr = row_in_cta + 8 * r;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-            *reinterpret_cast<unsigned*>(sO + swz(lr, dt) + (lane % 4) * 2) =
-                Mma<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-        }
-        const int row = q0 + lr;
-        if (lane % 4 == 0 && row < Tq) {
-            lse[((long long)b * H + h) * Tq + row] = l > 0.0f ? (m_run[r] + __log2f(l)) * 0.6931471805599453f : neg_inf();
+        for (int r = 0; r < 2; ++r) {
+            float l = l_run[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const int lr = warp_row + mt * 16 + lane / 4 + 8 * r;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                *reinterpret_cast<unsigned*>(sO + swz(lr, dt) + (lane % 4) * 2) =
+                    Mma<T>::pack(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+            }
+            const int row = q0 + lr;
+            if (lane % 4 == 0 && row < Tq) {
+                lse[((long long)b * H + h) * Tq + row] =
+                    l > 0.0f ? (m_run[mt][r] + __log2f(l)) * 0.6931471805599453f : neg_inf();
+            }
         }
     }
     __syncwarp();
     T* ob = out + ((long long)b * Tq * H + h) * D;   // out is (B, Tq, H, D), C-contiguous
 #pragma unroll
-    for (int i = lane; i < 16 * CHUNKS; i += 32) {
-        const int lr = warp * 16 + i / CHUNKS, c = i % CHUNKS;
+    for (int i = lane; i < 16 * MT * CHUNKS; i += 32) {
+        const int lr = warp_row + i / CHUNKS, c = i % CHUNKS;
         const int row = q0 + lr;
         if (row < Tq) {
             *reinterpret_cast<uint4*>(ob + (long long)row * H * D + c * 8) =
@@ -337,7 +430,7 @@ LLAMAC_DEVICE void dispatch(const T* q, const T* k, const T* v, T* out, float* l
 }  // namespace flash
 
 // grid (B * H, ceil(Tq / BM)), block 32 * FLASH_WARPS, dynamic shared memory
-// (BM + 2 * BN) * HEAD_DIM * sizeof(DTYPE). Strides are in elements.
+// (BM + 2 * BN) * HEAD_DIM * sizeof(DTYPE). Strides are in elements; segments may be null.
 extern "C" __global__ void __launch_bounds__(flash::THREADS, FLASH_MIN_BLOCKS)
 flash_attn_forward(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const DTYPE* __restrict__ v,
                    DTYPE* __restrict__ out, float* __restrict__ lse, const int* __restrict__ segments,

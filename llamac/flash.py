@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,13 +25,38 @@ from llamac.engine import Function, Tensor
 from llamac.errors import LlamacError, ShapeError
 
 HEAD_DIMS = (64, 128)   # the kernel's compiled head sizes
-BLOCK_N = 64            # keys per tile (kernels/flash_attn_fwd.cu: BN)
-# Warps per CTA by head size: each warp owns 16 query rows, so 8 warps share every K/V tile
-# between 128 rows (half the L2 traffic of 64); hs=128 at 4 warps keeps two CTAs per SM.
-WARPS = {64: 8, 128: 4}
-# __launch_bounds__ min CTAs per SM: hs=64 at 8 warps fits 128 registers with no spills, so two
-# CTAs (16 warps) share an SM; hs=128 needs ~250 registers, two CTAs of 4 warps fit as they are.
-MIN_BLOCKS = {(64, 8): 2}
+
+
+class KernelConfig(NamedTuple):
+    """Compile-time shape of the kernel (kernels/flash_attn_fwd.cu's FLASH_* options)."""
+    warps: int          # warps per CTA
+    mt: int             # 16-row query tiles per warp: 2 reads each K/V fragment once for 32 rows
+    q_smem: bool        # re-read Q fragments from shared memory per tile instead of holding them
+    bn: int             # keys per K/V tile
+    min_blocks: int     # __launch_bounds__ CTAs per SM (caps registers)
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.mt * self.warps
+
+    def options(self, hs: int) -> tuple:
+        return (f"-DHEAD_DIM={hs}", f"-DFLASH_WARPS={self.warps}", f"-DFLASH_MT={self.mt}",
+                f"-DFLASH_Q_SMEM={int(self.q_smem)}", f"-DFLASH_BN={self.bn}", f"-DFLASH_MIN_BLOCKS={self.min_blocks}")
+
+    def smem_bytes(self, hs: int, itemsize: int) -> int:
+        return (self.block_m + 2 * self.bn) * hs * itemsize
+
+
+# Per head size. hs=64: 8 warps of 16 rows fit 128 registers with no spills, so two CTAs
+# (16 warps) share an SM. hs=128: 8 warps sharing each K/V tile between 128 rows.
+CONFIGS = {64: KernelConfig(8, 1, False, 64, 2), 128: KernelConfig(8, 1, False, 64, 1)}
+# Alternatives the GPU tests check and the benchmark can time (none spills registers at sm_90).
+CANDIDATES = {
+    64: [KernelConfig(8, 1, False, 64, 2), KernelConfig(4, 2, False, 32, 1), KernelConfig(4, 2, True, 64, 1),
+         KernelConfig(8, 2, False, 32, 1)],
+    128: [KernelConfig(8, 1, False, 64, 1), KernelConfig(4, 2, True, 32, 1), KernelConfig(8, 1, True, 64, 1),
+          KernelConfig(8, 2, True, 32, 1), KernelConfig(4, 1, False, 64, 1)],
+}
 
 
 # ---------------------------------------------------------------- checks
@@ -152,11 +178,11 @@ def _set_dynamic_smem(fn, nbytes: int):
         pass
 
 
-def flash_attention_forward(q, k, v, causal=True, segments=None, warps=None):
+def flash_attention_forward(q, k, v, causal=True, segments=None, config: KernelConfig | None = None):
     """(out (B, Tq, H, hs) in q's dtype, lse (B, H, Tq) float32).
 
     The CUDA kernel for CuPy bf16/fp16 arrays with hs 64 or 128; otherwise the fp32 reference,
-    its output cast to q's dtype. `warps` (4 or 8) overrides the kernel's CTA size (benchmarks).
+    its output cast to q's dtype. `config` overrides CONFIGS[hs] (tests, benchmarks).
     """
     B, Tq, Tk, H, Hkv, hs = _check(q, k, v, segments)
     if not kernel_supports(q, k):
@@ -173,17 +199,14 @@ def flash_attention_forward(q, k, v, causal=True, segments=None, warps=None):
     seg = None
     if segments is not None:
         seg = xp.ascontiguousarray(xp.asarray(segments), dtype=np.int32)
-    warps = warps or WARPS[hs]
-    block_m = 16 * warps
-    smem = (block_m + 2 * BLOCK_N) * hs * q.itemsize
+    cfg = config or CONFIGS[hs]
+    smem = cfg.smem_bytes(hs, q.itemsize)
     e = q.itemsize
     with q.device:
-        fn = backend.get_kernel("flash_attn_fwd", "flash_attn_forward", q.dtype,
-                                options=(f"-DHEAD_DIM={hs}", f"-DFLASH_WARPS={warps}",
-                                         f"-DFLASH_MIN_BLOCKS={MIN_BLOCKS.get((hs, warps), 1)}"))
+        fn = backend.get_kernel("flash_attn_fwd", "flash_attn_forward", q.dtype, options=cfg.options(hs))
         _set_dynamic_smem(fn, smem)
-        grid = (B * H, -(-Tq // block_m))
-        fn(grid, (32 * warps,),
+        grid = (B * H, -(-Tq // cfg.block_m))
+        fn(grid, (32 * cfg.warps,),
            (q, k, v, out, lse, seg if seg is not None else np.uint64(0),
             np.int32(H), np.int32(H // Hkv), np.int32(Tq), np.int32(Tk),
             *(np.int64(s // e) for s in q.strides[:3]),
@@ -245,7 +268,7 @@ def _time_ms(fn, reps=20, warmup=3) -> float:
 
 
 def bench_flash_forward(B=8, H=16, T=2048, hs=128, Hkv=None, causal=True, dtype="bfloat16",
-                        reps=20, torch_sdpa=True, warps=None) -> dict:
+                        reps=20, torch_sdpa=True, config=None) -> dict:
     """Forward TFLOP/s of the kernel at (B, T, H, hs), and of torch's SDPA flash backend when torch
     with CUDA is installed. FLOPs: 2 matmuls * 2 B H T^2 hs, halved when causal."""
     cp = backend.cupy_module()
@@ -256,8 +279,9 @@ def bench_flash_forward(B=8, H=16, T=2048, hs=128, Hkv=None, causal=True, dtype=
     k = rng.standard_normal((B, T, Hkv, hs), dtype=np.float32).astype(dt)
     v = rng.standard_normal((B, T, Hkv, hs), dtype=np.float32).astype(dt)
     flops = 4.0 * B * H * T * T * hs * (0.5 if causal else 1.0)
-    ms = _time_ms(lambda: flash_attention_forward(q, k, v, causal=causal, warps=warps), reps)
+    ms = _time_ms(lambda: flash_attention_forward(q, k, v, causal=causal, config=config), reps)
     result = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "dtype": str(dt),
+              "config": tuple(config or CONFIGS[hs]),
               "ms": ms, "tflops": flops / ms / 1e9}
     if torch_sdpa:
         try:

@@ -173,14 +173,13 @@ def nvrtc():
         pytest.skip(backend.nvrtc_unavailable_reason())
 
 
-@pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("hs", flash.HEAD_DIMS)
+CONFIGS = [(hs, cfg) for hs in flash.HEAD_DIMS for cfg in flash.CANDIDATES[hs]]
+
+
+@pytest.mark.parametrize("hs, cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
-def test_kernel_builds_with_tensor_cores_and_no_spills(nvrtc, dtype, hs, warps):
-    result = backend.compile_check_kernel("flash_attn_fwd", dtype, arch="sm_90",
-                                          options=(f"-DHEAD_DIM={hs}", f"-DFLASH_WARPS={warps}",
-                                                   f"-DFLASH_MIN_BLOCKS={flash.MIN_BLOCKS.get((hs, warps), 1)}",
-                                                   "--ptxas-options=-v"))
+def test_kernel_builds_with_tensor_cores_and_no_spills(nvrtc, dtype, hs, cfg):
+    result = backend.compile_check_kernel("flash_attn_fwd", dtype, arch="sm_90", options=(*cfg.options(hs), "--ptxas-options=-v"))
     assert result.ok, result.log
     assert "warning" not in result.log.lower(), result.log
     kind = "bf16" if dtype == BF16 else "f16"
@@ -188,6 +187,12 @@ def test_kernel_builds_with_tensor_cores_and_no_spills(nvrtc, dtype, hs, warps):
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in result.ptx and "cp.async.cg.shared.global" in result.ptx
     # Spilled accumulators would go through local memory on every key tile: a large slowdown.
     assert " 0 bytes spill stores" in result.log and " 0 bytes stack frame" in result.log, result.log
+
+
+def test_default_configs_are_candidates():
+    for hs in flash.HEAD_DIMS:
+        assert flash.CONFIGS[hs] in flash.CANDIDATES[hs]
+        assert flash.CONFIGS[hs].smem_bytes(hs, 2) <= 227 * 1024
 
 
 def test_fp32_build_is_a_trapping_stub(nvrtc):

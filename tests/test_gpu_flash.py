@@ -41,8 +41,8 @@ def documents(B, Tk, seed=0):
     return backend.cupy_module().asarray(seg)
 
 
-def check(q, k, v, causal, seg, warps=None, what=""):
-    out, lse = flash.flash_attention_forward(q, k, v, causal=causal, segments=seg, warps=warps)
+def check(q, k, v, causal, seg, config=None, what=""):
+    out, lse = flash.flash_attention_forward(q, k, v, causal=causal, segments=seg, config=config)
     want, want_lse = flash.attention_forward_reference(q, k, v, causal, seg)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == np.float32
     o = backend.to_numpy(out).astype(np.float32)
@@ -78,14 +78,15 @@ def test_kernel_queries_after_a_cache(Tq, Tk, hs, use_seg):
     check(q, k, v, True, documents(2, Tk, seed=Tk) if use_seg else None, what=f"Tq={Tq} Tk={Tk} hs={hs}")
 
 
-@pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("hs, cfg", [(hs, c) for hs in flash.HEAD_DIMS for c in flash.CANDIDATES[hs]], ids=str)
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
-def test_kernel_both_cta_sizes_and_dtypes(dtype, hs, warps):
+def test_kernel_every_config_and_dtype(dtype, hs, cfg):
     q, k, v = inputs(2, 333, 333, 4, 2, hs, dtype=dtype)
-    check(q, k, v, True, documents(2, 333), warps=warps, what=f"{dtype} hs={hs} warps={warps}")
+    check(q, k, v, True, documents(2, 333), config=cfg, what=f"{dtype} hs={hs} {cfg}")
     q, k, v = inputs(1, 200, 1000, 2, 2, hs, dtype=dtype, seed=1)
-    check(q, k, v, True, None, warps=warps, what=f"{dtype} hs={hs} warps={warps} prefill")
+    check(q, k, v, True, None, config=cfg, what=f"{dtype} hs={hs} {cfg} prefill")
+    q, k, v = inputs(1, 1, 77, 2, 1, hs, dtype=dtype, seed=2)
+    check(q, k, v, False, None, config=cfg, what=f"{dtype} hs={hs} {cfg} decode")
 
 
 def test_kernel_reads_kv_cache_views_without_copying():
