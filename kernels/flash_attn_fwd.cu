@@ -41,6 +41,9 @@
 #ifndef FLASH_BN           // keys per K/V tile: 32 halves the score registers (room for FLASH_MT=2 at hs=128)
 #define FLASH_BN 64
 #endif
+#ifndef FLASH_STAGES       // 2: double-buffered K/V, one barrier per tile (tile t+1 loads during all of tile t)
+#define FLASH_STAGES 1
+#endif
 #ifndef FLASH_MIN_BLOCKS   // CTAs per SM to fit registers for (__launch_bounds__)
 #define FLASH_MIN_BLOCKS 1
 #endif
@@ -56,6 +59,7 @@ enum : int {
     THREADS = 32 * WARPS,
     BM = 16 * MT * WARPS,  // query rows per CTA
     BN = FLASH_BN,       // keys per tile
+    STAGES = FLASH_STAGES,
     CHUNKS = D / 8,      // 16-byte chunks per row
 };
 
@@ -63,6 +67,7 @@ static_assert(D % 64 == 0 && D <= 256, "HEAD_DIM must be a multiple of 64 (64 an
 static_assert(WARPS == 4 || WARPS == 8, "FLASH_WARPS must be 4 or 8");
 static_assert(MT == 1 || MT == 2, "FLASH_MT must be 1 or 2");
 static_assert(BN == 32 || BN == 64, "FLASH_BN must be 32 or 64");
+static_assert(STAGES == 1 || STAGES == 2, "FLASH_STAGES must be 1 or 2");
 
 // ------------------------------------------------------------ the 16-bit types' tensor-core ops
 
@@ -179,8 +184,8 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
                            float scale_log2, int causal) {
     extern __shared__ __align__(128) unsigned char smem_bytes[];
     T* sQ = reinterpret_cast<T*>(smem_bytes);   // (BM, D), later the output staging area
-    T* sK = sQ + BM * D;                         // (BN, D)
-    T* sV = sK + BN * D;                         // (BN, D)
+    T* sK = sQ + BM * D;                         // (STAGES, BN, D)
+    T* sV = sK + STAGES * BN * D;                // (STAGES, BN, D)
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / G;
@@ -201,6 +206,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
     load_tile<BM>(sQ, qb, qst, q0, Tq);
     cp_async_commit();
     load_tile<BN>(sK, kb, kst, 0, Tk);
+    if constexpr (STAGES == 2) load_tile<BN>(sV, vb, vst, 0, Tk);
     cp_async_commit();
     cp_async_wait<1>();                          // Q landed (K_0 may still be in flight)
     __syncthreads();
@@ -239,10 +245,23 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 
     for (int t = 0; t < n_tiles; ++t) {
         const int kbase = t * BN;
-        load_tile<BN>(sV, vb, vst, kbase, Tk);
-        cp_async_commit();
-        cp_async_wait<1>();                      // K_t landed; V_t may still be in flight
-        __syncthreads();
+        unsigned stage_bytes = 0;                // byte offset of tile t's K/V buffers
+        if constexpr (STAGES == 1) {
+            load_tile<BN>(sV, vb, vst, kbase, Tk);
+            cp_async_commit();
+            cp_async_wait<1>();                  // K_t landed; V_t may still be in flight
+            __syncthreads();
+        } else {
+            cp_async_wait<0>();                  // K_t, V_t landed
+            __syncthreads();                     // ... for every thread; and all of tile t-1 is done
+            if (t + 1 < n_tiles) {
+                const int nxt = ((t + 1) & 1) * BN * D;
+                load_tile<BN>(sK + nxt, kb, kst, kbase + BN, Tk);
+                load_tile<BN>(sV + nxt, vb, vst, kbase + BN, Tk);
+            }
+            cp_async_commit();
+            stage_bytes = (t & 1) * BN * D * 2;
+        }
 
         // On the causal diagonal a warp whose rows all precede this tile's first key has nothing
         // to add (it still takes part in the barriers).
@@ -270,7 +289,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 #pragma unroll
             for (int np = 0; np < BN / 16; ++np) {
                 unsigned bk[4];   // keys np*16 .. +15, d kk*16 .. +15: two n8 tiles
-                ldsm_x4(bk, kaddr.at(np, kk));
+                ldsm_x4(bk, kaddr.at(np, kk) + stage_bytes);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     Mma<T>::mma(s[mt][2 * np], qa[mt], bk[0], bk[1]);
@@ -279,9 +298,11 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
             }
         }
         }
-        __syncthreads();                         // every warp is done with sK
-        if (t + 1 < n_tiles) load_tile<BN>(sK, kb, kst, kbase + BN, Tk);
-        cp_async_commit();                       // (possibly empty: keeps the group count uniform)
+        if constexpr (STAGES == 1) {
+            __syncthreads();                     // every warp is done with sK
+            if (t + 1 < n_tiles) load_tile<BN>(sK, kb, kst, kbase + BN, Tk);
+            cp_async_commit();                   // (possibly empty: keeps the group count uniform)
+        }
 
         // Masks, only on tiles that need them: the last partial tile, the causal diagonal, documents.
         const bool diagonal = causal && kbase + BN - 1 > q0 + off;
@@ -344,8 +365,10 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
         }
         }
 
-        cp_async_wait<1>();                      // V_t landed; K_{t+1} may still be in flight
-        __syncthreads();
+        if constexpr (STAGES == 1) {
+            cp_async_wait<1>();                  // V_t landed; K_{t+1} may still be in flight
+            __syncthreads();
+        }
 
         // O += P V_t. P's accumulator fragments for keys 16kk .. 16kk+15 are an A fragment.
         if (!warp_idle) {
@@ -362,7 +385,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 unsigned bv[4];   // keys kk*16 .. +15, d dp*16 .. +15, transposed: two n8 tiles of d
-                ldsm_x4_trans(bv, vaddr.at(kk, dp));
+                ldsm_x4_trans(bv, vaddr.at(kk, dp) + stage_bytes);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     Mma<T>::mma(o[mt][2 * dp], pa[mt], bv[0], bv[1]);
@@ -371,12 +394,12 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
             }
         }
         }
-        __syncthreads();                         // every warp is done with sV before V_{t+1} lands
+        if constexpr (STAGES == 1) __syncthreads();   // every warp is done with sV before V_{t+1} lands
     }
 
     // Epilogue: finish the row sums across the quad, normalise, write lse, and stage the 16-bit
-    // output through this warp's rows of sQ (no warp reads Q any more: the loop ended on a
-    // barrier after the last S) so global stores are 16 bytes wide.
+    // output through this warp's own rows of sQ (only this warp ever reads them) so global
+    // stores are 16 bytes wide.
     T* sO = sQ;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -430,7 +453,7 @@ LLAMAC_DEVICE void dispatch(const T* q, const T* k, const T* v, T* out, float* l
 }  // namespace flash
 
 // grid (B * H, ceil(Tq / BM)), block 32 * FLASH_WARPS, dynamic shared memory
-// (BM + 2 * BN) * HEAD_DIM * sizeof(DTYPE). Strides are in elements; segments may be null.
+// (BM + 2 * STAGES * BN) * HEAD_DIM * sizeof(DTYPE). Strides are in elements; segments may be null.
 extern "C" __global__ void __launch_bounds__(flash::THREADS, FLASH_MIN_BLOCKS)
 flash_attn_forward(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const DTYPE* __restrict__ v,
                    DTYPE* __restrict__ out, float* __restrict__ lse, const int* __restrict__ segments,

@@ -78,8 +78,11 @@ def test_kernel_queries_after_a_cache(Tq, Tk, hs, use_seg):
     check(q, k, v, True, documents(2, Tk, seed=Tk) if use_seg else None, what=f"Tq={Tq} Tk={Tk} hs={hs}")
 
 
-@pytest.mark.parametrize("hs, cfg", [(hs, c) for hs in flash.HEAD_DIMS for c in flash.CANDIDATES[hs]], ids=str)
-@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
+EVERY_CONFIG = [(BF16, hs, c) for hs in flash.HEAD_DIMS for c in flash.CANDIDATES[hs]]
+FP16_DEFAULTS = [(np.dtype(np.float16), hs, flash.CONFIGS[hs]) for hs in flash.HEAD_DIMS]
+
+
+@pytest.mark.parametrize("dtype, hs, cfg", EVERY_CONFIG + FP16_DEFAULTS, ids=str)
 def test_kernel_every_config_and_dtype(dtype, hs, cfg):
     q, k, v = inputs(2, 333, 333, 4, 2, hs, dtype=dtype)
     check(q, k, v, True, documents(2, 333), config=cfg, what=f"{dtype} hs={hs} {cfg}")
