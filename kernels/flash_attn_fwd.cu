@@ -44,6 +44,9 @@
 #ifndef FLASH_STAGES       // 2: double-buffered K/V, one barrier per tile (tile t+1 loads during all of tile t)
 #define FLASH_STAGES 1
 #endif
+#ifndef FLASH_LAZY         // 1: rescale O only when some row max of the warp moved (a warp vote)
+#define FLASH_LAZY 0
+#endif
 #ifndef FLASH_MIN_BLOCKS   // CTAs per SM to fit registers for (__launch_bounds__)
 #define FLASH_MIN_BLOCKS 1
 #endif
@@ -60,6 +63,7 @@ enum : int {
     BM = 16 * MT * WARPS,  // query rows per CTA
     BN = FLASH_BN,       // keys per tile
     STAGES = FLASH_STAGES,
+    LAZY = FLASH_LAZY,
     CHUNKS = D / 8,      // 16-byte chunks per row
 };
 
@@ -334,19 +338,28 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 
         // Online softmax, base 2: p = 2^(scale log2e s - m).
         if (!warp_idle) {
+        float alpha[MT][2];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float mx = m_run[mt][r];
+                if constexpr (LAZY) {
+                    // max(s) * c == max(s * c) exactly (rounding is monotonic): one multiply per row
+                    float raw = s[mt][0][2 * r];
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]) * scale_log2);
+                    for (int nt = 0; nt < BN / 8; ++nt) raw = fmaxf(raw, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                    mx = fmaxf(mx, raw * scale_log2);
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]) * scale_log2);
+                }
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 // A row with every key so far masked keeps m = -inf; subtracting 0 instead keeps
                 // 2^(-inf - m) = 0 rather than NaN.
                 const float m_use = mx == neg_inf() ? 0.0f : mx;
-                const float alpha = ex2(m_run[mt][r] - m_use);
+                alpha[mt][r] = ex2(m_run[mt][r] - m_use);
                 m_run[mt][r] = mx;
                 float sum = 0.0f;
 #pragma unroll
@@ -355,13 +368,28 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
                     s[mt][nt][2 * r + 1] = ex2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use));
                     sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
                 }
-                l_run[mt][r] = l_run[mt][r] * alpha + sum;
-#pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    o[mt][dt][2 * r] *= alpha;
-                    o[mt][dt][2 * r + 1] *= alpha;
-                }
+                l_run[mt][r] = l_run[mt][r] * alpha[mt][r] + sum;
             }
+        }
+        // Once the row maxima settle, alpha is exactly 2^0 = 1 for every row of the warp and the
+        // D/4 multiplies per row can be skipped (LAZY; the vote is warp-uniform, so no divergence).
+        bool rescale = true;
+        if constexpr (LAZY) {
+            bool moved = false;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) moved |= alpha[mt][0] != 1.0f || alpha[mt][1] != 1.0f;
+            rescale = __any_sync(0xffffffffu, moved);
+        }
+        if (rescale) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int dt = 0; dt < D / 8; ++dt) {
+                        o[mt][dt][2 * r] *= alpha[mt][r];
+                        o[mt][dt][2 * r + 1] *= alpha[mt][r];
+                    }
         }
         }
 
