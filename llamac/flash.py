@@ -50,9 +50,11 @@ class KernelConfig(NamedTuple):
         return (self.block_m + 2 * self.stages * self.bn) * hs * itemsize
 
 
-# Per head size. hs=64: 8 warps of 16 rows fit 128 registers with no spills, so two CTAs
-# (16 warps) share an SM. hs=128: 8 warps sharing each K/V tile between 128 rows.
-CONFIGS = {64: KernelConfig(4, 2, True, 64, 1, 2), 128: KernelConfig(4, 2, True, 32, 1, 2)}
+# Per head size, the fastest of CANDIDATES at B=8, H=16, T=2048 (H100 and H200, 2026-11-25):
+# FA2's shape, 4 warps x 32 query rows (each K/V fragment read once per 32 rows, two CTAs per
+# SM), Q re-read from shared memory to make room for the accumulators, K/V double-buffered.
+# hs=128 needs 32-key tiles to fit 255 registers without spilling.
+CONFIGS = {64: KernelConfig(4, 2, True, 64, 1, 2, True), 128: KernelConfig(4, 2, True, 32, 1, 2, True)}
 # Alternatives the GPU tests check and the benchmark can time (none spills registers at sm_90).
 C = KernelConfig
 CANDIDATES = {
@@ -171,18 +173,27 @@ def _kernel_operand(a):
 
 
 def _set_dynamic_smem(fn, nbytes: int):
-    """Raise the kernel's dynamic shared-memory limit above the default 48 KB (once per function)."""
-    if getattr(fn, "_llamac_smem", 0) >= nbytes:
-        return
+    """Raise the kernel's dynamic shared-memory limit above the default 48 KB."""
     try:
         fn.max_dynamic_shared_size_bytes = nbytes         # CuPy's RawKernel
     except AttributeError:
         cuda = backend.cupy_module().cuda
         cuda.driver.funcSetAttribute(fn.ptr, 8, nbytes)   # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    try:
-        fn._llamac_smem = nbytes
-    except AttributeError:
-        pass
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(dtype, hs: int, cfg: KernelConfig, device_id: int):
+    """The compiled kernel for (dtype, hs, cfg) on one GPU, cached here: backend.get_kernel re-reads
+    and hashes the source on every call, host time that short attention calls cannot hide."""
+    key = (np.dtype(dtype), hs, cfg, device_id)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        fn = backend.get_kernel("flash_attn_fwd", "flash_attn_forward", dtype, options=cfg.options(hs))
+        _set_dynamic_smem(fn, cfg.smem_bytes(hs, np.dtype(dtype).itemsize))
+        _KERNELS[key] = fn
+    return fn
 
 
 def flash_attention_forward(q, k, v, causal=True, segments=None, config: KernelConfig | None = None):
@@ -210,8 +221,7 @@ def flash_attention_forward(q, k, v, causal=True, segments=None, config: KernelC
     smem = cfg.smem_bytes(hs, q.itemsize)
     e = q.itemsize
     with q.device:
-        fn = backend.get_kernel("flash_attn_fwd", "flash_attn_forward", q.dtype, options=cfg.options(hs))
-        _set_dynamic_smem(fn, smem)
+        fn = _kernel(q.dtype, hs, cfg, q.device.id)
         grid = (B * H, -(-Tq // cfg.block_m))
         fn(grid, (32 * cfg.warps,),
            (q, k, v, out, lse, seg if seg is not None else np.uint64(0),

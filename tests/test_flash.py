@@ -198,3 +198,51 @@ def test_default_configs_are_candidates():
 def test_fp32_build_is_a_trapping_stub(nvrtc):
     result = backend.compile_check_kernel("flash_attn_fwd", np.float32, arch="sm_90")
     assert result.ok and "trap;" in result.ptx and "mma.sync" not in result.ptx
+
+
+def test_launcher_grid_and_kernel_cache_without_a_gpu(monkeypatch):
+    """The launch path with stand-ins for CuPy: one compile per (dtype, hs, config, device), the
+    grid (B * H, query blocks), the CTA size and shared memory of the head size's config."""
+
+    class Device:
+        id = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class FakeArray:  # what the launcher reads of a CuPy array
+        def __init__(self, a):
+            self.a, self.device, self.data = a, Device(), type("Ptr", (), {"ptr": 4096})()
+
+        def __getattr__(self, name):
+            return getattr(self.a, name)
+
+    class FakeXP:
+        empty = staticmethod(lambda shape, dtype: FakeArray(np.empty(shape, dtype)))
+        ascontiguousarray = staticmethod(lambda a, dtype=None: a)
+        asarray = staticmethod(lambda a: a)
+
+    launches, compiles = [], []
+
+    class Kernel:
+        def __call__(self, grid, block, args, shared_mem=0):
+            launches.append((grid, block, len(args), shared_mem))
+
+    monkeypatch.setattr(flash, "kernel_supports", lambda q, k=None: True)
+    monkeypatch.setattr(flash, "_KERNELS", {})
+    monkeypatch.setattr(backend, "get_array_module", lambda a: FakeXP)
+    monkeypatch.setattr(backend, "get_kernel", lambda *a, options=(), **k: compiles.append(options) or Kernel())
+    for hs in flash.HEAD_DIMS:
+        cfg = flash.CONFIGS[hs]
+        q = FakeArray(np.zeros((2, 300, 8, hs), BF16))
+        k = FakeArray(np.zeros((2, 300, 2, hs), BF16))
+        for _ in range(3):
+            out, lse = flash.flash_attention_forward(q, k, k, segments=np.zeros((2, 300), np.int32))
+        assert out.shape == (2, 300, 8, hs) and lse.shape == (2, 8, 300)
+        assert launches[-1] == ((16, -(-300 // cfg.block_m)), (32 * cfg.warps,), 21, cfg.smem_bytes(hs, 2))
+        assert compiles[-1] == cfg.options(hs)
+        assert list(flash._KERNELS.values())[-1].max_dynamic_shared_size_bytes == cfg.smem_bytes(hs, 2)
+    assert len(compiles) == len(flash.HEAD_DIMS)
