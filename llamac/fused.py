@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llamac import backend, cpu, kernels
+from llamac import backend, cpu, flash, kernels
 from llamac.engine import Function, Tensor
 from llamac.errors import ShapeError
 from llamac.ops import compute_dtype, matmul, scatter_add
@@ -300,10 +300,27 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return SwiGLU.apply(gate, up)
 
 
+# Route bf16/fp16 GPU attention through the flash kernel (llamac/flash.py); False forces the
+# reference Attention with its T x T bias everywhere (tests compare the two).
+FLASH_ATTENTION = True
+
+
+def use_flash(x, head_dim: int) -> bool:
+    """Whether attention on arrays like `x` (a Tensor or array) with this head size takes the flash path."""
+    data = x.data if isinstance(x, Tensor) else x
+    return (FLASH_ATTENTION and backend.get_array_module(data) is not np
+            and data.dtype in (backend.bfloat16, np.dtype(np.float16)) and head_dim in flash.HEAD_DIMS)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = True, bias=None) -> Tensor:
-    """Attention with a causal and/or document mask; pass `bias` (from attention_bias) to reuse one."""
+    """Attention with a causal and/or document mask; pass `bias` (from attention_bias) to reuse one.
+
+    On the GPU in bf16/fp16 with head size 64 or 128 (and no `bias`), the flash kernel: no
+    (Tq, Tk) mask or probabilities are ever built."""
+    seg = segments.data if isinstance(segments, Tensor) else segments
+    if bias is None and k.dtype == q.dtype == v.dtype and use_flash(q, q.shape[-1]):
+        return flash.FlashAttention.apply(q, k, v, causal=causal, segments=seg)
     if bias is None:
-        seg = segments.data if isinstance(segments, Tensor) else segments
         bias = attention_bias(q.xp, q.shape[1], k.shape[1], seg, causal, q.dtype)
     if bias is None:
         return Attention.apply(q, k, v)

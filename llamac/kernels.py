@@ -32,6 +32,8 @@ KERNEL_FUNCTIONS = {
     "adamw": ("adamw_sumsq", "adamw_finalize", "adamw_update"),
     # launcher: llamac/flash_backward.py
     "flash_attn_bwd": ("flash_attn_bwd_preprocess", "flash_attn_bwd", "flash_attn_bwd_convert_dq"),
+    # bf16/fp16 only (the fp32 build is an entry point that traps); launcher: llamac/flash.py
+    "flash_attn_fwd": ("flash_attn_forward",),
 }
 
 

@@ -96,7 +96,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d.dim, d.n_kv_heads * d.head_dim)
         self.wo = nn.Linear(d.n_heads * d.head_dim, d.dim)
 
-    def forward(self, x, cos, sin, bias=None, cache=None, layer=0):
+    def forward(self, x, cos, sin, bias=None, cache=None, layer=0, causal=False, segments=None):
+        """bias: the additive mask shared by every layer, or None with causal/segments for the flash path."""
         B, T, _ = x.shape
         q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim)       # (B, T, H, hs)
         k = self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim)    # (B, T, Hkv, hs)
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         q, k = fused.rope(q, cos, sin), fused.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                            # (B, L + T, Hkv, hs)
-        y = fused.attention(q, k, v, causal=False, bias=bias)           # (B, T, H, hs)
+        y = fused.attention(q, k, v, segments, causal=causal, bias=bias)  # (B, T, H, hs)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -126,8 +127,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(d)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, bias=None, cache=None, layer=0):
-        h = self.attention(self.attention_norm(x), cos, sin, bias, cache, layer)
+    def forward(self, x, cos, sin, bias=None, cache=None, layer=0, causal=False, segments=None):
+        h = self.attention(self.attention_norm(x), cos, sin, bias, cache, layer, causal, segments)
         x = x + functional.dropout(h, self.dropout, self.training)
         h = self.feed_forward(self.ffn_norm(x))
         return x + functional.dropout(h, self.dropout, self.training)
@@ -174,10 +175,15 @@ class Llama(nn.Module):
         if x.dtype == np.float64:
             cos, sin = cos.to(dtype="float64"), sin.to(dtype="float64")
         segments = segment_ids.data if isinstance(segment_ids, Tensor) else segment_ids
-        bias = fused.attention_bias(x.xp, T, start + T, segments, causal=True, dtype=x.dtype)
-        bias = Tensor(bias) if bias is not None else None                # one mask for every layer
+        if fused.use_flash(x, self.dims.head_dim):
+            # The flash kernel masks as it goes: no (T, start + T) bias is built at all.
+            bias, mask = None, {"causal": True, "segments": segments}
+        else:
+            bias = fused.attention_bias(x.xp, T, start + T, segments, causal=True, dtype=x.dtype)
+            bias = Tensor(bias) if bias is not None else None            # one mask for every layer
+            mask = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, bias, cache, i)
+            x = layer(x, cos, sin, bias, cache, i, **mask)
         if cache is not None:
             cache.length += T
         x = self.norm(x)

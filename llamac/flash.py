@@ -1,0 +1,332 @@
+"""Flash attention: the tensor-core forward kernel (kernels/flash_attn_fwd.cu) beside its xp references.
+
+Shapes: q (B, Tq, H, hs); k, v (B, Tk, Hkv, hs) with H a multiple of Hkv (grouped-query:
+query head h reads kv head h // (H // Hkv)). Queries sit at absolute positions Tk - Tq .. Tk - 1
+(a KV-cache prefill when Tq < Tk). Key j is visible to query i iff
+    (not causal or j <= i + Tk - Tq) and (segments is None or segments[b, j] == segments[b, i + Tk - Tq]),
+`segments` being (B, Tk) integer document ids. scale = 1 / sqrt(hs). Every function returns
+(out, lse) or gradients; lse (B, H, Tq) float32 is the natural-log logsumexp of the scaled,
+masked scores, which is all the backward needs to rebuild the probabilities.
+
+The kernel never materialises anything of size Tq x Tk. The references do, one (Tq, Tk) block
+per (batch, head) at a time, in fp32: they are for tests, for the CPU and for fp32 GPU arrays.
+Nothing here imports cupy.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import NamedTuple
+
+import numpy as np
+
+from llamac import backend
+from llamac.engine import Function, Tensor
+from llamac.errors import LlamacError, ShapeError
+
+HEAD_DIMS = (64, 128)   # the kernel's compiled head sizes
+
+
+class KernelConfig(NamedTuple):
+    """Compile-time shape of the kernel (kernels/flash_attn_fwd.cu's FLASH_* options)."""
+    warps: int          # warps per CTA
+    mt: int             # 16-row query tiles per warp: 2 reads each K/V fragment once for 32 rows
+    q_smem: bool        # re-read Q fragments from shared memory per tile instead of holding them
+    bn: int             # keys per K/V tile
+    min_blocks: int     # __launch_bounds__ CTAs per SM (caps registers)
+    stages: int = 1     # 2: double-buffered K/V tiles, one barrier per tile
+    lazy: bool = False  # rescale the output accumulators only when a row max of the warp moved
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.mt * self.warps
+
+    def options(self, hs: int) -> tuple:
+        return (f"-DHEAD_DIM={hs}", f"-DFLASH_WARPS={self.warps}", f"-DFLASH_MT={self.mt}",
+                f"-DFLASH_Q_SMEM={int(self.q_smem)}", f"-DFLASH_BN={self.bn}", f"-DFLASH_MIN_BLOCKS={self.min_blocks}",
+                f"-DFLASH_STAGES={self.stages}", f"-DFLASH_LAZY={int(self.lazy)}")
+
+    def smem_bytes(self, hs: int, itemsize: int) -> int:
+        return (self.block_m + 2 * self.stages * self.bn) * hs * itemsize
+
+
+# Per head size, the fastest of CANDIDATES at B=8, H=16, T=2048 (H100 and H200, 2026-11-25):
+# FA2's shape, 4 warps x 32 query rows (each K/V fragment read once per 32 rows, two CTAs per
+# SM), Q re-read from shared memory to make room for the accumulators, K/V double-buffered.
+# hs=128 needs 32-key tiles to fit 255 registers without spilling.
+CONFIGS = {64: KernelConfig(4, 2, True, 64, 1, 2, True), 128: KernelConfig(4, 2, True, 32, 1, 2, True)}
+# Alternatives the GPU tests check and the benchmark can time (none spills registers at sm_90).
+C = KernelConfig
+CANDIDATES = {
+    64: [C(8, 1, False, 64, 2), C(4, 2, False, 32, 1), C(4, 2, True, 64, 1), C(8, 2, False, 32, 1),
+         C(4, 2, False, 32, 1, 2), C(8, 2, False, 32, 1, 2), C(4, 1, False, 64, 3, 2), C(4, 2, True, 64, 1, 2),
+         C(4, 2, True, 64, 1, 2, True), C(4, 1, False, 64, 3, 2, True)],
+    128: [C(8, 1, False, 64, 1), C(4, 2, True, 32, 1), C(8, 1, True, 64, 1), C(8, 2, True, 32, 1),
+          C(8, 1, False, 64, 1, 2), C(4, 2, True, 32, 1, 2), C(8, 1, True, 64, 1, 2), C(8, 2, True, 32, 1, 2),
+          C(4, 2, True, 32, 1, 2, True), C(8, 1, False, 64, 1, 2, True), C(8, 2, True, 32, 1, 2, True)],
+}
+del C
+
+
+# ---------------------------------------------------------------- checks
+
+def _check(q, k, v, segments):
+    """(B, Tq, Tk, H, Hkv, hs) after checking shapes; one-line errors."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ShapeError(f"flash attention: q, k, v must be (B, T, heads, hs), got {q.shape}, {k.shape}, {v.shape}")
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != hs or Hkv == 0 or H % Hkv:
+        raise ShapeError(f"flash attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                         "(k and v equal, same batch and head size, query heads a multiple of kv heads)")
+    if Tq > Tk:
+        raise ShapeError(f"flash attention: {Tq} queries but only {Tk} keys (queries are the last Tq of Tk)")
+    if segments is not None and tuple(segments.shape) != (B, Tk):
+        raise ShapeError(f"flash attention: segments {tuple(segments.shape)} must be (B, Tk) = {(B, Tk)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise LlamacError(f"flash attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    return B, Tq, Tk, H, Hkv, hs
+
+
+def _visible(xp, Tq, Tk, causal, seg_b):
+    """(Tq, Tk) bool mask for one batch row, or None when every key is visible."""
+    visible = None
+    if causal:
+        visible = xp.arange(Tk)[None, :] <= xp.arange(Tk - Tq, Tk)[:, None]
+    if seg_b is not None:
+        same = seg_b[Tk - Tq:, None] == seg_b[None, :]
+        visible = same if visible is None else visible & same
+    return visible
+
+
+# ---------------------------------------------------------------- references (fp32, xp)
+
+def attention_forward_reference(q, k, v, causal=True, segments=None):
+    """(out (B, Tq, H, hs), lse (B, H, Tq)), both float32, computed in fp32 with NumPy or CuPy."""
+    B, Tq, Tk, H, Hkv, hs = _check(q, k, v, segments)
+    xp = backend.get_array_module(q)
+    G = H // Hkv
+    scale = np.float32(1.0 / math.sqrt(hs))
+    out = xp.empty((B, Tq, H, hs), np.float32)
+    lse = xp.empty((B, H, Tq), np.float32)
+    for b in range(B):
+        visible = _visible(xp, Tq, Tk, causal, None if segments is None else segments[b])
+        for h in range(H):
+            qh = q[b, :, h].astype(np.float32)                             # (Tq, hs)
+            kh = k[b, :, h // G].astype(np.float32)                        # (Tk, hs)
+            vh = v[b, :, h // G].astype(np.float32)
+            s = (qh @ kh.T) * scale                                        # (Tq, Tk)
+            if visible is not None:
+                s[~visible] = -np.inf
+            m = s.max(axis=-1, keepdims=True)
+            p = xp.exp(s - m)
+            l = p.sum(axis=-1, keepdims=True)
+            out[b, :, h] = (p @ vh) / l
+            lse[b, h] = (m + xp.log(l))[:, 0]
+    return out, lse
+
+
+def attention_backward_reference(q, k, v, out, dout, lse, causal=True, segments=None):
+    """(dq (B, Tq, H, hs), dk, dv (B, Tk, Hkv, hs)) in float32; dk/dv summed over each kv head's
+    query heads. p is rebuilt from lse; D_i = sum_d dout * out is the softmax's row correction."""
+    B, Tq, Tk, H, Hkv, hs = _check(q, k, v, segments)
+    xp = backend.get_array_module(q)
+    G = H // Hkv
+    scale = np.float32(1.0 / math.sqrt(hs))
+    dq = xp.zeros((B, Tq, H, hs), np.float32)
+    dk = xp.zeros((B, Tk, Hkv, hs), np.float32)
+    dv = xp.zeros((B, Tk, Hkv, hs), np.float32)
+    for b in range(B):
+        visible = _visible(xp, Tq, Tk, causal, None if segments is None else segments[b])
+        for h in range(H):
+            qh = q[b, :, h].astype(np.float32)                             # (Tq, hs)
+            kh = k[b, :, h // G].astype(np.float32)                        # (Tk, hs)
+            vh = v[b, :, h // G].astype(np.float32)
+            do = dout[b, :, h].astype(np.float32)
+            s = (qh @ kh.T) * scale                                        # (Tq, Tk)
+            if visible is not None:
+                s[~visible] = -np.inf
+            p = xp.exp(s - lse[b, h].astype(np.float32)[:, None])
+            dv[b, :, h // G] += p.T @ do
+            dp = do @ vh.T
+            delta = (do * out[b, :, h].astype(np.float32)).sum(axis=-1, keepdims=True)
+            ds = p * (dp - delta) * scale
+            dq[b, :, h] = ds @ kh
+            dk[b, :, h // G] += ds.T @ qh
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- the kernel
+
+def kernel_supports(q, k=None) -> bool:
+    """Whether flash_attention_forward runs the CUDA kernel for these arrays (not the reference)."""
+    return (backend.get_array_module(q) is not np and q.dtype in (backend.bfloat16, np.dtype(np.float16))
+            and q.ndim == 4 and q.shape[-1] in HEAD_DIMS and (k is None or k.dtype == q.dtype))
+
+
+def _kernel_operand(a):
+    """a itself when the kernel can address it by strides (last dim contiguous, 16-byte rows), else a copy."""
+    item = a.itemsize
+    ok = (a.strides[-1] == item and a.data.ptr % 16 == 0
+          and all(s % 16 == 0 for s in a.strides[:-1]))
+    return a if ok else backend.get_array_module(a).ascontiguousarray(a)
+
+
+def _set_dynamic_smem(fn, nbytes: int):
+    """Raise the kernel's dynamic shared-memory limit above the default 48 KB."""
+    try:
+        fn.max_dynamic_shared_size_bytes = nbytes         # CuPy's RawKernel
+    except AttributeError:
+        cuda = backend.cupy_module().cuda
+        cuda.driver.funcSetAttribute(fn.ptr, 8, nbytes)   # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(dtype, hs: int, cfg: KernelConfig, device_id: int):
+    """The compiled kernel for (dtype, hs, cfg) on one GPU, cached here: backend.get_kernel re-reads
+    and hashes the source on every call, host time that short attention calls cannot hide."""
+    key = (np.dtype(dtype), hs, cfg, device_id)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        fn = backend.get_kernel("flash_attn_fwd", "flash_attn_forward", dtype, options=cfg.options(hs))
+        _set_dynamic_smem(fn, cfg.smem_bytes(hs, np.dtype(dtype).itemsize))
+        _KERNELS[key] = fn
+    return fn
+
+
+def flash_attention_forward(q, k, v, causal=True, segments=None, config: KernelConfig | None = None):
+    """(out (B, Tq, H, hs) in q's dtype, lse (B, H, Tq) float32).
+
+    The CUDA kernel for CuPy bf16/fp16 arrays with hs 64 or 128; otherwise the fp32 reference,
+    its output cast to q's dtype. `config` overrides CONFIGS[hs] (tests, benchmarks).
+    """
+    B, Tq, Tk, H, Hkv, hs = _check(q, k, v, segments)
+    if not kernel_supports(q, k):
+        out, lse = attention_forward_reference(q, k, v, causal, segments)
+        return out.astype(q.dtype, copy=False), lse
+    xp = backend.get_array_module(q)
+    out = xp.empty((B, Tq, H, hs), q.dtype)
+    lse = xp.empty((B, H, Tq), np.float32)
+    if out.size == 0 or Tk == 0:
+        out[...] = 0
+        lse[...] = -np.inf
+        return out, lse
+    q, k, v = (_kernel_operand(a) for a in (q, k, v))
+    seg = None
+    if segments is not None:
+        seg = xp.ascontiguousarray(xp.asarray(segments), dtype=np.int32)
+    cfg = config or CONFIGS[hs]
+    smem = cfg.smem_bytes(hs, q.itemsize)
+    e = q.itemsize
+    with q.device:
+        fn = _kernel(q.dtype, hs, cfg, q.device.id)
+        grid = (B * H, -(-Tq // cfg.block_m))
+        fn(grid, (32 * cfg.warps,),
+           (q, k, v, out, lse, seg if seg is not None else np.uint64(0),
+            np.int32(H), np.int32(H // Hkv), np.int32(Tq), np.int32(Tk),
+            *(np.int64(s // e) for s in q.strides[:3]),
+            *(np.int64(s // e) for s in k.strides[:3]),
+            *(np.int64(s // e) for s in v.strides[:3]),
+            np.float32(math.log2(math.e) / math.sqrt(hs)), np.int32(bool(causal))),
+           shared_mem=smem)
+    return out, lse
+
+
+# ---------------------------------------------------------------- autograd
+
+class FlashAttention(Function):
+    """softmax(q k^T / sqrt(hs) + mask) v with a causal and/or document mask, no T x T anything.
+
+    forward(q, k, v, causal=True, segments=None): q (B, Tq, H, hs), k, v (B, Tk, Hkv, hs),
+    segments (B, Tk) int array or None. The backward is llamac.flash_backward's kernel when that
+    module exists, else the fp32 reference (gradients cast back to the inputs' dtypes).
+    """
+
+    def forward(self, q, k, v, causal=True, segments=None):
+        out, lse = flash_attention_forward(q, k, v, causal=causal, segments=segments)
+        self.save(q, k, v, out, lse)
+        self.mask = (bool(causal), segments)
+        return out
+
+    def backward(self, g):
+        q, k, v, out, lse = self.saved
+        causal, segments = self.mask
+        try:
+            from llamac.flash_backward import flash_attention_backward  # noqa: PLC0415 - optional module
+        except ImportError:
+            flash_attention_backward = None
+        if flash_attention_backward is not None:
+            return flash_attention_backward(q, k, v, out, g, lse, causal, segments)
+        dq, dk, dv = attention_backward_reference(q, k, v, out, g, lse, causal, segments)
+        return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
+
+
+def flash_attention(q, k, v, causal: bool = True, segments=None):
+    """FlashAttention on Tensors (segments: a (B, Tk) int array or Tensor, or None)."""
+    seg = segments.data if isinstance(segments, Tensor) else segments
+    return FlashAttention.apply(q, k, v, causal=causal, segments=seg)
+
+
+# ---------------------------------------------------------------- benchmark
+
+def _time_ms(fn, reps=20, warmup=3) -> float:
+    for _ in range(warmup):
+        fn()
+    pairs = []
+    for _ in range(reps):
+        start, end = backend.cuda_event(), backend.cuda_event()
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    return statistics.median(backend.elapsed_ms(s, e) for s, e in pairs)
+
+
+def bench_flash_forward(B=8, H=16, T=2048, hs=128, Hkv=None, causal=True, dtype="bfloat16",
+                        reps=20, torch_sdpa=True, config=None) -> dict:
+    """Forward TFLOP/s of the kernel at (B, T, H, hs), and of torch's SDPA flash backend when torch
+    with CUDA is installed. FLOPs: 2 matmuls * 2 B H T^2 hs, halved when causal."""
+    cp = backend.cupy_module()
+    dt = backend.as_dtype(dtype)
+    Hkv = Hkv or H
+    rng = cp.random.default_rng(0)
+    q = rng.standard_normal((B, T, H, hs), dtype=np.float32).astype(dt)
+    k = rng.standard_normal((B, T, Hkv, hs), dtype=np.float32).astype(dt)
+    v = rng.standard_normal((B, T, Hkv, hs), dtype=np.float32).astype(dt)
+    flops = 4.0 * B * H * T * T * hs * (0.5 if causal else 1.0)
+    ms = _time_ms(lambda: flash_attention_forward(q, k, v, causal=causal, config=config), reps)
+    result = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "dtype": str(dt),
+              "config": tuple(config or CONFIGS[hs]),
+              "ms": ms, "tflops": flops / ms / 1e9}
+    if torch_sdpa:
+        try:
+            import torch  # noqa: PLC0415 - optional, for the comparison only
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+        except Exception:
+            return result
+        if not torch.cuda.is_available():
+            return result
+        tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[str(dt)]
+        tq, tk, tv = (torch.randn(B, n, T, hs, device="cuda", dtype=tdt) for n in (H, Hkv, Hkv))
+        if Hkv != H:  # SDPA's flash backend wants equal heads: expand (a view, no copy) as callers do
+            tk = tk.repeat_interleave(H // Hkv, dim=1)
+            tv = tv.repeat_interleave(H // Hkv, dim=1)
+        f = torch.nn.functional.scaled_dot_product_attention
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            run = lambda: f(tq, tk, tv, is_causal=causal)  # noqa: E731
+            for _ in range(3):
+                run()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(reps):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                run()
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e))
+        tms = statistics.median(times)
+        result.update(torch_ms=tms, torch_tflops=flops / tms / 1e9, ratio_vs_torch=tms / ms)
+    return result

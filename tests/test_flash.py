@@ -1,0 +1,248 @@
+"""Flash attention on the CPU: the fp32 references against a float64 naive softmax (causal,
+Tq < Tk, documents, grouped-query), the Function's gradients, and the kernel's NVRTC builds."""
+import math
+
+import numpy as np
+import pytest
+
+import llamac
+from llamac import backend, flash, fused
+from llamac.errors import LlamacError, ShapeError
+
+BF16 = backend.bfloat16
+
+
+def naive64(q, k, v, causal, segments):
+    """out, lse, and the probabilities, in float64, straight from the definition."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    kx = np.repeat(k, G, axis=2)                                        # (B, Tk, H, hs)
+    vx = np.repeat(v, G, axis=2)
+    s = np.einsum("bihd,bjhd->bhij", q, kx) / math.sqrt(hs)             # (B, H, Tq, Tk)
+    i = np.arange(Tq)[:, None] + Tk - Tq
+    j = np.arange(Tk)[None, :]
+    visible = np.ones((B, 1, Tq, Tk), bool)
+    if causal:
+        visible &= (j <= i)[None, None]
+    if segments is not None:
+        visible &= (segments[:, Tk - Tq:, None] == segments[:, None, :])[:, None]
+    s = np.where(visible, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    lse = (m + np.log(p.sum(-1, keepdims=True)))[..., 0]                # (B, H, Tq)
+    p /= p.sum(-1, keepdims=True)
+    out = np.einsum("bhij,bjhd->bihd", p, vx)
+    return out, lse, p, visible
+
+
+def rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def make(B, Tq, Tk, H, Hkv, hs, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Tq, H, hs)).astype(dtype)
+    k = rng.standard_normal((B, Tk, Hkv, hs)).astype(dtype)
+    v = rng.standard_normal((B, Tk, Hkv, hs)).astype(dtype)
+    return q, k, v
+
+
+def documents(B, Tk, seed=0):
+    """(B, Tk) non-decreasing document ids, a few boundaries per row (packed training data)."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((B, Tk), np.int64)
+    for b in range(B):
+        cuts = rng.choice(np.arange(1, Tk), size=min(3, Tk - 1), replace=False) if Tk > 1 else []
+        for c in cuts:
+            seg[b, c:] += 1
+    return seg
+
+
+CASES = [  # B, Tq, Tk, H, Hkv, hs, causal, segments
+    (2, 9, 9, 4, 4, 16, True, False),
+    (2, 9, 9, 4, 2, 16, False, False),
+    (1, 5, 13, 4, 1, 8, True, False),       # Tq < Tk: the KV-cache prefill
+    (2, 1, 11, 2, 1, 8, True, False),       # one decode step
+    (2, 17, 17, 4, 2, 16, True, True),
+    (2, 6, 17, 4, 4, 16, True, True),
+    (2, 17, 17, 2, 2, 16, False, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_reference_matches_float64(case):
+    B, Tq, Tk, H, Hkv, hs, causal, use_seg = case
+    q, k, v = make(B, Tq, Tk, H, Hkv, hs)
+    seg = documents(B, Tk) if use_seg else None
+    out, lse = flash.attention_forward_reference(q, k, v, causal, seg)
+    want_out, want_lse, _, _ = naive64(q, k, v, causal, seg)
+    assert out.dtype == np.float32 and out.shape == (B, Tq, H, hs)
+    assert lse.dtype == np.float32 and lse.shape == (B, H, Tq)
+    assert rel(out, want_out) < 1e-5
+    assert np.max(np.abs(lse - want_lse)) < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_reference_matches_float64(case):
+    B, Tq, Tk, H, Hkv, hs, causal, use_seg = case
+    q, k, v = make(B, Tq, Tk, H, Hkv, hs)
+    seg = documents(B, Tk) if use_seg else None
+    dout = np.random.default_rng(5).standard_normal((B, Tq, H, hs)).astype(np.float32)
+    out, lse = flash.attention_forward_reference(q, k, v, causal, seg)
+    dq, dk, dv = flash.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+    # float64 by hand: dV = P^T dO; dP = dO V^T; dS = P (dP - rowsum(dP P)); dQ = dS K s; dK = dS^T Q s
+    _, _, p, _ = naive64(q, k, v, causal, seg)
+    G = H // Hkv
+    q64, k64, v64, do64 = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+    kx, vx = np.repeat(k64, G, axis=2), np.repeat(v64, G, axis=2)
+    dvx = np.einsum("bhij,bihd->bjhd", p, do64)
+    dp = np.einsum("bihd,bjhd->bhij", do64, vx)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / math.sqrt(hs)
+    dq64 = np.einsum("bhij,bjhd->bihd", ds, kx)
+    dkx = np.einsum("bhij,bihd->bjhd", ds, q64)
+    sum_groups = lambda x: x.reshape(B, Tk, Hkv, G, hs).sum(3)  # noqa: E731
+    assert rel(dq, dq64) < 1e-5
+    assert rel(dk, sum_groups(dkx)) < 1e-5
+    assert rel(dv, sum_groups(dvx)) < 1e-5
+
+
+def test_reference_matches_fused_attention_with_bias():
+    """The flash semantics are exactly the existing Attention + attention_bias (the model's mask)."""
+    B, Tq, Tk, H, Hkv, hs = 2, 7, 12, 4, 2, 8
+    q, k, v = make(B, Tq, Tk, H, Hkv, hs, seed=3)
+    seg = documents(B, Tk, seed=3)
+    bias = fused.attention_bias(np, Tq, Tk, seg, causal=True)
+    want = fused.Attention().forward(q, k, v, bias)
+    got, _ = flash.attention_forward_reference(q, k, v, True, seg)
+    assert rel(got, want) < 1e-5
+
+
+def test_flash_function_gradients_on_cpu():
+    """FlashAttention (CPU: reference forward and backward) against the composed Attention's gradients."""
+    B, T, H, Hkv, hs = 2, 10, 4, 2, 8
+    arrays = make(B, T, T, H, Hkv, hs, seed=7)
+    seg = documents(B, T, seed=7)
+    grads = []
+    for use in ("flash", "fused"):
+        ts = [llamac.tensor(a, requires_grad=True) for a in arrays]
+        if use == "flash":
+            out = flash.flash_attention(*ts, causal=True, segments=seg)
+        else:
+            out = fused.attention(*ts, segments=seg, causal=True)
+        proj = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)
+        (out * llamac.tensor(proj)).sum().backward()
+        grads.append([out.numpy()] + [t.grad for t in ts])
+    for got, want in zip(*grads):
+        assert rel(got, want) < 1e-5
+
+
+def test_forward_on_cpu_falls_back_to_reference_in_input_dtype():
+    q, k, v = make(1, 4, 6, 2, 1, 64, dtype=BF16)
+    out, lse = flash.flash_attention_forward(q, k, v, causal=True)
+    want, want_lse = flash.attention_forward_reference(q, k, v, causal=True)
+    assert out.dtype == BF16 and lse.dtype == np.float32
+    assert rel(out.astype(np.float32), want) < 1e-2 and np.allclose(lse, want_lse)
+    assert not flash.kernel_supports(q, k)
+
+
+def test_bad_shapes_are_one_line_errors():
+    q, k, v = make(1, 4, 6, 3, 2, 8)
+    with pytest.raises(ShapeError, match="do not fit"):
+        flash.flash_attention_forward(q, k, v)
+    q, k, v = make(1, 7, 6, 2, 1, 8)
+    with pytest.raises(ShapeError, match="queries"):
+        flash.flash_attention_forward(q, k, v)
+    q, k, v = make(1, 4, 6, 2, 1, 8)
+    with pytest.raises(ShapeError, match="segments"):
+        flash.flash_attention_forward(q, k, v, segments=np.zeros((1, 4), np.int64))
+    with pytest.raises(LlamacError, match="dtypes"):
+        flash.flash_attention_forward(q, k.astype(np.float16), v)
+
+
+# ---------------------------------------------------------------- NVRTC builds, no GPU
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings is not installed")
+    if not backend.nvrtc_available():
+        pytest.skip(backend.nvrtc_unavailable_reason())
+
+
+CONFIGS = [(hs, cfg) for hs in flash.HEAD_DIMS for cfg in flash.CANDIDATES[hs]]
+
+
+@pytest.mark.parametrize("hs, cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
+def test_kernel_builds_with_tensor_cores_and_no_spills(nvrtc, dtype, hs, cfg):
+    result = backend.compile_check_kernel("flash_attn_fwd", dtype, arch="sm_90", options=(*cfg.options(hs), "--ptxas-options=-v"))
+    assert result.ok, result.log
+    assert "warning" not in result.log.lower(), result.log
+    kind = "bf16" if dtype == BF16 else "f16"
+    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in result.ptx
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in result.ptx and "cp.async.cg.shared.global" in result.ptx
+    # Spilled accumulators would go through local memory on every key tile: a large slowdown.
+    assert " 0 bytes spill stores" in result.log and " 0 bytes stack frame" in result.log, result.log
+
+
+def test_default_configs_are_candidates():
+    for hs in flash.HEAD_DIMS:
+        assert flash.CONFIGS[hs] in flash.CANDIDATES[hs]
+        assert flash.CONFIGS[hs].smem_bytes(hs, 2) <= 227 * 1024
+
+
+def test_fp32_build_is_a_trapping_stub(nvrtc):
+    result = backend.compile_check_kernel("flash_attn_fwd", np.float32, arch="sm_90")
+    assert result.ok and "trap;" in result.ptx and "mma.sync" not in result.ptx
+
+
+def test_launcher_grid_and_kernel_cache_without_a_gpu(monkeypatch):
+    """The launch path with stand-ins for CuPy: one compile per (dtype, hs, config, device), the
+    grid (B * H, query blocks), the CTA size and shared memory of the head size's config."""
+
+    class Device:
+        id = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class FakeArray:  # what the launcher reads of a CuPy array
+        def __init__(self, a):
+            self.a, self.device, self.data = a, Device(), type("Ptr", (), {"ptr": 4096})()
+
+        def __getattr__(self, name):
+            return getattr(self.a, name)
+
+    class FakeXP:
+        empty = staticmethod(lambda shape, dtype: FakeArray(np.empty(shape, dtype)))
+        ascontiguousarray = staticmethod(lambda a, dtype=None: a)
+        asarray = staticmethod(lambda a: a)
+
+    launches, compiles = [], []
+
+    class Kernel:
+        def __call__(self, grid, block, args, shared_mem=0):
+            launches.append((grid, block, len(args), shared_mem))
+
+    monkeypatch.setattr(flash, "kernel_supports", lambda q, k=None: True)
+    monkeypatch.setattr(flash, "_KERNELS", {})
+    monkeypatch.setattr(backend, "get_array_module", lambda a: FakeXP)
+    monkeypatch.setattr(backend, "get_kernel", lambda *a, options=(), **k: compiles.append(options) or Kernel())
+    for hs in flash.HEAD_DIMS:
+        cfg = flash.CONFIGS[hs]
+        q = FakeArray(np.zeros((2, 300, 8, hs), BF16))
+        k = FakeArray(np.zeros((2, 300, 2, hs), BF16))
+        for _ in range(3):
+            out, lse = flash.flash_attention_forward(q, k, k, segments=np.zeros((2, 300), np.int32))
+        assert out.shape == (2, 300, 8, hs) and lse.shape == (2, 8, 300)
+        assert launches[-1] == ((16, -(-300 // cfg.block_m)), (32 * cfg.warps,), 21, cfg.smem_bytes(hs, 2))
+        assert compiles[-1] == cfg.options(hs)
+        assert list(flash._KERNELS.values())[-1].max_dynamic_shared_size_bytes == cfg.smem_bytes(hs, 2)
+    assert len(compiles) == len(flash.HEAD_DIMS)
