@@ -190,9 +190,22 @@ def get_kernel_from_source(source: str, function: str, dtype=np.float32, options
     return fn
 
 
+_NAMED_KERNELS: dict = {}
+
+
 def get_kernel(name: str, function: str, dtype=np.float32, options=()):
-    """A compiled CUDA function from kernels/NAME.cu, cached per source, dtype, device and options."""
-    return get_kernel_from_source(kernel_source(name), function, dtype, options)
+    """A compiled CUDA function from kernels/NAME.cu, cached per name, function, dtype, options and device.
+
+    Launchers call this on every launch, so the hit path must not touch the files: reading and
+    hashing the source each time cost tens of microseconds per kernel. Edits to a .cu file are
+    seen by a new process (or after `_NAMED_KERNELS.clear()`).
+    """
+    cp = cupy_module()
+    key = (name, function, np.dtype(dtype), tuple(options), cp.cuda.Device().id)
+    fn = _NAMED_KERNELS.get(key)
+    if fn is None:
+        fn = _NAMED_KERNELS[key] = get_kernel_from_source(kernel_source(name), function, dtype, options)
+    return fn
 
 
 # ---------------------------------------------------------------- GPU timing
