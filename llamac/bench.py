@@ -337,6 +337,8 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             rows = [{"section": "kernels", "op": "device copy", "gb_per_s": round(measure_copy_bandwidth(), 1)}]
             rows += [{"section": "kernels", **r} for r in bench_swiglu()]
             rows += [{"section": "kernels", **r} for r in bench_training_kernels()]
+            from llamac.kernel_bench import bench_attention_kernels
+            rows += [{"section": "kernels", **r} for r in bench_attention_kernels(torch_compare=compare == "torch")]
         results[section] = rows
         _print_table(Console(width=160), Table, section, rows)
     if json_out is not None:
