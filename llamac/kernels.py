@@ -25,6 +25,9 @@ MAX_BLOCKS = 132 * 32
 # tests check the compiled PTX against this, so a renamed kernel fails in CI.
 KERNEL_FUNCTIONS = {
     "swiglu": ("swiglu_forward", "swiglu_backward"),
+    # bf16 only (DTYPE unused); launchers and references in llamac/decode.py
+    "decode": ("decode_gemv_store", "decode_gemv_resid", "decode_gemv_swiglu", "decode_gemv_logits",
+               "decode_gemv_qkv", "decode_attention", "decode_sample"),
 }
 
 
