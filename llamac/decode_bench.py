@@ -21,6 +21,13 @@ DECODE_SHAPES = {   # dim, layers, heads, kv heads, vocab, hidden
     "350M": (1024, 24, 16, 4, 32000, 2816),
 }
 CACHE_LEN = 1024
+VERBOSE = False
+
+
+def _say(*what):
+    if VERBOSE:
+        import sys
+        print(f"[{time.strftime('%H:%M:%S')}]", *what, file=sys.stderr, flush=True)
 
 
 def shape_config(name: str):
@@ -42,8 +49,10 @@ def bench_llamac(name: str, n_new: int = 256, prompt_len: int = 16, batches=(1, 
     state = random_state(cfg, cp)
     rng = np.random.default_rng(0)
     rows = []
+    _say(name, "random weights made")
     for B in batches:
         dec = FastDecoder(cfg, state, batch=B, max_len=CACHE_LEN)
+        _say(name, f"batch {B}: decoder built")
         prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(B)]
         ttft = []
         decode_s = []
@@ -54,6 +63,7 @@ def bench_llamac(name: str, n_new: int = 256, prompt_len: int = 16, batches=(1, 
             ttft.append(time.perf_counter() - t0)
             decode_s.append(dec.decode_seconds(n_new))
         ttft, decode_s = ttft[1:], decode_s[1:]          # the first includes capture and warm-up
+        _say(name, f"batch {B}: ttft {ttft}, decode {decode_s}")
         t = _median(decode_s)
         row = {"section": "decode", "shape": name, "impl": "llamac FastDecoder", "batch": B,
                "decode_tok_s": round(B * n_new / t, 1), "step_ms": round(t / n_new * 1e3, 4),
@@ -146,6 +156,7 @@ def bench_torch(name: str, n_new: int = 256, prompt_len: int = 16, reps: int = 3
     dim, L, H, KV, V, hid = DECODE_SHAPES[name]
     backend.release_gpu_memory()
     m, caches = _torch_llama(name)
+    _say(name, "torch model built")
     prompt = torch.randint(0, V, (1, prompt_len), device="cuda")
     rows = []
 
@@ -229,13 +240,23 @@ def bench_hf(name: str, n_new: int = 256, prompt_len: int = 16, reps: int = 2) -
         return [{**row, "decode_tok_s": f"unavailable ({type(exc).__name__}: {str(exc)[:80]})"}]
 
 
-def bench_decode(shapes=None, compare: bool = True, n_new: int = 256) -> list[dict]:
+def _log(rows):
+    import json
+    import sys
+    for r in rows:
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_decode(shapes=None, compare: bool = True, n_new: int = 256, parts=("llamac", "torch", "hf"),
+                 verbose: bool = False) -> list[dict]:
     """Every figure of `llamac bench --what decode`, llamac first, then the references when they import."""
     if not backend.cuda_available():
         raise LlamacError("bench --what decode needs a CUDA GPU (--device cuda)")
+    log = _log if verbose else (lambda rows: rows)
     rows = []
     for name in shapes or DECODE_SHAPES:
-        mine = bench_llamac(name, n_new=n_new)
+        mine = log(bench_llamac(name, n_new=n_new)) if "llamac" in parts else [{}]
         rows += mine
         if not compare:
             continue
@@ -244,13 +265,23 @@ def bench_decode(shapes=None, compare: bool = True, n_new: int = 256) -> list[di
         except ImportError:
             rows.append({"section": "decode", "shape": name, "impl": "torch", "decode_tok_s": "unavailable (no torch)"})
             continue
-        theirs = bench_torch(name, n_new=n_new)
-        rows += theirs
-        graph = next(r for r in theirs if "graph" in r["impl"])
-        mine[0]["vs_torch_graph"] = round(mine[0]["decode_tok_s"] / graph["decode_tok_s"], 2)
-        if name != "350M":
-            hf = bench_hf(name, n_new=n_new)
+        if "torch" in parts:
+            theirs = log(bench_torch(name, n_new=n_new))
+            rows += theirs
+            graph = next(r for r in theirs if "graph" in r["impl"])
+            if "decode_tok_s" in mine[0]:
+                mine[0]["vs_torch_graph"] = round(mine[0]["decode_tok_s"] / graph["decode_tok_s"], 2)
+        if name != "350M" and "hf" in parts:
+            hf = log(bench_hf(name, n_new=n_new))
             rows += hf
-            if isinstance(hf[0]["decode_tok_s"], float):
+            if isinstance(hf[0]["decode_tok_s"], float) and "decode_tok_s" in mine[0]:
                 mine[0]["vs_hf"] = round(mine[0]["decode_tok_s"] / hf[0]["decode_tok_s"], 1)
     return rows
+
+
+if __name__ == "__main__":   # python -m llamac.decode_bench [llamac,torch,hf] [shapes]: rows as they come, on stderr
+    import sys
+    parts = sys.argv[1].split(",") if len(sys.argv) > 1 else ("llamac", "torch", "hf")
+    shapes = sys.argv[2].split(",") if len(sys.argv) > 2 else None
+    VERBOSE = True
+    bench_decode(shapes, parts=parts, verbose=True)
