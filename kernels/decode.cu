@@ -127,25 +127,6 @@ LLAMAC_DEVICE void gemv_body(const bf16_t* __restrict__ x, int M, int K, const b
     const int n0 = blockIdx.x * 8;
     const int g = lane >> 2, q = lane & 3;
 
-    const bf16_t* wrow = W + (size_t)(n0 + g) * K;
-    const int chunks = (K + 31) >> 5;
-    constexpr int U = 4;   // chunks in flight per warp
-    // The first round of weights is requested before anything else (the norm's statistics,
-    // the residual) so their latencies overlap; later rounds are prefetched one ahead.
-    uint4 wcur[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int k = (warp + u * nw) * 32 + q * 8;
-        wcur[u] = warp + u * nw < chunks && k < K ? __ldg(reinterpret_cast<const uint4*>(wrow + k)) : make_uint4(0, 0, 0, 0);
-    }
-    // the residual this thread's epilogue adds, fetched early for the same reason
-    float res0 = 0.0f, res1 = 0.0f;
-    if (MODE == MODE_RESID && (int)threadIdx.x < M * 4) {
-        const bf16_t* o = static_cast<const bf16_t*>(out) + (size_t)(threadIdx.x >> 2) * N + n0 + 2 * (threadIdx.x & 3);
-        res0 = load_f(o);
-        res1 = load_f(o + 1);
-    }
-
     if (norm_w != nullptr) {
         // Each block recomputes the rows' 1/rms (M*K reads from L2) instead of a separate kernel.
         for (int m = warp; m < M; m += nw) {
@@ -165,22 +146,23 @@ LLAMAC_DEVICE void gemv_body(const bf16_t* __restrict__ x, int M, int K, const b
     const float rB = (norm_w != nullptr && g + 8 < M) ? rstd_s[g + 8] : 1.0f;
 
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const bf16_t* wrow = W + (size_t)(n0 + g) * K;
+    const int chunks = (K + 31) >> 5;
+    constexpr int U = 4;   // chunks in flight per warp
     for (int base = warp; base < chunks; base += nw * U) {
-        uint4 xa[U], xb[U], wnext[U];
+        uint4 wv[U], xa[U], xb[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int k = (base + u * nw) * 32 + q * 8;
             const bool ok = base + u * nw < chunks && k < K;
+            wv[u] = ok ? __ldg(reinterpret_cast<const uint4*>(wrow + k)) : make_uint4(0, 0, 0, 0);
             xa[u] = ok && g < M ? load_x8(x, norm_w, rA, g, K, k) : make_uint4(0, 0, 0, 0);
             xb[u] = ok && g + 8 < M ? load_x8(x, norm_w, rB, g + 8, K, k) : make_uint4(0, 0, 0, 0);
-            const int cn = base + nw * U + u * nw, kn = cn * 32 + q * 8;
-            wnext[u] = cn < chunks && kn < K ? __ldg(reinterpret_cast<const uint4*>(wrow + kn)) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            mma_bf16(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, wcur[u].x, wcur[u].y);
-            mma_bf16(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, wcur[u].z, wcur[u].w);
-            wcur[u] = wnext[u];
+            mma_bf16(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, wv[u].x, wv[u].y);
+            mma_bf16(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, wv[u].z, wv[u].w);
         }
     }
     red[warp][g][2 * q] = c[0];
@@ -206,8 +188,8 @@ LLAMAC_DEVICE void gemv_body(const bf16_t* __restrict__ x, int M, int K, const b
         store_f(o + 1, y1);
     } else if (MODE == MODE_RESID) {
         bf16_t* o = static_cast<bf16_t*>(out) + (size_t)m * N + n;
-        store_f(o, res0 + y0);
-        store_f(o + 1, res1 + y1);
+        store_f(o, load_f(o) + y0);
+        store_f(o + 1, load_f(o + 1) + y1);
     } else if (MODE == MODE_SWIGLU) {
         // as kernels/swiglu.cu: g * sigmoid(g) * u on the bf16-rounded gate and up
         store_f(static_cast<bf16_t*>(out) + (size_t)m * (N / 2) + n / 2, y0 * sigmoidf_safe(y0) * y1);
@@ -305,7 +287,6 @@ decode_attention(const bf16_t* __restrict__ q,     // (M, H, hs)
     const bf16_t* vbase = vc + ((size_t)m * max_len + j0) * row_stride + kh * HEAD_DIM + d0;
 
     // scores: s = bf16(q.k) * scale (the plain path rounds the q k^T matmul to bf16)
-#pragma unroll 4
     for (int jb = warp * (32 / KL); jb < n; jb += SLOTS) {
         const int jj = jb + lane / KL;
         const bool ok = jj < n && dok;
@@ -351,7 +332,6 @@ decode_attention(const bf16_t* __restrict__ q,     // (M, H, hs)
 #pragma unroll
     for (int g = 0; g < GROUP; ++g)
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
-#pragma unroll 4
     for (int jb = warp * (32 / KL); jb < n; jb += SLOTS) {
         const int jj = jb + lane / KL;
         if (jj < n && dok) {
