@@ -147,3 +147,18 @@ def test_fast_decoder_refuses_cleanly_without_cuda(monkeypatch):
     model = tiny_model()
     with pytest.raises(LlamacError, match="no GPU here"):
         decode.FastDecoder.from_model(model)
+
+
+def test_bench_decode_needs_a_gpu():
+    from llamac.bench import run_bench
+    from llamac.errors import LlamacError
+    with pytest.raises(LlamacError, match="GPU"):
+        run_bench(what="decode", device="cpu")
+
+
+def test_generate_stays_on_the_plain_path_on_the_cpu():
+    from llamac.generate import fast_decoder_for, generate_ids
+    model = tiny_model()
+    assert fast_decoder_for(model) is None
+    a = list(generate_ids(model, [1, 2, 3], 8, temperature=0))
+    assert a == list(generate_ids(model, [1, 2, 3], 8, temperature=0, fast=False)) and len(a) == 8

@@ -121,3 +121,18 @@ def test_sample_kernel_matches_reference(temperature, top_k, top_p):
     want = decode.sample_reference(logits[:, :dec.V], temperature, top_k, top_p, 123, steps)
     assert (got == want).sum() >= 15, (got, want)     # exp/log may differ in the last ulp on a near tie
     assert np.array_equal(dec.x.get().view(np.uint16), dec.emb[cp.asarray(got)].get().view(np.uint16))
+
+
+def test_generate_batch_prints_every_prompt_as_the_plain_path_would():
+    import io
+    from llamac.generate import generate_batch, generate_ids
+    model, tok = load_trained()
+    prompts = ["Once upon a time", "The little dog", "She"]
+    out = io.StringIO()
+    assert generate_batch(model, tok, prompts, 30, 0.0, None, None, 0, out=out)
+    text = out.getvalue()
+    assert text.count("--- [") == 3
+    for p in prompts:
+        ids = tok.encode(p, bos=True)
+        plain = list(generate_ids(model, ids, 30, temperature=0, eos_id=tok.eos_id, fast=False))
+        assert p + tok.decode(ids + plain)[len(tok.decode(ids)):] in text
