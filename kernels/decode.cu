@@ -6,7 +6,7 @@
 //   HEAD_DIM (hs, a multiple of 8, <= 256), GROUP (query heads per kv head).
 //
 // Rounding follows llamac's plain bf16 path (model.forward with a KVCache) op by op:
-// every linear output is rounded to bf16, RoPE rounds each product and the sum,
+// every linear output is rounded to bf16, RoPE rounds as fused._rotate does,
 // attention rounds q.k and the normalised probabilities, residual adds round once.
 // Sums are fp32 everywhere, so only the summation order differs.
 

@@ -123,7 +123,10 @@ def test_sample_kernel_matches_reference(temperature, top_k, top_p):
     assert np.array_equal(dec.x.get().view(np.uint16), dec.emb[cp.asarray(got)].get().view(np.uint16))
 
 
-def test_generate_batch_prints_every_prompt_as_the_plain_path_would():
+def test_generate_batch_prints_every_prompt_as_decoded_alone():
+    """--prompt-file on the GPU: one batch, each prompt's text as its own fast greedy decode.
+    (Against the plain path a batch row can differ after a near-tie: the fp32 sums run in another
+    order, as in any single row; on the device, "Once upon a time" flipped one token at ~20.)"""
     import io
     from llamac.generate import generate_batch, generate_ids
     model, tok = load_trained()
@@ -134,5 +137,5 @@ def test_generate_batch_prints_every_prompt_as_the_plain_path_would():
     assert text.count("--- [") == 3
     for p in prompts:
         ids = tok.encode(p, bos=True)
-        plain = list(generate_ids(model, ids, 30, temperature=0, eos_id=tok.eos_id, fast=False))
-        assert p + tok.decode(ids + plain)[len(tok.decode(ids)):] in text
+        alone = list(generate_ids(model, ids, 30, temperature=0, eos_id=tok.eos_id))
+        assert p + tok.decode(ids + alone)[len(tok.decode(ids)):] in text
