@@ -26,7 +26,6 @@ decode step in NumPy on the same packed weights.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -451,7 +450,6 @@ class FastDecoder:
 
     def start(self, prompts: list[list[int]], sampling=(0.0, 0, 0.0, 0)):
         """Prefill every row and sample its first token (history row 0). Rows past len(prompts) repeat the last."""
-        cp = self.cp
         if not prompts or len(prompts) > self.M:
             raise LlamacError(f"fast decode: give 1 to {self.M} prompts, not {len(prompts)}")
         prompts = list(prompts) + [prompts[-1]] * (self.M - len(prompts))
