@@ -308,7 +308,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 
     device = backend.resolve_device(device)
     sections = [w.strip() for w in what.split(",") if w.strip()]
-    known = {"engine", "tokenizer", "train_cpu", "train", "kernels"}
+    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode"}
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
@@ -339,6 +339,11 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             rows += [{"section": "kernels", **r} for r in bench_training_kernels()]
             from llamac.kernel_bench import bench_attention_kernels
             rows += [{"section": "kernels", **r} for r in bench_attention_kernels(torch_compare=compare == "torch")]
+        elif section == "decode":
+            if device != "cuda":
+                raise LlamacError("bench --what decode needs a CUDA GPU (--device cuda)")
+            from llamac.decode_bench import bench_decode
+            rows = bench_decode(compare=compare != "none")
         results[section] = rows
         _print_table(Console(width=160), Table, section, rows)
     if json_out is not None:

@@ -34,23 +34,45 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, top_p
     return np.array([rng.choice(len(p), p=p) for p in probs])
 
 
+def fast_decoder_for(model, batch: int = 1, max_len: int | None = None):
+    """A llamac.decode.FastDecoder when the model is on the GPU and the fast path takes its shape, else None.
+    bf16 models decode as they are; fp32 and fp16 ones are converted to bf16 for it."""
+    p = model.tok_embeddings.weight
+    if p.device != "cuda":
+        return None
+    from llamac.decode import FastDecoder
+    try:
+        return FastDecoder.from_model(model, batch=batch, max_len=max_len)
+    except LlamacError:
+        return None     # a shape the kernels don't take: the plain path does it
+
+
 @no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 eos_id: int | None = None, stop_ids=()) -> Iterator[int]:
-    """Yield new token ids one by one (KV cache: each step feeds only the newest token)."""
+                 eos_id: int | None = None, stop_ids=(), fast: bool | None = None) -> Iterator[int]:
+    """Yield new token ids one by one (KV cache: each step feeds only the newest token).
+    fast: the GPU decoder (llamac.decode) when None and the model is on CUDA; False: the plain path."""
     limit = model.config.max_seq_len
     if not prompt_ids:
         raise LlamacError("empty prompt: nothing to condition on")
     if len(prompt_ids) + max_new_tokens > limit:
         raise LlamacError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
                           f"the model's max_seq_len ({limit})")
+    stops = set(stop_ids) | ({eos_id} if eos_id is not None else set())
+    decoder = fast_decoder_for(model, 1, len(prompt_ids) + max_new_tokens) if fast is not False else None
+    if decoder is not None:
+        for row in decoder.generate([list(prompt_ids)], max_new_tokens, temperature, top_k, top_p, seed):
+            token = int(row[0])
+            if token in stops:
+                return
+            yield token
+        return
     rng = np.random.default_rng(seed)
     model.eval()
     xp = model.tok_embeddings.weight.xp
     cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
     logits, _ = model(xp.asarray([prompt_ids], dtype=np.int64), cache=cache)
-    stops = set(stop_ids) | ({eos_id} if eos_id is not None else set())
     for _ in range(max_new_tokens):
         last = backend.to_numpy(logits.data[:, -1]).astype(np.float32)
         token = int(sample_next(last, temperature, top_k, top_p, rng)[0])
@@ -109,11 +131,52 @@ def generate_command(checkpoint, prompt, prompt_file, max_new_tokens, temperatur
         from llamac.chat import chat_command
         return chat_command(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed)
     prompts = [prompt] if prompt is not None else _read_prompts(prompt_file)
+    if len(prompts) > 1 and generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        return
     for i, text in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- [{i + 1}/{len(prompts)}]", flush=True)
         generate_text(model, tokenizer, text, max_new_tokens, temperature, top_k, top_p, seed + i, stream=sys.stdout)
         print(flush=True)
+
+
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
+                   top_k, top_p, seed: int, out=None) -> bool:
+    """Several prompts decoded together on the GPU (16 at a time), each printed when done.
+    False (nothing printed) when the fast decoder can't take the model: the caller goes one by one."""
+    out = out or sys.stdout
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    for p, i in zip(prompts, ids):
+        if len(i) + max_new_tokens > model.config.max_seq_len:
+            raise LlamacError(f"prompt {p[:30]!r} ({len(i)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
+                              f"the model's max_seq_len ({model.config.max_seq_len})")
+    from llamac.decode import MAX_BATCH
+    stops = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    first = True
+    for g0 in range(0, len(prompts), MAX_BATCH):
+        group = ids[g0:g0 + MAX_BATCH]
+        decoder = fast_decoder_for(model, len(group), max(map(len, group)) + max_new_tokens)
+        if decoder is None:
+            if first:
+                return False
+            raise LlamacError("fast decoder unavailable for a later batch")
+        first = False
+        made = [[] for _ in group]
+        ended = [False] * len(group)
+        for row in decoder.generate(group, max_new_tokens, temperature, top_k, top_p, seed + g0):
+            for r, token in enumerate(row.tolist()):
+                if not ended[r]:
+                    if token in stops:
+                        ended[r] = True
+                    else:
+                        made[r].append(token)
+            if all(ended):
+                break
+        for r, p_ids in enumerate(group):
+            base = tokenizer.decode(p_ids)
+            out.write(f"--- [{g0 + r + 1}/{len(prompts)}]\n{prompts[g0 + r]}{tokenizer.decode(p_ids + made[r])[len(base):]}\n")
+        out.flush()
+    return True
 
 
 def _read_prompts(path) -> list[str]:

@@ -34,6 +34,9 @@ KERNEL_FUNCTIONS = {
     "flash_attn_bwd": ("flash_attn_bwd_preprocess", "flash_attn_bwd", "flash_attn_bwd_convert_dq"),
     # bf16/fp16 only (the fp32 build is an entry point that traps); launcher: llamac/flash.py
     "flash_attn_fwd": ("flash_attn_forward",),
+    # bf16 only (DTYPE unused); launchers and references in llamac/decode.py
+    "decode": ("decode_gemv_store", "decode_gemv_resid", "decode_gemv_swiglu", "decode_gemv_logits",
+               "decode_gemv_qkv", "decode_attention", "decode_sample"),
 }
 
 
