@@ -32,9 +32,21 @@ HEAD_DIMS = (32, 48, 64, 96, 128)   # as llamac.flash.HEAD_DIMS (48: the 15M mod
 # Two row tiles per warp reuse each Q/dO fragment twice, but need 255 registers at hs=64
 # and spill at hs=128 (the dK/dV accumulators alone would be 256 registers).
 TILES = {64: (32, 4, 2), 128: (64, 8, 1)}
-# hs 32 and 48 take hs=64's tiles, hs=96 hs=128's (key_tiles 2 spills there too).
+# hs 32 and 48 take hs=64's tiles, hs=96 hs=128's (key_tiles 2 spills there too). hs=48 timed on
+# an H100 (causal bf16; torch SDPA flash's backward alongside):
+#   B=8, H=16, T=2048: (32, 4, 2) 0.97 ms; (64, 4, 1) 1.05; (32, 4, 1) 1.06; (64, 8, 1) 1.07; torch 1.04
+#   B=128, H=6, T=256: (32, 4, 1) 0.246 ms; (64, 4, 1) 0.255; (32, 4, 2) 0.273; (64, 8, 1) 0.297; torch 0.359
 TILES.update({32: TILES[64], 48: TILES[64], 96: TILES[128]})
+# With few keys a 64-key CTA (key_tiles 1) beats a 128-key one: twice the CTAs for the SMs and
+# less of the causal diagonal wasted. Measured at hs=48 only, so only hs=48 switches.
+SHORT_TK = 512
+SHORT_TILES = {48: (32, 4, 1)}
 VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 2))
+
+
+def default_tiles(hs: int, Tk: int) -> tuple:
+    """The tiles flash_attention_backward uses without `tiles=`: TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
+    return SHORT_TILES[hs] if Tk <= SHORT_TK and hs in SHORT_TILES else TILES[hs]
 
 
 def tiles_fit(hs: int, tiles) -> bool:
@@ -221,7 +233,7 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
     segments (B, Tk) integer document ids or None. dq comes back like q, dk and dv like k
     (each kv head's gradient summed over its G query heads), all in q's dtype, computed with
     fp32 accumulation. head_dim in HEAD_DIMS on the GPU. `tiles` = (block_q, warps, key_tiles),
-    one of variants(hs), overrides TILES[hs], for benchmarks and tests.
+    one of variants(hs), overrides default_tiles(hs, Tk), for benchmarks and tests.
     """
     xp = _check_operands(q, k, v, out, dout, lse, segments)
     if xp is np:
@@ -236,7 +248,7 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk[...] = 0
         dv[...] = 0
         return dq, dk, dv
-    tiles = tuple(tiles or TILES[hs])
+    tiles = tuple(tiles or default_tiles(hs, Tk))
     if tiles not in VARIANTS or not tiles_fit(hs, tiles):
         raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
     block_q, warps, key_tiles = tiles
@@ -315,7 +327,7 @@ def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 
             if tile is not None and not tiles_fit(hs, tile):
                 continue   # (32, 8, *) does not build at hs=48
             ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, tiles=tile), reps, warmup)
-            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or TILES[hs],
+            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or default_tiles(hs, T),
                    "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
             rows.append(row)
         if torch_compare:

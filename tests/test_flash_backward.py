@@ -178,12 +178,18 @@ def test_tile_variants_per_head_size():
     assert fb.variants(32) == fb.VARIANTS and fb.variants(96) == fb.VARIANTS
     for hs in fb.HEAD_DIMS:
         assert fb.TILES[hs] in fb.variants(hs)
+        assert fb.default_tiles(hs, 4096) == fb.TILES[hs]
+    for hs, tiles in fb.SHORT_TILES.items():
+        assert tiles in fb.variants(hs) and fb.default_tiles(hs, fb.SHORT_TK) == tiles
+    assert fb.default_tiles(64, 256) == fb.TILES[64]   # only hs=48 was timed short
 
 
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("hs", fb.HEAD_DIMS)
 def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
     check_build(hs, fb.TILES[hs], dtype)
+    if hs in fb.SHORT_TILES:
+        check_build(hs, fb.SHORT_TILES[hs], dtype)
 
 
 # every variant of the new head sizes that a benchmark may pick (key_tiles 2 spills at hs >= 96,
