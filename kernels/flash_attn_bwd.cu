@@ -49,11 +49,13 @@ static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM >= 16 && HEAD_DIM <= 256, "HEAD_DIM
 static_assert(BLOCK_Q == 32 || BLOCK_Q == 64, "BLOCK_Q must be 32 or 64");
 static_assert(NWARPS == 4 || NWARPS == 8, "NWARPS must be 4 or 8");
 static_assert(KEY_TILES == 1 || KEY_TILES == 2, "KEY_TILES must be 1 or 2");
-static_assert(NWARPS % (BLOCK_Q / 16) == 0 && (HEAD_DIM / (NWARPS / (BLOCK_Q / 16))) % 16 == 0,
-              "the dQ tile must split evenly over the warps");
+static_assert(NWARPS % (BLOCK_Q / 16) == 0 && HEAD_DIM % (NWARPS / (BLOCK_Q / 16)) == 0 &&
+              (HEAD_DIM / (NWARPS / (BLOCK_Q / 16))) % 8 == 0,
+              "the dQ tile must split over the warps in column blocks of 8");
 
 // Shared rows are padded by 16 bytes: a row stride of an odd number of 16-byte
-// units puts the 8 rows one ldmatrix reads in 8 different bank groups.
+// units puts the 8 rows one ldmatrix reads in 8 different bank groups (HEAD_DIM / 8
+// is even for every multiple of 16, so this holds for all head sizes: 48 -> 7 units).
 constexpr int LDS = HEAD_DIM + 8;  // q/k/v/dO tiles, 16-bit elements per row
 constexpr int LDP = BLOCK_Q + 8;   // dS^T tile
 constexpr float LOG2E = 1.4426950408889634f;
@@ -104,6 +106,12 @@ LLAMAC_DEVICE void ldsm_x4(unsigned* r, const mma_t* p) {
 LLAMAC_DEVICE void ldsm_x4_t(unsigned* r, const mma_t* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// Two 8x8 matrices, transposed; lanes 0..15 give the row addresses (the others' are ignored).
+LLAMAC_DEVICE void ldsm_x2_t(unsigned* r, const mma_t* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
 }
 
 // 8 consecutive DTYPE values as 8 mma_t values in 16 bytes (16-byte aligned p).
@@ -388,6 +396,8 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
 
         // dQ (BLOCK_Q x HEAD_DIM) += dS K over this block's keys: warps split the
         // query rows into 16-row tiles and, when there are fewer tiles than warps, the columns.
+        // A warp's DN columns are a multiple of 8, not always of 16 (HEAD_DIM 48 over 2 warps:
+        // 24): the odd 8 columns take one x2 ldmatrix and one mma.
         constexpr int MT = BLOCK_Q / 16, WN = NWARPS / MT, DN = HEAD_DIM / WN;
         const int m0 = (warp / WN) * 16, n0 = (warp % WN) * DN;
         float dq[DN / 8][4];
@@ -405,6 +415,11 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                 ldsm_x4_t(bk, sK + (kk * 16 + (lane & 15)) * LDS + n0 + np * 16 + (lane >> 4) * 8);
                 mma16816(dq[2 * np], a, bk[0], bk[1]);
                 mma16816(dq[2 * np + 1], a, bk[2], bk[3]);
+            }
+            if constexpr (DN % 16 != 0) {
+                unsigned bk[2];
+                ldsm_x2_t(bk, sK + (kk * 16 + (lane & 15)) * LDS + n0 + DN - 8);
+                mma16816(dq[DN / 8 - 1], a, bk[0], bk[1]);
             }
         }
 #pragma unroll

@@ -65,9 +65,17 @@ enum : int {
     STAGES = FLASH_STAGES,
     LAZY = FLASH_LAZY,
     CHUNKS = D / 8,      // 16-byte chunks per row
+    // Shared-memory row stride in elements. Rows of a multiple of 64 elements (128 bytes) are
+    // XOR-swizzled in place; other head sizes (32, 48, 96: 4, 6, 12 chunks) cannot be, since the
+    // XOR would move a chunk past the row end, so their rows are padded by one 16-byte chunk
+    // instead: D / 8 + 1 chunks is odd, so the 8 rows one ldmatrix phase reads fall in 8
+    // different 16-byte bank groups. The pad chunk is never written nor read.
+    PAD = D % 64 != 0,
+    SD = PAD ? D + 8 : D,
 };
 
-static_assert(D % 64 == 0 && D <= 256, "HEAD_DIM must be a multiple of 64 (64 and 128 are the tested ones)");
+static_assert(D % 16 == 0 && D >= 32 && D <= 256,
+              "HEAD_DIM must be a multiple of 16 (k of m16n8k16), 32 to 256 (32, 48, 64, 96, 128 are the tested ones)");
 static_assert(WARPS == 4 || WARPS == 8, "FLASH_WARPS must be 4 or 8");
 static_assert(MT == 1 || MT == 2, "FLASH_MT must be 1 or 2");
 static_assert(BN == 32 || BN == 64, "FLASH_BN must be 32 or 64");
@@ -142,34 +150,36 @@ LLAMAC_DEVICE float ex2(float x) {  // 2^x; ex2.approx(-inf) = +0, which the mas
     return y;
 }
 
-// Element offset of 16-byte chunk c of row r in a tile of D-wide rows. Rows are 128 or 256
-// bytes, so unswizzled the 8 rows an ldmatrix phase reads would all hit the same 4 banks;
-// XOR-ing the chunk index with r % 8 spreads them over all 32.
-LLAMAC_DEVICE int swz(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
+// Element offset of 16-byte chunk c of row r in a tile of D-wide rows. Rows of 128 or 256
+// bytes unswizzled would put the 8 rows an ldmatrix phase reads on the same 4 banks;
+// XOR-ing the chunk index with r % 8 spreads them over all 32. Padded rows (PAD) need no XOR.
+LLAMAC_DEVICE int swz(int r, int c) { return PAD ? r * SD + (c << 3) : r * D + ((c ^ (r & 7)) << 3); }
 
 // ldmatrix addresses for fragment (row block rb of 16 rows, column block kb of 16) when lane
 // reads row rb*16 + lrow and chunk 2*kb + lc (lrow % 8 == lane % 8). Since the XOR touches only
 // the chunk's low 3 bits and 16 * rb rows keep r % 8, the address is one of four per-lane
 // offsets (kb % 4) plus a compile-time constant: 4 registers per operand instead of one per
-// fragment, which is what lets 32 accumulator rows per warp fit.
+// fragment, which is what lets 32 accumulator rows per warp fit. (Padded rows are linear, so
+// the same split holds trivially: chunk 2 kb + lc = 2 (kb % 4) + lc + 8 (kb / 4).)
 struct FragAddr {
     unsigned off[4];
     LLAMAC_DEVICE FragAddr(unsigned base, int lrow, int lc) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) off[j] = base + 2u * (lrow * D + (((2 * j + lc) ^ (lrow & 7)) << 3));
+        for (int j = 0; j < 4; ++j) off[j] = base + 2u * swz(lrow, 2 * j + lc);
     }
     // byte address; rb and kb must be compile-time constants after unrolling
-    LLAMAC_DEVICE unsigned at(int rb, int kb) const { return off[kb & 3] + 2u * (rb * 16 * D + (kb >> 2) * 64); }
+    LLAMAC_DEVICE unsigned at(int rb, int kb) const { return off[kb & 3] + 2u * (rb * 16 * SD + (kb >> 2) * 64); }
 };
 
 // rows [row0, row0 + ROWS) of a (T, D) slab with row stride `stride` into a swizzled tile;
 // rows at or past `limit` are zero-filled (and read row 0, which is always in bounds).
 template <int ROWS, typename T>
 LLAMAC_DEVICE void load_tile(T* tile, const T* src, long long stride, int row0, int limit) {
-    static_assert(ROWS * CHUNKS % THREADS == 0, "every thread copies the same number of chunks");
+    constexpr int N = ROWS * CHUNKS;   // (a multiple of THREADS for D 64 and 128: no bounds test)
 #pragma unroll
-    for (int it = 0; it < ROWS * CHUNKS / THREADS; ++it) {
+    for (int it = 0; it < (N + THREADS - 1) / THREADS; ++it) {
         const int i = threadIdx.x + it * THREADS;
+        if (N % THREADS != 0 && i >= N) break;
         const int r = i / CHUNKS, c = i % CHUNKS;
         const bool valid = row0 + r < limit;
         cp_async16(tile + swz(r, c), src + (valid ? (long long)(row0 + r) * stride : 0) + c * 8, valid);
@@ -187,9 +197,9 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
                            long long vsb, long long vst, long long vsh,
                            float scale_log2, int causal) {
     extern __shared__ __align__(128) unsigned char smem_bytes[];
-    T* sQ = reinterpret_cast<T*>(smem_bytes);   // (BM, D), later the output staging area
-    T* sK = sQ + BM * D;                         // (STAGES, BN, D)
-    T* sV = sK + STAGES * BN * D;                // (STAGES, BN, D)
+    T* sQ = reinterpret_cast<T*>(smem_bytes);   // (BM, SD), later the output staging area
+    T* sK = sQ + BM * SD;                        // (STAGES, BN, SD)
+    T* sV = sK + STAGES * BN * SD;               // (STAGES, BN, SD)
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / G;
@@ -217,7 +227,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 
     // This warp's query rows as m16n8k16 A fragments ([m tile][16 columns of D]), held in
     // registers for the whole key loop, or (Q_SMEM) re-read from sQ for each tile.
-    const FragAddr qaddr(smem_addr(sQ + warp_row * D), lane % 16, lane / 16);
+    const FragAddr qaddr(smem_addr(sQ + warp_row * SD), lane % 16, lane / 16);
     const FragAddr kaddr(smem_addr(sK), (lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
     const FragAddr vaddr(smem_addr(sV), (lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
     unsigned qf[Q_SMEM ? 1 : MT][Q_SMEM ? 1 : D / 16][4];
@@ -259,12 +269,12 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
             cp_async_wait<0>();                  // K_t, V_t landed
             __syncthreads();                     // ... for every thread; and all of tile t-1 is done
             if (t + 1 < n_tiles) {
-                const int nxt = ((t + 1) & 1) * BN * D;
+                const int nxt = ((t + 1) & 1) * BN * SD;
                 load_tile<BN>(sK + nxt, kb, kst, kbase + BN, Tk);
                 load_tile<BN>(sV + nxt, vb, vst, kbase + BN, Tk);
             }
             cp_async_commit();
-            stage_bytes = (t & 1) * BN * D * 2;
+            stage_bytes = (t & 1) * BN * SD * 2;
         }
 
         // On the causal diagonal a warp whose rows all precede this tile's first key has nothing
@@ -481,7 +491,7 @@ LLAMAC_DEVICE void dispatch(const T* q, const T* k, const T* v, T* out, float* l
 }  // namespace flash
 
 // grid (B * H, ceil(Tq / BM)), block 32 * FLASH_WARPS, dynamic shared memory
-// (BM + 2 * STAGES * BN) * HEAD_DIM * sizeof(DTYPE). Strides are in elements; segments may be null.
+// (BM + 2 * STAGES * BN) * SD * sizeof(DTYPE), SD = HEAD_DIM, or HEAD_DIM + 8 unless a multiple of 64. Strides are in elements; segments may be null.
 extern "C" __global__ void __launch_bounds__(flash::THREADS, FLASH_MIN_BLOCKS)
 flash_attn_forward(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const DTYPE* __restrict__ v,
                    DTYPE* __restrict__ out, float* __restrict__ lse, const int* __restrict__ segments,

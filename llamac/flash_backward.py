@@ -23,7 +23,7 @@ from llamac import backend
 from llamac.errors import DeviceError, LlamacError, ShapeError
 
 KERNEL = "flash_attn_bwd"
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (32, 48, 64, 96, 128)   # as llamac.flash.HEAD_DIMS (48: the 15M model's 288 / 6)
 # Tiles per head_dim (kernels/flash_attn_bwd.cu): (queries per tile, warps per CTA, 16-key
 # row tiles per warp); a CTA's key block is 16 * warps * key_tiles keys. Chosen by timing
 # every variant (bench_flash_backward, B=8, H=16, T=2048, causal, bf16) on an H200:
@@ -32,7 +32,38 @@ HEAD_DIMS = (64, 128)
 # Two row tiles per warp reuse each Q/dO fragment twice, but need 255 registers at hs=64
 # and spill at hs=128 (the dK/dV accumulators alone would be 256 registers).
 TILES = {64: (32, 4, 2), 128: (64, 8, 1)}
+# hs 32 and 48 take hs=64's tiles, hs=96 hs=128's (key_tiles 2 spills there too). hs=48 timed on
+# an H100 (causal bf16; torch SDPA flash's backward alongside):
+#   B=8, H=16, T=2048: (32, 4, 2) 0.97 ms; (64, 4, 1) 1.05; (32, 4, 1) 1.06; (64, 8, 1) 1.07; torch 1.04
+#   B=128, H=6, T=256: (32, 4, 1) 0.246 ms; (64, 4, 1) 0.255; (32, 4, 2) 0.273; (64, 8, 1) 0.297; torch 0.359
+TILES.update({32: TILES[64], 48: TILES[64], 96: TILES[128]})
+# With few keys a 64-key CTA (key_tiles 1) beats a 128-key one: twice the CTAs for the SMs and
+# less of the causal diagonal wasted. Measured at hs=48 only, so only hs=48 switches.
+SHORT_TK = 512
+SHORT_TILES = {48: (32, 4, 1)}
 VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 2))
+
+
+def default_tiles(hs: int, Tk: int) -> tuple:
+    """The tiles flash_attention_backward uses without `tiles=`: TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
+    return SHORT_TILES[hs] if Tk <= SHORT_TK and hs in SHORT_TILES else TILES[hs]
+
+
+def tiles_fit(hs: int, tiles) -> bool:
+    """Whether the kernel builds for head size hs with `tiles`: the dQ tile (block_q x hs) splits
+    over the warps as 16-row tiles times column blocks that are a multiple of 8 wide (hs=48 with
+    8 warps and 32 queries would leave 12 columns a warp)."""
+    block_q, warps, _ = tiles
+    row_tiles = block_q // 16
+    if warps % row_tiles:
+        return False
+    col_split = warps // row_tiles
+    return hs % col_split == 0 and (hs // col_split) % 8 == 0
+
+
+def variants(hs: int) -> tuple:
+    """The VARIANTS the kernel builds for head size hs."""
+    return tuple(t for t in VARIANTS if tiles_fit(hs, t))
 
 
 # ---------------------------------------------------------------- references (xp, fp32)
@@ -201,8 +232,8 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
     q, out, dout (B, Tq, H, hs); k, v (B, Tk, Hkv, hs); lse (B, H, Tq) fp32 from the forward;
     segments (B, Tk) integer document ids or None. dq comes back like q, dk and dv like k
     (each kv head's gradient summed over its G query heads), all in q's dtype, computed with
-    fp32 accumulation. head_dim 64 or 128 on the GPU. `tiles` = (block_q, warps, key_tiles),
-    one of VARIANTS, overrides TILES[hs], for benchmarks and tests.
+    fp32 accumulation. head_dim in HEAD_DIMS on the GPU. `tiles` = (block_q, warps, key_tiles),
+    one of variants(hs), overrides default_tiles(hs, Tk), for benchmarks and tests.
     """
     xp = _check_operands(q, k, v, out, dout, lse, segments)
     if xp is np:
@@ -217,9 +248,9 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk[...] = 0
         dv[...] = 0
         return dq, dk, dv
-    tiles = tuple(tiles or TILES[hs])
-    if tiles not in VARIANTS:
-        raise LlamacError(f"flash_attention_backward: tiles must be one of {VARIANTS}, got {tiles}")
+    tiles = tuple(tiles or default_tiles(hs, Tk))
+    if tiles not in VARIANTS or not tiles_fit(hs, tiles):
+        raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
     block_q, warps, key_tiles = tiles
     options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
     with q.device:
@@ -293,8 +324,10 @@ def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 
         lse = cp.full((B, H, T), math.log(T) + 2.0, np.float32)
         flops = backward_flops(B, H, T, T, hs, causal)
         for tile in tiles:
+            if tile is not None and not tiles_fit(hs, tile):
+                continue   # (32, 8, *) does not build at hs=48
             ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, tiles=tile), reps, warmup)
-            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or TILES[hs],
+            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or default_tiles(hs, T),
                    "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
             rows.append(row)
         if torch_compare:

@@ -315,8 +315,8 @@ def use_flash(x, head_dim: int) -> bool:
 def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = True, bias=None) -> Tensor:
     """Attention with a causal and/or document mask; pass `bias` (from attention_bias) to reuse one.
 
-    On the GPU in bf16/fp16 with head size 64 or 128 (and no `bias`), the flash kernel: no
-    (Tq, Tk) mask or probabilities are ever built."""
+    On the GPU in bf16/fp16 with a head size in flash.HEAD_DIMS (32, 48, 64, 96, 128) and no
+    `bias`, the flash kernel: no (Tq, Tk) mask or probabilities are ever built."""
     seg = segments.data if isinstance(segments, Tensor) else segments
     if bias is None and k.dtype == q.dtype == v.dtype and use_flash(q, q.shape[-1]):
         return flash.FlashAttention.apply(q, k, v, causal=causal, segments=seg)

@@ -195,6 +195,33 @@ def test_default_configs_are_candidates():
         assert flash.CONFIGS[hs].smem_bytes(hs, 2) <= 227 * 1024
 
 
+def test_head_sizes_forward_and_backward_agree():
+    """The model routes a head size to flash only if both kernels take it (FlashAttention.backward
+    would refuse otherwise); 48 is the 15M model's dim 288 / 6 heads."""
+    from llamac import flash_backward  # noqa: PLC0415
+    assert 48 in flash.HEAD_DIMS and set(flash.HEAD_DIMS) == set(flash_backward.HEAD_DIMS)
+    assert all(hs % 16 == 0 for hs in flash.HEAD_DIMS)   # k of m16n8k16
+
+
+def test_shared_rows_are_padded_unless_a_multiple_of_64():
+    # kernels/flash_attn_fwd.cu swizzles 128-byte rows in place and pads the others by 16 bytes
+    assert [flash.smem_row(hs) for hs in (32, 48, 64, 96, 128)] == [40, 56, 64, 104, 128]
+    cfg = flash.KernelConfig(4, 2, True, 64, 1, 2, True)
+    assert cfg.smem_bytes(48, 2) == (128 + 2 * 2 * 64) * 56 * 2
+    assert cfg.smem_bytes(64, 2) == (128 + 2 * 2 * 64) * 64 * 2
+
+
+def test_use_flash_takes_the_new_head_sizes(monkeypatch):
+    class FakeXP:  # stands in for CuPy: use_flash only asks whether the module is NumPy
+        pass
+
+    monkeypatch.setattr(backend, "get_array_module", lambda a: FakeXP)
+    x = np.zeros((1, 4, 6, 48), BF16)
+    assert fused.use_flash(x, 48) and fused.use_flash(x, 32) and fused.use_flash(x, 96)
+    assert not fused.use_flash(x, 40) and not fused.use_flash(x.astype(np.float32), 48)
+    assert flash.kernel_supports(x) and not flash.kernel_supports(np.zeros((1, 4, 6, 40), BF16))
+
+
 def test_fp32_build_is_a_trapping_stub(nvrtc):
     result = backend.compile_check_kernel("flash_attn_fwd", np.float32, arch="sm_90")
     assert result.ok and "trap;" in result.ptx and "mma.sync" not in result.ptx

@@ -171,10 +171,46 @@ def nvrtc():
         pytest.skip(backend.nvrtc_unavailable_reason())
 
 
+def test_tile_variants_per_head_size():
+    # dQ's (block_q, hs) tile splits over the warps in 16-row tiles times multiples of 8 columns
+    assert fb.variants(64) == fb.VARIANTS and fb.variants(128) == fb.VARIANTS
+    assert fb.variants(48) == ((32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2))   # (32, 8, *): 12 columns
+    assert fb.variants(32) == fb.VARIANTS and fb.variants(96) == fb.VARIANTS
+    for hs in fb.HEAD_DIMS:
+        assert fb.TILES[hs] in fb.variants(hs)
+        assert fb.default_tiles(hs, 4096) == fb.TILES[hs]
+    for hs, tiles in fb.SHORT_TILES.items():
+        assert tiles in fb.variants(hs) and fb.default_tiles(hs, fb.SHORT_TK) == tiles
+    assert fb.default_tiles(64, 256) == fb.TILES[64]   # only hs=48 was timed short
+
+
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("hs", fb.HEAD_DIMS)
 def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
-    block_q, warps, key_tiles = fb.TILES[hs]
+    check_build(hs, fb.TILES[hs], dtype)
+    if hs in fb.SHORT_TILES:
+        check_build(hs, fb.SHORT_TILES[hs], dtype)
+
+
+# every variant of the new head sizes that a benchmark may pick (key_tiles 2 spills at hs >= 96,
+# as at 128, so those stay out of TILES)
+@pytest.mark.parametrize("hs, tiles", [(hs, t) for hs in (32, 48, 96) for t in fb.variants(hs)
+                                       if not (hs >= 96 and t[2] == 2)], ids=str)
+def test_small_head_variants_compile_without_spills(nvrtc, hs, tiles):
+    ptx = check_build(hs, tiles, BF16)
+    block_q, warps, _ = tiles
+    if (hs // (warps // (block_q // 16))) % 16:   # a warp's dQ columns end in an odd 8: one x2 load
+        assert "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16" in ptx
+
+
+def test_kernel_refuses_a_dq_split_that_does_not_fit(nvrtc):
+    options = ("-DHEAD_DIM=48", "-DBLOCK_Q=32", "-DNWARPS=8", "-DKEY_TILES=1")
+    result = backend.compile_check_kernel(fb.KERNEL, BF16, arch="sm_90", options=options)
+    assert not result.ok and "column blocks of 8" in result.log
+
+
+def check_build(hs, tiles, dtype):
+    block_q, warps, key_tiles = tiles
     options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
                "--ptxas-options=-v")
     result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90", options=options)
@@ -187,3 +223,4 @@ def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
     # A spill to local memory in the inner loop costs more than the tile size saves.
     spills = re.findall(r"(\d+) bytes spill stores", result.log)
     assert spills and all(n == "0" for n in spills), result.log
+    return result.ptx

@@ -56,7 +56,7 @@ def check(q, k, v, causal, seg, config=None, what=""):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("G", [1, 2, 4])
 @pytest.mark.parametrize("T", [1, 17, 100, 1000, 2048])
-@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("hs", [32, 48, 64, 96, 128])
 def test_kernel_matches_reference(hs, T, G, causal):
     q, k, v = inputs(2, T, T, 4, 4 // G, hs, seed=T + G)
     check(q, k, v, causal, None, what=f"T={T} hs={hs} G={G} causal={causal}")
@@ -64,13 +64,13 @@ def test_kernel_matches_reference(hs, T, G, causal):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("T", [17, 100, 1000])
-@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("hs", [32, 48, 64, 96, 128])
 def test_kernel_with_documents(hs, T, causal):
     q, k, v = inputs(2, T, T, 4, 2, hs, seed=T)
     check(q, k, v, causal, documents(2, T, seed=T), what=f"segments T={T} hs={hs} causal={causal}")
 
 
-@pytest.mark.parametrize("hs", [64, 128])
+@pytest.mark.parametrize("hs", [48, 64, 128])
 @pytest.mark.parametrize("Tq, Tk", [(1, 1), (1, 1000), (17, 100), (100, 1000), (63, 2048), (130, 131)])
 @pytest.mark.parametrize("use_seg", [False, True], ids=["", "segments"])
 def test_kernel_queries_after_a_cache(Tq, Tk, hs, use_seg):
@@ -92,12 +92,13 @@ def test_kernel_every_config_and_dtype(dtype, hs, cfg):
     check(q, k, v, False, None, config=cfg, what=f"{dtype} hs={hs} {cfg} decode")
 
 
-def test_kernel_reads_kv_cache_views_without_copying():
+@pytest.mark.parametrize("hs", [48, 64])
+def test_kernel_reads_kv_cache_views_without_copying(hs):
     """k/v as the first Tk rows of a longer cache (batch stride > Tk rows) and q as a transpose view."""
     cp = backend.cupy_module()
-    q, k, v = inputs(2, 50, 300, 4, 2, 64)
-    big_k = cp.zeros((2, 512, 2, 64), BF16)
-    big_v = cp.zeros((2, 512, 2, 64), BF16)
+    q, k, v = inputs(2, 50, 300, 4, 2, hs)
+    big_k = cp.zeros((2, 512, 2, hs), BF16)
+    big_v = cp.zeros((2, 512, 2, hs), BF16)
     big_k[:, :300], big_v[:, :300] = k, v
     q_view = cp.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)   # (B, Tq, H, hs), strided
     assert not q_view.flags.c_contiguous and not big_k[:, :300].flags.c_contiguous
@@ -120,8 +121,9 @@ def test_long_sequence_needs_no_t_by_t_memory():
     assert float(abs(lse - want_lse).max()) <= LSE_TOL
 
 
-def test_fused_attention_uses_flash_and_matches_the_bias_path(monkeypatch):
-    q, k, v = (llamac.Tensor(a, requires_grad=True) for a in inputs(2, 77, 77, 4, 2, 64))
+@pytest.mark.parametrize("hs", [48, 64])
+def test_fused_attention_uses_flash_and_matches_the_bias_path(monkeypatch, hs):
+    q, k, v = (llamac.Tensor(a, requires_grad=True) for a in inputs(2, 77, 77, 4, 2, hs))
     seg = documents(2, 77)
     out = fused.attention(q, k, v, segments=seg, causal=True)
     assert isinstance(out._ctx, flash.FlashAttention)
@@ -141,18 +143,23 @@ def test_fused_attention_uses_flash_and_matches_the_bias_path(monkeypatch):
 
 MODEL = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=512,
                     hidden_dim=384, tie_embeddings=False)   # head_dim 64
+# head_dim 48, as the 15M model (dim 288, 6 heads)
+MODEL48 = ModelConfig(dim=288, n_layers=2, n_heads=6, n_kv_heads=6, vocab_size=300, max_seq_len=512,
+                      hidden_dim=768, tie_embeddings=False)
 
 
-def _model():
+def _model(config=MODEL):
     llamac.manual_seed(0)
-    model = Llama(MODEL)
+    model = Llama(config)
     model.to("cuda", dtype="bfloat16")
     return model
 
 
 @no_grad()
-def test_model_logits_flash_vs_bias_path(monkeypatch):
-    model = _model()
+@pytest.mark.parametrize("config", [MODEL, MODEL48], ids=["hs64", "hs48"])
+def test_model_logits_flash_vs_bias_path(monkeypatch, config):
+    assert fused.use_flash(backend.cupy_module().zeros(1, BF16), config.dim // config.n_heads)
+    model = _model(config)
     cp = backend.cupy_module()
     idx = cp.asarray(np.random.default_rng(0).integers(0, MODEL.vocab_size, (2, 300)))
     seg = documents(2, 300)

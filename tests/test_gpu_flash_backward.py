@@ -1,6 +1,6 @@
 """The flash-attention backward kernel against the fp32 reference on the GPU, at sizes that
-are not tile multiples (T = 1, 17, 100, 1000, 8191), both head dims, GQA, causal or not,
-documents, and queries that are only the last Tq of the Tk positions."""
+are not tile multiples (T = 1, 17, 100, 1000, 8191), head dims 32, 48, 64, 96, 128, GQA,
+causal or not, documents, and queries that are only the last Tq of the Tk positions."""
 import numpy as np
 import pytest
 
@@ -27,6 +27,23 @@ CASES = [  # B, Tq, Tk, H, Hkv, hs, causal, segments
     (2, 1000, 1000, 2, 2, 128, False, True),
     (2, 300, 1000, 4, 1, 64, True, True),
     (1, 8191, 8191, 2, 1, 64, True, True),
+    # head_dim 48 (the 15M model's), padded shared rows and an odd 8 of dQ columns per warp
+    (2, 1, 1, 2, 2, 48, True, False),
+    (2, 17, 17, 4, 2, 48, True, False),
+    (2, 100, 100, 4, 1, 48, False, False),
+    (2, 1000, 1000, 4, 2, 48, True, False),
+    (2, 17, 100, 4, 2, 48, True, False),
+    (2, 1, 1000, 4, 4, 48, True, False),
+    (2, 100, 1000, 2, 1, 48, False, False),
+    (2, 1000, 1000, 4, 2, 48, True, True),
+    (2, 300, 1000, 4, 1, 48, True, True),
+    (2, 333, 333, 6, 6, 48, False, True),
+    (8, 256, 256, 6, 6, 48, True, False),      # the 15M training shape, fewer rows
+    # 32 and 96 come out of the same code
+    (2, 1000, 1000, 4, 2, 32, True, True),
+    (2, 17, 100, 4, 1, 32, False, False),
+    (2, 1000, 1000, 4, 2, 96, True, True),
+    (2, 17, 100, 4, 1, 96, False, False),
 ]
 
 
@@ -70,14 +87,19 @@ def test_kernel_matches_reference_bf16(case):
     check(case)
 
 
-@pytest.mark.parametrize("case", [(2, 100, 300, 4, 2, 64, True, True), (2, 1000, 1000, 4, 1, 128, True, False)], ids=str)
+@pytest.mark.parametrize("case", [(2, 100, 300, 4, 2, 64, True, True), (2, 1000, 1000, 4, 1, 128, True, False),
+                                  (2, 100, 300, 4, 2, 48, True, True)], ids=str)
 def test_kernel_matches_reference_fp16(case):
     check(case, np.dtype(np.float16), tol=5e-3)
 
 
-@pytest.mark.parametrize("tiles", fb.VARIANTS, ids=str)
-@pytest.mark.parametrize("case", [(2, 333, 333, 4, 2, 128, True, False), (2, 150, 777, 4, 1, 64, True, True),
-                                  (1, 200, 200, 2, 2, 64, False, False)], ids=str)
+VARIANT_CASES = [(2, 333, 333, 4, 2, 128, True, False), (2, 150, 777, 4, 1, 64, True, True),
+                 (1, 200, 200, 2, 2, 64, False, False), (2, 150, 777, 4, 1, 48, True, True),
+                 (1, 200, 200, 2, 2, 48, False, False), (2, 333, 333, 4, 2, 32, True, False),
+                 (2, 333, 333, 4, 2, 96, True, False)]
+
+
+@pytest.mark.parametrize("case, tiles", [(c, t) for c in VARIANT_CASES for t in fb.variants(c[5])], ids=str)
 def test_every_tile_variant_matches_reference(case, tiles):
     check(case, tiles=tiles)
 
@@ -103,8 +125,11 @@ def test_gpu_launcher_refuses_what_the_kernel_cannot_do():
         f = q.astype(np.float32)
         fb.flash_attention_backward(f, f, f, f, f, lse)
     with pytest.raises(LlamacError, match="head_dim"):
-        z = cp.zeros((1, 8, 2, 32), BF16)
+        z = cp.zeros((1, 8, 2, 40), BF16)   # not a multiple of 16
         fb.flash_attention_backward(z, z, z, z, z, lse)
+    with pytest.raises(LlamacError, match="tiles for head_dim 48"):
+        z = cp.zeros((1, 8, 2, 48), BF16)
+        fb.flash_attention_backward(z, z, z, z, z, lse, tiles=(32, 8, 1))
     with pytest.raises(LlamacError, match="C-contiguous"):
         t = cp.zeros((1, 2, 8, 64), BF16).transpose(0, 2, 1, 3)
         fb.flash_attention_backward(t, q, q, q, q, lse)
