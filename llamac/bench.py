@@ -376,7 +376,6 @@ def profile_train_gpu(name: str, shape: dict, top: int = 30) -> list[dict]:
     """GPU time per kernel over one eager llamac bf16 training step (the same kernels a graph
     replays), through torch.profiler's CUPTI trace, which records every kernel in the process
     (cuBLAS, CuPy, llamac's). Rows: kernel, calls, total ms, share of the step; largest first."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     import llamac
