@@ -171,7 +171,8 @@ def _error_row(row: dict, exc) -> dict:
 
 
 def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager", "compile"),
-                    cuda_graph: bool = True, warmup: int = 4, device: str = "cuda") -> list[dict]:
+                    cuda_graph: bool = True, warmup: int = 4, device: str = "cuda",
+                    optimizer_in_graph: bool = True) -> list[dict]:
     """bf16 training steps on the GPU (forward, backward, clip 1.0, AdamW with fp32 masters) on
     synthetic tokens: llamac (TrainStep: CUDA graph after 2 eager steps), then the same model in
     PyTorch (bf16 autocast, SDPA, fused AdamW) eager and/or torch.compile, in this process (PyTorch
@@ -242,6 +243,7 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
             trow.update({"step_ms": round(theirs * 1e3, 2), "tokens_per_s": round(B * T / theirs),
                          "MFU": round(model_flops * B * T / theirs / PEAK_BF16, 4),
                          "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
+                         "peak_reserved_GB": round(torch.cuda.max_memory_reserved() / 1e9, 2) if gpu else None,
                          "loss": round(float(tloss), 4)})
         except Exception as exc:
             trow = _error_row(trow, exc)
@@ -262,7 +264,7 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
         flops = model.flops_per_token(T)
         row["params_M"] = round(model.num_params() / 1e6, 2)
         opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
-        runner = TrainStep(model, opt, grad_clip=1.0, cuda_graph=cuda_graph)
+        runner = TrainStep(model, opt, grad_clip=1.0, cuda_graph=cuda_graph, optimizer_in_graph=optimizer_in_graph)
         peak = 0
         for _ in range(warmup):
             loss, _ = runner(lambda micro: (x, y, None), 1e-4)
@@ -274,12 +276,16 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
         sync()
         seconds = (time.perf_counter() - t0) / steps
         peak = max(peak, backend.gpu_pools_bytes(runner.pool))
-        if runner.captured:     # the graph alone: what the eager optimizer after it costs
+        if runner.captured:     # the graph alone (with the optimizer when it is recorded in it)
             t0 = time.perf_counter()
             for _ in range(steps):
                 runner._replay([(x, y, None)])
             sync()
-            row["fwd_bwd_graph_ms"] = round((time.perf_counter() - t0) / steps * 1e3, 2)
+            key = "graph_with_optimizer_ms" if runner.update is not None else "fwd_bwd_graph_ms"
+            row[key] = round((time.perf_counter() - t0) / steps * 1e3, 2)
+            if gpu and runner.pool is not None:     # the graph's pool: blocks in use vs held
+                row["graph_pool_GB"] = round(runner.pool.total_bytes() / 1e9, 2)
+                row["graph_pool_used_GB"] = round(runner.pool.used_bytes() / 1e9, 2)
         row.update({"step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(B * T / seconds),
                     "MFU": round(flops * B * T / seconds / PEAK_BF16, 4),
                     "peak_GB": round(peak / 1e9, 2) if gpu else None,
@@ -369,3 +375,53 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+# ---------------------------------------------------------------- where the GPU time goes
+
+def profile_train_gpu(name: str, shape: dict, top: int = 30) -> list[dict]:
+    """GPU time per kernel over one eager llamac bf16 training step (the same kernels a graph
+    replays), through torch.profiler's CUPTI trace, which records every kernel in the process
+    (cuBLAS, CuPy, llamac's). Rows: kernel, calls, total ms, share of the step; largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import llamac
+    from llamac.config import ModelConfig
+    from llamac.model import Llama
+    from llamac.optim import AdamW
+    from llamac.train import TrainStep
+
+    s = dict(shape)
+    B, T, V = s["batch_size"], s["seq_len"], s["vocab_size"]
+    cfg = ModelConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                      hidden_dim=s["hidden_dim"], vocab_size=V, max_seq_len=T)
+    xp = backend.xp_for("cuda")
+    rng = np.random.default_rng(0)
+    x, y = xp.asarray(rng.integers(0, V, (B, T))), xp.asarray(rng.integers(0, V, (B, T)))
+    llamac.manual_seed(0)
+    model = Llama(cfg).to("cuda", dtype="bfloat16")
+    runner = TrainStep(model, AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1), grad_clip=1.0,
+                       cuda_graph=False)
+    for _ in range(2):
+        runner(lambda micro: (x, y, None), 1e-4)
+    backend.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner(lambda micro: (x, y, None), 1e-4)
+        backend.synchronize()
+    totals: dict = {}
+    for evt in prof.events():
+        if "CUDA" not in str(getattr(evt, "device_type", "")):     # CPU-side records: not GPU time
+            continue
+        us = evt.time_range.elapsed_us()
+        key = evt.name[:90]
+        calls, t = totals.get(key, (0, 0.0))
+        totals[key] = (calls + 1, t + us)
+    step_us = sum(t for _, t in totals.values()) or 1.0
+    rows = [{"section": "profile", "shape": name, "kernel": k, "calls": c, "ms": round(t / 1e3, 3),
+             "share": round(t / step_us, 4)} for k, (c, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
+    rows.insert(0, {"section": "profile", "shape": name, "kernel": "(all kernels, one eager step)",
+                    "calls": sum(c for c, _ in totals.values()), "ms": round(step_us / 1e3, 3), "share": 1.0})
+    runner.release()
+    model = runner = None  # noqa: F841
+    backend.release_gpu_memory()
+    return rows[: top + 1]

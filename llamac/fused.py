@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from llamac import backend, cpu, flash, kernels
-from llamac.engine import Function, Tensor
+from llamac.engine import Function, Tensor, grad_enabled
 from llamac.errors import ShapeError
 from llamac.ops import compute_dtype, matmul, scatter_add
 
@@ -28,7 +28,22 @@ class Linear(Function):
     def backward(self, g):
         x, w = self.saved
         g2 = g.reshape(-1, g.shape[-1])
-        gx = matmul(g, w) if self.needs_grad[0] else None
+        gx = None
+        if self.needs_grad[0]:
+            group = getattr(self, "group", None)
+            if group is not None and group.gx is not None:
+                # Another projection of the same input already returned its gx to the engine, which
+                # holds that very array as x's gradient: add into it inside the GEMM (beta=1) instead
+                # of returning a second array for the engine to add (one pass over (B, T, C) each).
+                matmul(g, w, out=group.gx, beta=1.0)
+            else:
+                gx = matmul(g, w)
+                if group is not None:
+                    group.gx = gx
+            if group is not None:
+                group.pending -= 1
+                if group.pending == 0:
+                    group.gx = None
         gw = None
         if self.needs_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
@@ -50,6 +65,50 @@ def _accumulable_grad(param, w):
             or grad.base is not None):
         return None
     return grad
+
+
+class SwiGLUDown(Function):
+    """silu(gate) * up @ w.T (the Llama MLP after its gate/up projections), GPU.
+
+    Keeps gate and up but not h = silu(gate) * up (B*T*hidden values a layer): the backward
+    recomputes h in the SwiGLU backward's own pass (kernels/swiglu_recompute.cu) for the weight
+    gradient. The weight gradient adds into an existing .grad inside the GEMM, as Linear's does."""
+
+    def forward(self, gate, up, w):
+        if gate.shape != up.shape or gate.shape[-1] != w.shape[1]:
+            raise ShapeError(f"swiglu_down: gate {gate.shape}, up {up.shape} and weight {w.shape} do not fit")
+        h = kernels.swiglu_forward(gate, up)
+        self.save(gate, up, w)
+        return matmul(h, w.T)
+
+    def backward(self, g):
+        gate, up, w = self.saved
+        dh = matmul(g, w)                                             # (B, T, hidden)
+        dgate, dup, h = kernels.swiglu_backward_recompute(gate, up, dh)
+        del dh
+        gw = None
+        if self.needs_grad[2]:
+            g2, h2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
+            acc = _accumulable_grad(self.inputs[2] if self.inputs is not None else None, w)
+            if acc is not None:
+                matmul(g2.T, h2, out=acc, beta=1.0)
+            else:
+                gw = matmul(g2.T, h2)
+        return dgate, dup, gw
+
+
+def swiglu_down(gate: Tensor, up: Tensor, weight: Tensor) -> Tensor:
+    """w(silu(gate) * up) for a bias-free down projection: SwiGLUDown on the GPU (h recomputed in
+    the backward), swiglu then linear elsewhere."""
+    if (SWIGLU_RECOMPUTE and gate.xp is not np and gate.dtype in backend.CUDA_TYPES
+            and up.dtype == gate.dtype == weight.dtype and gate.data.flags.c_contiguous
+            and up.data.flags.c_contiguous):
+        return SwiGLUDown.apply(gate, up, weight)
+    return linear(swiglu(gate, up), weight)
+
+
+# Recompute SwiGLU's output in the backward instead of keeping it (GPU): memory for one extra write.
+SWIGLU_RECOMPUTE = True
 
 
 class Embedding(Function):
@@ -124,6 +183,96 @@ class RMSNorm(Function):
         cpu.for_row_blocks(rows, len(g2), g2.size) if xp is np else rows(0, len(g2))
         gw = sum(partial_gw[a] for a in sorted(partial_gw))
         return gx.reshape(self.shape), gw.astype(weight.dtype, copy=False)
+
+
+class _ResidualSum(Function):
+    """s = x + h, computed by kernels/add_rmsnorm.cu together with the RMSNorm of s (_NormOfSum).
+
+    The backward is Add's (the gradient of s to both inputs), except that the paired norm node may
+    already have folded the gradient s received from the next residual add into its own dx (one pass
+    instead of a norm backward plus an add): then that sum is what flows on."""
+
+    def backward(self, g):
+        state = self.state
+        prev = self.inputs[0]._ctx if self.inputs is not None else None
+        if state.dx is not None:
+            if g is not state.g_res:
+                # s had another consumer whose gradient the engine added after the norm folded in
+                # g_res: put the norm's share back on top (never happens in the model; kept exact
+                # up to one rounding).
+                ct = compute_dtype(g.dtype)
+                g = (g.astype(ct) - state.g_res.astype(ct) + state.dx.astype(ct)).astype(g.dtype)
+            else:
+                g = state.dx
+        state.g_res = state.dx = None
+        if isinstance(prev, _ResidualSum):
+            # The residual gradient of our input x, which x's own norm node can fold in (if x has no
+            # other consumer, this is exactly what the engine will hold as x's gradient).
+            prev.state.g_res = g
+        return g, g
+
+
+class _NormOfSum(Function):
+    """y = rmsnorm(s) * w for the s of a _ResidualSum; its backward adds the residual gradient of s
+    (when one has arrived) into dx in the same kernel, and hands the engine no second array."""
+
+    def backward(self, g):
+        s, rstd, w = self.saved
+        state = self.state
+        res = state.g_res
+        dx, dw = kernels.add_rmsnorm_backward(g, s, w, rstd, dres=res)
+        dw = dw.astype(w.dtype, copy=False)
+        if res is None:
+            return dx, dw
+        state.dx = dx               # taken by the _ResidualSum node of s, which runs after us
+        return None, dw
+
+
+class _SumState:
+    __slots__ = ("g_res", "dx")
+
+    def __init__(self):
+        self.g_res = self.dx = None
+
+
+def _record(fn, inputs, out: Tensor):
+    """Attach a Function node computed outside Function.apply (a kernel with two outputs)."""
+    fn.inputs = inputs
+    fn.needs_grad = tuple(t.requires_grad for t in inputs)
+    out._ctx = fn
+
+
+def use_fused_residual(x, weight) -> bool:
+    """Whether add_rms_norm takes the fused kernel for these operands (GPU, one kernel dtype)."""
+    data = x.data if isinstance(x, Tensor) else x
+    return (backend.get_array_module(data) is not np and data.dtype in backend.CUDA_TYPES
+            and weight.dtype == data.dtype and data.shape[-1] <= kernels.RMSNORM_MAX_C)
+
+
+def add_rms_norm(x: Tensor, h: Tensor, weight: Tensor, eps: float = 1e-5):
+    """(s, n): the residual stream s = x + h and n = rms_norm(s, weight, eps), as two tensors.
+
+    GPU: one kernel forward (kernels/add_rmsnorm.cu) and one backward that also adds the gradient s
+    receives from the next residual add. CPU (and anything the kernel does not take): x + h, rms_norm."""
+    if not (use_fused_residual(x, weight) and h.dtype == x.dtype and h.shape == x.shape
+            and backend.get_array_module(h.data) is x.xp):
+        s = x + h
+        return s, rms_norm(s, weight, eps)
+    s_arr, y, rstd = kernels.add_rmsnorm_forward(x.data, h.data, weight.data, eps)
+    record = grad_enabled()
+    state = _SumState()
+    s = Tensor(s_arr, requires_grad=record and (x.requires_grad or h.requires_grad))
+    if s.requires_grad:
+        fs = _ResidualSum()
+        fs.state = state
+        _record(fs, (x, h), s)
+    n = Tensor(y, requires_grad=record and (s.requires_grad or weight.requires_grad))
+    if n.requires_grad:
+        fn = _NormOfSum()
+        fn.state = state
+        fn.save(s_arr, rstd, weight.data)
+        _record(fn, (s, weight), n)
+    return s, n
 
 
 class RoPE(Function):
@@ -280,6 +429,41 @@ def attention_bias(xp, Tq: int, Tk: int, segments=None, causal: bool = True, dty
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
+
+
+class _SharedInput:
+    """The projections of one input (q, k, v; gate, up): the first backward's gx, the others add into it."""
+
+    __slots__ = ("gx", "pending")
+
+    def __init__(self, n: int):
+        self.gx, self.pending = None, n
+
+
+def _sums_in_gemm(x: Tensor) -> bool:
+    """GPU GEMMs (cuBLAS beta=1) for the summed input gradient; the CPU keeps separate arrays."""
+    return x.xp is not np and backend.gemm_supported(x.dtype)
+
+
+def linears(x: Tensor, weights) -> list:
+    """[x @ w.T for w in weights]. On the GPU the backward sums the input gradients inside the GEMMs
+    (beta=1 into the first one's array) instead of adding separate arrays.
+
+    x must feed nothing else that needs a gradient (the engine would add that into a new array, and
+    the later in-place contributions would be lost): the model passes its RMSNorm outputs, which only
+    these projections read."""
+    if not _sums_in_gemm(x) or len(weights) < 2:
+        return [Linear.apply(x, w) for w in weights]
+    group = _SharedInput(len(weights))
+    outs = []
+    for w in weights:
+        out = Linear.apply(x, w)
+        if out._ctx is not None and out._ctx.needs_grad[0]:
+            out._ctx.group = group
+        else:
+            group.pending -= 1
+        outs.append(out)
+    return outs
 
 
 def embedding(ids, weight: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ MAX_BLOCKS = 132 * 32
 KERNEL_FUNCTIONS = {
     "swiglu": ("swiglu_forward", "swiglu_backward"),
     "rmsnorm": ("rmsnorm_forward", "rmsnorm_backward", "rmsnorm_dw_reduce"),
+    "add_rmsnorm": ("add_rmsnorm_forward", "add_rmsnorm_backward"),
+    "swiglu_recompute": ("swiglu_backward_recompute",),
     "rope": ("rope_forward", "rope_backward"),
     "embedding": ("embedding_backward",),
     "cross_entropy": ("cross_entropy_forward", "cross_entropy_backward"),
@@ -199,6 +201,22 @@ def swiglu_backward(gate, up, dout, dgate=None, dup=None):
     return dgate, dup
 
 
+def swiglu_backward_recompute(gate, up, dout):
+    """(dgate, dup, h): swiglu_backward's gradients plus the forward output h = silu(gate) * up,
+    recomputed in the same pass (kernels/swiglu_recompute.cu) so the forward need not keep h."""
+    xp = _check_operands("swiglu_backward_recompute", {"gate": gate, "up": up, "dout": dout}, {})
+    if xp is np:
+        return (*swiglu_backward_reference(gate, up, dout), swiglu_forward_reference(gate, up))
+    dgate, dup, h = xp.empty_like(gate), xp.empty_like(gate), xp.empty_like(gate)
+    n = gate.size
+    if n:
+        with gate.device:
+            fn = backend.get_kernel("swiglu_recompute", "swiglu_backward_recompute", gate.dtype)
+            grid, block = _launch_config(n, (gate, up, dout, dgate, dup, h))
+            fn(grid, block, (gate, up, dout, dgate, dup, h, np.int64(n)))
+    return dgate, dup, h
+
+
 # ---------------------------------------------------------------- shared by the row kernels
 
 _SM_COUNTS: dict = {}
@@ -332,6 +350,106 @@ def rmsnorm_backward(dout, x, weight, rstd):
             reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
             reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))
     return dx.reshape(x.shape), dw
+
+
+# ---------------------------------------------------------------- residual add + RMSNorm
+# s = x + h (the residual stream, in x's dtype), y = rmsnorm(s) * w; the backward adds the residual
+# stream's own gradient dres into dx. Kernel: kernels/add_rmsnorm.cu (one pass each way instead of two).
+
+def add_rmsnorm_forward_reference(x, h, weight, eps=1e-5):
+    """(s, y, rstd): s = x + h rounded to x's dtype, then rmsnorm_forward_reference(s, weight, eps)."""
+    xp = backend.get_array_module(x)
+    ct = _compute_dtype(x.dtype)
+    s = (x.astype(ct, copy=False) + h.astype(ct, copy=False)).astype(x.dtype)
+    y, rstd = rmsnorm_forward_reference(s, weight, eps)
+    return s, y, xp.asarray(rstd)
+
+
+def add_rmsnorm_backward_reference(dout, s, weight, rstd, dres=None):
+    """(dx, dw fp32): rmsnorm_backward_reference(dout, s, weight, rstd) with dres (if any) added to dx in fp32."""
+    dx, dw = rmsnorm_backward_reference(dout, s, weight, rstd)
+    if dres is None:
+        return dx, dw
+    ct = _compute_dtype(s.dtype)
+    C = s.shape[-1]
+    d2 = dout.reshape(-1, C).astype(ct, copy=False)
+    r = rstd.reshape(-1, 1).astype(ct, copy=False)
+    shat = s.reshape(-1, C).astype(ct, copy=False) * r
+    gshat = d2 * weight.astype(ct, copy=False)
+    full = (gshat - shat * (gshat * shat).mean(axis=-1, keepdims=True)) * r + dres.reshape(-1, C).astype(ct)
+    return full.astype(s.dtype, copy=False).reshape(s.shape), dw
+
+
+def add_rmsnorm_forward(x, h, weight, eps=1e-5):
+    """(s, y, rstd): s = x + h, y = s / sqrt(mean(s^2) + eps) * weight over the last axis, rstd (N,) fp32.
+
+    x, h (..., C) and weight (C,) share a dtype. CUDA kernel on CuPy arrays (one pass), the reference
+    on NumPy arrays.
+    """
+    xp = _on_gpu("add_rmsnorm_forward", x=x, h=h, weight=weight)
+    C = x.shape[-1] if x.ndim else 0
+    if h.shape != x.shape or weight.shape != (C,):
+        raise ShapeError(f"add_rmsnorm_forward: x {x.shape}, h {h.shape} and weight {weight.shape} do not fit")
+    if h.dtype != x.dtype or weight.dtype != x.dtype:
+        raise LlamacError(f"add_rmsnorm_forward: x {x.dtype}, h {h.dtype} and weight {weight.dtype} must match")
+    if xp is np:
+        return add_rmsnorm_forward_reference(x, h, weight, eps)
+    _cuda_dtype("add_rmsnorm_forward", x)
+    x2 = xp.ascontiguousarray(x).reshape(-1, C)
+    h2 = xp.ascontiguousarray(h).reshape(-1, C)
+    w = xp.ascontiguousarray(weight)
+    N = x2.shape[0]
+    s, y = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty(N, np.float32)
+    if N and C:
+        with x2.device:
+            warps = THREADS // 32
+            grid = max(1, min(-(-N // warps), sm_count() * 8))
+            fn = backend.get_kernel("add_rmsnorm", "add_rmsnorm_forward", x.dtype, _rmsnorm_options(C, x.dtype))
+            fn((grid,), (THREADS,), (x2, h2, w, s, y, rstd, np.int64(N), np.int32(C), np.float32(eps)))
+    return s.reshape(x.shape), y.reshape(x.shape), rstd
+
+
+def add_rmsnorm_backward(dout, s, weight, rstd, dres=None):
+    """(dx, dw): the RMSNorm backward at s (dw (C,) fp32, deterministic) with dres added to dx.
+
+    dres: the gradient the residual stream s already received from its other consumers (or None);
+    dx = d rmsnorm / ds + dres in one pass, a new array. CUDA kernel on CuPy arrays, else the reference.
+    """
+    xp = _on_gpu("add_rmsnorm_backward", dout=dout, s=s, weight=weight, rstd=rstd,
+                 **({} if dres is None else {"dres": dres}))
+    C = s.shape[-1] if s.ndim else 0
+    if (dout.shape != s.shape or weight.shape != (C,) or rstd.size * C != s.size
+            or (dres is not None and dres.shape != s.shape)):
+        raise ShapeError(f"add_rmsnorm_backward: dout {dout.shape}, s {s.shape}, weight {weight.shape}, "
+                         f"rstd {rstd.shape} and dres {None if dres is None else dres.shape} do not fit")
+    if xp is np or C > RMSNORM_MAX_C:
+        return add_rmsnorm_backward_reference(dout, s, weight, rstd, dres)
+    dtype = _cuda_dtype("add_rmsnorm_backward", s)
+    if dout.dtype != dtype or weight.dtype != dtype or (dres is not None and dres.dtype != dtype):
+        raise LlamacError("add_rmsnorm_backward: dout, s, weight and dres must share one dtype")
+    s2 = xp.ascontiguousarray(s).reshape(-1, C)
+    d2 = xp.ascontiguousarray(dout).reshape(-1, C)
+    e2 = None if dres is None else xp.ascontiguousarray(dres).reshape(-1, C)
+    w = xp.ascontiguousarray(weight)
+    r = xp.ascontiguousarray(rstd, dtype=np.float32).reshape(-1)
+    N = s2.shape[0]
+    dx = xp.empty_like(s2)
+    dw = xp.zeros(C, np.float32)
+    if N and C:
+        with s2.device:
+            warps = max(1, min(THREADS // 32, RMSNORM_MAX_C // C))
+            shared = warps * C * 4
+            per_sm = max(1, min(2048 // (32 * warps), (200 << 10) // shared))
+            grid = max(1, min(-(-N // warps), sm_count() * per_sm))
+            partial = xp.empty((grid, C), np.float32)
+            fn = backend.get_kernel("add_rmsnorm", "add_rmsnorm_backward", dtype, _rmsnorm_options(C, dtype))
+            res = e2 if e2 is not None else np.uint64(0)        # a null pointer: no residual gradient
+            fn((grid,), (32 * warps,), (d2, s2, w, r, res, dx, partial, np.int64(N), np.int32(C)),
+               shared_mem=shared)
+            reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
+            reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))
+    return dx.reshape(s.shape), dw
 
 
 # ---------------------------------------------------------------- RoPE
@@ -584,16 +702,33 @@ class FusedAdamW:
 
         Returns the pre-clip global gradient norm as a fresh 0-d fp32 device array.
         """
-        rows = self.host_table
-        for i, (p, g, master, m, v, decays) in enumerate(entries):
-            rows[i] = (p.data.ptr, 0 if g is None else g.data.ptr, master.data.ptr, m.data.ptr, v.data.ptr,
-                       self.sizes[i], 1 if decays else 0)
+        self._fill_table(entries)
         self.host_scalars[:8] = (lr, step_size, inv_bias2, clip or 0.0, weight_decay, beta1, beta2, eps)
         cp = backend.cupy_module()
         self.device.set(self.host, stream=cp.cuda.get_current_stream())
         norm = cp.empty((), np.float32)
         self.launch(norm)
         return norm
+
+    def _fill_table(self, entries):
+        rows = self.host_table
+        for i, (p, g, master, m, v, decays) in enumerate(entries):
+            rows[i] = (p.data.ptr, 0 if g is None else g.data.ptr, master.data.ptr, m.data.ptr, v.data.ptr,
+                       self.sizes[i], 1 if decays else 0)
+
+    def set_table(self, entries):
+        """Upload the pointer table once (entries as in `step`) for `launch`es captured in a graph."""
+        self._fill_table(entries)
+        cp = backend.cupy_module()
+        self.device.set(self.host, stream=cp.cuda.get_current_stream())
+
+    def set_scalars(self, lr, step_size, inv_bias2, clip, weight_decay, beta1, beta2, eps):
+        """The step's scalars alone (64 bytes, one async host-to-device copy on the current stream):
+        what a graph replaying `launch` reads from device memory."""
+        self.host_scalars[:8] = (lr, step_size, inv_bias2, clip or 0.0, weight_decay, beta1, beta2, eps)
+        cp = backend.cupy_module()
+        n = len(self.sizes) * ADAMW_TABLE
+        self.device[n:n + 4].set(self.host[n:n + 4], stream=cp.cuda.get_current_stream())
 
     def launch(self, norm_out):
         """The three kernels alone (graph-capturable): norm_out gets the pre-clip norm."""

@@ -14,6 +14,12 @@ import numpy as np
 from llamac import backend, functional, fused, nn
 from llamac.config import ModelConfig
 from llamac.engine import Tensor, no_grad
+from llamac.ops import CrossEntropy
+
+# GPU switches (tests and benchmarks compare against the unfused paths): residual adds fused into
+# the RMSNorm after them; the training loss's backward overwriting the logits with their gradient.
+FUSE_RESIDUALS = True
+OVERWRITE_LOGITS = True
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, bias=None, cache=None, layer=0, causal=False, segments=None):
         """bias: the additive mask shared by every layer, or None with causal/segments for the flash path."""
         B, T, _ = x.shape
-        q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim)       # (B, T, H, hs)
-        k = self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim)    # (B, T, Hkv, hs)
-        v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = _projections(x, (self.wq, self.wk, self.wv))
+        q = q.reshape(B, T, self.n_heads, self.head_dim)                # (B, T, H, hs)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)             # (B, T, Hkv, hs)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = fused.rope(q, cos, sin), fused.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                            # (B, L + T, Hkv, hs)
@@ -116,7 +123,18 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(d.dim, d.hidden_dim)   # up
 
     def forward(self, x):
-        return self.w2(fused.swiglu(self.w1(x), self.w3(x)))
+        gate, up = _projections(x, (self.w1, self.w3))
+        if self.w2.bias is None:
+            return fused.swiglu_down(gate, up, self.w2.weight)
+        return self.w2(fused.swiglu(gate, up))
+
+
+def _projections(x, linears):
+    """Bias-free projections of one input (the norm output only they read): fused.linears sums their
+    input gradients inside the GEMMs on the GPU."""
+    if any(m.bias is not None for m in linears):
+        return [m(x) for m in linears]
+    return fused.linears(x, [m.weight for m in linears])
 
 
 class Block(nn.Module):
@@ -182,15 +200,41 @@ class Llama(nn.Module):
             bias = fused.attention_bias(x.xp, T, start + T, segments, causal=True, dtype=x.dtype)
             bias = Tensor(bias) if bias is not None else None            # one mask for every layer
             mask = {}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, bias, cache, i, **mask)
+        if self._fuse_residuals(x):
+            x = self._fused_layers(x, cos, sin, bias, cache, mask)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, bias, cache, i, **mask)
+            x = self.norm(x)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = fused.linear(x, head)                                  # (B, T, V)
-        loss = functional.cross_entropy(logits, targets) if targets is not None else None
+        loss = None
+        if targets is not None:
+            targets = targets if isinstance(targets, Tensor) else Tensor(targets)
+            # On the GPU the loss's backward writes the logits' gradient over the logits (B*T*V
+            # values: the largest activation of a step): read `logits` before calling backward.
+            overwrite = logits.xp is not np and logits.requires_grad and OVERWRITE_LOGITS
+            loss = CrossEntropy.apply(logits, targets, ignore_index=-100, overwrite_logits=overwrite)
         return logits, loss
+
+    def _fuse_residuals(self, x) -> bool:
+        """GPU without active dropout: each residual add runs in one kernel with the RMSNorm after it."""
+        return FUSE_RESIDUALS and fused.use_fused_residual(x, self.norm.weight) and not any(
+            layer.dropout and layer.training for layer in self.layers)
+
+    def _fused_layers(self, x, cos, sin, bias, cache, mask):
+        """The layers with every residual add fused into the next norm: x + attention -> ffn_norm,
+        x + feed-forward -> the next layer's attention_norm (the final norm after the last)."""
+        n = self.layers[0].attention_norm(x)
+        for i, layer in enumerate(self.layers):
+            h = layer.attention(n, cos, sin, bias, cache, i, **mask)
+            x, n = fused.add_rms_norm(x, h, layer.ffn_norm.weight, layer.ffn_norm.eps)
+            h = layer.feed_forward(n)
+            following = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            x, n = fused.add_rms_norm(x, h, following.weight, following.eps)
+        return n
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight

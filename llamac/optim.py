@@ -104,6 +104,13 @@ class AdamW:
         return self._fused.step(entries, lr=lr, step_size=lr / (1 - b1 ** self.t), inv_bias2=1 / (1 - b2 ** self.t),
                                 clip=clip, weight_decay=self.weight_decay, beta1=b1, beta2=b2, eps=self.eps)
 
+    def graph_update(self):
+        """A GraphUpdate that records this optimizer's step into a CUDA graph after the backward, or
+        None where the multi-tensor kernels do not apply (CPU, mixed dtypes)."""
+        if not (self.params and self.params[0][1].xp is not np and self._fusable()):
+            return None
+        return GraphUpdate(self)
+
     def zero_grad(self):
         for _, p in self.params:
             p.grad = None
@@ -126,3 +133,45 @@ class AdamW:
             self.m[n] = backend.to_device(np.asarray(state[f"m.{n}"], np.float32), p.device)
             self.v[n] = backend.to_device(np.asarray(state[f"v.{n}"], np.float32), p.device)
         self.t = t
+
+
+class GraphUpdate:
+    """AdamW's fused step inside a CUDA graph (llamac.train.TrainStep): its own kernels.FusedAdamW,
+    whose pointer table is uploaded once (the gradients sit at fixed addresses in the graph's pool)
+    and whose per-step scalars (lr, bias corrections, clip) the host writes with one 64-byte copy
+    before each replay. The pre-clip norm lands in `norm`, a fixed device scalar."""
+
+    def __init__(self, opt: AdamW):
+        self.opt = opt
+        first = opt.params[0][1]
+        self.fused = kernels.FusedAdamW([p.size for _, p in opt.params], first.dtype)
+        self.norm = first.xp.zeros((), np.float32)
+        self.entries = None
+
+    def record(self) -> bool:
+        """Call while capturing, after the backward: records the three kernels against the current
+        gradients. False (nothing recorded) when a gradient is not a contiguous array of its
+        parameter's dtype and shape (the eager step then converts it)."""
+        opt = self.opt
+        entries = []
+        for name, p in opt.params:
+            g = p.grad
+            if g is not None and (g.dtype != p.dtype or not g.flags.c_contiguous or g.shape != p.shape):
+                return False
+            entries.append((p.data, g, opt.master.get(name, p.data), opt.m[name], opt.v[name],
+                            bool(opt.weight_decay) and decays(name, p)))
+        self.fused.launch(self.norm)
+        self.entries = entries
+        return True
+
+    def bind(self):
+        """After the capture: the table the recorded kernels read (before the first replay)."""
+        self.fused.set_table(self.entries)
+
+    def prepare(self, lr: float, clip: float | None):
+        """Before each replay: the step count and this step's scalars."""
+        opt = self.opt
+        opt.t += 1
+        b1, b2 = opt.betas
+        self.fused.set_scalars(lr, lr / (1 - b1 ** opt.t), 1 / (1 - b2 ** opt.t), clip, opt.weight_decay, b1, b2,
+                               opt.eps)

@@ -35,13 +35,16 @@ class TrainStep:
     caches such as the RoPE tables fill); the next one captures forward+backward of a micro-batch
     into a CUDA graph whose memory comes from a private pool, and every later step copies its batch
     into static input buffers and replays the graph: one launch instead of hundreds of Python-driven
-    ones. With accumulation a second graph adds into the gradients the first one assigned. The
-    optimizer runs eagerly after the graphs. A batch whose shapes differ from the captured ones
-    runs eagerly. Nothing here waits for the GPU: the loss and norm stay device scalars.
+    ones. With accumulation a second graph adds into the gradients the first one assigned. Without
+    accumulation the fused AdamW step (clip included) is recorded into the same graph after the
+    backward (optim.GraphUpdate: the host writes only the step's scalars before each replay); with
+    it, or another optimizer, the optimizer runs eagerly after the graphs. A batch whose shapes
+    differ from the captured ones runs eagerly. Nothing here waits for the GPU: the loss and norm
+    stay device scalars.
     """
 
     def __init__(self, model, optimizer, grad_accum: int = 1, grad_clip: float | None = None,
-                 cuda_graph: bool = True, warmup: int = 2):
+                 cuda_graph: bool = True, warmup: int = 2, optimizer_in_graph: bool = True):
         self.model, self.optimizer = model, optimizer
         self.grad_accum, self.grad_clip, self.warmup = grad_accum, grad_clip, warmup
         self.params = [p for _, p in model.named_parameters()]
@@ -52,6 +55,8 @@ class TrainStep:
         self.graphs = None          # [first micro-step graph, accumulating graph or None]
         self.pool = None            # the graphs' private memory pool
         self.graph_error = None     # why capture failed (then every step runs eagerly)
+        self.update = None          # the optimizer step recorded in the graph (optim.GraphUpdate)
+        self.optimizer_in_graph = optimizer_in_graph
         self.mismatch_warned = False
 
     @property
@@ -64,13 +69,18 @@ class TrainStep:
         if self.use_graph and not self.captured and self.graph_error is None and self.eager_steps >= self.warmup:
             self._capture(batches[0])
         if self.captured and all(self._key(b) == self.key for b in batches):
+            if self.update is not None:         # the optimizer is inside the graph: its scalars first
+                self.update.prepare(lr, self.grad_clip)
             loss = self._replay(batches)
+            norm = self.update.norm.copy() if self.update is not None else None
         else:
             if self.captured and not self.mismatch_warned:
                 log("a batch's shapes differ from the captured CUDA graph's: that step runs eagerly")
                 self.mismatch_warned = True
             loss = self._eager(batches)
-        norm = self.optimizer.step(lr=lr, clip=self.grad_clip)
+            norm = None
+        if norm is None:
+            norm = self.optimizer.step(lr=lr, clip=self.grad_clip)
         if self.captured:
             self._bind_params()
         return loss, norm
@@ -108,9 +118,19 @@ class TrainStep:
         self.optimizer.zero_grad()
         backend.synchronize()
         backend.free_cached_gpu_memory()     # the eager steps' activations: not twice in memory
+        make_update = getattr(self.optimizer, "graph_update", None)
+        update = make_update() if self.optimizer_in_graph and self.grad_accum == 1 and make_update else None
+
+        def step():
+            loss = self._forward_backward()
+            if update is not None and update.record():
+                self.update = update
+            return loss
         try:
             self.pool = backend.new_graph_pool()
-            first, self.loss_first = backend.capture_graph(self._forward_backward, self.pool)
+            first, self.loss_first = backend.capture_graph(step, self.pool)
+            if self.update is not None:
+                self.update.bind()
             self.grads = [p.grad for p in self.params]
             graphs = [first, None]
             if self.grad_accum > 1:
@@ -127,7 +147,7 @@ class TrainStep:
             log(f"CUDA graph capture failed ({self.graph_error}); training eagerly "
                 "(set train.cuda_graph: false to skip the attempt)")
             self.optimizer.zero_grad()
-            self.pool = self.static = self.keep = None
+            self.pool = self.static = self.keep = self.update = None
             backend.release_gpu_memory()
             return
         self.graphs = graphs
@@ -135,7 +155,7 @@ class TrainStep:
     def release(self):
         """Drop the graphs, their buffers and the parameters' gradients, and give the graph pool's
         memory back to the driver (benchmarks that build one model after another)."""
-        self.graphs = self.static = self.grads = self.keep = None
+        self.graphs = self.static = self.grads = self.keep = self.update = None
         self.loss_first = self.loss_accum = None
         for p in self.params:
             p.grad = None

@@ -1,0 +1,104 @@
+"""The training-step fusions on the GPU: the residual add + RMSNorm kernels against their NumPy
+references at awkward sizes, and the fused model (residual adds in the norms, projections summing
+their input gradients in the GEMMs, the loss writing the logits' gradient over the logits) against
+the plain one, in fp32 (only rounding differs) and bf16."""
+import numpy as np
+import pytest
+
+import llamac
+from llamac import backend, fused as fused_module, kernels, model as model_module
+from llamac.config import ModelConfig
+from llamac.model import Llama
+
+pytestmark = pytest.mark.cuda
+
+BF16 = backend.bfloat16
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
+TOL = {np.dtype(np.float32): 2e-5, BF16: 1e-2, np.dtype(np.float16): 2e-3}
+
+
+def rel_err(got, want) -> float:
+    got = backend.to_numpy(got).astype(np.float64)
+    want = backend.to_numpy(want).astype(np.float64)
+    return float(np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-30))
+
+
+def on_gpu(host, offset=0):
+    cp = backend.cupy_module()
+    flat = np.empty(host.size + offset, host.dtype)
+    flat[offset:] = host.ravel()
+    return cp.asarray(flat)[offset:].reshape(host.shape)
+
+
+def normal(shape, dtype, seed, std=1.0):
+    return np.random.default_rng(seed).normal(0, std, shape).astype(np.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8), (7, 129), (3, 1, 1000), (2, 5, 768), (9, 2048), (4, 13000)], ids=str)
+def test_add_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
+    monkeypatch.setattr(kernels, "RMSNORM_CACHE", cache)
+    dtype = DTYPES[dtype]
+    x, h, d, e = (normal(shape, dtype, i, 2.0) for i in range(4))
+    w = (1 + normal(shape[-1:], np.float32, 9, 0.3)).astype(dtype)
+    s, y, rstd = kernels.add_rmsnorm_forward(on_gpu(x, offset), on_gpu(h, offset), on_gpu(w))
+    want_s, want_y, want_rstd = kernels.add_rmsnorm_forward_reference(x, h, w)
+    assert np.array_equal(backend.to_numpy(s), want_s)       # the sum is rounded once, like x + h
+    assert rel_err(y, want_y) <= TOL[dtype] and rel_err(rstd, want_rstd) <= 1e-4
+    for dres in (None, e):
+        dx, dw = kernels.add_rmsnorm_backward(on_gpu(d, offset), s, on_gpu(w), rstd,
+                                              dres=None if dres is None else on_gpu(dres, offset))
+        want_dx, want_dw = kernels.add_rmsnorm_backward_reference(d, want_s, w, want_rstd, dres)
+        assert dx.dtype == dtype and dw.dtype == np.float32
+        assert rel_err(dx, want_dx) <= TOL[dtype], dres is None
+        assert rel_err(dw, want_dw) <= 1e-4
+
+
+def _step(model, idx, targets, fuse):
+    model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = fuse
+    try:
+        for p in model.parameters():
+            p.grad = None
+        logits, loss = model(idx, targets)
+        before = backend.to_numpy(logits.data).astype(np.float32)
+        loss.backward()
+        after = backend.to_numpy(logits.data).astype(np.float32)
+        grads = {n: backend.to_numpy(p.grad).astype(np.float64) for n, p in model.named_parameters()}
+        return float(loss.data), before, after, grads
+    finally:
+        model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = True
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-4), ("bfloat16", 6e-2)])
+def test_fused_model_matches_the_plain_one(dtype, tol):
+    cfg = ModelConfig(dim=128, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=1000, max_seq_len=80, hidden_dim=200)
+    llamac.manual_seed(0)
+    model = Llama(cfg).to("cuda", dtype=dtype)
+    rng = np.random.default_rng(0)
+    for p in model.parameters():          # norm gains away from 1: their gradients matter
+        p.data = p.data + backend.cupy_module().asarray(rng.normal(0, 0.1, p.shape).astype(np.float32)).astype(p.dtype)
+    xp = backend.cupy_module()
+    idx, targets = xp.asarray(rng.integers(0, 1000, (3, 77))), xp.asarray(rng.integers(0, 1000, (3, 77)))
+    plain = _step(model, idx, targets, False)
+    fused = _step(model, idx, targets, True)
+    assert abs(fused[0] - plain[0]) <= 1e-3 * abs(plain[0])
+    assert rel_err(fused[1], plain[1]) <= tol
+    assert np.array_equal(plain[2], plain[1])                 # plain: the logits survive backward
+    assert not np.array_equal(fused[2], fused[1])             # fused: they hold their gradient now
+    for name, g in plain[3].items():
+        assert rel_err(fused[3][name], g) <= tol, name
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (3, 1, 1000), (2, 77, 200)], ids=str)
+def test_swiglu_backward_recompute_kernel(shape, dtype, offset):
+    dtype = DTYPES[dtype]
+    gate, up, d = normal(shape, dtype, 0, 3.0), normal(shape, dtype, 1), normal(shape, dtype, 2)
+    dg, du, h = kernels.swiglu_backward_recompute(on_gpu(gate, offset), on_gpu(up, offset), on_gpu(d, offset))
+    want_dg, want_du = kernels.swiglu_backward_reference(gate, up, d)
+    assert rel_err(dg, want_dg) <= TOL[dtype] and rel_err(du, want_du) <= TOL[dtype]
+    forward = kernels.swiglu_forward(on_gpu(gate, offset), on_gpu(up, offset))
+    assert np.array_equal(backend.to_numpy(h), backend.to_numpy(forward))   # the forward's very bits
