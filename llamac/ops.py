@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from llamac import backend
+from llamac import backend, cpu
 from llamac.errors import ShapeError
 from llamac.engine import Function, unbroadcast
 
@@ -158,6 +158,8 @@ def matmul(a, b):
     """xp matmul, folding batch dims into rows when b is a matrix (one big GEMM instead of many),
     and batched bf16 on CuPy through fp32 (CuPy's batched matmul rejects bf16)."""
     xp = backend.get_array_module(a)
+    if xp is np and a.ndim >= 2 and b.ndim == 2 and a.dtype.kind == "f":
+        return cpu.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
     if a.ndim > 2 and b.ndim == 2:
         return xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
     if xp is not np and a.dtype == backend.bfloat16 and (a.ndim > 2 or b.ndim > 2):
@@ -484,6 +486,15 @@ class CrossEntropy(Function):
         t = targets.reshape(-1)
         valid = t != ignore_index
         safe_t = xp.where(valid, t, 0)
+        self.logits_shape, self.logits_dtype = logits.shape, logits.dtype
+        if xp is np:
+            count = max(int(valid.sum()), 1)
+            row_scale = valid / x.dtype.type(count)                   # the mean's 1/count, 0 when ignored
+            grad, lse = _cpu_softmax_scaled(x, row_scale.astype(x.dtype))
+            picked = np.take_along_axis(x, safe_t[:, None], axis=-1)[:, 0]
+            self.save(grad, safe_t, row_scale)
+            self.on_cpu = True
+            return np.asarray(np.where(valid, lse - picked, 0).sum() / x.dtype.type(count), x.dtype)
         m = x.max(axis=-1, keepdims=True)
         picked = xp.take_along_axis(x, safe_t[:, None], axis=-1)
         probs = x - m                                   # one (N, V) buffer, reused in place
@@ -497,9 +508,47 @@ class CrossEntropy(Function):
         return xp.where(valid, nll, 0).sum() / count
 
     def backward(self, g):
+        if getattr(self, "on_cpu", False):
+            grad, t, row_scale = self.saved               # softmax / count, ours alone: finish it in place
+            grad[np.arange(len(t)), t] -= row_scale
+            if g != 1:
+                cpu.for_row_blocks(lambda a, b: np.multiply(grad[a:b], grad.dtype.type(g), out=grad[a:b]),
+                                   len(grad), grad.size)
+            return grad.reshape(self.logits_shape).astype(self.logits_dtype, copy=False), None
         probs, t, valid, count = self.saved
         xp = backend.get_array_module(probs)
         grad = probs
         grad[xp.arange(len(t)), t] -= 1                 # probs is ours alone: edit in place
         grad *= (valid[:, None] * (g / count)).astype(grad.dtype)
         return grad.reshape(self.logits_shape).astype(self.logits_dtype, copy=False), None
+
+
+# The CPU cross-entropy: exp runs once, a few rows at a time while they sit in the L2 cache, and
+# writes softmax(x) / count straight into the array that becomes the gradient (the backward then
+# only subtracts 1/count at the targets, and scales when the incoming gradient is not 1).
+# Rows are split over the cores.
+_CE_BLOCK_BYTES = 1 << 18
+
+
+def _cpu_softmax_scaled(x, row_scale):
+    """(softmax(x) * row_scale[:, None], logsumexp(x)) over the rows of a 2-D array."""
+    N, V = x.shape
+    out = np.empty_like(x)
+    lse = np.empty(N, x.dtype)
+    ones = np.ones(V, x.dtype)
+    step = max(1, _CE_BLOCK_BYTES // (V * x.itemsize))
+
+    def rows(a, b):
+        for i in range(a, b, step):
+            j = min(i + step, b)
+            e, s = out[i:j], lse[i:j]
+            m = x[i:j].max(axis=1)
+            np.subtract(x[i:j], m[:, None], out=e)
+            np.exp(e, out=e)
+            np.matmul(e, ones, out=s)
+            e *= (row_scale[i:j] / s)[:, None]
+            np.log(s, out=s)
+            s += m
+
+    cpu.for_row_blocks(rows, N, x.size)
+    return out, lse
