@@ -54,6 +54,11 @@ class RMSNorm(Function):
 
     def forward(self, x, weight, eps=1e-5):
         xp = backend.get_array_module(x)
+        if xp is np:
+            out, state = _rms_norm_cpu_forward(x, weight, eps)
+            self.save(*state)
+            self.on_cpu = True
+            return out
         ct = compute_dtype(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xhat = xp.empty(x2.shape, ct)
@@ -77,6 +82,8 @@ class RMSNorm(Function):
         return out.reshape(x.shape)
 
     def backward(self, g):
+        if getattr(self, "on_cpu", False):
+            return _rms_norm_cpu_backward(g, *self.saved)
         xhat, rstd, weight = self.saved
         xp = backend.get_array_module(g)
         g2 = g.reshape(-1, g.shape[-1])
@@ -96,6 +103,58 @@ class RMSNorm(Function):
         cpu.for_row_blocks(rows, len(g2), g2.size) if xp is np else rows(0, len(g2))
         gw = sum(partial_gw[a] for a in sorted(partial_gw))
         return gx.reshape(self.shape), gw.astype(weight.dtype, copy=False)
+
+
+def _rms_norm_cpu_forward(x, weight, eps):
+    """Rows split over the cores, in L2-sized chunks: sum of squares as one einsum pass, then two
+    passes for the output. Saves x and 1/rms (xhat is recomputed chunk by chunk in the backward)."""
+    ct = compute_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).astype(ct, copy=False)
+    n, C = x2.shape
+    rstd = np.empty(n, ct)
+    out = np.empty(x2.shape, ct)
+    w = weight.astype(ct, copy=False)
+
+    def rows(a, b):
+        r = rstd[a:b]
+        np.einsum("ij,ij->i", x2[a:b], x2[a:b], out=r)
+        r *= 1 / C
+        r += eps
+        np.sqrt(r, out=r)
+        np.reciprocal(r, out=r)
+        np.multiply(x2[a:b], r[:, None], out=out[a:b])
+        out[a:b] *= w
+
+    cpu.for_row_blocks(rows, n, x2.size, C * ct.itemsize)
+    return out.reshape(x.shape).astype(x.dtype, copy=False), (x2, rstd, weight, x.shape)
+
+
+def _rms_norm_cpu_backward(g, x2, rstd, weight, shape):
+    """gx = (g w - xhat mean(g w xhat)) / rms; gw = sum over rows of g xhat (one partial sum per
+    thread, added in a fixed order: deterministic)."""
+    ct = x2.dtype
+    n, C = x2.shape
+    g2 = g.reshape(n, C).astype(ct, copy=False)
+    w = weight.astype(ct, copy=False)
+    gx = np.empty((n, C), ct)
+    partial_gw = {}
+
+    def rows(a, b):
+        xh = np.multiply(x2[a:b], rstd[a:b, None])
+        t = np.multiply(g2[a:b], xh)
+        partial = t.sum(axis=0)
+        key = cpu.block_id()
+        partial_gw[key] = partial_gw[key] + partial if key in partial_gw else partial
+        gxh = np.multiply(g2[a:b], w, out=t)
+        dot = np.einsum("ij,ij->i", gxh, xh)
+        dot *= 1 / C
+        xh *= dot[:, None]
+        gxh -= xh
+        np.multiply(gxh, rstd[a:b, None], out=gx[a:b])
+
+    cpu.for_row_blocks(rows, n, x2.size, C * ct.itemsize)
+    gw = sum(partial_gw[k] for k in sorted(partial_gw))
+    return gx.reshape(shape), gw.astype(weight.dtype, copy=False)
 
 
 class RoPE(Function):
@@ -165,7 +224,7 @@ class SwiGLU(Function):
             np.multiply(g2[a:b], s, out=out[a:b])
             out[a:b] *= u2[a:b]
 
-        cpu.for_row_blocks(rows, len(g2), g2.size)
+        cpu.for_row_blocks(rows, len(g2), g2.size, g2.shape[1] * g2.itemsize)
         self.save(gate, up, sig)
         return out.reshape(gate.shape)
 
@@ -187,7 +246,7 @@ class SwiGLU(Function):
             dg *= u2[a:b]
             silu *= d2[a:b]                            # dup = dout * silu
 
-        cpu.for_row_blocks(rows, len(g2), g2.size)
+        cpu.for_row_blocks(rows, len(g2), g2.size, g2.shape[1] * g2.itemsize)
         return dgate.reshape(gate.shape), dup.reshape(up.shape)
 
 

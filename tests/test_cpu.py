@@ -76,7 +76,8 @@ def test_threaded_rope_matches_pairwise_formula():
 
 
 @pytest.mark.parametrize("shape_a,shape_b", [((700, 300), (300, 90)), ((90, 300), (300, 700)),
-                                             ((3, 5), (5, 2)), ((2000, 64), (64, 1))])
+                                             ((3, 5), (5, 2)), ((2000, 64), (64, 1)),
+                                             ((64, 3000), (3000, 50))])      # split over the inner dimension
 def test_threaded_matmul_matches_numpy(shape_a, shape_b):
     a, b = r(*shape_a).astype(np.float32), r(*shape_b).astype(np.float32)
     assert np.allclose(cpu.matmul(a, b), a @ b, rtol=1e-4, atol=1e-4)
