@@ -28,6 +28,12 @@ class Add(Function):
     def forward(self, a, b):
         if a.shape != b.shape:
             _broadcast_check(a, b, "add")
+        elif a.size >= cpu.MIN_ELEMENTS and a.dtype == b.dtype and isinstance(a, np.ndarray) \
+                and a.flags.c_contiguous and b.flags.c_contiguous:    # the residual adds, on every core
+            out, a1, b1 = np.empty_like(a), a.reshape(-1), b.reshape(-1)
+            o1 = out.reshape(-1)
+            cpu.for_row_blocks(lambda i, j: np.add(a1[i:j], b1[i:j], out=o1[i:j]), a.size, a.size)
+            return out
         return a + b
 
     def backward(self, g):
@@ -425,6 +431,13 @@ def scatter_add(xp, shape, index, values):
     (more accurate, and CuPy's add.at has no bf16)."""
     acc = compute_dtype(values.dtype)
     full = xp.zeros(shape, dtype=acc)
+    if xp is np and getattr(index, "ndim", 0) == 1 and index.dtype.kind in "iu" and len(shape) == 2 \
+            and values.shape == (len(index), shape[1]):
+        # Embedding rows: NumPy's add.at is ~3x faster on one flat index per element than on rows.
+        rows = np.where(index < 0, index + shape[0], index)
+        flat = (rows[:, None] * shape[1] + np.arange(shape[1])).reshape(-1)
+        np.add.at(full.reshape(-1), flat, values.astype(acc, copy=False).reshape(-1))
+        return full.astype(values.dtype, copy=False)
     xp.add.at(full, index, values.astype(acc, copy=False))
     return full.astype(values.dtype, copy=False)
 

@@ -131,3 +131,16 @@ def test_cpu_adamw_matches_the_formula():
             ref[n] -= 1e-2 / (1 - 0.9 ** t) * m[n] / (np.sqrt(v[n] / (1 - 0.95 ** t)) + 1e-8)
     for n, p in params:
         assert np.allclose(p.data, ref[n], rtol=1e-5, atol=1e-6)
+
+
+def test_threaded_add_and_embedding_scatter():
+    a, b = r(600, 300).astype(np.float32), r(600, 300).astype(np.float32)   # above cpu.MIN_ELEMENTS
+    ta, tb = llamac.tensor(a, requires_grad=True), llamac.tensor(b, requires_grad=True)
+    out = ta + tb
+    assert np.array_equal(out.numpy(), a + b)
+    out.backward(np.ones_like(a))
+    assert np.array_equal(ta.grad, np.ones_like(a)) and np.array_equal(tb.grad, np.ones_like(b))
+    ids, g = rng.integers(-50, 50, 3000), r(3000, 7)
+    want = np.zeros((50, 7))
+    np.add.at(want, ids, g)
+    assert np.allclose(ops.scatter_add(np, (50, 7), ids, g), want)
