@@ -327,21 +327,25 @@ def _attention_cpu_forward(q, k, v, bias):
     R = np.empty((B, Hkv, G, Tq), dt)                # 1 / sum over keys
     ones = np.ones(Tk, dt)
 
+    c = _attention_items(E)
+
     def rows(a, b):
-        qsT = np.empty((Hkv, G, hs, Tq), dt)
-        for i in range(a, b):
-            np.multiply(q[i].reshape(Tq, Hkv, G, hs).transpose(1, 2, 3, 0), scale, out=qsT)
-            s = E[i]
-            np.matmul(k[i].transpose(1, 0, 2)[:, None], qsT, out=s)           # (Hkv, G, Tk, Tq)
+        qsT = np.empty((c, Hkv, G, hs, Tq), dt)
+        for i in range(a, b, c):
+            j = min(i + c, b)
+            n = j - i
+            np.multiply(q[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 4, 1), scale, out=qsT[:n])
+            s = E[i:j]
+            np.matmul(k[i:j].transpose(0, 2, 1, 3)[:, :, None], qsT[:n], out=s)     # (n, Hkv, G, Tk, Tq)
             if biasT is not None:
-                s += biasT[i if len(biasT) > 1 else 0]
-            s -= s.max(axis=2, keepdims=True)
+                s += biasT[i:j, None, None] if len(biasT) > 1 else biasT[0]
+            s -= s.max(axis=3, keepdims=True)
             np.exp(s, out=s)
-            r = R[i]
-            np.matmul(ones, s, out=r)                                          # column sums, (Hkv, G, Tq)
+            r = R[i:j]
+            np.matmul(ones, s, out=r)                                          # column sums, (n, Hkv, G, Tq)
             np.reciprocal(r, out=r)
-            o = out[i].reshape(Tq, Hkv, G, hs).transpose(1, 2, 0, 3)           # (Hkv, G, Tq, hs) view
-            np.matmul(s.swapaxes(-1, -2), v[i].transpose(1, 0, 2)[:, None], out=o)
+            o = out[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4)   # (n, Hkv, G, Tq, hs) view
+            np.matmul(s.swapaxes(-1, -2), v[i:j].transpose(0, 2, 1, 3)[:, :, None], out=o)
             o *= r[..., None]
 
     cpu.for_row_blocks(rows, B, E.size)
@@ -361,32 +365,43 @@ def _attention_cpu_backward(g, q, k, v, out, E, R):
     dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
     ones = np.ones(hs, dt)
 
+    c = _attention_items(E)
+
     def rows(a, b):
-        dO = np.empty((Hkv, G, Tq, hs), dt)
-        dOT = np.empty((Hkv, G, hs, Tq), dt)
-        dS = np.empty((Hkv, G, Tk, Tq), dt)
-        per_head = np.empty((Hkv, G, Tk, hs), dt)                              # dK, dV before summing G
-        for i in range(a, b):
-            rs = R[i] * scale                                                  # (Hkv, G, Tq)
-            gi = g[i].reshape(Tq, Hkv, G, hs)
-            np.multiply(gi.transpose(1, 2, 0, 3), rs[..., None], out=dO)
-            np.multiply(gi.transpose(1, 2, 3, 0), rs[:, :, None, :], out=dOT)
-            o = out[i].reshape(Tq, Hkv, G, hs).transpose(1, 2, 0, 3)
-            D = np.matmul(dO * o, ones)                                        # rowsum(dO' O), (Hkv, G, Tq)
-            s = E[i]
+        dO_buf = np.empty((c, Hkv, G, Tq, hs), dt)
+        dOT_buf = np.empty((c, Hkv, G, hs, Tq), dt)
+        dS_buf = np.empty((c, Hkv, G, Tk, Tq), dt)
+        per_head_buf = np.empty((c, Hkv, G, Tk, hs), dt)                      # dK, dV before summing G
+        for i in range(a, b, c):
+            j = min(i + c, b)
+            n = j - i
+            dO, dOT, dS, per_head = dO_buf[:n], dOT_buf[:n], dS_buf[:n], per_head_buf[:n]
+            rs = R[i:j] * scale                                                # (n, Hkv, G, Tq)
+            gi = g[i:j].reshape(n, Tq, Hkv, G, hs)
+            np.multiply(gi.transpose(0, 2, 3, 1, 4), rs[..., None], out=dO)
+            np.multiply(gi.transpose(0, 2, 3, 4, 1), rs[:, :, :, None, :], out=dOT)
+            o = out[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4)
+            D = np.matmul(dO * o, ones)                                        # rowsum(dO' O), (n, Hkv, G, Tq)
+            s = E[i:j]
             np.matmul(s, dO, out=per_head)
-            np.sum(per_head, axis=1, out=dv[i].transpose(1, 0, 2))
-            dv[i] *= 1 / scale
-            np.matmul(v[i].transpose(1, 0, 2)[:, None], dOT, out=dS)           # dO' V^T, transposed
-            dS -= D[:, :, None, :]
+            np.sum(per_head, axis=2, out=dv[i:j].transpose(0, 2, 1, 3))
+            dv[i:j] *= 1 / scale
+            np.matmul(v[i:j].transpose(0, 2, 1, 3)[:, :, None], dOT, out=dS)   # dO' V^T, transposed
+            dS -= D[..., None, :]
             dS *= s
-            np.matmul(dS, q[i].reshape(Tq, Hkv, G, hs).transpose(1, 2, 0, 3), out=per_head)
-            np.sum(per_head, axis=1, out=dk[i].transpose(1, 0, 2))
-            np.matmul(dS.swapaxes(-1, -2), k[i].transpose(1, 0, 2)[:, None],
-                      out=dq[i].reshape(Tq, Hkv, G, hs).transpose(1, 2, 0, 3))
+            np.matmul(dS, q[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4), out=per_head)
+            np.sum(per_head, axis=2, out=dk[i:j].transpose(0, 2, 1, 3))
+            np.matmul(dS.swapaxes(-1, -2), k[i:j].transpose(0, 2, 1, 3)[:, :, None],
+                      out=dq[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4))
 
     cpu.for_row_blocks(rows, B, E.size)
     return dq, dk, dv
+
+
+def _attention_items(E):
+    """Batch rows per step: each step's NumPy calls cover ~1 MB of scores (fewer, larger calls;
+    2 rows at the tiny shape, ~0.5 ms a step faster than 1), still inside the L2 cache."""
+    return max(1, (2 * cpu.CHUNK_BYTES) // (E[0].nbytes or 1))
 
 
 def attention_bias(xp, Tq: int, Tk: int, segments=None, causal: bool = True, dtype=np.float32):
