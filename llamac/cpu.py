@@ -97,6 +97,8 @@ def matmul(a, b):
     M, N = a.shape[0], b.shape[1]
     out = np.empty((M, N), np.result_type(a.dtype, b.dtype))
     threads = min(n_threads(), max(M, N))
+    if getattr(_inside, "on", False):       # inside a block: OpenBLAS is on one thread already
+        return np.matmul(a, b, out=out)
     if threads < 2 or M * N * a.shape[1] < MIN_MATMUL_FLOPS:
         with _lock:
             previous = _blas_threads(1)     # a mid-sized product would wake OpenBLAS's workers
@@ -136,9 +138,11 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves arrays of 32 MiB and more (the tiny recipe's logits) with a fresh
     mmap, and trims the heap as soon as a training step frees its activations, so every step
-    faults all its big arrays in again, page by page (zeroed by the kernel): on this 2-core VM
-    that was ~50 ms of a 310 ms step. Here the heap keeps them: the process stays at its peak
-    size, as PyTorch's caching allocators do. Set LLAMAC_CPU_MALLOC=0 to leave glibc alone.
+    faults all its big arrays in again, page by page (zeroed by the kernel): on the 2-core dev VM
+    that was ~50 ms of a 310 ms step. Here every allocation comes from the heap and the heap is
+    never trimmed: the process stays at its peak size, as with a caching allocator. The setting
+    is process-wide (other libraries in the process, PyTorch included, get it too); it is made on
+    llamac's first CPU matmul or row-block call. LLAMAC_CPU_MALLOC=0 leaves glibc alone.
     Returns whether the settings were applied (False off glibc)."""
     global _malloc_tuned
     _malloc_tuned = True

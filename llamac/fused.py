@@ -309,7 +309,7 @@ class Attention(Function):
 
 
 def _attention_cpu_forward(q, k, v, bias):
-    """The CPU attention: one batch row at a time (its scores stay in the L2 cache), the rows split
+    """The CPU attention: a batch row or two at a time (their scores stay in the L2 cache), the rows split
     over the cores. Scores are kept transposed, keys down the rows, (Hkv, G, Tk, Tq): the softmax
     reductions over keys then run across whole rows (vectorised) instead of along short ones, and
     every matmul operand is row-major (NumPy/OpenBLAS is up to 3x slower on some transposed ones).

@@ -144,3 +144,14 @@ def test_threaded_add_and_embedding_scatter():
     want = np.zeros((50, 7))
     np.add.at(want, ids, g)
     assert np.allclose(ops.scatter_add(np, (50, 7), ids, g), want)
+
+
+def test_matmul_inside_a_block_does_not_deadlock():
+    a = np.ones((300, 300), np.float32)
+    got = {}
+
+    def fn(i, j):
+        got[i] = cpu.matmul(a[:10], a)[0, 0] + cpu.matmul(a, a)[0, 0]
+
+    cpu.for_row_blocks(fn, 4, 1 << 30)
+    assert set(got.values()) == {600.0}
