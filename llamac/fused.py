@@ -313,8 +313,7 @@ def _attention_cpu_forward(q, k, v, bias):
     over the cores. Scores are kept transposed, keys down the rows, (Hkv, G, Tk, Tq): the softmax
     reductions over keys then run across whole rows (vectorised) instead of along short ones, and
     every matmul operand is row-major (NumPy/OpenBLAS is up to 3x slower on some transposed ones).
-    1/sqrt(hs) is folded into the copy of q; the output is normalised after P V on the small
-    (Tq, hs) side. Saves the unnormalised exp(scores - max) and 1/rowsum for the backward."""
+    1/sqrt(hs) is folded into the copy of q. Saves the (transposed) probabilities for the backward."""
     B, Tq, H, hs = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -323,11 +322,10 @@ def _attention_cpu_forward(q, k, v, bias):
     scale = dt.type(1.0 / np.sqrt(hs))
     biasT = None if bias is None else np.ascontiguousarray(bias[:, 0, 0].swapaxes(-1, -2), dtype=dt)  # (Bb, Tk, Tq)
     out = np.empty((B, Tq, H, hs), dt)
-    E = np.empty((B, Hkv, G, Tk, Tq), dt)            # exp(scores - column max), transposed
-    R = np.empty((B, Hkv, G, Tq), dt)                # 1 / sum over keys
+    P = np.empty((B, Hkv, G, Tk, Tq), dt)            # probabilities, transposed
     ones = np.ones(Tk, dt)
 
-    c = _attention_items(E)
+    c = _attention_items(P)
 
     def rows(a, b):
         qsT = np.empty((c, Hkv, G, hs, Tq), dt)
@@ -335,27 +333,26 @@ def _attention_cpu_forward(q, k, v, bias):
             j = min(i + c, b)
             n = j - i
             np.multiply(q[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 4, 1), scale, out=qsT[:n])
-            s = E[i:j]
+            s = P[i:j]
             np.matmul(k[i:j].transpose(0, 2, 1, 3)[:, :, None], qsT[:n], out=s)     # (n, Hkv, G, Tk, Tq)
             if biasT is not None:
                 s += biasT[i:j, None, None] if len(biasT) > 1 else biasT[0]
             s -= s.max(axis=3, keepdims=True)
             np.exp(s, out=s)
-            r = R[i:j]
-            np.matmul(ones, s, out=r)                                          # column sums, (n, Hkv, G, Tq)
+            r = np.matmul(ones, s)                                             # column sums, (n, Hkv, G, Tq)
             np.reciprocal(r, out=r)
-            o = out[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4)   # (n, Hkv, G, Tq, hs) view
-            np.matmul(s.swapaxes(-1, -2), v[i:j].transpose(0, 2, 1, 3)[:, :, None], out=o)
-            o *= r[..., None]
+            s *= r[..., None, :]                                               # P, normalised per query
+            np.matmul(s.swapaxes(-1, -2), v[i:j].transpose(0, 2, 1, 3)[:, :, None],
+                      out=out[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4))
 
-    cpu.for_row_blocks(rows, B, E.size)
-    return out, (q, k, v, out, E, R)
+    cpu.for_row_blocks(rows, B, P.size)
+    return out, (q, k, v, out, P)
 
 
-def _attention_cpu_backward(g, q, k, v, out, E, R):
-    """With P = E r (r = 1/rowsum) and dO' = dO r / sqrt(hs): dS' = E (dO' V^T - rowsum(dO' O))
-    is the score gradient already scaled by 1/sqrt(hs), so dQ = dS' K and dK = dS'^T Q take the
-    unscaled q; dV = P^T dO = E^T dO' sqrt(hs)."""
+def _attention_cpu_backward(g, q, k, v, out, P):
+    """With dO' = dO / sqrt(hs) and D' = rowsum(dO' O): dS' = P (dO' V^T - D') is the score
+    gradient already scaled by 1/sqrt(hs), so dQ = dS' K and dK = dS'^T Q take the unscaled q and
+    k; dV = P^T dO reads dO in place."""
     B, Tq, H, hs = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -363,38 +360,33 @@ def _attention_cpu_backward(g, q, k, v, out, E, R):
     scale = dt.type(1.0 / np.sqrt(hs))
     g = g.astype(dt, copy=False)
     dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
-    ones = np.ones(hs, dt)
 
-    c = _attention_items(E)
+    c = _attention_items(P)
 
     def rows(a, b):
-        dO_buf = np.empty((c, Hkv, G, Tq, hs), dt)
         dOT_buf = np.empty((c, Hkv, G, hs, Tq), dt)
         dS_buf = np.empty((c, Hkv, G, Tk, Tq), dt)
         per_head_buf = np.empty((c, Hkv, G, Tk, hs), dt)                      # dK, dV before summing G
         for i in range(a, b, c):
             j = min(i + c, b)
             n = j - i
-            dO, dOT, dS, per_head = dO_buf[:n], dOT_buf[:n], dS_buf[:n], per_head_buf[:n]
-            rs = R[i:j] * scale                                                # (n, Hkv, G, Tq)
+            dOT, dS, per_head = dOT_buf[:n], dS_buf[:n], per_head_buf[:n]
             gi = g[i:j].reshape(n, Tq, Hkv, G, hs)
-            np.multiply(gi.transpose(0, 2, 3, 1, 4), rs[..., None], out=dO)
-            np.multiply(gi.transpose(0, 2, 3, 4, 1), rs[:, :, :, None, :], out=dOT)
-            o = out[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4)
-            D = np.matmul(dO * o, ones)                                        # rowsum(dO' O), (n, Hkv, G, Tq)
-            s = E[i:j]
-            np.matmul(s, dO, out=per_head)
+            np.multiply(gi.transpose(0, 2, 3, 4, 1), scale, out=dOT)           # dO'^T, row-major
+            D = np.einsum("...d,...d->...", g[i:j], out[i:j])                  # rowsum(dO O), (n, Tq, H)
+            D *= scale
+            s = P[i:j]
+            np.matmul(s, gi.transpose(0, 2, 3, 1, 4), out=per_head)            # P^T dO per query head
             np.sum(per_head, axis=2, out=dv[i:j].transpose(0, 2, 1, 3))
-            dv[i:j] *= 1 / scale
             np.matmul(v[i:j].transpose(0, 2, 1, 3)[:, :, None], dOT, out=dS)   # dO' V^T, transposed
-            dS -= D[..., None, :]
+            dS -= D.reshape(n, Tq, Hkv, G).transpose(0, 2, 3, 1)[..., None, :]
             dS *= s
             np.matmul(dS, q[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4), out=per_head)
             np.sum(per_head, axis=2, out=dk[i:j].transpose(0, 2, 1, 3))
             np.matmul(dS.swapaxes(-1, -2), k[i:j].transpose(0, 2, 1, 3)[:, :, None],
                       out=dq[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4))
 
-    cpu.for_row_blocks(rows, B, E.size)
+    cpu.for_row_blocks(rows, B, P.size)
     return dq, dk, dv
 
 
