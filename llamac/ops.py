@@ -161,8 +161,9 @@ def compute_dtype(dtype):
 
 
 def matmul(a, b):
-    """xp matmul, folding batch dims into rows when b is a matrix (one big GEMM instead of many),
-    and batched bf16 on CuPy through fp32 (CuPy's batched matmul rejects bf16)."""
+    """xp matmul, folding batch dims into rows when b is a matrix (one big GEMM instead of many;
+    on the CPU split over the cores by cpu.matmul), and batched bf16 on CuPy through fp32 (CuPy's
+    batched matmul rejects bf16)."""
     xp = backend.get_array_module(a)
     if xp is np and a.ndim >= 2 and b.ndim == 2 and a.dtype.kind == "f":
         return cpu.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
