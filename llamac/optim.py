@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from llamac import backend, kernels
+from llamac import backend, cpu, kernels
 from llamac.config import TrainConfig
 
 
@@ -40,6 +40,10 @@ class AdamW:
     def grad_norm(self):
         """Global L2 norm of all gradients, as a device scalar (no host sync)."""
         total = None
+        if self.params[0][1].xp is np:                      # BLAS dot: no (n,) temporary per parameter
+            sq = [np.dot(g.ravel(), g.ravel()) for g in (p.grad.astype(np.float32, copy=False)
+                                                         for _, p in self.params if p.grad is not None)]
+            return np.sqrt(np.float32(sum(sq))) if sq else np.float32(0.0)
         for _, p in self.params:
             if p.grad is not None:
                 g = p.grad.astype(np.float32, copy=False)
@@ -62,6 +66,9 @@ class AdamW:
             scale = xp.minimum(xp.float32(1.0), xp.float32(clip) / (norm + 1e-6)).astype(np.float32)
         bias1, bias2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         step_size = lr / bias1
+        if self.params[0][1].xp is np:
+            _cpu_update(self, lr, scale, bias2, step_size)
+            return norm
         for name, p in self.params:
             if p.grad is None:
                 continue
@@ -175,3 +182,53 @@ class GraphUpdate:
         b1, b2 = opt.betas
         self.fused.set_scalars(lr, lr / (1 - b1 ** opt.t), 1 / (1 - b2 ** opt.t), clip, opt.weight_decay, b1, b2,
                                opt.eps)
+
+
+def _cpu_update(opt, lr, scale, bias2, step_size):
+    """The same update on the CPU, fused: every parameter cut into chunks that fit the L2 cache,
+    each chunk updated in place through one scratch buffer, the chunks split over the cores."""
+    b1, b2 = opt.betas
+    chunks, flat = [], {}                               # (name, param, start, stop) over flat views
+    for name, p in opt.params:
+        if p.grad is not None:
+            if name not in opt.master and not p.data.flags.c_contiguous:
+                p.data = np.ascontiguousarray(p.data)   # updated in place through a flat view
+            flat[name] = (p.grad.astype(np.float32, copy=False).reshape(-1),
+                          opt.master.get(name, p.data).reshape(-1))
+            chunks += [(name, p, i, min(i + _CHUNK, p.size)) for i in range(0, p.size, _CHUNK)]
+
+    # m / (sqrt(v / bias2) + eps) * step_size == m / (sqrt(v) + eps sqrt(bias2)) * step_size sqrt(bias2),
+    # and the clip scale folds into the moment coefficients: 13 passes over each chunk.
+    root2 = math.sqrt(bias2)
+    c1, c2 = (1 - b1) * float(scale), (1 - b2) * float(scale) ** 2
+    eps2, step2 = opt.eps * root2, step_size * root2
+    decay = 1 - lr * opt.weight_decay
+
+    def run(a, b):
+        tmp = np.empty(_CHUNK, np.float32)
+        for name, p, i, j in chunks[a:b]:
+            g, master = flat[name][0][i:j], flat[name][1][i:j]
+            m, v = opt.m[name].reshape(-1)[i:j], opt.v[name].reshape(-1)[i:j]
+            t = tmp[:j - i]
+            np.multiply(g, c1, out=t)
+            m *= b1
+            m += t
+            np.multiply(g, g, out=t)
+            t *= c2
+            v *= b2
+            v += t
+            np.sqrt(v, out=t)
+            t += eps2
+            np.divide(m, t, out=t)
+            if opt.weight_decay and decays(name, p):
+                master *= decay
+            t *= step2
+            master -= t
+
+    cpu.for_row_blocks(run, len(chunks), sum(j - i for _, _, i, j in chunks))
+    for name, p in opt.params:
+        if name in opt.master and p.grad is not None:
+            p.data = opt.master[name].astype(p.data.dtype)
+
+
+_CHUNK = 1 << 15

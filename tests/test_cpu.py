@@ -1,0 +1,157 @@
+"""The threaded CPU paths (llamac/cpu.py and the fused CPU code that uses it) at sizes large enough to
+split over threads, against float64 computed on one thread or written out plainly."""
+import numpy as np
+import pytest
+
+import llamac
+from llamac import cpu, fused, ops
+from llamac.nn import Parameter
+from llamac.optim import AdamW
+
+rng = np.random.default_rng(0)
+
+
+def r(*shape):
+    return rng.standard_normal(shape)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Run the float64 reference inline (no threads)."""
+    def use():
+        monkeypatch.setattr(cpu, "MIN_ELEMENTS", 1 << 62)
+        monkeypatch.setattr(cpu, "MIN_MATMUL_FLOPS", 1 << 62)
+    return use
+
+
+def _attention_grads(q, k, v, segments, dout, dtype):
+    ts = [llamac.tensor(a, dtype=dtype, requires_grad=True) for a in (q, k, v)]
+    out = fused.attention(*ts, segments)
+    out.backward(dout.astype(dtype))
+    return [out.numpy()] + [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("Tq,Tk,segmented", [(64, 64, False), (64, 64, True), (24, 64, False)])
+def test_threaded_attention_matches_float64(Tq, Tk, segmented, one_thread):
+    B, H, Hkv, hs = 12, 8, 2, 16              # B x H x Tq x Tk above cpu.MIN_ELEMENTS: the threaded path
+    q, k, v, dout = r(B, Tq, H, hs), r(B, Tk, Hkv, hs), r(B, Tk, Hkv, hs), r(B, Tq, H, hs)
+    segments = np.sort(rng.integers(0, 3, (B, Tk)), axis=1) if segmented else None
+    got = _attention_grads(q, k, v, segments, dout, "float32")
+    one_thread()
+    want = _attention_grads(q, k, v, segments, dout, "float64")
+    for g, w in zip(got, want):
+        assert np.allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_threaded_cross_entropy_matches_float64(one_thread):
+    N, V = 300, 2000
+    logits, targets = r(N, V) * 3, rng.integers(0, V, N)
+    targets[::7] = -100
+    lsm = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    valid = targets != -100
+    want_loss = -lsm[np.nonzero(valid)[0], targets[valid]].mean()
+    want_grad = np.exp(lsm)
+    want_grad[np.nonzero(valid)[0], targets[valid]] -= 1
+    want_grad *= valid[:, None] / valid.sum() * 0.5
+    x = llamac.tensor(logits.astype(np.float32), requires_grad=True)
+    loss = llamac.cross_entropy(x, targets)
+    (loss * 0.5).backward()
+    assert abs(loss.item() - want_loss) < 1e-5
+    assert np.allclose(x.grad, want_grad, atol=1e-7)
+
+
+def test_threaded_rope_matches_pairwise_formula():
+    B, T, H, hs = 16, 64, 4, 32               # B T H hs = cpu.MIN_ELEMENTS: the threaded path
+    x = r(B, T, H, hs).astype(np.float32)
+    ang = np.arange(T)[:, None] * (1.0 / 10000 ** (np.arange(0, hs, 2) / hs))[None]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None], sin[None, :, None]
+    want = np.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1).reshape(x.shape)
+    t = llamac.tensor(x, requires_grad=True)
+    out = fused.rope(t, cos, sin)
+    assert np.allclose(out.numpy(), want, atol=1e-5)
+    out.backward(out.numpy())                                   # rotating back gives x
+    assert np.allclose(t.grad, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape_a,shape_b", [((700, 300), (300, 90)), ((90, 300), (300, 700)),
+                                             ((3, 5), (5, 2)), ((2000, 64), (64, 1)),
+                                             ((64, 3000), (3000, 50))])      # split over the inner dimension
+def test_threaded_matmul_matches_numpy(shape_a, shape_b):
+    a, b = r(*shape_a).astype(np.float32), r(*shape_b).astype(np.float32)
+    assert np.allclose(cpu.matmul(a, b), a @ b, rtol=1e-4, atol=1e-4)
+    assert np.allclose(cpu.matmul(b.T, a.T), b.T @ a.T, rtol=1e-4, atol=1e-4)     # transposed views
+
+
+def test_blas_thread_count_is_restored():
+    cpu._blas_threads(None)                                     # finds the library
+    if not cpu._blas_api:
+        pytest.skip("NumPy is not linked to OpenBLAS here")
+    before = cpu._blas_api[1]()
+    cpu.matmul(np.ones((800, 800), np.float32), np.ones((800, 800), np.float32))
+    cpu.matmul(np.ones((8, 8), np.float32), np.ones((8, 8), np.float32))
+    assert cpu._blas_api[1]() == before
+
+
+def test_nested_row_blocks_run_inline():
+    seen = []
+
+    def inner(a, b):
+        seen.append((a, b))
+
+    def outer(a, b):
+        cpu.for_row_blocks(inner, 10, 1 << 30)
+
+    cpu.for_row_blocks(outer, 4, 1 << 30)
+    assert sorted(seen) == [(0, 10)] * min(cpu.n_threads(), 4)
+
+
+def test_cpu_adamw_matches_the_formula():
+    shapes = {"tok_embeddings.weight": (300, 200), "layers.0.w1.weight": (200, 170), "norm.weight": (170,)}
+    params = [(n, Parameter(r(*s).astype(np.float32))) for n, s in shapes.items()]
+    ref = {n: p.data.astype(np.float64) for n, p in params}
+    m = {n: np.zeros(s) for n, s in shapes.items()}
+    v = {n: np.zeros(s) for n, s in shapes.items()}
+    opt = AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for t in range(1, 4):
+        grads = {n: r(*s).astype(np.float32) for n, s in shapes.items()}
+        for n, p in params:
+            p.grad = grads[n]
+        norm = float(opt.step(lr=1e-2, clip=1.0))
+        want_norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values()))
+        assert abs(norm - want_norm) < 1e-4 * want_norm
+        scale = min(1.0, 1.0 / (want_norm + 1e-6))
+        for n, _ in params:
+            g = grads[n] * scale
+            m[n] = 0.9 * m[n] + 0.1 * g
+            v[n] = 0.95 * v[n] + 0.05 * g * g
+            if n != "tok_embeddings.weight" and len(shapes[n]) == 2:
+                ref[n] *= 1 - 1e-2 * 0.1
+            ref[n] -= 1e-2 / (1 - 0.9 ** t) * m[n] / (np.sqrt(v[n] / (1 - 0.95 ** t)) + 1e-8)
+    for n, p in params:
+        assert np.allclose(p.data, ref[n], rtol=1e-5, atol=1e-6)
+
+
+def test_threaded_add_and_embedding_scatter():
+    a, b = r(600, 300).astype(np.float32), r(600, 300).astype(np.float32)   # above cpu.MIN_ELEMENTS
+    ta, tb = llamac.tensor(a, requires_grad=True), llamac.tensor(b, requires_grad=True)
+    out = ta + tb
+    assert np.array_equal(out.numpy(), a + b)
+    out.backward(np.ones_like(a))
+    assert np.array_equal(ta.grad, np.ones_like(a)) and np.array_equal(tb.grad, np.ones_like(b))
+    ids, g = rng.integers(-50, 50, 3000), r(3000, 7)
+    want = np.zeros((50, 7))
+    np.add.at(want, ids, g)
+    assert np.allclose(ops.scatter_add(np, (50, 7), ids, g), want)
+
+
+def test_matmul_inside_a_block_does_not_deadlock():
+    a = np.ones((300, 300), np.float32)
+    got = {}
+
+    def fn(i, j):
+        got[i] = cpu.matmul(a[:10], a)[0, 0] + cpu.matmul(a, a)[0, 0]
+
+    cpu.for_row_blocks(fn, 4, 1 << 30)
+    assert set(got.values()) == {600.0}
