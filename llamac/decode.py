@@ -278,18 +278,19 @@ def reference_step(layers, extra, cfg, state, sin_bf16: bool = False) -> np.ndar
 def prefill_attention(q, k, v, mode: str = "auto"):
     """Causal attention for the prompt: q (B, Tq, H, hs), k/v (B, Tk, Hkv, hs) bf16 -> (B, Tq, H, hs).
 
-    mode "flash": llamac.flash.flash_attention_forward; "reference": fused.attention (the plain
-    path's own, so prefill logits are bit-identical to it); "auto": flash when it imports."""
-    if mode in ("auto", "flash"):
+    mode "flash": llamac.flash.flash_attention_forward; "reference": fused.attention with the
+    plain path's own choice of kernel, so prefill logits are bit-identical to model.forward's;
+    "auto": the same choice as the plain path (flash where fused.use_flash says so)."""
+    from llamac import fused
+    if mode == "auto":
+        mode = "flash" if fused.use_flash(q, q.shape[-1]) else "reference"
+    if mode == "flash":
         try:
             from llamac.flash import flash_attention_forward
         except ImportError:
-            if mode == "flash":
-                raise LlamacError("prefill attention 'flash' asked for, but llamac.flash does not import") from None
-        else:
-            out, _ = flash_attention_forward(q, k, v, causal=True)
-            return out
-    from llamac import fused
+            raise LlamacError("prefill attention 'flash' asked for, but llamac.flash does not import") from None
+        out, _ = flash_attention_forward(q, k, v, causal=True)
+        return out
     from llamac.engine import Tensor, no_grad
     with no_grad():
         return fused.attention(Tensor(q), Tensor(k), Tensor(v), causal=True).data
