@@ -287,17 +287,10 @@ def backward_flops(B: int, H: int, Tq: int, Tk: int, hs: int, causal: bool = Tru
     return 2.5 * (fwd / 2 if causal else fwd)
 
 
-def _time_ms(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    pairs = []
-    for _ in range(reps):
-        start, end = backend.cuda_event(), backend.cuda_event()
-        start.record()
-        fn()
-        end.record()
-        pairs.append((start, end))
-    return statistics.median(backend.elapsed_ms(s, e) for s, e in pairs)
+def _time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median GPU milliseconds of fn() from CUDA events (the kernel benchmarks' one timer)."""
+    from llamac.kernel_bench import _time_ms as time_ms  # noqa: PLC0415 - benchmarks only
+    return time_ms(fn, reps, warmup)
 
 
 def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 128), Hkv: int | None = None,
