@@ -91,12 +91,13 @@ def bench_llamac(name: str, n_new: int = 256, prompt_len: int = 16, batches=(1, 
 
 # ---------------------------------------------------------------- PyTorch references
 
-def _torch_llama(name: str):
-    """The anchor's bf16 Llama: static per-layer caches (1, Hkv, 1024, hs), index_copy_ writes, masked SDPA."""
+def _torch_llama(dims, batch: int = 1, device: str = "cuda"):
+    """The anchor's bf16 Llama: static per-layer caches (batch, Hkv, 1024, hs), index_copy_ writes, masked SDPA.
+    dims = (dim, layers, heads, kv heads, vocab, hidden) as in DECODE_SHAPES."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    dim, L, H, KV, V, hid = DECODE_SHAPES[name]
+    dim, L, H, KV, V, hid = dims
     hs = dim // H
 
     def rope(x, cos, sin):
@@ -145,69 +146,98 @@ def _torch_llama(name: str):
                 x = block(x, cos, sin, cache, pos)
             return self.out(self.norm(x))
 
-    m = Llama().cuda().to(torch.bfloat16).eval()
-    caches = [(torch.zeros(1, KV, CACHE_LEN, hs, device="cuda", dtype=torch.bfloat16),
-               torch.zeros(1, KV, CACHE_LEN, hs, device="cuda", dtype=torch.bfloat16)) for _ in range(L)]
+    m = Llama().to(device).to(torch.bfloat16).eval()
+    caches = [(torch.zeros(batch, KV, CACHE_LEN, hs, device=device, dtype=torch.bfloat16),
+               torch.zeros(batch, KV, CACHE_LEN, hs, device=device, dtype=torch.bfloat16)) for _ in range(L)]
     return m, caches
 
 
-def bench_torch(name: str, n_new: int = 256, prompt_len: int = 16, reps: int = 3) -> list[dict]:
+def bench_torch(name: str, n_new: int = 256, prompt_len: int = 16, reps: int = 3, batches=(1, 16),
+                prefill_len: int = 512, device: str = "cuda", dims=None) -> list[dict]:
+    """PyTorch's figures beside llamac's, per batch size: greedy decode tokens/s eager and with the
+    decode step in a CUDA graph (CUDA only), time to first token (prompt forward + first argmax;
+    the prompt runs eagerly in both), and prefill tokens/s of one prefill_len-token prompt (batch 1)."""
     import torch
-    dim, L, H, KV, V, hid = DECODE_SHAPES[name]
-    backend.release_gpu_memory()
-    m, caches = _torch_llama(name)
-    _say(name, "torch model built")
-    prompt = torch.randint(0, V, (1, prompt_len), device="cuda")
+    dims = dims or DECODE_SHAPES[name]
+    V = dims[4]
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        backend.release_gpu_memory()
     rows = []
 
-    def timed(fn):
+    def timed(fn, n=reps):
         fn()
-        torch.cuda.synchronize()
+        sync()
         ts = []
-        for _ in range(reps):
+        for _ in range(n):
             t0 = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            sync()
             ts.append(time.perf_counter() - t0)
         return _median(ts)
 
-    with torch.no_grad():
-        def eager():
-            logits = m(prompt, caches, torch.arange(prompt_len, device="cuda"))
-            tok = logits[:, -1:].argmax(-1)
-            for i in range(prompt_len, prompt_len + n_new):
-                tok = m(tok, caches, torch.tensor([i], device="cuda"))[:, -1:].argmax(-1)
-        t = timed(eager)
-        rows.append({"section": "decode", "shape": name, "impl": f"torch {torch.__version__} eager", "batch": 1,
-                     "decode_tok_s": round(n_new / t, 1), "step_ms": round(t / n_new * 1e3, 4)})
+    for B in batches:
+        m, caches = _torch_llama(dims, B, device)
+        _say(name, f"torch batch {B}: model built")
+        prompt = torch.randint(0, V, (B, prompt_len), device=device)
+        impl = f"torch {torch.__version__}"
+        with torch.no_grad():
+            def first_token():
+                return m(prompt, caches, torch.arange(prompt_len, device=device))[:, -1:].argmax(-1)
 
-        tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-        pos = torch.zeros(1, dtype=torch.long, device="cuda")
-        out = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+            def eager():
+                tok = first_token()
+                for i in range(prompt_len, prompt_len + n_new):
+                    tok = m(tok, caches, torch.tensor([i], device=device))[:, -1:].argmax(-1)
 
-        def step():
-            out.copy_(m(tok, caches, pos)[:, -1:].argmax(-1))
+            ttft = timed(first_token)
+            t = timed(eager) - ttft                      # the step loop alone, as for llamac
+            row = {"section": "decode", "shape": name, "impl": f"{impl} eager", "batch": B,
+                   "decode_tok_s": round(B * n_new / t, 1), "step_ms": round(t / n_new * 1e3, 4),
+                   "ttft_ms": round(ttft * 1e3, 2)}
+            if B == 1:
+                long_prompt = torch.randint(0, V, (1, prefill_len), device=device)
+                positions = torch.arange(prefill_len, device=device)
+                t_pre = timed(lambda: m(long_prompt, caches, positions)[:, -1:].argmax(-1))
+                row.update(prefill_tok_s=round(prefill_len / t_pre, 1), prefill_len=prefill_len)
+            rows.append(row)
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+            if cuda:
+                tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+                pos = torch.zeros(1, dtype=torch.long, device=device)
+                out = torch.zeros(B, 1, dtype=torch.long, device=device)
 
-        def replay():
-            for i in range(prompt_len, prompt_len + n_new):
-                pos.fill_(i)
-                graph.replay()
-                tok.copy_(out)
-        t = timed(replay)
-        rows.append({"section": "decode", "shape": name, "impl": f"torch {torch.__version__} CUDA graph", "batch": 1,
-                     "decode_tok_s": round(n_new / t, 1), "step_ms": round(t / n_new * 1e3, 4)})
-    del m, caches, graph
-    torch.cuda.empty_cache()
+                def step():
+                    out.copy_(m(tok, caches, pos)[:, -1:].argmax(-1))
+
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(3):
+                        step()
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+
+                def replay():
+                    for i in range(prompt_len, prompt_len + n_new):
+                        pos.fill_(i)
+                        graph.replay()
+                        tok.copy_(out)
+                t = timed(replay)
+                rows.append({"section": "decode", "shape": name, "impl": f"{impl} CUDA graph", "batch": B,
+                             "decode_tok_s": round(B * n_new / t, 1), "step_ms": round(t / n_new * 1e3, 4),
+                             "ttft_ms": round(ttft * 1e3, 2)})
+                del graph
+        del m, caches
+        if cuda:
+            torch.cuda.empty_cache()
+    for r in rows:
+        b1 = next((x for x in rows if x["impl"] == r["impl"] and x["batch"] == 1), None)
+        if b1 is not None and r["batch"] != 1:
+            r["vs_batch1"] = round(r["decode_tok_s"] / b1["decode_tok_s"], 2)
     return rows
 
 
@@ -268,9 +298,10 @@ def bench_decode(shapes=None, compare: bool = True, n_new: int = 256, parts=("ll
         if "torch" in parts:
             theirs = log(bench_torch(name, n_new=n_new))
             rows += theirs
-            graph = next(r for r in theirs if "graph" in r["impl"])
-            if "decode_tok_s" in mine[0]:
-                mine[0]["vs_torch_graph"] = round(mine[0]["decode_tok_s"] / graph["decode_tok_s"], 2)
+            for row in mine:            # against PyTorch's CUDA-graph step at the same batch size
+                graph = next((r for r in theirs if "graph" in r["impl"] and r["batch"] == row.get("batch")), None)
+                if graph is not None and "decode_tok_s" in row:
+                    row["vs_torch_graph"] = round(row["decode_tok_s"] / graph["decode_tok_s"], 2)
         if name != "350M" and "hf" in parts:
             hf = log(bench_hf(name, n_new=n_new))
             rows += hf

@@ -162,3 +162,18 @@ def test_generate_stays_on_the_plain_path_on_the_cpu():
     assert fast_decoder_for(model) is None
     a = list(generate_ids(model, [1, 2, 3], 8, temperature=0))
     assert a == list(generate_ids(model, [1, 2, 3], 8, temperature=0, fast=False)) and len(a) == 8
+
+
+def test_torch_decode_reference_reports_every_figure_per_batch():
+    """bench_torch gives, for each batch size, decode tokens/s, step time and time to first token
+    (and prefill tokens/s at batch 1), as llamac's rows do; checked on CPU torch at a tiny shape."""
+    torch = pytest.importorskip("torch")
+    from llamac import decode_bench
+    torch.manual_seed(0)
+    rows = decode_bench.bench_torch("tiny", n_new=4, prompt_len=3, reps=1, batches=(1, 2), prefill_len=8,
+                                    device="cpu", dims=(32, 2, 4, 2, 64, 48))
+    assert [(r["impl"].split()[-1], r["batch"]) for r in rows] == [("eager", 1), ("eager", 2)]
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["step_ms"] > 0 and r["ttft_ms"] > 0
+    assert rows[0]["prefill_tok_s"] > 0 and rows[0]["prefill_len"] == 8
+    assert rows[1]["vs_batch1"] == round(rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"], 2)
