@@ -8,14 +8,13 @@ query head h reads kv head h // (H // Hkv)). Queries sit at absolute positions T
 (out, lse) or gradients; lse (B, H, Tq) float32 is the natural-log logsumexp of the scaled,
 masked scores, which is all the backward needs to rebuild the probabilities.
 
-The kernel never materialises anything of size Tq x Tk. The references do, one (Tq, Tk) block
-per (batch, head) at a time, in fp32: they are for tests, for the CPU and for fp32 GPU arrays.
-Nothing here imports cupy.
+The kernel never materialises anything of size Tq x Tk. The references (forward and backward,
+shared with llamac.flash_backward) hold the full (B, H, Tq, Tk) scores in fp32 (fp64 for fp64
+inputs): they are for tests, small sizes and the CPU. Nothing here imports cupy.
 """
 from __future__ import annotations
 
 import math
-import statistics
 from typing import NamedTuple
 
 import numpy as np
@@ -106,72 +105,107 @@ def _check(q, k, v, segments):
     return B, Tq, Tk, H, Hkv, hs
 
 
-def _visible(xp, Tq, Tk, causal, seg_b):
-    """(Tq, Tk) bool mask for one batch row, or None when every key is visible."""
+# ---------------------------------------------------------------- references (xp, fp32; fp64 for fp64)
+
+def _compute_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def visible_mask(xp, Tq: int, Tk: int, causal: bool = True, segments=None):
+    """(B or 1, 1, Tq, Tk) bool: key j visible to query i (at position Tk - Tq + i), or None if all are."""
     visible = None
     if causal:
-        visible = xp.arange(Tk)[None, :] <= xp.arange(Tk - Tq, Tk)[:, None]
-    if seg_b is not None:
-        same = seg_b[Tk - Tq:, None] == seg_b[None, :]
+        qpos = xp.arange(Tk - Tq, Tk)[:, None]
+        visible = (xp.arange(Tk)[None, :] <= qpos)[None]                 # (1, Tq, Tk)
+    if segments is not None:
+        segments = xp.asarray(segments)
+        same = segments[:, Tk - Tq:, None] == segments[:, None, :]       # (B, Tq, Tk)
         visible = same if visible is None else visible & same
-    return visible
+    return None if visible is None else visible[:, None]                 # (B|1, 1, Tq, Tk)
 
 
-# ---------------------------------------------------------------- references (fp32, xp)
+def _heads_first(xp, x, ct):
+    return xp.ascontiguousarray(x.transpose(0, 2, 1, 3).astype(ct, copy=False))   # (B, H, T, hs)
+
+
+def _scores(q, k, causal, segments):
+    """The scaled scores (B, H, Tq, Tk) with -inf where masked, the mask, and head-first
+    compute-dtype copies of q (B, H, Tq, hs) and of k repeated over the G query heads (B, H, Tk, hs)."""
+    xp = backend.get_array_module(q)
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    ct = _compute_dtype(q.dtype)
+    qh = _heads_first(xp, q, ct)                                          # (B, H, Tq, hs)
+    kh = xp.repeat(_heads_first(xp, k, ct), G, axis=1)                    # (B, H, Tk, hs)
+    scores = qh @ kh.swapaxes(-1, -2)                                     # (B, H, Tq, Tk)
+    scores *= ct.type(1.0 / math.sqrt(hs))
+    mask = visible_mask(xp, Tq, Tk, causal, segments)
+    if mask is not None:
+        scores = xp.where(mask, scores, ct.type(-np.inf))
+    return scores, mask, qh, kh
+
+
+def _check_shapes(op, q, k, v, segments=None):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ShapeError(f"{op}: q {q.shape}, k {k.shape}, v {v.shape} must be (B, Tq, H, hs) and two equal (B, Tk, Hkv, hs)")
+    B, Tq, H, hs = q.shape
+    if k.shape[0] != B or k.shape[3] != hs or k.shape[2] == 0 or H % k.shape[2]:
+        raise ShapeError(f"{op}: q {q.shape} does not fit k {k.shape} (same B and hs, H a multiple of Hkv)")
+    if Tq > k.shape[1]:
+        raise ShapeError(f"{op}: q has {Tq} positions but k only {k.shape[1]}; queries are the last Tq of the Tk keys")
+    if segments is not None and tuple(segments.shape) != (B, k.shape[1]):
+        raise ShapeError(f"{op}: segments has shape {tuple(segments.shape)}, expected (B, Tk) = {(B, k.shape[1])}")
+
 
 def attention_forward_reference(q, k, v, causal=True, segments=None):
-    """(out (B, Tq, H, hs), lse (B, H, Tq)), both float32, computed in fp32 with NumPy or CuPy."""
-    B, Tq, Tk, H, Hkv, hs = _check(q, k, v, segments)
+    """(out (B, Tq, H, hs), lse (B, H, Tq)) in fp32 (fp64 for fp64 inputs), with xp."""
+    _check_shapes("attention_forward_reference", q, k, v, segments)
     xp = backend.get_array_module(q)
-    G = H // Hkv
-    scale = np.float32(1.0 / math.sqrt(hs))
-    out = xp.empty((B, Tq, H, hs), np.float32)
-    lse = xp.empty((B, H, Tq), np.float32)
-    for b in range(B):
-        visible = _visible(xp, Tq, Tk, causal, None if segments is None else segments[b])
-        for h in range(H):
-            qh = q[b, :, h].astype(np.float32)                             # (Tq, hs)
-            kh = k[b, :, h // G].astype(np.float32)                        # (Tk, hs)
-            vh = v[b, :, h // G].astype(np.float32)
-            s = (qh @ kh.T) * scale                                        # (Tq, Tk)
-            if visible is not None:
-                s[~visible] = -np.inf
-            m = s.max(axis=-1, keepdims=True)
-            p = xp.exp(s - m)
-            l = p.sum(axis=-1, keepdims=True)
-            out[b, :, h] = (p @ vh) / l
-            lse[b, h] = (m + xp.log(l))[:, 0]
-    return out, lse
+    G = q.shape[2] // k.shape[2]
+    scores, _, _, _ = _scores(q, k, causal, segments)
+    m = scores.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)                # a row with no visible key: lse = -inf, out = 0
+    p = xp.exp(scores - m)
+    total = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = (xp.log(total) + m)[..., 0]                                  # (B, H, Tq)
+        p /= xp.where(total > 0, total, 1)
+    vh = xp.repeat(_heads_first(xp, v, scores.dtype), G, axis=1)          # (B, H, Tk, hs)
+    out = (p @ vh).transpose(0, 2, 1, 3)                                  # (B, Tq, H, hs)
+    return xp.ascontiguousarray(out), lse
 
 
 def attention_backward_reference(q, k, v, out, dout, lse, causal=True, segments=None):
-    """(dq (B, Tq, H, hs), dk, dv (B, Tk, Hkv, hs)) in float32; dk/dv summed over each kv head's
-    query heads. p is rebuilt from lse; D_i = sum_d dout * out is the softmax's row correction."""
-    B, Tq, Tk, H, Hkv, hs = _check(q, k, v, segments)
+    """(dq, dk, dv) of sum(dout * attention(q, k, v)) in fp32 (fp64 for fp64 inputs), with xp.
+
+    Uses the same recipe as the kernel: P = exp(S - lse), D = rowsum(dout * out),
+    dS = P (dP - D); dk, dv summed over the G query heads that share a kv head.
+    """
+    _check_shapes("attention_backward_reference", q, k, v, segments)
     xp = backend.get_array_module(q)
+    B, Tq, H, hs = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    scale = np.float32(1.0 / math.sqrt(hs))
-    dq = xp.zeros((B, Tq, H, hs), np.float32)
-    dk = xp.zeros((B, Tk, Hkv, hs), np.float32)
-    dv = xp.zeros((B, Tk, Hkv, hs), np.float32)
-    for b in range(B):
-        visible = _visible(xp, Tq, Tk, causal, None if segments is None else segments[b])
-        for h in range(H):
-            qh = q[b, :, h].astype(np.float32)                             # (Tq, hs)
-            kh = k[b, :, h // G].astype(np.float32)                        # (Tk, hs)
-            vh = v[b, :, h // G].astype(np.float32)
-            do = dout[b, :, h].astype(np.float32)
-            s = (qh @ kh.T) * scale                                        # (Tq, Tk)
-            if visible is not None:
-                s[~visible] = -np.inf
-            p = xp.exp(s - lse[b, h].astype(np.float32)[:, None])
-            dv[b, :, h // G] += p.T @ do
-            dp = do @ vh.T
-            delta = (do * out[b, :, h].astype(np.float32)).sum(axis=-1, keepdims=True)
-            ds = p * (dp - delta) * scale
-            dq[b, :, h] = ds @ kh
-            dk[b, :, h // G] += ds.T @ qh
-    return dq, dk, dv
+    scores, _, qh, kh = _scores(q, k, causal, segments)
+    ct = scores.dtype
+    lse = lse.astype(ct, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = xp.exp(scores - xp.where(xp.isfinite(lse), lse, 0)[..., None])
+    p = xp.where(xp.isfinite(scores), p, 0)                               # (B, H, Tq, Tk)
+    doh = _heads_first(xp, dout, ct)                                      # (B, H, Tq, hs)
+    vh = xp.repeat(_heads_first(xp, v, ct), G, axis=1)                    # (B, H, Tk, hs)
+    D = (dout.astype(ct, copy=False) * out.astype(ct, copy=False)).sum(axis=-1).transpose(0, 2, 1)  # (B, H, Tq)
+    dvh = p.swapaxes(-1, -2) @ doh                                        # (B, H, Tk, hs)
+    ds = p * (doh @ vh.swapaxes(-1, -2) - D[..., None])                   # (B, H, Tq, Tk)
+    scale = ct.type(1.0 / math.sqrt(hs))
+    dqh = (ds @ kh) * scale                                               # (B, H, Tq, hs)
+    dkh = (ds.swapaxes(-1, -2) @ qh) * scale                              # (B, H, Tk, hs)
+
+    def kv_grad(x):  # (B, H, Tk, hs) -> (B, Tk, Hkv, hs), summing each kv head's G query heads
+        return xp.ascontiguousarray(x.reshape(B, Hkv, G, Tk, hs).sum(axis=2).transpose(0, 2, 1, 3))
+
+    return xp.ascontiguousarray(dqh.transpose(0, 2, 1, 3)), kv_grad(dkh), kv_grad(dvh)
 
 
 # ---------------------------------------------------------------- the kernel
@@ -326,18 +360,7 @@ def bench_flash_forward(B=8, H=16, T=2048, hs=128, Hkv=None, causal=True, dtype=
             tv = tv.repeat_interleave(H // Hkv, dim=1)
         f = torch.nn.functional.scaled_dot_product_attention
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            run = lambda: f(tq, tk, tv, is_causal=causal)  # noqa: E731
-            for _ in range(3):
-                run()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                run()
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e))
-        tms = statistics.median(times)
+            from llamac.kernel_bench import torch_time_ms  # noqa: PLC0415 - benchmarks only
+            tms = torch_time_ms(torch, lambda: f(tq, tk, tv, is_causal=causal), reps, 3)
         result.update(torch_ms=tms, torch_tflops=flops / tms / 1e9, ratio_vs_torch=tms / ms)
     return result

@@ -8,22 +8,21 @@ The forward returns out (B, Tq, H, hs) and lse (B, H, Tq), the natural-log logsu
 the scaled, masked scores, which is all the backward needs to rebuild the probabilities
 block by block: nothing Tq x Tk is ever held.
 
-The references are written against `xp` (NumPy or CuPy) and compute in fp32 (fp64 for
-fp64 inputs); they do hold the full (Tq, Tk) scores, so they are for tests and small
-sizes. Nothing here imports cupy (llamac.backend hands it out).
+The references are llamac.flash's (`attention_reference` is its forward reference under the
+name this module's tests use). Nothing here imports cupy (llamac.backend hands it out).
 """
 from __future__ import annotations
 
 import math
-import statistics
 
 import numpy as np
 
 from llamac import backend
 from llamac.errors import DeviceError, LlamacError, ShapeError
+from llamac.flash import HEAD_DIMS, _check_shapes, attention_backward_reference
+from llamac.flash import attention_forward_reference as attention_reference  # noqa: F401 - this module's name for it
 
 KERNEL = "flash_attn_bwd"
-HEAD_DIMS = (32, 48, 64, 96, 128)   # as llamac.flash.HEAD_DIMS (48: the 15M model's 288 / 6)
 # Tiles per head_dim (kernels/flash_attn_bwd.cu): (queries per tile, warps per CTA, 16-key
 # row tiles per warp); a CTA's key block is 16 * warps * key_tiles keys. Chosen by timing
 # every variant (bench_flash_backward, B=8, H=16, T=2048, causal, bf16) on an H200:
@@ -64,109 +63,6 @@ def tiles_fit(hs: int, tiles) -> bool:
 def variants(hs: int) -> tuple:
     """The VARIANTS the kernel builds for head size hs."""
     return tuple(t for t in VARIANTS if tiles_fit(hs, t))
-
-
-# ---------------------------------------------------------------- references (xp, fp32)
-
-def _compute_dtype(dtype) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def visible_mask(xp, Tq: int, Tk: int, causal: bool = True, segments=None):
-    """(B or 1, 1, Tq, Tk) bool: key j visible to query i (at position Tk - Tq + i), or None if all are."""
-    visible = None
-    if causal:
-        qpos = xp.arange(Tk - Tq, Tk)[:, None]
-        visible = (xp.arange(Tk)[None, :] <= qpos)[None]                 # (1, Tq, Tk)
-    if segments is not None:
-        segments = xp.asarray(segments)
-        same = segments[:, Tk - Tq:, None] == segments[:, None, :]       # (B, Tq, Tk)
-        visible = same if visible is None else visible & same
-    return None if visible is None else visible[:, None]                 # (B|1, 1, Tq, Tk)
-
-
-def _heads_first(xp, x, ct):
-    return xp.ascontiguousarray(x.transpose(0, 2, 1, 3).astype(ct, copy=False))   # (B, H, T, hs)
-
-
-def _scores(q, k, causal, segments):
-    """The scaled scores (B, H, Tq, Tk) with -inf where masked, the mask, and head-first
-    compute-dtype copies of q (B, H, Tq, hs) and of k repeated over the G query heads (B, H, Tk, hs)."""
-    xp = backend.get_array_module(q)
-    B, Tq, H, hs = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    ct = _compute_dtype(q.dtype)
-    qh = _heads_first(xp, q, ct)                                          # (B, H, Tq, hs)
-    kh = xp.repeat(_heads_first(xp, k, ct), G, axis=1)                    # (B, H, Tk, hs)
-    scores = qh @ kh.swapaxes(-1, -2)                                     # (B, H, Tq, Tk)
-    scores *= ct.type(1.0 / math.sqrt(hs))
-    mask = visible_mask(xp, Tq, Tk, causal, segments)
-    if mask is not None:
-        scores = xp.where(mask, scores, ct.type(-np.inf))
-    return scores, mask, qh, kh
-
-
-def _check_shapes(op, q, k, v, segments=None):
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ShapeError(f"{op}: q {q.shape}, k {k.shape}, v {v.shape} must be (B, Tq, H, hs) and two equal (B, Tk, Hkv, hs)")
-    B, Tq, H, hs = q.shape
-    if k.shape[0] != B or k.shape[3] != hs or k.shape[2] == 0 or H % k.shape[2]:
-        raise ShapeError(f"{op}: q {q.shape} does not fit k {k.shape} (same B and hs, H a multiple of Hkv)")
-    if Tq > k.shape[1]:
-        raise ShapeError(f"{op}: q has {Tq} positions but k only {k.shape[1]}; queries are the last Tq of the Tk keys")
-    if segments is not None and tuple(segments.shape) != (B, k.shape[1]):
-        raise ShapeError(f"{op}: segments has shape {tuple(segments.shape)}, expected (B, Tk) = {(B, k.shape[1])}")
-
-
-def attention_reference(q, k, v, causal=True, segments=None):
-    """(out (B, Tq, H, hs), lse (B, H, Tq)) in fp32 (fp64 for fp64 inputs), with xp."""
-    _check_shapes("attention_reference", q, k, v, segments)
-    xp = backend.get_array_module(q)
-    G = q.shape[2] // k.shape[2]
-    scores, _, _, _ = _scores(q, k, causal, segments)
-    m = scores.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)                # a row with no visible key: lse = -inf, out = 0
-    p = xp.exp(scores - m)
-    total = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lse = (xp.log(total) + m)[..., 0]                                  # (B, H, Tq)
-        p /= xp.where(total > 0, total, 1)
-    vh = xp.repeat(_heads_first(xp, v, scores.dtype), G, axis=1)          # (B, H, Tk, hs)
-    out = (p @ vh).transpose(0, 2, 1, 3)                                  # (B, Tq, H, hs)
-    return xp.ascontiguousarray(out), lse
-
-
-def attention_backward_reference(q, k, v, out, dout, lse, causal=True, segments=None):
-    """(dq, dk, dv) of sum(dout * attention(q, k, v)) in fp32 (fp64 for fp64 inputs), with xp.
-
-    Uses the same recipe as the kernel: P = exp(S - lse), D = rowsum(dout * out),
-    dS = P (dP - D); dk, dv summed over the G query heads that share a kv head.
-    """
-    _check_shapes("attention_backward_reference", q, k, v, segments)
-    xp = backend.get_array_module(q)
-    B, Tq, H, hs = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    scores, _, qh, kh = _scores(q, k, causal, segments)
-    ct = scores.dtype
-    lse = lse.astype(ct, copy=False)
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = xp.exp(scores - xp.where(xp.isfinite(lse), lse, 0)[..., None])
-    p = xp.where(xp.isfinite(scores), p, 0)                               # (B, H, Tq, Tk)
-    doh = _heads_first(xp, dout, ct)                                      # (B, H, Tq, hs)
-    vh = xp.repeat(_heads_first(xp, v, ct), G, axis=1)                    # (B, H, Tk, hs)
-    D = (dout.astype(ct, copy=False) * out.astype(ct, copy=False)).sum(axis=-1).transpose(0, 2, 1)  # (B, H, Tq)
-    dvh = p.swapaxes(-1, -2) @ doh                                        # (B, H, Tk, hs)
-    ds = p * (doh @ vh.swapaxes(-1, -2) - D[..., None])                   # (B, H, Tq, Tk)
-    scale = ct.type(1.0 / math.sqrt(hs))
-    dqh = (ds @ kh) * scale                                               # (B, H, Tq, hs)
-    dkh = (ds.swapaxes(-1, -2) @ qh) * scale                              # (B, H, Tk, hs)
-
-    def kv_grad(x):  # (B, H, Tk, hs) -> (B, Tk, Hkv, hs), summing each kv head's G query heads
-        return xp.ascontiguousarray(x.reshape(B, Hkv, G, Tk, hs).sum(axis=2).transpose(0, 2, 1, 3))
-
-    return xp.ascontiguousarray(dqh.transpose(0, 2, 1, 3)), kv_grad(dkh), kv_grad(dvh)
 
 
 # ---------------------------------------------------------------- the kernel
@@ -335,6 +231,7 @@ def _torch_sdpa_times(q, k, v, dout, causal, reps, warmup, flops) -> dict:
         from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
     except Exception as exc:
         return {"torch": f"unavailable ({type(exc).__name__})"}
+    from llamac.kernel_bench import torch_time_ms  # noqa: PLC0415 - benchmarks only
     try:
         def t(x):  # (B, T, H, hs) -> torch (B, H, T, hs), bf16, same values
             return torch.as_tensor(x.astype(np.float32), device="cuda").to(torch.bfloat16).transpose(1, 2).contiguous()
@@ -353,26 +250,11 @@ def _torch_sdpa_times(q, k, v, dout, causal, reps, warmup, flops) -> dict:
             o.backward(tdo)
 
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
-            f_ms = _torch_ms(torch, fwd, reps, warmup)
+            f_ms = torch_time_ms(torch, fwd, reps, warmup)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            fb_ms = _torch_ms(torch, fwd_bwd, reps, warmup)
+            fb_ms = torch_time_ms(torch, fwd_bwd, reps, warmup)
         b_ms = fb_ms - f_ms
         return {"torch_fwd_ms": f_ms, "torch_fwd_bwd_ms": fb_ms, "torch_bwd_ms": b_ms,
                 "torch_bwd_tflops": flops / (b_ms * 1e-3) / 1e12}
     except Exception as exc:  # a torch without the flash backend for these shapes, say
         return {"torch": f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"}
-
-
-def _torch_ms(torch, fn, reps, warmup) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)

@@ -580,20 +580,15 @@ def _attention_items(E):
 def attention_bias(xp, Tq: int, Tk: int, segments=None, causal: bool = True, dtype=np.float32):
     """Additive mask, (B or 1, 1, 1, Tq, Tk): 0 where key j is visible to query i (at position
     Tk - Tq + i: causal, same document), -inf elsewhere. None when everything is visible."""
-    visible = None
-    if causal and Tq > 1:
-        qpos = xp.arange(Tk - Tq, Tk)[:, None]
-        visible = (xp.arange(Tk)[None, :] <= qpos)[None]                 # (1, Tq, Tk)
-    if segments is not None:
-        same = segments[:, Tk - Tq:, None] == segments[:, None, :]       # (B, Tq, Tk)
-        visible = same if visible is None else visible & same
+    # One query (a decode step) sees every earlier key: causality masks nothing there.
+    visible = flash.visible_mask(xp, Tq, Tk, causal and Tq > 1, segments)  # (B or 1, 1, Tq, Tk)
     if visible is None:
         return None
     # where(), not bias[~visible] = -inf: boolean-mask assignment counts the mask on the host,
     # a synchronisation that a CUDA graph capture cannot contain.
     ct = compute_dtype(dtype)
     bias = xp.where(visible, ct.type(0), ct.type(-np.inf)).astype(ct, copy=False)
-    return bias[:, None, None]
+    return bias[:, None]
 
 
 # ---------------------------------------------------------------- functional API

@@ -50,6 +50,22 @@ def _time_ms(fn, reps: int, warmup: int, between=None) -> float:
     return statistics.median(backend.elapsed_ms(s, e) for s, e in pairs)
 
 
+def torch_time_ms(torch, fn, reps: int, warmup: int) -> float:
+    """Median milliseconds of a PyTorch op from torch's own CUDA events, each rep waited for."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def measure_copy_bandwidth(nbytes: int = COPY_BYTES, reps: int = 20, warmup: int = 3) -> float:
     """GB/s (1e9 bytes/s) of a device-to-device cudaMemcpy, counting the bytes read plus written."""
     cp = _cupy("measure_copy_bandwidth")
