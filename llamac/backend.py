@@ -454,8 +454,9 @@ def gemm(a, b, out=None, trans_a: bool = False, trans_b: bool = False, alpha: fl
     a (..., M, K), b (..., K, N) after the optional transposes of their last two axes; batch dims
     broadcast (a 2-D operand is shared by the whole batch). Any strided view whose matrices have one
     unit stride is read in place (transposes become cuBLAS ops); others are copied first.
-    bf16/fp16/fp32 inputs accumulate in fp32. `out` (C-contiguous, (..., M, N), the inputs' dtype)
-    is written in place; with beta != 0 it must be given. Capturable in a CUDA graph.
+    bf16/fp16/fp32 inputs accumulate in fp32. `out` (C-contiguous, (..., M, N), the inputs' dtype,
+    or float32 for bf16/fp16 inputs: a sum kept in fp32 across calls) is written in place; with
+    beta != 0 it must be given. Capturable in a CUDA graph.
     """
     cp = cupy_module()
     if trans_a:
@@ -478,16 +479,17 @@ def gemm(a, b, out=None, trans_a: bool = False, trans_b: bool = False, alpha: fl
         if beta != 0:
             raise LlamacError("gemm with beta != 0 needs out")
         out = cp.empty((*batch, M, N), dtype)
-    elif out.shape != (*batch, M, N) or out.dtype != dtype or not out.flags.c_contiguous:
-        raise LlamacError(f"gemm: out must be a C-contiguous {(*batch, M, N)} {dtype} array, "
-                          f"got {out.shape} {out.dtype}")
+    elif (out.shape != (*batch, M, N) or not out.flags.c_contiguous
+          or not (out.dtype == dtype or (out.dtype == np.float32 and dtype.itemsize == 2))):
+        raise LlamacError(f"gemm: out must be a C-contiguous {(*batch, M, N)} {dtype} array "
+                          f"(or float32 for 16-bit inputs), got {out.shape} {out.dtype}")
     if out.size == 0:
         return out
     if K == 0:                                  # an empty sum: C = beta C
         if beta == 0:
             out.fill(0)
         else:
-            out *= dtype.type(beta)
+            out *= out.dtype.type(beta)
         return out
     item = dtype.itemsize
 
@@ -511,16 +513,16 @@ def gemm(a, b, out=None, trans_a: bool = False, trans_b: bool = False, alpha: fl
     double = dtype == np.float64
     compute = _COMPUTE_64F if double else _COMPUTE_32F
     al, be = lib.scalar(alpha, double), lib.scalar(beta, double)
-    t = _CUDA_R[dtype]
+    t, t_out = _CUDA_R[dtype], _CUDA_R[out.dtype]
     # Row-major C = A B is column-major C^T = B^T A^T: b goes first, and each row-major operand
     # is already its own transpose in column-major terms.
     if count == 1:
         status = lib.lib.cublasGemmEx(lib.handle, op_b, op_a, N, M, K, al, _ptr(b), t, ld_b,
-                                      _ptr(a), t, ld_a, be, _ptr(out), t, N, compute, _GEMM_DEFAULT)
+                                      _ptr(a), t, ld_a, be, _ptr(out), t_out, N, compute, _GEMM_DEFAULT)
         _Cublas._check(status, "cublasGemmEx")
     else:
         status = lib.lib.cublasGemmStridedBatchedEx(lib.handle, op_b, op_a, N, M, K, al, _ptr(b), t, ld_b,
-                                                    sb_b, _ptr(a), t, ld_a, sb_a, be, _ptr(out), t, N,
+                                                    sb_b, _ptr(a), t, ld_a, sb_a, be, _ptr(out), t_out, N,
                                                     M * N, count, compute, _GEMM_DEFAULT)
         _Cublas._check(status, "cublasGemmStridedBatchedEx")
     return out

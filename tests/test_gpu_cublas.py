@@ -87,6 +87,21 @@ def test_gemm_beta_accumulates_into_out(dtype):
     assert _rel(out, want) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gemm_16_bit_inputs_sum_into_a_float32_out(dtype):
+    # The chunked LM head's weight gradient: many products summed in fp32, rounded never in between.
+    cp = backend.cupy_module()
+    parts = [(rng.standard_normal((64, 40)), rng.standard_normal((64, 24))) for _ in range(6)]
+    out = cp.zeros((40, 24), np.float32)
+    for a, b in parts:
+        backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=True, beta=1.0)
+    want = sum(_exact(a, dtype).T @ _exact(b, dtype) for a, b in parts)
+    assert out.dtype == np.float32 and _rel(out, want) <= 1e-6
+    with pytest.raises(Exception, match="float32 for 16-bit inputs"):
+        backend.gemm(_on_gpu(parts[0][0], "float32"), _on_gpu(parts[0][1], "float32"),
+                     out=cp.zeros((40, 24), np.float16), trans_a=True)
+
+
 def test_matmul_vectors_float64_and_integers_still_work():
     cp = backend.cupy_module()
     a, b = rng.standard_normal((4, 6)), rng.standard_normal(6)
