@@ -201,7 +201,9 @@ class Tensor:
                 raise LlamacError(f"backward() on a non-scalar tensor of shape {self.shape} needs dout "
                                   "(the gradient of the output)")
             dout = xp.ones_like(self.data)
+            unit_seed = True
         else:
+            unit_seed = False
             dout = dout.data if isinstance(dout, Tensor) else xp.asarray(dout, dtype=self.dtype)
             if dout.shape != self.shape:
                 raise LlamacError(f"backward(): dout shape {dout.shape} does not match tensor shape {self.shape}")
@@ -220,6 +222,9 @@ class Tensor:
                 continue
             if xp is np and grad.dtype in _LOW_PRECISION:
                 grad = grad.astype(np.float32)
+            # The root's own gradient when backward() made it: exactly 1, which a Function that
+            # scales precomputed gradients (head_loss.HeadLoss) may skip multiplying by.
+            fn.unit_grad = node is self and unit_seed
             input_grads = fn.backward(grad)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)

@@ -13,13 +13,16 @@ import numpy as np
 
 from llamac import backend, functional, fused, nn
 from llamac.config import ModelConfig
-from llamac.engine import Tensor, no_grad
+from llamac.engine import Tensor, grad_enabled, no_grad
+from llamac.head_loss import head_loss
 from llamac.ops import CrossEntropy
 
 # GPU switches (tests and benchmarks compare against the unfused paths): residual adds fused into
 # the RMSNorm after them; the training loss's backward overwriting the logits with their gradient.
 FUSE_RESIDUALS = True
 OVERWRITE_LOGITS = True
+# GPU training: LM head + cross-entropy in row chunks (llamac.head_loss); forward returns no logits.
+FUSED_HEAD_LOSS = True
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,10 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += T
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if targets is not None and self._head_loss(x, head):
+            # Training on the GPU: the logits exist one row chunk at a time inside the loss
+            # (llamac.head_loss), so there are none to return.
+            return None, head_loss(x, head, targets, ignore_index=-100)
         logits = fused.linear(x, head)                                  # (B, T, V)
         loss = None
         if targets is not None:
@@ -218,6 +225,11 @@ class Llama(nn.Module):
             overwrite = logits.xp is not np and logits.requires_grad and OVERWRITE_LOGITS
             loss = CrossEntropy.apply(logits, targets, ignore_index=-100, overwrite_logits=overwrite)
         return logits, loss
+
+    def _head_loss(self, x, head) -> bool:
+        """GPU with gradients on: the LM head and the loss as one chunked HeadLoss."""
+        return (FUSED_HEAD_LOSS and x.xp is not np and grad_enabled() and (x.requires_grad or head.requires_grad)
+                and backend.gemm_supported(x.dtype) and x.dtype == head.dtype)
 
     def _fuse_residuals(self, x) -> bool:
         """GPU without active dropout: each residual add runs in one kernel with the RMSNorm after it."""

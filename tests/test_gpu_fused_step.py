@@ -1,12 +1,12 @@
 """The training-step fusions on the GPU: the residual add + RMSNorm kernels against their NumPy
 references at awkward sizes, and the fused model (residual adds in the norms, projections summing
-their input gradients in the GEMMs, the loss writing the logits' gradient over the logits) against
-the plain one, in fp32 (only rounding differs) and bf16."""
+their input gradients in the GEMMs, the loss writing the logits' gradient over the logits, the LM
+head and loss in row chunks) against the plain one, in fp32 (only rounding differs) and bf16."""
 import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, fused as fused_module, kernels, model as model_module
+from llamac import backend, fused as fused_module, head_loss as head_loss_module, kernels, model as model_module
 from llamac.config import ModelConfig
 from llamac.model import Llama
 
@@ -56,24 +56,28 @@ def test_add_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
         assert rel_err(dw, want_dw) <= 1e-4
 
 
-def _step(model, idx, targets, fuse):
+def _step(model, idx, targets, fuse, head_loss=False):
     model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = fuse
+    model_module.FUSED_HEAD_LOSS = head_loss
     try:
         for p in model.parameters():
             p.grad = None
         logits, loss = model(idx, targets)
-        before = backend.to_numpy(logits.data).astype(np.float32)
+        before = None if logits is None else backend.to_numpy(logits.data).astype(np.float32)
         loss.backward()
-        after = backend.to_numpy(logits.data).astype(np.float32)
+        after = None if logits is None else backend.to_numpy(logits.data).astype(np.float32)
         grads = {n: backend.to_numpy(p.grad).astype(np.float64) for n, p in model.named_parameters()}
         return float(loss.data), before, after, grads
     finally:
         model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = True
+        model_module.FUSED_HEAD_LOSS = True
 
 
+@pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-4), ("bfloat16", 6e-2)])
-def test_fused_model_matches_the_plain_one(dtype, tol):
-    cfg = ModelConfig(dim=128, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=1000, max_seq_len=80, hidden_dim=200)
+def test_fused_model_matches_the_plain_one(dtype, tol, tie, monkeypatch):
+    cfg = ModelConfig(dim=128, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=1000, max_seq_len=80, hidden_dim=200,
+                      tie_embeddings=tie)
     llamac.manual_seed(0)
     model = Llama(cfg).to("cuda", dtype=dtype)
     rng = np.random.default_rng(0)
@@ -81,14 +85,21 @@ def test_fused_model_matches_the_plain_one(dtype, tol):
         p.data = p.data + backend.cupy_module().asarray(rng.normal(0, 0.1, p.shape).astype(np.float32)).astype(p.dtype)
     xp = backend.cupy_module()
     idx, targets = xp.asarray(rng.integers(0, 1000, (3, 77))), xp.asarray(rng.integers(0, 1000, (3, 77)))
+    targets[0, :5] = -100                 # ignored positions count nowhere
     plain = _step(model, idx, targets, False)
     fused = _step(model, idx, targets, True)
+    # The chunked head loss, with chunks of 128 rows: 231 rows make two, the second partial.
+    monkeypatch.setattr(head_loss_module, "CHUNK_BYTES", 128 * 1000 * np.dtype(dtype).itemsize)
+    chunked = _step(model, idx, targets, True, head_loss=True)
     assert abs(fused[0] - plain[0]) <= 1e-3 * abs(plain[0])
+    assert abs(chunked[0] - plain[0]) <= 1e-3 * abs(plain[0])
     assert rel_err(fused[1], plain[1]) <= tol
     assert np.array_equal(plain[2], plain[1])                 # plain: the logits survive backward
     assert not np.array_equal(fused[2], fused[1])             # fused: they hold their gradient now
+    assert chunked[1] is None                                 # chunked: no logits at all
     for name, g in plain[3].items():
         assert rel_err(fused[3][name], g) <= tol, name
+        assert rel_err(chunked[3][name], g) <= tol, name
 
 
 @pytest.mark.parametrize("offset", [0, 1])

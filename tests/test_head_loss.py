@@ -1,0 +1,72 @@
+"""The chunked LM head + cross-entropy (llamac.head_loss) against the plain linear + cross-entropy, in
+float64 on the CPU: same loss, same gradients, whatever the chunking; the GPU test is in
+test_gpu_fused_step.py."""
+import numpy as np
+import pytest
+
+from llamac import functional, fused
+from llamac.engine import Tensor, no_grad
+from llamac.head_loss import CHUNK_BYTES, chunk_rows, head_loss
+
+
+def _case(N=37, C=12, V=50, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, C))
+    w = rng.normal(scale=0.5, size=(V, C))
+    t = rng.integers(0, V, N)
+    t[[0, 2, 3]] = -100                                    # ignored rows
+    return x, w, t
+
+
+def _backward(loss, scale):
+    """loss.backward() itself (the gradient reaching the loss is the engine's unit seed) or scaled."""
+    loss.backward() if scale is None else (loss * scale).backward()
+
+
+def _plain(x, w, t, scale):
+    xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    loss = functional.cross_entropy(fused.linear(xt, wt), Tensor(t))
+    _backward(loss, scale)
+    return float(loss.data), xt.grad, wt.grad
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 10 ** 9])   # 128-row chunks (the floor: 128 + 2 rows), one chunk
+@pytest.mark.parametrize("scale", [None, 1.0, 0.25])
+def test_head_loss_equals_linear_then_cross_entropy(chunk_bytes, scale):
+    x, w, t = _case()
+    x = np.concatenate([x] * 4)[:130]                      # 130 rows: past the 128-row floor
+    t = np.concatenate([t] * 4)[:130]
+    want_loss, want_gx, want_gw = _plain(x, w, t, scale)
+    xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    loss = head_loss(xt, wt, t, chunk_bytes=chunk_bytes)
+    _backward(loss, scale)
+    assert abs(float(loss.data) - want_loss) <= 1e-12 * abs(want_loss)
+    np.testing.assert_allclose(xt.grad, want_gx, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(wt.grad, want_gw, rtol=1e-10, atol=1e-14)
+
+
+def test_head_loss_batch_shape_and_frozen_operands():
+    x, w, t = _case(N=24)
+    x3, t3 = x.reshape(2, 12, -1), t.reshape(2, 12)
+    want_loss, want_gx, _ = _plain(x, w, t, 1.0)
+    xt = Tensor(x3, requires_grad=True)
+    loss = head_loss(xt, Tensor(w), t3)                    # a frozen head: only dX is made
+    loss.backward()
+    assert xt.grad.shape == (2, 12, x.shape[1])
+    np.testing.assert_allclose(xt.grad.reshape(x.shape), want_gx, rtol=1e-10, atol=1e-14)
+    with no_grad():
+        assert abs(float(head_loss(Tensor(x3), Tensor(w), t3).data) - want_loss) <= 1e-12 * want_loss
+
+
+def test_every_row_ignored_gives_zero_loss_and_gradient():
+    x, w, t = _case(N=6)
+    t[:] = -100
+    xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    loss = head_loss(xt, wt, t)
+    loss.backward()
+    assert float(loss.data) == 0.0 and not xt.grad.any() and not wt.grad.any()
+
+
+def test_chunk_rows():
+    assert chunk_rows(32000, 2) == CHUNK_BYTES // 64000 and chunk_rows(32000, 2, 64000 * 300) == 300
+    assert chunk_rows(10 ** 9, 2) == 128                   # never below a tensor-core-sized GEMM
