@@ -8,9 +8,11 @@
 //
 // Three kernels:
 //   flash_attn_bwd_preprocess  D = rowsum(dout * out), and zeroes dq_acc (one warp per row)
-//   flash_attn_bwd             one CTA per (key block of 16 * NWARPS, kv head, batch): dK, dV in
-//                              registers over all G query heads and query blocks (no atomics),
-//                              dQ added into dq_acc with fp32 atomics
+//   flash_attn_bwd             one CTA per ((batch, kv head), key block): dK, dV in registers
+//                              over all G query heads and query blocks (no atomics), dQ added
+//                              into dq_acc with fp32 atomics. The grid runs the first key blocks
+//                              (under causality the longest: every later query sees them) of
+//                              every head before the shorter ones, so short CTAs fill the tail
 //   flash_attn_bwd_convert_dq  dq_acc -> dq in the input dtype
 //
 // Tensor-core work is mma.sync m16n8k16 (bf16, or f16 for half inputs) with fp32
@@ -228,7 +230,7 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
     int* sSegQ0 = reinterpret_cast<int*>(sD0 + 2 * BLOCK_Q);      // 2 stages of (BLOCK_Q,)
     int* sSegK = sSegQ0 + 2 * BLOCK_Q;                            // (BLOCK_K,)
 
-    const int k0 = blockIdx.x * BLOCK_K, hk = blockIdx.y, b = blockIdx.z;
+    const int k0 = blockIdx.y * BLOCK_K, hk = blockIdx.x % Hkv, b = blockIdx.x / Hkv;
     const int G = H / Hkv, off = Tk - Tq;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;  // mma fragment row group and column pair

@@ -162,7 +162,7 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         smem = shared_bytes(hs, block_q, warps, key_tiles)
         if smem > 48 * 1024:  # above the default, the launch fails unless the kernel opts in
             main.max_dynamic_shared_size_bytes = smem
-        grid = (-(-Tk // (16 * warps * key_tiles)), Hkv, B)
+        grid = (B * Hkv, -(-Tk // (16 * warps * key_tiles)))     # key blocks slowest: longest first
         main(grid, (32 * warps,),
              (q, k, v, dout, lse, Dsum, seg if seg is not None else np.uint64(0), dq_acc, dk, dv,
               np.int32(Tq), np.int32(Tk), np.int32(H), np.int32(Hkv), np.int32(bool(causal)),
