@@ -302,7 +302,7 @@ def bench_decode(shapes=None, compare: bool = True, n_new: int = 256, parts=("ll
                 graph = next((r for r in theirs if "graph" in r["impl"] and r["batch"] == row.get("batch")), None)
                 if graph is not None and "decode_tok_s" in row:
                     row["vs_torch_graph"] = round(row["decode_tok_s"] / graph["decode_tok_s"], 2)
-        if name != "350M" and "hf" in parts:
+        if "hf" in parts:
             hf = log(bench_hf(name, n_new=n_new))
             rows += hf
             if isinstance(hf[0]["decode_tok_s"], float) and "decode_tok_s" in mine[0]:
