@@ -172,14 +172,15 @@ def _error_row(row: dict, exc) -> dict:
 
 def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager", "compile"),
                     cuda_graph: bool = True, warmup: int = 4, device: str = "cuda",
-                    optimizer_in_graph: bool = True) -> list[dict]:
+                    optimizer_in_graph: bool = True, recompute: bool = False) -> list[dict]:
     """bf16 training steps on the GPU (forward, backward, clip 1.0, AdamW with fp32 masters) on
     synthetic tokens: llamac (TrainStep: CUDA graph after 2 eager steps), then the same model in
     PyTorch (bf16 autocast, SDPA, fused AdamW) eager and/or torch.compile, in this process (PyTorch
     first; rows: llamac, then each PyTorch mode).
     Timed over `steps` back-to-back steps after `warmup`; memory is llamac's CuPy pools (default +
     graph pools, blocks in use and cached) and torch.cuda.max_memory_allocated. device="cpu" runs
-    the same code on a tiny shape (tests), without graphs, autocast or fused AdamW."""
+    the same code on a tiny shape (tests), without graphs, autocast or fused AdamW.
+    recompute: llamac recomputes each layer's activations in the backward (train.recompute)."""
     import gc
 
     import llamac
@@ -254,13 +255,15 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
             torch.cuda.empty_cache()
 
     backend.release_gpu_memory()
-    row = {**base, "impl": ("llamac bf16" + (" + CUDA graph" if cuda_graph else " eager")) if gpu else "llamac fp32"}
+    row = {**base, "impl": (("llamac bf16" + (" + CUDA graph" if cuda_graph else " eager")) if gpu else "llamac fp32")
+           + (" + recompute" if recompute else "")}
     seconds = runner = None
     try:
         xp = backend.xp_for(device)
         x, y = xp.asarray(x_np), xp.asarray(y_np)
         llamac.manual_seed(0)
         model = Llama(cfg).to(device, dtype="bfloat16" if gpu else None)
+        model.recompute = recompute
         flops = model.flops_per_token(T)
         row["params_M"] = round(model.num_params() / 1e6, 2)
         opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)

@@ -74,6 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "fp32"                 # fp32 | bf16 (mixed precision on the GPU)
     cuda_graph: bool = True             # GPU: replay forward+backward as a CUDA graph (static shapes, no dropout)
+    recompute: bool = False             # keep only each layer's input; recompute the rest in the backward
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
@@ -241,6 +242,8 @@ def validate(recipe: Recipe) -> None:
         raise LlamacError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if not 0.0 <= d.val_fraction < 1.0:
         raise LlamacError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if t.recompute and m.dropout > 0:
+        raise LlamacError("train.recompute needs model.dropout 0 (a recomputed layer would draw new dropout masks)")
     if t.dtype not in ("fp32", "bf16"):
         raise LlamacError(f"train.dtype must be fp32 or bf16, got {t.dtype!r}")
     if m.rope_scaling is not None:

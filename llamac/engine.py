@@ -38,6 +38,18 @@ class no_grad(contextlib.ContextDecorator):
         return False
 
 
+class enable_grad(contextlib.ContextDecorator):
+    """Record the graph inside even where an outer no_grad is on (recomputation in a backward)."""
+
+    def __enter__(self):
+        self._previous = grad_enabled()
+        _state.grad_enabled = True
+
+    def __exit__(self, *exc):
+        _state.grad_enabled = self._previous
+        return False
+
+
 _LOW_PRECISION = (backend.bfloat16, np.dtype(np.float16))
 
 

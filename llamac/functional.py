@@ -10,7 +10,7 @@ import builtins
 
 import numpy as np
 
-from llamac.engine import Tensor, generator
+from llamac.engine import Function, Tensor, enable_grad, generator, grad_enabled, no_grad
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops import (GELU, LogSoftmax, ReLU, SiLU, Softmax, Sum, Max, Cumsum, Reshape, Permute, Expand,
                         Concatenate, Where, CrossEntropy, Exp, Log, Sqrt, Rsqrt, Tanh, Sigmoid, _axes,
@@ -144,6 +144,39 @@ def dropout(x, p=0.1, training=True):
         return x * 0.0
     keep = generator(x.device).random(x.shape, dtype=np.float32) >= p
     return x * Tensor((keep / (1 - p)).astype(x.dtype))
+
+
+class _Recompute(Function):
+    """fn(x) computed without recording anything; the backward runs fn again with the graph on and
+    backpropagates through that. Only x is kept between forward and backward (activation
+    recomputation, as torch.utils.checkpoint). fn's parameters are inputs too, so the output needs
+    a gradient whenever they do; their gradients accumulate into their .grad during the inner
+    backward, so this node returns None for them."""
+
+    def forward(self, x, *params, fn):
+        self.fn = fn
+        with no_grad():
+            out = fn(Tensor(x))
+        self.save(x)
+        return out.data
+
+    def backward(self, g):
+        (x,) = self.saved
+        self.saved = ()
+        xt = Tensor(x, requires_grad=self.needs_grad[0])
+        with enable_grad():
+            out = self.fn(xt)
+        out.backward(g)
+        return (xt.grad,) + (None,) * (len(self.needs_grad) - 1)
+
+
+def recompute(fn, x: Tensor, params) -> Tensor:
+    """fn(x), keeping only x for the backward, which recomputes fn's activations. fn must be
+    deterministic (no dropout) and read no tensor needing a gradient other than x and `params`."""
+    params = list(params)
+    if not grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
+        return fn(x)
+    return _Recompute.apply(x, *params, fn=fn)
 
 
 def _attach_methods():

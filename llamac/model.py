@@ -164,6 +164,9 @@ class Llama(nn.Module):
         self.norm = nn.RMSNorm(d.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(d.dim, d.vocab_size)
         self._rope_cache = {}
+        # Training (train.recompute): each layer's activations recomputed in the backward instead
+        # of kept; the residual adds are then not fused into the norms (a layer is x -> x).
+        self.recompute = False
         self.init_weights()
 
     def init_weights(self):
@@ -203,7 +206,12 @@ class Llama(nn.Module):
             bias = fused.attention_bias(x.xp, T, start + T, segments, causal=True, dtype=x.dtype)
             bias = Tensor(bias) if bias is not None else None            # one mask for every layer
             mask = {}
-        if self._fuse_residuals(x):
+        if self.recompute and self.training and grad_enabled() and cache is None:
+            for i, layer in enumerate(self.layers):   # only each layer's input kept for the backward
+                x = functional.recompute(lambda t, layer=layer, i=i: layer(t, cos, sin, bias, None, i, **mask),
+                                         x, layer.parameters())
+            x = self.norm(x)
+        elif self._fuse_residuals(x):
             x = self._fused_layers(x, cos, sin, bias, cache, mask)
         else:
             for i, layer in enumerate(self.layers):

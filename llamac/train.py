@@ -209,6 +209,7 @@ class Trainer:
         self.tokens_per_step = tokens_per_step or self.cfg.batch_size * self.cfg.grad_accum * recipe.data.seq_len
         self.optimizer = AdamW(model.named_parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
+        model.recompute = self.cfg.recompute
         self.stepper = TrainStep(model, self.optimizer, self.cfg.grad_accum, self.cfg.grad_clip,
                                  cuda_graph=self.cfg.cuda_graph)
         self.step = 0

@@ -16,7 +16,7 @@ from llamac.config import load_recipe
 from llamac.errors import LlamacError
 from llamac.generate import generate_ids
 from llamac.model import Llama
-from llamac.train import Trainer, build_model, document_segments
+from llamac.train import Trainer, build_model, document_segments, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBUG = ROOT / "recipes" / "pretrain" / "debug.yaml"
@@ -259,3 +259,14 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, shard_dir):
     model(x, y)[1].backward()
     for name, p in model.named_parameters():
         assert np.allclose(accumulated[name], p.grad, rtol=1e-9, atol=1e-12), name
+
+
+def test_recompute_trains_to_the_same_losses(tmp_path, shard_dir):
+    losses = {}
+    for flag in ("false", "true"):
+        recipe = debug_recipe(tmp_path / flag, shard_dir, "train.max_steps=6", "train.log_every=1", "train.eval_every=0",
+                              "train.ckpt_every=0", "train.sample_tokens=0", f"train.recompute={flag}")
+        pretrain(recipe, resume=False)
+        lines = (Path(recipe.out_dir) / "metrics.jsonl").read_text().splitlines()
+        losses[flag] = [json.loads(ln)["loss"] for ln in lines if '"loss"' in ln]
+    assert len(losses["true"]) == 6 and losses["true"] == losses["false"]
