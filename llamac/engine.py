@@ -26,28 +26,26 @@ def grad_enabled() -> bool:
     return getattr(_state, "grad_enabled", True)
 
 
-class no_grad(contextlib.ContextDecorator):
+class _GradMode(contextlib.ContextDecorator):
+    enabled = True
+
+    def __enter__(self):
+        self._previous = grad_enabled()
+        _state.grad_enabled = self.enabled
+
+    def __exit__(self, *exc):
+        _state.grad_enabled = self._previous
+        return False
+
+
+class no_grad(_GradMode):
     """Record nothing inside: no graph, no saved arrays (inference, optimizer steps)."""
-
-    def __enter__(self):
-        self._previous = grad_enabled()
-        _state.grad_enabled = False
-
-    def __exit__(self, *exc):
-        _state.grad_enabled = self._previous
-        return False
+    enabled = False
 
 
-class enable_grad(contextlib.ContextDecorator):
+class enable_grad(_GradMode):
     """Record the graph inside even where an outer no_grad is on (recomputation in a backward)."""
-
-    def __enter__(self):
-        self._previous = grad_enabled()
-        _state.grad_enabled = True
-
-    def __exit__(self, *exc):
-        _state.grad_enabled = self._previous
-        return False
+    enabled = True
 
 
 _LOW_PRECISION = (backend.bfloat16, np.dtype(np.float16))
