@@ -71,7 +71,7 @@ class SwiGLUDown(Function):
     """silu(gate) * up @ w.T (the Llama MLP after its gate/up projections), GPU.
 
     Keeps gate and up but not h = silu(gate) * up (B*T*hidden values a layer): the backward
-    recomputes h in the SwiGLU backward's own pass (kernels/swiglu_recompute.cu) for the weight
+    recomputes h in the SwiGLU backward's own pass (kernels/swiglu.cu) for the weight
     gradient. The weight gradient adds into an existing .grad inside the GEMM, as Linear's does."""
 
     def forward(self, gate, up, w):

@@ -24,10 +24,9 @@ MAX_BLOCKS = 132 * 32
 # Every extern "C" entry point each kernels/NAME.cu must export; the NVRTC
 # tests check the compiled PTX against this, so a renamed kernel fails in CI.
 KERNEL_FUNCTIONS = {
-    "swiglu": ("swiglu_forward", "swiglu_backward"),
+    "swiglu": ("swiglu_forward", "swiglu_backward", "swiglu_backward_recompute"),
     "rmsnorm": ("rmsnorm_forward", "rmsnorm_backward", "rmsnorm_dw_reduce"),
     "add_rmsnorm": ("add_rmsnorm_forward", "add_rmsnorm_backward"),
-    "swiglu_recompute": ("swiglu_backward_recompute",),
     "rope": ("rope_forward", "rope_backward"),
     "embedding": ("embedding_backward",),
     "cross_entropy": ("cross_entropy_forward", "cross_entropy_backward"),
@@ -203,7 +202,7 @@ def swiglu_backward(gate, up, dout, dgate=None, dup=None):
 
 def swiglu_backward_recompute(gate, up, dout):
     """(dgate, dup, h): swiglu_backward's gradients plus the forward output h = silu(gate) * up,
-    recomputed in the same pass (kernels/swiglu_recompute.cu) so the forward need not keep h."""
+    recomputed in the same pass (kernels/swiglu.cu) so the forward need not keep h."""
     xp = _check_operands("swiglu_backward_recompute", {"gate": gate, "up": up, "dout": dout}, {})
     if xp is np:
         return (*swiglu_backward_reference(gate, up, dout), swiglu_forward_reference(gate, up))
@@ -211,7 +210,7 @@ def swiglu_backward_recompute(gate, up, dout):
     n = gate.size
     if n:
         with gate.device:
-            fn = backend.get_kernel("swiglu_recompute", "swiglu_backward_recompute", gate.dtype)
+            fn = backend.get_kernel("swiglu", "swiglu_backward_recompute", gate.dtype)
             grid, block = _launch_config(n, (gate, up, dout, dgate, dup, h))
             fn(grid, block, (gate, up, dout, dgate, dup, h, np.int64(n)))
     return dgate, dup, h
