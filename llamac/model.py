@@ -187,7 +187,9 @@ class Llama(nn.Module):
         return self._rope_cache[key]
 
     def forward(self, idx, targets=None, segment_ids=None, cache: KVCache | None = None):
-        """idx (B, T) int -> (logits (B, T, V), loss or None). With a cache, positions continue from it."""
+        """idx (B, T) int -> (logits (B, T, V), loss or None). With a cache, positions continue from it.
+        GPU training (targets given, gradients on): logits is None, the loss having been computed
+        from the head in row chunks (llamac.head_loss; FUSED_HEAD_LOSS = False keeps the logits)."""
         idx = idx if isinstance(idx, Tensor) else Tensor(idx)
         B, T = idx.shape
         start = cache.length if cache is not None else 0
