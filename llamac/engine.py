@@ -56,6 +56,7 @@ class Function:
     backward(grad_out) -> one gradient (or None) per input, in input order."""
 
     __slots__ = ("inputs", "needs_grad", "saved", "__dict__")
+    unit_grad = False       # set on the root by Tensor.backward: its gradient is exactly 1
 
     def save(self, *arrays):
         self.saved = arrays
@@ -219,6 +220,11 @@ class Tensor:
                 raise LlamacError(f"backward(): dout shape {dout.shape} does not match tensor shape {self.shape}")
         if not self.requires_grad:
             raise LlamacError("backward() on a tensor that does not require grad")
+        root = self._ctx
+        if root is not None:
+            # Whether the root's gradient is backward()'s own 1: a Function that scales gradients it
+            # made in its forward (head_loss.HeadLoss) may skip multiplying by it. Only for this call.
+            root.unit_grad = unit_seed
         grads = {id(self): dout}
         for node in reversed(_topological_order(self)):
             grad = grads.pop(id(node), None)
@@ -232,9 +238,6 @@ class Tensor:
                 continue
             if xp is np and grad.dtype in _LOW_PRECISION:
                 grad = grad.astype(np.float32)
-            # The root's own gradient when backward() made it: exactly 1, which a Function that
-            # scales precomputed gradients (head_loss.HeadLoss) may skip multiplying by.
-            fn.unit_grad = node is self and unit_seed
             input_grads = fn.backward(grad)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
@@ -249,6 +252,8 @@ class Tensor:
                 node._ctx = None
                 fn.saved = None
                 fn.inputs = None
+        if root is not None:
+            root.unit_grad = False
 
     def zero_grad(self):
         self.grad = None

@@ -73,7 +73,7 @@ class HeadLoss(Function):
         dx, dw = self.saved
         self.saved = ()
         g = backend.get_array_module(dx if dx is not None else dw).asarray(g)
-        scale = not getattr(self, "unit_grad", False)     # loss.backward() itself: g is exactly 1
+        scale = not self.unit_grad                        # loss.backward() itself: g is exactly 1
         gx = gw = None
         if dx is not None:
             if scale:
