@@ -1,19 +1,23 @@
 // Flash-attention backward (FlashAttention-2 style) on tensor cores.
 // NumPy references and the launcher: llamac/flash_backward.py.
 //
-// Layouts (C-contiguous): q, dout, out (B, Tq, H, hs); k, v, dk, dv (B, Tk, Hkv, hs);
+// Layouts (C-contiguous): q, dout, out (B, Tq, H, hs); k (B, Tk, Hkv, hs);
 // lse, D (B, H, Tq) fp32; dq_acc (B, Tq, H, hs) fp32; segments (B, Tk) int32 or null.
+// v may be the v part of a packed q|k|v projection (its positions v_row elements apart); dq
+// (B, Tq, H, hs) and dk, dv (B, Tk, Hkv, hs) C-contiguous, or the views of one packed q|k|v
+// gradient: their positions dq_row and dkv_row elements apart.
 // Query i sits at absolute position i + Tk - Tq; key j is visible to it iff
 // (!causal || j <= i + Tk - Tq) && (no segments || segments[j] == segments[i + Tk - Tq]).
 //
 // Three kernels:
-//   flash_attn_bwd_preprocess  D = rowsum(dout * out), and zeroes dq_acc (one warp per row)
+//   flash_attn_bwd_preprocess  D = rowsum(dout * out), and zeroes dq_acc (8 values a thread)
 //   flash_attn_bwd             one CTA per ((batch, kv head), key block): dK, dV in registers
 //                              over all G query heads and query blocks (no atomics), dQ added
 //                              into dq_acc with fp32 atomics. The grid runs the first key blocks
 //                              (under causality the longest: every later query sees them) of
 //                              every head before the shorter ones, so short CTAs fill the tail
 //   flash_attn_bwd_convert_dq  dq_acc -> dq in the input dtype
+// Given RoPE tables, dK and dQ come back un-rotated (RoPE's backward folded into their stores).
 //
 // Tensor-core work is mma.sync m16n8k16 (bf16, or f16 for half inputs) with fp32
 // accumulators, fed by ldmatrix from padded shared memory; both as inline PTX
@@ -178,7 +182,43 @@ LLAMAC_DEVICE void load_tile_async(mma_t* s, const DTYPE* g, long long row_strid
     }
 }
 
+// ------------------------------------------------------------ RoPE folded into the gradients
+// With cos/sin tables (T, HEAD_DIM/2) the kernels hand back the gradients of the inputs *before*
+// Meta's interleaved rotation (pairs (2i, 2i+1) by angle t * freq_i): the rotation by -angle,
+// which is RoPE's backward, applied as dK and dQ are written, so no separate pass re-reads them.
+// The tables are fp32, or DTYPE with -DROPE_TABLE_IN_DTYPE (the model's own bf16 tables,
+// widened exactly, as in kernels/rope.cu).
+#ifdef ROPE_TABLE_IN_DTYPE
+typedef DTYPE rope_table_t;
+#else
+typedef float rope_table_t;
+#endif
+
+// (g0, g1) <- the rotation of (g0, g1) by -angle: the gradient of pair (x0, x1) of the input.
+LLAMAC_DEVICE void rope_unrotate(float& g0, float& g1, float c, float s) {
+    const float a = g0 * c + g1 * s;
+    g1 = g1 * c - g0 * s;
+    g0 = a;
+}
+
 // ------------------------------------------------------------ D = rowsum(dO * O); dq_acc = 0
+
+// 8 consecutive values (16-byte aligned p) as fp32: one 16-byte load for 16-bit types.
+LLAMAC_DEVICE void load8_f(const DTYPE* p, float* f) {
+    if constexpr (sizeof(DTYPE) == 2) {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        const DTYPE* h = reinterpret_cast<const DTYPE*>(&u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = to_float(h[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = load_f(p + i);
+    }
+}
+
+// Each row of HEAD_DIM values belongs to RT consecutive threads (HEAD_DIM / 8 rounded up to a
+// power of two), 8 values a thread: 16-byte loads of O and dO, 32-byte stores of zeros.
+constexpr int PRE_RT = HEAD_DIM <= 32 ? 4 : HEAD_DIM <= 64 ? 8 : 16;
 
 extern "C" __global__ void flash_attn_bwd_preprocess(const DTYPE* __restrict__ out,
                                                      const DTYPE* __restrict__ dout,
@@ -186,18 +226,24 @@ extern "C" __global__ void flash_attn_bwd_preprocess(const DTYPE* __restrict__ o
                                                      float* __restrict__ dq_acc,
                                                      int B, int Tq, int H) {
     const long long rows = (long long)B * Tq * H;
-    const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // over (B, Tq, H)
-    const int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const long long base = row * HEAD_DIM;
+    const long long row = global_thread_id() / PRE_RT;  // over (B, Tq, H)
+    const int c = (threadIdx.x % PRE_RT) * 8;           // this thread's first column
     float acc = 0.0f;
-    for (int d = lane; d < HEAD_DIM; d += 32) {
-        acc += load_f(out + base + d) * load_f(dout + base + d);
-        dq_acc[base + d] = 0.0f;
-    }
+    if (row < rows && c < HEAD_DIM) {
+        const long long base = row * HEAD_DIM + c;
+        float o[8], d[8];
+        load8_f(out + base, o);
+        load8_f(dout + base, d);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) {
+        for (int i = 0; i < 8; ++i) acc = fmaf(o[i], d[i], acc);
+        const float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        *reinterpret_cast<float4*>(dq_acc + base) = z;
+        *reinterpret_cast<float4*>(dq_acc + base + 4) = z;
+    }
+    // Rows never straddle a warp (PRE_RT divides 32), and every lane of the warp takes part.
+#pragma unroll
+    for (int o = PRE_RT / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (row < rows && c == 0) {
         const int h = (int)(row % H);
         const long long bi = row / H;
         const int i = (int)(bi % Tq);
@@ -206,9 +252,36 @@ extern "C" __global__ void flash_attn_bwd_preprocess(const DTYPE* __restrict__ o
     }
 }
 
+// dq = dq_acc in the input dtype, 8 values a thread (32-byte loads, 16-byte stores for 16-bit
+// types); with tables, un-rotated (the gradient of q before RoPE; query i at table row i).
+// dq's positions are dq_row elements apart (H * HEAD_DIM, or a packed q|k|v gradient's width).
 extern "C" __global__ void flash_attn_bwd_convert_dq(const float* __restrict__ dq_acc,
-                                                     DTYPE* __restrict__ dq, long long n) {
-    for (long long i = global_thread_id(); i < n; i += grid_stride()) store_f(dq + i, dq_acc[i]);
+                                                     DTYPE* __restrict__ dq, long long n,
+                                                     const rope_table_t* __restrict__ cosv,
+                                                     const rope_table_t* __restrict__ sinv,
+                                                     int Tq, int H, long long dq_row) {
+    const long long row = (long long)H * HEAD_DIM;
+    for (long long e = global_thread_id() * 8; e < n; e += grid_stride() * 8) {
+        const float4 a = *reinterpret_cast<const float4*>(dq_acc + e);
+        const float4 b = *reinterpret_cast<const float4*>(dq_acc + e + 4);
+        float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        if (cosv != nullptr) {
+            const int t = (int)((e / ((long long)H * HEAD_DIM)) % Tq);
+            const long long pair = (long long)t * (HEAD_DIM / 2) + (int)(e % HEAD_DIM) / 2;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) rope_unrotate(f[2 * k], f[2 * k + 1], load_f(cosv + pair + k), load_f(sinv + pair + k));
+        }
+        DTYPE* dst = dq + (e / row) * dq_row + e % row;
+        if constexpr (sizeof(DTYPE) == 2) {
+            Packed128<DTYPE> o;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o.v[i] = from_float<DTYPE>(f[i]);
+            store128(dst, o);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) store_f(dst + i, f[i]);
+        }
+    }
 }
 
 // ------------------------------------------------------------ the main kernel
@@ -218,7 +291,9 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                const DTYPE* __restrict__ dout, const float* __restrict__ lse,
                const float* __restrict__ Dsum, const int* __restrict__ segments,
                float* __restrict__ dq_acc, DTYPE* __restrict__ dk, DTYPE* __restrict__ dv,
-               int Tq, int Tk, int H, int Hkv, int causal, float scale) {
+               int Tq, int Tk, int H, int Hkv, int causal, float scale,
+               const rope_table_t* __restrict__ cosv, const rope_table_t* __restrict__ sinv,
+               long long dkv_row, long long v_row) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     mma_t* sK = reinterpret_cast<mma_t*>(smem_raw);  // (BLOCK_K, LDS)
     mma_t* sV = sK + BLOCK_K * LDS;                   // (BLOCK_K, LDS)
@@ -263,7 +338,7 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
 
     const long long kv_off = (((long long)b * Tk + k0) * Hkv + hk) * HEAD_DIM;
     load_tile_async<BLOCK_K>(sK, k + kv_off, (long long)Hkv * HEAD_DIM, kvalid);
-    load_tile_async<BLOCK_K>(sV, v + kv_off, (long long)Hkv * HEAD_DIM, kvalid);
+    load_tile_async<BLOCK_K>(sV, v + ((long long)b * Tk + k0) * v_row + hk * HEAD_DIM, v_row, kvalid);
     if (seg) {
         for (int i = threadIdx.x; i < BLOCK_K; i += NTHREADS)
             sSegK[i] = i < kvalid ? segments[(long long)b * Tk + k0 + i] : 0;
@@ -443,11 +518,16 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
         for (int half = 0; half < 2; ++half) {
             const int kj = kw + m * 16 + g + half * 8;
             if (kj < kvalid) {
-                const long long base = (((long long)b * Tk + k0 + kj) * Hkv + hk) * HEAD_DIM + 2 * t;
+                const long long base = ((long long)b * Tk + k0 + kj) * dkv_row + hk * HEAD_DIM + 2 * t;
 #pragma unroll
                 for (int j = 0; j < HEAD_DIM / 8; ++j) {
-                    store_f(dk + base + j * 8, accK[m][j][2 * half] * scale);
-                    store_f(dk + base + j * 8 + 1, accK[m][j][2 * half + 1] * scale);
+                    float g0 = accK[m][j][2 * half] * scale, g1 = accK[m][j][2 * half + 1] * scale;
+                    if (cosv != nullptr) {  // columns j*8 + 2t, +1: pair j*4 + t of key k0 + kj
+                        const long long pair = (long long)(k0 + kj) * (HEAD_DIM / 2) + j * 4 + t;
+                        rope_unrotate(g0, g1, load_f(cosv + pair), load_f(sinv + pair));
+                    }
+                    store_f(dk + base + j * 8, g0);
+                    store_f(dk + base + j * 8 + 1, g1);
                     store_f(dv + base + j * 8, accV[m][j][2 * half]);
                     store_f(dv + base + j * 8 + 1, accV[m][j][2 * half + 1]);
                 }

@@ -5,7 +5,9 @@
 // The backward is the same rotation by -angle (sign = -1). NumPy reference and launchers:
 // llamac/kernels.py (rope_forward/backward).
 //
-// x, out: (B, T, H, hs) contiguous; cos, sin: (T, hs/2). The tables are fp32 unless compiled
+// out: (B, T, H, hs) contiguous; x: the same, or with x_row elements between consecutive
+// positions (a (B, T, H, hs) view of q or k inside a packed (B, T, (H + 2 Hkv) hs) projection);
+// cos, sin: (T, hs/2). The tables are fp32 unless compiled
 // with -DROPE_TABLE_IN_DTYPE (then DTYPE, the model's own bf16 tables, widened exactly).
 // Memory-bound: each thread moves one 16-byte pack (whole pairs, since a pack holds an even
 // number of values) when hs is a multiple of the pack and x/out are aligned; else one pair.
@@ -24,20 +26,20 @@ LLAMAC_DEVICE void rope_pair(float x0, float x1, float c, float s, float& o0, fl
 
 LLAMAC_DEVICE void rope_apply(const DTYPE* x, const rope_table_t* __restrict__ cosv,
                               const rope_table_t* __restrict__ sinv, DTYPE* out,
-                              long long n, int T, int H, int hs, float sign) {
+                              long long n, int T, int H, int hs, long long x_row, float sign) {
     const long long tid = global_thread_id();
     const long long stride = grid_stride();
-    const long long row = (long long)H * hs;  // elements per position t
+    const long long row = (long long)H * hs;  // elements per position t of out
     const int half = hs >> 1;
     constexpr int P = Packed128<DTYPE>::size;
-    if ((hs % P) == 0 && is_aligned16(x) && is_aligned16(out)) {
+    if ((hs % P) == 0 && (x_row % P) == 0 && is_aligned16(x) && is_aligned16(out)) {
         for (long long p = tid; p < n / P; p += stride) {
             const long long e = p * P;
             const int t = (int)((e / row) % T);
             const int i0 = (int)(e % hs) >> 1;  // first pair of this pack
             const rope_table_t* ct = cosv + (long long)t * half + i0;
             const rope_table_t* st = sinv + (long long)t * half + i0;
-            const Packed128<DTYPE> a = load128(x + e);
+            const Packed128<DTYPE> a = load128(x + (e / row) * x_row + e % row);
             Packed128<DTYPE> o;
 #pragma unroll
             for (int k = 0; k < P / 2; ++k) {
@@ -54,8 +56,9 @@ LLAMAC_DEVICE void rope_apply(const DTYPE* x, const rope_table_t* __restrict__ c
         const long long e = 2 * q;
         const int t = (int)((e / row) % T);
         const int i = (int)(e % hs) >> 1;
+        const long long xe = (e / row) * x_row + e % row;
         float o0, o1;
-        rope_pair(load_f(x + e), load_f(x + e + 1), load_f(cosv + (long long)t * half + i),
+        rope_pair(load_f(x + xe), load_f(x + xe + 1), load_f(cosv + (long long)t * half + i),
                   sign * load_f(sinv + (long long)t * half + i), o0, o1);
         store_f(out + e, o0);
         store_f(out + e + 1, o1);
@@ -64,12 +67,12 @@ LLAMAC_DEVICE void rope_apply(const DTYPE* x, const rope_table_t* __restrict__ c
 
 extern "C" __global__ void rope_forward(const DTYPE* x, const rope_table_t* __restrict__ cosv,
                                         const rope_table_t* __restrict__ sinv, DTYPE* out,
-                                        long long n, int T, int H, int hs) {
-    rope_apply(x, cosv, sinv, out, n, T, H, hs, 1.0f);
+                                        long long n, int T, int H, int hs, long long x_row) {
+    rope_apply(x, cosv, sinv, out, n, T, H, hs, x_row, 1.0f);
 }
 
 extern "C" __global__ void rope_backward(const DTYPE* dout, const rope_table_t* __restrict__ cosv,
                                          const rope_table_t* __restrict__ sinv, DTYPE* dx,
-                                         long long n, int T, int H, int hs) {
-    rope_apply(dout, cosv, sinv, dx, n, T, H, hs, -1.0f);
+                                         long long n, int T, int H, int hs, long long x_row) {
+    rope_apply(dout, cosv, sinv, dx, n, T, H, hs, x_row, -1.0f);
 }

@@ -20,6 +20,7 @@ import numpy as np
 from llamac import backend
 from llamac.errors import DeviceError, LlamacError, ShapeError
 from llamac.flash import HEAD_DIMS, _check_shapes, attention_backward_reference
+from llamac.kernels import position_stride, rope_reference
 from llamac.flash import attention_forward_reference as attention_reference  # noqa: F401 - this module's name for it
 
 KERNEL = "flash_attn_bwd"
@@ -102,8 +103,14 @@ def _check_operands(q, k, v, out, dout, lse, segments):
     if hs not in HEAD_DIMS:
         raise LlamacError(f"{op}: the CUDA kernel takes head_dim {' or '.join(map(str, HEAD_DIMS))}, got {hs}")
     for name, a in arrays.items():
-        # The kernel indexes flat memory and loads 16 bytes at a time.
-        if not a.flags.c_contiguous:
+        # The kernel indexes flat memory and loads 16 bytes at a time; v may be the v part of a
+        # packed q|k|v projection (evenly spaced positions, 16-byte aligned).
+        if name == "v" and not a.flags.c_contiguous:
+            step = position_stride(a)
+            if step is None or step * a.itemsize % 16:
+                raise LlamacError(f"{op}: v must be C-contiguous or have contiguous, evenly spaced, "
+                                  "16-byte aligned positions; pass xp.ascontiguousarray(v)")
+        elif not a.flags.c_contiguous:
             raise LlamacError(f"{op}: {name} is not C-contiguous; pass xp.ascontiguousarray({name})")
         if a.data.ptr % 16:
             raise LlamacError(f"{op}: {name} does not start on a 16-byte boundary; pass a copy")
@@ -111,6 +118,42 @@ def _check_operands(q, k, v, out, dout, lse, segments):
     if len(devices) > 1:
         raise DeviceError(f"{op}: operands are on different GPUs")
     return xp
+
+
+def _check_rope(q, k, rope):
+    B, Tq, H, hs = q.shape
+    if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+        raise LlamacError("flash_attention_backward: rope must be a (cos, sin) pair of tables")
+    if k.shape[1] != Tq:
+        raise ShapeError(f"flash_attention_backward: RoPE folded in needs Tq == Tk, got {Tq} and {k.shape[1]}")
+    for name, t in zip(("cos", "sin"), rope):
+        if t.shape != (Tq, hs // 2):
+            raise ShapeError(f"flash_attention_backward: rope {name} is {t.shape}, expected (T, hs/2) = {(Tq, hs // 2)}")
+        if backend.get_array_module(t) is not backend.get_array_module(q):
+            raise DeviceError(f"flash_attention_backward: rope {name} is not on q's device")
+
+
+def _check_grads_out(q, k, v, grads_out):
+    """(dq_row, dkv_row): the position strides of the destination arrays, after checking them."""
+    op = "flash_attention_backward"
+    if not isinstance(grads_out, (tuple, list)) or len(grads_out) != 3:
+        raise LlamacError(f"{op}: grads_out must be a (dq, dk, dv) triple of arrays")
+    xp = backend.get_array_module(q)
+    strides = []
+    for name, dst, like in zip(("dq", "dk", "dv"), grads_out, (q, k, v)):
+        if backend.get_array_module(dst) is not xp or dst.shape != like.shape or dst.dtype != q.dtype:
+            raise LlamacError(f"{op}: grads_out {name} must be a {q.dtype} array of shape {like.shape} "
+                              f"on q's device, got {getattr(dst, 'shape', None)} {getattr(dst, 'dtype', None)}")
+        step = position_stride(dst)
+        # The dq conversion stores 16 bytes at a time: 16-byte aligned rows.
+        if step is None or (xp is not np and (dst.data.ptr % 16 or step * dst.itemsize % 16)):
+            raise LlamacError(f"{op}: grads_out {name} must be C-contiguous or a view with contiguous, "
+                              "evenly spaced, 16-byte aligned positions")
+        strides.append(step)
+    if strides[1] != strides[2]:
+        raise LlamacError(f"{op}: grads_out dk and dv must space their positions alike "
+                          f"({strides[1]} and {strides[2]} elements)")
+    return strides[0], strides[1]
 
 
 def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1) -> int:
@@ -122,7 +165,8 @@ def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1
     return tiles + ds + 2 * 3 * block_q * 4 + block_k * 4   # two stages of lse, D, query ids; key ids
 
 
-def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None, *, tiles=None):
+def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None, *, tiles=None, rope=None,
+                             grads_out=None):
     """(dq, dk, dv) of attention: the tensor-core kernel on CuPy bf16/fp16 arrays, the reference on NumPy.
 
     q, out, dout (B, Tq, H, hs); k, v (B, Tk, Hkv, hs); lse (B, H, Tq) fp32 from the forward;
@@ -130,16 +174,37 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
     (each kv head's gradient summed over its G query heads), all in q's dtype, computed with
     fp32 accumulation. head_dim in HEAD_DIMS on the GPU. `tiles` = (block_q, warps, key_tiles),
     one of variants(hs), overrides default_tiles(hs, Tk), for benchmarks and tests.
+
+    rope=(cos, sin), tables (T, hs/2) with Tq = Tk = T: q and k are RoPE's outputs (Meta's
+    interleaved pairs, kernels.rope_forward), and dq, dk come back as the gradients of its inputs:
+    RoPE's backward folded into the kernels' stores (the reference: kernels.rope_backward after).
+
+    grads_out=(dq, dk, dv): arrays of q's dtype shaped like q, k, v to write the gradients into,
+    C-contiguous or views whose positions are evenly spaced (kernels.position_stride; dk and dv
+    spaced alike): the q, k and v parts of one packed (B, T, (H + 2 Hkv) hs) gradient. Returned.
     """
     xp = _check_operands(q, k, v, out, dout, lse, segments)
+    if rope is not None:
+        _check_rope(q, k, rope)
+    rows = _check_grads_out(q, k, v, grads_out) if grads_out is not None else None
     if xp is np:
         grads = attention_backward_reference(q, k, v, out, dout, lse, causal, segments)
-        return tuple(g.astype(q.dtype, copy=False) for g in grads)
+        if rope is not None:
+            grads = (*(rope_reference(g, rope[0], rope[1], -1.0) for g in grads[:2]), grads[2])
+        if grads_out is None:
+            return tuple(g.astype(q.dtype, copy=False) for g in grads)
+        for dst, g in zip(grads_out, grads):
+            dst[...] = g
+        return tuple(grads_out)
 
     B, Tq, H, hs = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    dq = xp.empty_like(q)
-    dk, dv = xp.empty_like(k), xp.empty_like(v)
+    if grads_out is None:
+        dq = xp.empty_like(q)
+        dk, dv = xp.empty_like(k), xp.empty_like(v)
+        dq_row, dkv_row = H * hs, Hkv * hs
+    else:
+        (dq, dk, dv), (dq_row, dkv_row) = grads_out, rows
     if B == 0 or Tq == 0 or H == 0:
         dk[...] = 0
         dv[...] = 0
@@ -149,6 +214,12 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
     block_q, warps, key_tiles = tiles
     options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
+    cos = sin = np.uint64(0)                    # null: no RoPE folded in
+    if rope is not None:
+        # The model's own 16-bit tables are read as they are (exact widening), as kernels/rope.cu does.
+        in_dtype = rope[0].dtype == q.dtype and rope[1].dtype == q.dtype
+        options += ("-DROPE_TABLE_IN_DTYPE",) if in_dtype else ()
+        cos, sin = (xp.ascontiguousarray(t, dtype=q.dtype if in_dtype else np.float32) for t in rope)
     with q.device:
         lse = xp.ascontiguousarray(lse, dtype=np.float32)
         seg = None if segments is None else xp.ascontiguousarray(segments, dtype=np.int32)
@@ -156,7 +227,8 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dq_acc = xp.empty(q.shape, np.float32)
         rows = B * Tq * H
         pre = backend.get_kernel(KERNEL, "flash_attn_bwd_preprocess", q.dtype, options)
-        pre((-(-rows // 8),), (256,), (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
+        per_row = 4 if hs <= 32 else 8 if hs <= 64 else 16      # PRE_RT in the kernel
+        pre((-(-rows * per_row // 256),), (256,), (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
 
         main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options)
         smem = shared_bytes(hs, block_q, warps, key_tiles)
@@ -166,12 +238,13 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         main(grid, (32 * warps,),
              (q, k, v, dout, lse, Dsum, seg if seg is not None else np.uint64(0), dq_acc, dk, dv,
               np.int32(Tq), np.int32(Tk), np.int32(H), np.int32(Hkv), np.int32(bool(causal)),
-              np.float32(1.0 / math.sqrt(hs))),
+              np.float32(1.0 / math.sqrt(hs)), cos, sin, np.int64(dkv_row), np.int64(position_stride(v))),
              shared_mem=smem)
 
         conv = backend.get_kernel(KERNEL, "flash_attn_bwd_convert_dq", q.dtype, options)
         n = q.size
-        conv((max(1, min(-(-n // 256), 132 * 32)),), (256,), (dq_acc, dq, np.int64(n)))
+        conv((max(1, min(-(-n // (256 * 8)), 132 * 16)),), (256,),
+             (dq_acc, dq, np.int64(n), cos, sin, np.int32(Tq), np.int32(H), np.int64(dq_row)))
     return dq, dk, dv
 
 

@@ -480,19 +480,43 @@ def _rope(op, x, cos, sin, sign):
     if xp is np:
         return rope_reference(x, cos, sin, sign)
     dtype = _cuda_dtype(op, x)
-    x = xp.ascontiguousarray(x)
+    # Read in place when only the positions are strided (q or k inside a packed projection).
+    x_row = position_stride(x)
+    if x_row is None:
+        x = xp.ascontiguousarray(x)
+        x_row = H * hs
     # The model's tables are in its own dtype: read them as they are (exact widening), no cast.
     options = ("-DROPE_TABLE_IN_DTYPE",) if cos.dtype == dtype and dtype != np.float32 else ()
     table = dtype if options else np.float32
     cos = xp.ascontiguousarray(cos, dtype=table)
     sin = xp.ascontiguousarray(sin, dtype=table)
-    out = xp.empty_like(x)
+    out = xp.empty(x.shape, dtype)
     if x.size:
         with x.device:
             fn = backend.get_kernel("rope", op, dtype, options)
             grid, block = _launch_config(x.size, (x, out))
-            fn(grid, block, (x, cos, sin, out, np.int64(x.size), np.int32(T), np.int32(H), np.int32(hs)))
+            fn(grid, block, (x, cos, sin, out, np.int64(x.size), np.int32(T), np.int32(H), np.int32(hs),
+                             np.int64(x_row)))
     return out
+
+
+def position_stride(x):
+    """Elements from one position to the next of a (B, T, H, hs) array whose (H, hs) block per
+    position is contiguous and whose B*T positions are evenly spaced (a C-contiguous array: H*hs;
+    q, k or v of a packed (B, T, (H + 2 Hkv) hs) projection: its width); None for other layouts."""
+    B, T, H, hs = x.shape
+    item = x.itemsize
+    if (hs > 1 and x.strides[3] != item) or (H > 1 and x.strides[2] != hs * item):
+        return None
+    if T > 1:
+        step = x.strides[1]
+        if B > 1 and x.strides[0] != T * step:
+            return None
+    else:
+        step = x.strides[0] if B > 1 else H * hs * item
+    if step % item or step < H * hs * item:
+        return None
+    return step // item
 
 
 def rope_forward(x, cos, sin):

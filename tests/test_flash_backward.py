@@ -224,3 +224,48 @@ def check_build(hs, tiles, dtype):
     spills = re.findall(r"(\d+) bytes spill stores", result.log)
     assert spills and all(n == "0" for n in spills), result.log
     return result.ptx
+
+
+# ---------------------------------------------------------------- RoPE folded into the backward
+
+def tables(T, hs, seed=7):
+    angles = np.arange(T)[:, None] * np.random.default_rng(seed).uniform(0.01, 1.0, hs // 2)[None, :]
+    return np.cos(angles), np.sin(angles)
+
+
+@pytest.mark.parametrize("causal, seg", [(True, False), (True, True), (False, False)])
+def test_rope_folded_on_numpy_is_rope_backward_after_the_plain_backward(causal, seg):
+    from llamac.kernels import rope_reference
+    q, k, v, dout = make(2, 7, 7, 4, 2, 6, seed=8)
+    segments = segments_for(2, 7, np.random.default_rng(9)) if seg else None
+    cos, sin = tables(7, 6)
+    out, lse = fb.attention_reference(q, k, v, causal, segments)
+    dq, dk, dv = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, segments, rope=(cos, sin))
+    pq, pk, pv = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, segments)
+    np.testing.assert_allclose(dq, rope_reference(pq, cos, sin, -1.0), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(dk, rope_reference(pk, cos, sin, -1.0), rtol=1e-13, atol=1e-13)
+    assert np.array_equal(dv, pv)
+    assert not np.allclose(dq, pq)          # the tables do rotate: the fold is not the identity
+
+
+def test_rope_fold_refuses_tables_that_do_not_fit():
+    q, k, v, dout = make(1, 4, 6, 2, 1, 4)
+    out, lse = fb.attention_reference(q, k, v)
+    with pytest.raises(ShapeError, match="Tq == Tk"):
+        fb.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(4, 4))
+    q, k, v, dout = make(1, 4, 4, 2, 1, 4)
+    out, lse = fb.attention_reference(q, k, v)
+    with pytest.raises(ShapeError, match="rope cos"):
+        fb.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(5, 4))
+    with pytest.raises(LlamacError, match="pair"):
+        fb.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(4, 4)[0])
+
+
+def test_position_stride_of_views():
+    from llamac.kernels import position_stride
+    a = np.zeros((2, 5, 10, 4), np.float32)              # 6 + 2 + 2 heads of 4
+    assert position_stride(a) == 40
+    assert position_stride(a[:, :, :6]) == 40 and position_stride(a[:, :, 6:8]) == 40
+    assert position_stride(a[:, ::2]) is None             # positions not evenly spaced across rows
+    assert position_stride(a[..., :2]) is None            # a head's values not contiguous
+    assert position_stride(a[:, :1, 6:8]) == 200          # one position per row: rows apart

@@ -133,3 +133,78 @@ def test_gpu_launcher_refuses_what_the_kernel_cannot_do():
     with pytest.raises(LlamacError, match="C-contiguous"):
         t = cp.zeros((1, 2, 8, 64), BF16).transpose(0, 2, 1, 3)
         fb.flash_attention_backward(t, q, q, q, q, lse)
+
+
+ROPE_CASES = [(2, 1, 1, 2, 2, 64, True, False), (2, 100, 100, 4, 1, 128, True, False),
+              (2, 1000, 1000, 4, 2, 64, True, True), (2, 333, 333, 6, 6, 48, False, True),
+              (2, 77, 77, 4, 2, 96, True, False), (2, 77, 77, 4, 2, 32, True, False)]
+
+
+@pytest.mark.parametrize("table_dtype", ["model", "float32"])
+@pytest.mark.parametrize("case", ROPE_CASES, ids=str)
+def test_rope_folded_into_the_kernel_matches_rope_backward_after(case, table_dtype):
+    """dK (rotated in the main kernel's store) and dQ (in the dq conversion) against the fp32
+    reference gradients rotated back by the RoPE reference; tables in bf16 (as the model keeps
+    them) or fp32."""
+    from llamac.kernels import rope_reference
+    cp = backend.cupy_module()
+    B, T, _, H, Hkv, hs, causal, segmented = case
+    q, k, v, dout, seg = inputs(B, T, T, H, Hkv, hs, segmented, seed=3)
+    angles = cp.arange(T)[:, None] * (10000.0 ** (-cp.arange(0, hs, 2) / hs))[None, :]
+    dt = BF16 if table_dtype == "model" else np.float32
+    cos, sin = cp.cos(angles).astype(dt), cp.sin(angles).astype(dt)
+    out32, lse = fb.attention_reference(q, k, v, causal, seg)
+    out = out32.astype(BF16)
+    got = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, rope=(cos, sin))
+    want = fb.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
+    want = (rope_reference(want[0], cos, sin, -1.0), rope_reference(want[1], cos, sin, -1.0), want[2])
+    for name, g, w, like in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+        assert g.dtype == BF16 and g.shape == like.shape, name
+        err = rel_norm(g, w)
+        assert err <= 1e-2, f"{name}: relative error {err:.3g} for {case}"
+
+
+@pytest.mark.parametrize("case", [(2, 1, 1, 2, 2, 64, True, False), (2, 333, 333, 6, 2, 48, True, True),
+                                  (2, 1000, 1000, 4, 1, 128, True, False)], ids=str)
+def test_gradients_written_into_a_packed_buffer_equal_the_contiguous_ones(case):
+    """grads_out: dq, dk, dv as the q|k|v views of one (B, T, (H + 2 Hkv) hs) gradient, bit for bit
+    what the kernels return as separate arrays (RoPE folded in for both); v read as the v view of
+    a packed projection gives the same too."""
+    cp = backend.cupy_module()
+    B, T, _, H, Hkv, hs, causal, segmented = case
+    q, k, v, dout, seg = inputs(B, T, T, H, Hkv, hs, segmented, seed=4)
+    packed_in = cp.zeros((B, T, (H + 2 * Hkv) * hs), BF16)
+    v_view = packed_in[..., (H + Hkv) * hs:].reshape(v.shape)
+    v_view[...] = v
+    angles = cp.arange(T)[:, None] * (10000.0 ** (-cp.arange(0, hs, 2) / hs))[None, :]
+    rope = (cp.cos(angles).astype(BF16), cp.sin(angles).astype(BF16))
+    out32, lse = fb.attention_reference(q, k, v, causal, seg)
+    out = out32.astype(BF16)
+    want = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, rope=rope)
+    packed = cp.full((B, T, (H + 2 * Hkv) * hs), np.nan, np.float32).astype(BF16)
+    views = (packed[..., :H * hs].reshape(q.shape), packed[..., H * hs:(H + Hkv) * hs].reshape(k.shape),
+             packed[..., (H + Hkv) * hs:].reshape(v.shape))
+    got = fb.flash_attention_backward(q, k, v_view, out, dout, lse, causal, seg, rope=rope, grads_out=views)
+    assert all(g is w for g, w in zip(got, views))
+    for name, g, w in zip(("dq", "dk", "dv"), views, want):
+        assert bool(cp.array_equal(g.astype(np.float32), w.astype(np.float32))), name
+    assert not bool(cp.isnan(packed.astype(np.float32)).any())       # every column written
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 6, 2, 2, 64), (3, 77, 6, 2, 2, 48), (1, 300, 12, 4, 4, 128)], ids=str)
+def test_rope_reads_a_packed_view_in_place(shape):
+    """kernels.rope_forward/backward on q or k inside a packed projection (positions W apart) give
+    exactly what they give on a contiguous copy."""
+    from llamac import kernels
+    cp = backend.cupy_module()
+    B, T, H, Hk, Hv, hs = shape
+    packed = cp.random.default_rng(5).standard_normal((B, T, (H + Hk + Hv) * hs), dtype=np.float32).astype(BF16)
+    angles = cp.arange(T)[:, None] * (10000.0 ** (-cp.arange(0, hs, 2) / hs))[None, :]
+    cos, sin = cp.cos(angles).astype(BF16), cp.sin(angles).astype(BF16)
+    for lo, n in ((0, H), (H, Hk)):
+        view = packed[..., lo * hs:(lo + n) * hs].reshape(B, T, n, hs)
+        assert kernels.position_stride(view) == packed.shape[-1]
+        for fn in (kernels.rope_forward, kernels.rope_backward):
+            got, want = fn(view, cos, sin), fn(cp.ascontiguousarray(view), cos, sin)
+            assert got.flags.c_contiguous
+            assert bool(cp.array_equal(got.astype(np.float32), want.astype(np.float32)))
