@@ -12,7 +12,7 @@ import numpy as np
 from llamac import backend, cpu, cpu_ops, flash, kernels
 from llamac.engine import Function, Tensor, grad_enabled
 from llamac.errors import ShapeError
-from llamac.ops import compute_dtype, matmul, scatter_add
+from llamac.ops import Concatenate, compute_dtype, matmul, scatter_add
 
 
 class Linear(Function):
@@ -505,6 +505,71 @@ def use_flash(x, head_dim: int) -> bool:
     data = x.data if isinstance(x, Tensor) else x
     return (FLASH_ATTENTION and backend.get_array_module(data) is not np
             and data.dtype in (backend.bfloat16, np.dtype(np.float16)) and head_dim in flash.HEAD_DIMS)
+
+
+class RoPEFlashAttention(Function):
+    """Attention over one packed projection, RoPE included (GPU, bf16/fp16, no KV cache).
+
+    qkv (B, T, (H + 2 Hkv) hs) holds q | k | v side by side: one GEMM against the stacked
+    wq | wk | wv, larger and faster than three (the narrow k and v products run far below the
+    tensor cores' rate), whose input gradient needs no accumulation either. The forward rotates
+    q and k out of the packed rows (the RoPE kernel reads them in place) and runs the flash
+    forward on them and v, read in place too (the engine keeps qkv, this Function's input, until
+    the backward anyway). The backward writes dq, dk, dv straight into one packed gradient, with
+    RoPE's backward folded into the flash backward's stores."""
+
+    def forward(self, qkv, cos, sin, n_heads, n_kv_heads, causal=True, segments=None):
+        B, T, W = qkv.shape
+        H, Hkv = n_heads, n_kv_heads
+        hs = W // (H + 2 * Hkv)
+        if hs * (H + 2 * Hkv) != W:
+            raise ShapeError(f"packed attention: width {W} is not (n_heads + 2 n_kv_heads) = {H + 2 * Hkv} heads")
+        q, k, v = _unpack(qkv, H, Hkv, hs)
+        qr, kr = kernels.rope_forward(q, cos, sin), kernels.rope_forward(k, cos, sin)
+        out, lse = flash.flash_attention_forward(qr, kr, v, causal=causal, segments=segments)
+        self.save(qr, kr, v, out, lse, cos, sin)
+        self.mask = (bool(causal), segments)
+        return out                                                       # (B, T, H, hs)
+
+    def backward(self, g):
+        from llamac.flash_backward import flash_attention_backward  # noqa: PLC0415 - as FlashAttention does
+        qr, kr, v, out, lse, cos, sin = self.saved
+        causal, segments = self.mask
+        B, T, H, hs = qr.shape
+        Hkv = kr.shape[2]
+        dqkv = backend.get_array_module(g).empty((B, T, (H + 2 * Hkv) * hs), qr.dtype)
+        flash_attention_backward(qr, kr, v, out, g, lse, causal, segments, rope=(cos, sin),
+                                 grads_out=_unpack(dqkv, H, Hkv, hs))
+        return dqkv, None, None
+
+
+def _unpack(qkv, H: int, Hkv: int, hs: int):
+    """Views q (B, T, H, hs), k and v (B, T, Hkv, hs) of a packed (B, T, (H + 2 Hkv) hs) array."""
+    B, T, _ = qkv.shape
+    return (qkv[..., : H * hs].reshape(B, T, H, hs), qkv[..., H * hs: (H + Hkv) * hs].reshape(B, T, Hkv, hs),
+            qkv[..., (H + Hkv) * hs:].reshape(B, T, Hkv, hs))
+
+
+# GPU flash path: q, k, v from one stacked GEMM, RoPE's backward folded into the attention kernel
+# (RoPEFlashAttention). False keeps three projections, the RoPE Function and FlashAttention.
+PACKED_QKV = True
+
+
+def use_packed_attention(x: Tensor, head_dim: int) -> bool:
+    return PACKED_QKV and use_flash(x, head_dim)
+
+
+def packed_attention(x: Tensor, weights, cos, sin, n_heads: int, n_kv_heads: int, segments=None,
+                     causal: bool = True) -> Tensor:
+    """attention(rope(x wq^T), rope(x wk^T), x wv^T) through one GEMM with the stacked weights
+    (rows wq | wk | wv: a small copy each call) and RoPEFlashAttention. -> (B, T, H, hs)."""
+    w = Concatenate.apply(*weights, axis=0)                             # (H + 2 Hkv) hs rows
+    qkv = linear(x, w)                                                  # (B, T, (H + 2 Hkv) hs)
+    cos = cos if isinstance(cos, Tensor) else Tensor(cos)
+    sin = sin if isinstance(sin, Tensor) else Tensor(sin)
+    seg = segments.data if isinstance(segments, Tensor) else segments
+    return RoPEFlashAttention.apply(qkv, cos, sin, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal,
+                                    segments=seg)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = True, bias=None) -> Tensor:

@@ -108,7 +108,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, bias=None, cache=None, layer=0, causal=False, segments=None):
         """bias: the additive mask shared by every layer, or None with causal/segments for the flash path."""
         B, T, _ = x.shape
-        q, k, v = _projections(x, (self.wq, self.wk, self.wv))
+        projections = (self.wq, self.wk, self.wv)
+        if (cache is None and bias is None and all(m.bias is None for m in projections)
+                and fused.use_packed_attention(x, self.head_dim)):
+            # The GPU flash path: one GEMM for q | k | v, RoPE's backward inside the attention kernel.
+            y = fused.packed_attention(x, [m.weight for m in projections], cos, sin, self.n_heads,
+                                       self.n_kv_heads, segments, causal)  # (B, T, H, hs)
+            return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
+        q, k, v = _projections(x, projections)
         q = q.reshape(B, T, self.n_heads, self.head_dim)                # (B, T, H, hs)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim)             # (B, T, Hkv, hs)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim)

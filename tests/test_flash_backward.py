@@ -261,6 +261,64 @@ def test_rope_fold_refuses_tables_that_do_not_fit():
         fb.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(4, 4)[0])
 
 
+@pytest.mark.parametrize("seg", [False, True])
+def test_packed_attention_function_matches_finite_differences_and_the_composition(seg):
+    """RoPEFlashAttention on a packed q|k|v (its NumPy path: the references) against float64 finite
+    differences, and against RoPE + attention on the sliced projection."""
+    from llamac import fused
+    from llamac.engine import Tensor
+    from llamac.gradcheck import check_grad
+    H, Hkv, hs, T = 4, 2, 4, 6
+    qkv = np.random.default_rng(10).normal(size=(1, T, (H + 2 * Hkv) * hs))
+    cos, sin = tables(T, hs)
+    segments = segments_for(1, T, np.random.default_rng(11)) if seg else None
+
+    def folded(qkv):
+        return fused.RoPEFlashAttention.apply(qkv, Tensor(cos), Tensor(sin), n_heads=H, n_kv_heads=Hkv,
+                                              causal=True, segments=segments)
+
+    def composed(qkv):
+        q = qkv[:, :, : H * hs].reshape(1, T, H, hs)
+        k = qkv[:, :, H * hs: (H + Hkv) * hs].reshape(1, T, Hkv, hs)
+        v = qkv[:, :, (H + Hkv) * hs:].reshape(1, T, Hkv, hs)
+        return fused.attention(fused.rope(q, cos, sin), fused.rope(k, cos, sin), v, segments, causal=True)
+
+    assert check_grad(folded, qkv)
+    ts = [Tensor(qkv.copy(), requires_grad=True) for _ in range(2)]
+    outs = [f(t) for f, t in zip((folded, composed), ts)]
+    np.testing.assert_allclose(outs[0].data, outs[1].data, rtol=1e-12, atol=1e-12)
+    proj = np.random.default_rng(12).normal(size=outs[0].shape)
+    for o in outs:
+        o.backward(proj)
+    np.testing.assert_allclose(ts[0].grad, ts[1].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_packed_attention_gradients_reach_each_projection_weight():
+    """The stacked wq|wk|wv GEMM hands each weight (and the input) the gradient three separate
+    projections give."""
+    from llamac import fused
+    from llamac.engine import Tensor
+    H, Hkv, hs, T, C = 4, 2, 4, 5, 8
+    rng = np.random.default_rng(13)
+    x0 = rng.normal(size=(2, T, C))
+    w0 = [rng.normal(size=(n * hs, C)) * 0.3 for n in (H, Hkv, Hkv)]
+    cos, sin = tables(T, hs)
+    runs = []
+    for packed in (True, False):
+        x = Tensor(x0.copy(), requires_grad=True)
+        ws = [Tensor(w.copy(), requires_grad=True) for w in w0]
+        if packed:
+            y = fused.packed_attention(x, ws, cos, sin, H, Hkv)
+        else:
+            q, k, v = (fused.linear(x, w).reshape(2, T, -1, hs) for w in ws)
+            y = fused.attention(fused.rope(q, cos, sin), fused.rope(k, cos, sin), v, causal=True)
+        (y * y).sum().backward()
+        runs.append([x.grad] + [w.grad for w in ws])
+    for got, want in zip(*runs):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_position_stride_of_views():
     from llamac.kernels import position_stride
     a = np.zeros((2, 5, 10, 4), np.float32)              # 6 + 2 + 2 heads of 4

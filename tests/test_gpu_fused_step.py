@@ -58,6 +58,7 @@ def test_add_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
 
 def _step(model, idx, targets, fuse, head_loss=False):
     model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = fuse
+    fused_module.PACKED_QKV = fuse
     model_module.FUSED_HEAD_LOSS = head_loss
     try:
         for p in model.parameters():
@@ -70,6 +71,7 @@ def _step(model, idx, targets, fuse, head_loss=False):
         return float(loss.data), before, after, grads
     finally:
         model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = True
+        fused_module.PACKED_QKV = True
         model_module.FUSED_HEAD_LOSS = True
 
 
