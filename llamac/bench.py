@@ -245,7 +245,7 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
                          "MFU": round(model_flops * B * T / theirs / PEAK_BF16, 4),
                          "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
                          "peak_reserved_GB": round(torch.cuda.max_memory_reserved() / 1e9, 2) if gpu else None,
-                         "loss": round(float(tloss), 4)})
+                         "loss": round(float(tloss.detach()), 4)})
         except Exception as exc:
             trow = _error_row(trow, exc)
         rows.append(trow)
