@@ -377,6 +377,16 @@ class _Cublas:
                     "cublasSetWorkspace")
         self.stream = None
         self.scalars = {}
+        self._lt = False            # cuBLASLt (llamac.cublaslt), loaded on first use; None if unavailable
+
+    def lt(self):
+        if self._lt is False:
+            from llamac import cublaslt  # noqa: PLC0415 - only 16-bit GEMMs need it
+            try:
+                self._lt = cublaslt.CublasLt(self.path, cupy_module(), self.workspace) if cublaslt.ENABLED else None
+            except (LlamacError, OSError, AttributeError):
+                self._lt = None     # no (usable) libcublasLt beside libcublas: cublasGemmEx for everything
+        return self._lt
 
     @staticmethod
     def _check(status, what):
@@ -456,7 +466,9 @@ def gemm(a, b, out=None, trans_a: bool = False, trans_b: bool = False, alpha: fl
     unit stride is read in place (transposes become cuBLAS ops); others are copied first.
     bf16/fp16/fp32 inputs accumulate in fp32. `out` (C-contiguous, (..., M, N), the inputs' dtype,
     or float32 for bf16/fp16 inputs: a sum kept in fp32 across calls) is written in place; with
-    beta != 0 it must be given. Capturable in a CUDA graph.
+    beta != 0 it must be given. Capturable in a CUDA graph. Single 16-bit products go through
+    cuBLASLt with the fastest of its proposed algorithms for the shape (llamac.cublaslt), the rest
+    through cublasGemmEx.
     """
     cp = cupy_module()
     if trans_a:
@@ -516,7 +528,10 @@ def gemm(a, b, out=None, trans_a: bool = False, trans_b: bool = False, alpha: fl
     t, t_out = _CUDA_R[dtype], _CUDA_R[out.dtype]
     # Row-major C = A B is column-major C^T = B^T A^T: b goes first, and each row-major operand
     # is already its own transpose in column-major terms.
-    if count == 1:
+    lt = lib.lt() if count == 1 and dtype.itemsize == 2 else None
+    if lt is not None and lt.matmul((t, t_out, op_b, op_a, N, M, K, ld_b, ld_a, N), al, _ptr(b), _ptr(a), be, out):
+        pass                        # the fastest algorithm cuBLASLt proposes for this shape (llamac.cublaslt)
+    elif count == 1:
         status = lib.lib.cublasGemmEx(lib.handle, op_b, op_a, N, M, K, al, _ptr(b), t, ld_b,
                                       _ptr(a), t, ld_a, be, _ptr(out), t_out, N, compute, _GEMM_DEFAULT)
         _Cublas._check(status, "cublasGemmEx")

@@ -139,3 +139,58 @@ def test_linear_weight_gradient_accumulates_in_place():
     assert w.grad is first                          # added inside the GEMM, not a new array
     want = 2 * np.ones((10, 6)).T @ backend.to_numpy(x.data).reshape(10, 8)
     assert np.allclose(backend.to_numpy(w.grad), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- cuBLASLt, the algorithm timed per shape
+
+def _lt():
+    from llamac.backend import _cublas
+    return _cublas().lt()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True)])
+def test_tuned_gemm_matches_float64_and_beta_survives_the_timing(dtype, ta, tb):
+    """Shapes big enough to be timed (llamac.cublaslt): the chosen algorithm gives the product, and
+    timing the candidates on a scratch buffer leaves a beta=1 accumulation target untouched."""
+    from llamac import cublaslt
+    lt = _lt()
+    if lt is None:
+        pytest.skip("no cuBLASLt beside libcublas")
+    M, K, N = 2048 + 64 * ta + 128 * tb, 1024, 1536
+    assert 2.0 * M * N * K >= cublaslt.TUNE_MIN_FLOPS
+    a = rng.standard_normal((K, M) if ta else (M, K))
+    b = rng.standard_normal((N, K) if tb else (K, N))
+    c = rng.standard_normal((M, N))
+    before = cublaslt.tuned_algorithms(lt)
+    out = _on_gpu(c, dtype)
+    backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=ta, trans_b=tb, beta=1.0)
+    assert cublaslt.tuned_algorithms(lt) == before + 1          # a new shape: timed once
+    A, B = _exact(a, dtype), _exact(b, dtype)
+    want = (A.T if ta else A) @ (B.T if tb else B) + _exact(c, dtype)
+    assert _rel(out, want) <= TOL[dtype]
+    again = backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), trans_a=ta, trans_b=tb)
+    assert cublaslt.tuned_algorithms(lt) == before + 1          # the same shape: the kept choice
+    assert _rel(again, want - _exact(c, dtype)) <= TOL[dtype]
+
+
+def test_untuned_shape_inside_a_capture_and_unaligned_operands_still_compute():
+    """A shape first seen while a CUDA graph records takes the heuristic's first algorithm (no
+    timing may run then); an operand off cuBLASLt's 256-byte alignment goes to cublasGemmEx."""
+    cp = backend.cupy_module()
+    a_host, b_host = rng.standard_normal((1031, 1024)), rng.standard_normal((1024, 1040))
+    a, b = _on_gpu(a_host, "bfloat16"), _on_gpu(b_host, "bfloat16")
+    out = cp.empty((1031, 1040), backend.bfloat16)
+    pool = backend.new_graph_pool()
+    graph, _ = backend.capture_graph(lambda: backend.gemm(a, b, out=out), pool)
+    out[...] = 0
+    graph.launch()
+    want = _exact(a_host, "bfloat16") @ _exact(b_host, "bfloat16")
+    assert _rel(out, want) <= TOL["bfloat16"]
+    big = _on_gpu(rng.standard_normal((1032, 1024)), "bfloat16")
+    view = big[1:]                                              # starts 2048 bytes in: 256-aligned
+    odd = _on_gpu(rng.standard_normal((1024 * 1033 + 8,)), "bfloat16")[8:].reshape(1033, 1024)  # 16 bytes in
+    for x in (view, odd):
+        got = backend.gemm(x, b)
+        want = backend.to_numpy(x.astype(np.float32)).astype(np.float64) @ _exact(b_host, "bfloat16")
+        assert _rel(got, want) <= TOL["bfloat16"]
