@@ -321,6 +321,9 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+    if compare not in (None, "none", "torch", "torch-compile"):
+        raise LlamacError(f"unknown --compare {compare!r}; choose torch, torch-compile (train: torch.compile "
+                          "only, no eager PyTorch) or none")
     results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device,
                         "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
                         "numpy": np.__version__}}
@@ -331,12 +334,12 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             from llamac.data.pipeline import measure_encoding_speed
             rows = [{"section": "tokenizer", **measure_encoding_speed(None)}]
         elif section == "train_cpu":
-            rows = bench_train("cpu", compare_torch=compare == "torch" or compare is None)
+            rows = bench_train("cpu", compare_torch=compare in ("torch", "torch-compile") or compare is None)
         elif section == "train":
             if device != "cuda":
                 raise LlamacError("bench --what train runs the GPU shapes (--device cuda); use train_cpu on the CPU")
             rows = []
-            modes = ("eager", "compile") if compare == "torch" else ()
+            modes = {"torch": ("eager", "compile"), "torch-compile": ("compile",)}.get(compare, ())
             for name, shape in GPU_SHAPES.items():
                 rows += bench_train_gpu(name, shape, torch_modes=modes)
         elif section == "kernels":
@@ -347,7 +350,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             rows += [{"section": "kernels", **r} for r in bench_swiglu()]
             rows += [{"section": "kernels", **r} for r in bench_training_kernels()]
             from llamac.kernel_bench import bench_attention_kernels
-            rows += [{"section": "kernels", **r} for r in bench_attention_kernels(torch_compare=compare == "torch")]
+            rows += [{"section": "kernels", **r} for r in bench_attention_kernels(torch_compare=compare in ("torch", "torch-compile"))]
         elif section == "decode":
             if device != "cuda":
                 raise LlamacError("bench --what decode needs a CUDA GPU (--device cuda)")

@@ -27,6 +27,11 @@ def test_unknown_section_and_gpu_only_sections():
         run_bench(what="train", device="cpu")
 
 
+def test_unknown_compare_is_refused_before_anything_runs():
+    with pytest.raises(LlamacError, match="unknown --compare 'pytorch'"):
+        run_bench("engine", compare="pytorch")
+
+
 def test_gpu_training_bench_runs_a_tiny_shape_on_the_cpu():
     # The same code path as `bench --what train --device cuda`, minus graphs and autocast.
     pytest.importorskip("torch")
