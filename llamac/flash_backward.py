@@ -186,7 +186,7 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
     xp = _check_operands(q, k, v, out, dout, lse, segments)
     if rope is not None:
         _check_rope(q, k, rope)
-    rows = _check_grads_out(q, k, v, grads_out) if grads_out is not None else None
+    out_strides = _check_grads_out(q, k, v, grads_out) if grads_out is not None else None
     if xp is np:
         grads = attention_backward_reference(q, k, v, out, dout, lse, causal, segments)
         if rope is not None:
@@ -204,7 +204,7 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk, dv = xp.empty_like(k), xp.empty_like(v)
         dq_row, dkv_row = H * hs, Hkv * hs
     else:
-        (dq, dk, dv), (dq_row, dkv_row) = grads_out, rows
+        (dq, dk, dv), (dq_row, dkv_row) = grads_out, out_strides
     if B == 0 or Tq == 0 or H == 0:
         dk[...] = 0
         dv[...] = 0
