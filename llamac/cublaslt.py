@@ -44,7 +44,8 @@ class _Plan:
 
 class CublasLt:
     def __init__(self, cublas_path: str, cp, workspace):
-        path = os.path.join(os.path.dirname(cublas_path), os.path.basename(cublas_path).replace("libcublas", "libcublasLt"))
+        name = os.path.basename(cublas_path).replace("libcublas", "libcublasLt")
+        path = os.path.join(os.path.dirname(cublas_path), name)
         try:
             lib = ctypes.CDLL(path)
         except OSError as exc:

@@ -128,7 +128,8 @@ def _check_rope(q, k, rope):
         raise ShapeError(f"flash_attention_backward: RoPE folded in needs Tq == Tk, got {Tq} and {k.shape[1]}")
     for name, t in zip(("cos", "sin"), rope):
         if t.shape != (Tq, hs // 2):
-            raise ShapeError(f"flash_attention_backward: rope {name} is {t.shape}, expected (T, hs/2) = {(Tq, hs // 2)}")
+            raise ShapeError(f"flash_attention_backward: rope {name} is {t.shape}, "
+                             f"expected (T, hs/2) = {(Tq, hs // 2)}")
         if backend.get_array_module(t) is not backend.get_array_module(q):
             raise DeviceError(f"flash_attention_backward: rope {name} is not on q's device")
 
@@ -228,7 +229,8 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         rows = B * Tq * H
         pre = backend.get_kernel(KERNEL, "flash_attn_bwd_preprocess", q.dtype, options)
         per_row = 4 if hs <= 32 else 8 if hs <= 64 else 16      # PRE_RT in the kernel
-        pre((-(-rows * per_row // 256),), (256,), (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
+        pre((-(-rows * per_row // 256),), (256,),
+            (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
 
         main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options)
         smem = shared_bytes(hs, block_q, warps, key_tiles)

@@ -7,6 +7,7 @@ import numpy as np
 
 from llamac import backend, cpu, kernels
 from llamac.config import TrainConfig
+from llamac.errors import LlamacError
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -35,7 +36,7 @@ class AdamW:
         # updates fp32 master copies and rounds them back after every step.
         self.master = {n: p.data.astype(np.float32) for n, p in self.params if backend.is_low_precision(p.dtype)}
         self.t = 0
-        self._fused = None                                   # kernels.FusedAdamW, made on the first GPU step
+        self._fused = None                                   # FusedAdamW, made on the first GPU step
 
     def grad_norm(self):
         """Global L2 norm of all gradients, as a device scalar (no host sync)."""
@@ -98,7 +99,7 @@ class AdamW:
         """kernels/adamw.cu: every parameter in three launches, no host sync; bf16/fp16 parameters
         are rewritten in place from their fp32 masters (their addresses never change)."""
         if self._fused is None:
-            self._fused = kernels.FusedAdamW([p.size for _, p in self.params], self.params[0][1].dtype)
+            self._fused = FusedAdamW([p.size for _, p in self.params], self.params[0][1].dtype)
         b1, b2 = self.betas
         entries, keep = [], []
         for name, p in self.params:
@@ -143,7 +144,7 @@ class AdamW:
 
 
 class GraphUpdate:
-    """AdamW's fused step inside a CUDA graph (llamac.train.TrainStep): its own kernels.FusedAdamW,
+    """AdamW's fused step inside a CUDA graph (llamac.train.TrainStep): its own FusedAdamW,
     whose pointer table is uploaded once (the gradients sit at fixed addresses in the graph's pool)
     and whose per-step scalars (lr, bias corrections, clip) the host writes with one 64-byte copy
     before each replay. The pre-clip norm lands in `norm`, a fixed device scalar."""
@@ -151,7 +152,7 @@ class GraphUpdate:
     def __init__(self, opt: AdamW):
         self.opt = opt
         first = opt.params[0][1]
-        self.fused = kernels.FusedAdamW([p.size for _, p in opt.params], first.dtype)
+        self.fused = FusedAdamW([p.size for _, p in opt.params], first.dtype)
         self.norm = first.xp.zeros((), np.float32)
         self.entries = None
 
@@ -232,3 +233,90 @@ def _cpu_update(opt, lr, scale, bias2, step_size):
 
 
 _CHUNK = 1 << 15
+
+
+# ---------------------------------------------------------------- the GPU step: kernels/adamw.cu
+# The reference is AdamW's xp path above (the same formulas); AdamW._fused_step and GraphUpdate launch it.
+
+ADAMW_CHUNK = 16384          # must equal ADAMW_CHUNK in kernels/adamw.cu
+ADAMW_TABLE = 7              # 64-bit words per tensor in the table (param, grad, master, m, v, size, decays)
+ADAMW_SCALARS = 16           # fp32 slots after the table: 0-7 host-written, 8-9 device-written
+
+
+class FusedAdamW:
+    """The launches for one fixed list of tensor sizes: sum of squares, clip factor, update.
+
+    `step` uploads the pointer table and the step's scalars in ONE host-to-device copy (async, no
+    sync), then runs three kernels that read everything else from device memory, so the three
+    launches (`launch`) can be captured in a CUDA graph once the table no longer changes.
+    """
+
+    def __init__(self, sizes, dtype):
+        cp = backend.cupy_module()
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in backend.CUDA_TYPES:
+            raise LlamacError(f"FusedAdamW: the CUDA kernel takes float32, bfloat16 or float16, got {self.dtype}")
+        self.sizes = [int(n) for n in sizes]
+        n = len(self.sizes)
+        tensor_of, start = [], []
+        for i, size in enumerate(self.sizes):
+            for lo in range(0, size, ADAMW_CHUNK):
+                tensor_of.append(i)
+                start.append(lo)
+        self.n_chunks = len(start)
+        self.chunk_tensor = cp.asarray(np.array(tensor_of, np.int32))
+        self.chunk_start = cp.asarray(np.array(start, np.int64))
+        words = n * ADAMW_TABLE + ADAMW_SCALARS // 2
+        self.host = np.zeros(words, np.uint64)                   # table, then 16 fp32 scalars
+        self.host_table = self.host[: n * ADAMW_TABLE].reshape(n, ADAMW_TABLE)
+        self.host_scalars = self.host[n * ADAMW_TABLE:].view(np.float32)
+        self.device = cp.zeros(words, np.uint64)
+        self.table = self.device[: n * ADAMW_TABLE]
+        self.scalars = self.device[n * ADAMW_TABLE:].view(np.float32)
+        sms = kernels.sm_count()
+        self.sumsq_grid = max(1, min(self.n_chunks, sms * 4))   # fixed: the norm's summation order
+        self.update_grid = max(1, min(self.n_chunks, sms * 8))
+        self.partial = cp.empty(self.sumsq_grid, np.float32)
+        self._fns = [backend.get_kernel("adamw", f, self.dtype) for f in kernels.KERNEL_FUNCTIONS["adamw"]]
+
+    def step(self, entries, lr, step_size, inv_bias2, clip, weight_decay, beta1, beta2, eps):
+        """entries: per tensor (param, grad or None, fp32 master (the param itself if fp32), m, v, decays).
+
+        Returns the pre-clip global gradient norm as a fresh 0-d fp32 device array.
+        """
+        self._fill_table(entries)
+        self.host_scalars[:8] = (lr, step_size, inv_bias2, clip or 0.0, weight_decay, beta1, beta2, eps)
+        cp = backend.cupy_module()
+        self.device.set(self.host, stream=cp.cuda.get_current_stream())
+        norm = cp.empty((), np.float32)
+        self.launch(norm)
+        return norm
+
+    def _fill_table(self, entries):
+        rows = self.host_table
+        for i, (p, g, master, m, v, decays) in enumerate(entries):
+            rows[i] = (p.data.ptr, 0 if g is None else g.data.ptr, master.data.ptr, m.data.ptr, v.data.ptr,
+                       self.sizes[i], 1 if decays else 0)
+
+    def set_table(self, entries):
+        """Upload the pointer table once (entries as in `step`) for `launch`es captured in a graph."""
+        self._fill_table(entries)
+        cp = backend.cupy_module()
+        self.device.set(self.host, stream=cp.cuda.get_current_stream())
+
+    def set_scalars(self, lr, step_size, inv_bias2, clip, weight_decay, beta1, beta2, eps):
+        """The step's scalars alone (64 bytes, one async host-to-device copy on the current stream):
+        what a graph replaying `launch` reads from device memory."""
+        self.host_scalars[:8] = (lr, step_size, inv_bias2, clip or 0.0, weight_decay, beta1, beta2, eps)
+        cp = backend.cupy_module()
+        n = len(self.sizes) * ADAMW_TABLE
+        self.device[n:n + 4].set(self.host[n:n + 4], stream=cp.cuda.get_current_stream())
+
+    def launch(self, norm_out):
+        """The three kernels alone (graph-capturable): norm_out gets the pre-clip norm."""
+        sumsq, finalize, update = self._fns
+        n = np.int32(self.n_chunks)
+        threads = (kernels.THREADS,)
+        sumsq((self.sumsq_grid,), threads, (self.table, self.chunk_tensor, self.chunk_start, n, self.partial))
+        finalize((1,), (1024,), (self.partial, np.int32(self.sumsq_grid), self.scalars, norm_out))
+        update((self.update_grid,), threads, (self.table, self.chunk_tensor, self.chunk_start, n, self.scalars))
