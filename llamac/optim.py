@@ -294,9 +294,9 @@ class FusedAdamW:
 
     def _fill_table(self, entries):
         rows = self.host_table
-        for i, (p, g, master, m, v, decays) in enumerate(entries):
+        for i, (p, g, master, m, v, decay) in enumerate(entries):
             rows[i] = (p.data.ptr, 0 if g is None else g.data.ptr, master.data.ptr, m.data.ptr, v.data.ptr,
-                       self.sizes[i], 1 if decays else 0)
+                       self.sizes[i], 1 if decay else 0)
 
     def set_table(self, entries):
         """Upload the pointer table once (entries as in `step`) for `launch`es captured in a graph."""
