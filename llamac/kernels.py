@@ -334,21 +334,30 @@ def rmsnorm_backward(dout, x, weight, rstd):
     d2 = xp.ascontiguousarray(dout).reshape(-1, C)
     w = xp.ascontiguousarray(weight)
     r = xp.ascontiguousarray(rstd, dtype=np.float32).reshape(-1)
-    N = x2.shape[0]
     dx = xp.empty_like(x2)
-    dw = xp.zeros(C, np.float32)
-    if N and C:
-        with x2.device:
-            warps = max(1, min(THREADS // 32, RMSNORM_MAX_C // C))
-            shared = warps * C * 4
-            per_sm = max(1, min(2048 // (32 * warps), (200 << 10) // shared))
-            grid = max(1, min(-(-N // warps), sm_count() * per_sm))
-            partial = xp.empty((grid, C), np.float32)
-            fn = backend.get_kernel("rmsnorm", "rmsnorm_backward", dtype, _rmsnorm_options(C, dtype))
-            fn((grid,), (32 * warps,), (d2, x2, w, r, dx, partial, np.int64(N), np.int32(C)), shared_mem=shared)
-            reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
-            reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))
+    dw = _norm_backward_launch(xp, "rmsnorm", "rmsnorm_backward", dtype, x2, (d2, x2, w, r, dx))
     return dx.reshape(x.shape), dw
+
+
+def _norm_backward_launch(xp, name, function, dtype, rows, head):
+    """Launch a row-norm backward (kernels/rmsnorm.cu's layout: warps of a block take rows, each block
+    writes its dw partial) with args (*head, partial, N, C), then rmsnorm_dw_reduce, which sums the
+    partials in block order into every column of dw. Returns dw (C,) fp32."""
+    N, C = rows.shape
+    if not (N and C):
+        return xp.zeros(C, np.float32)
+    dw = xp.empty(C, np.float32)
+    with rows.device:
+        warps = max(1, min(THREADS // 32, RMSNORM_MAX_C // C))
+        shared = warps * C * 4
+        per_sm = max(1, min(2048 // (32 * warps), (200 << 10) // shared))
+        grid = max(1, min(-(-N // warps), sm_count() * per_sm))
+        partial = xp.empty((grid, C), np.float32)
+        fn = backend.get_kernel(name, function, dtype, _rmsnorm_options(C, dtype))
+        fn((grid,), (32 * warps,), (*head, partial, np.int64(N), np.int32(C)), shared_mem=shared)
+        reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
+        reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))
+    return dw
 
 
 # ---------------------------------------------------------------- residual add + RMSNorm
@@ -432,22 +441,9 @@ def add_rmsnorm_backward(dout, s, weight, rstd, dres=None):
     e2 = None if dres is None else xp.ascontiguousarray(dres).reshape(-1, C)
     w = xp.ascontiguousarray(weight)
     r = xp.ascontiguousarray(rstd, dtype=np.float32).reshape(-1)
-    N = s2.shape[0]
     dx = xp.empty_like(s2)
-    dw = xp.zeros(C, np.float32)
-    if N and C:
-        with s2.device:
-            warps = max(1, min(THREADS // 32, RMSNORM_MAX_C // C))
-            shared = warps * C * 4
-            per_sm = max(1, min(2048 // (32 * warps), (200 << 10) // shared))
-            grid = max(1, min(-(-N // warps), sm_count() * per_sm))
-            partial = xp.empty((grid, C), np.float32)
-            fn = backend.get_kernel("add_rmsnorm", "add_rmsnorm_backward", dtype, _rmsnorm_options(C, dtype))
-            res = e2 if e2 is not None else np.uint64(0)        # a null pointer: no residual gradient
-            fn((grid,), (32 * warps,), (d2, s2, w, r, res, dx, partial, np.int64(N), np.int32(C)),
-               shared_mem=shared)
-            reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
-            reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))
+    res = e2 if e2 is not None else np.uint64(0)                # a null pointer: no residual gradient
+    dw = _norm_backward_launch(xp, "add_rmsnorm", "add_rmsnorm_backward", dtype, s2, (d2, s2, w, r, res, dx))
     return dx.reshape(s.shape), dw
 
 
