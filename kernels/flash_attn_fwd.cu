@@ -18,7 +18,9 @@
 // 16 bits. The softmax is online, in base 2 (one FFMA + ex2 per score). Causal CTAs stop at
 // the diagonal; masks are applied only on tiles that need them.
 // Compile-time shape: HEAD_DIM, FLASH_WARPS, FLASH_MT, FLASH_Q_SMEM, FLASH_BN, FLASH_MIN_BLOCKS
-// (llamac.flash.KernelConfig picks them per head size).
+// (llamac.flash.KernelConfig picks them per head size). FLASH_WGMMA=1 (an sm_90a build, hs 64)
+// swaps the two products for Hopper's warpgroup MMA: S = Q K^T with both operands read from
+// shared memory, O += P V with P straight from the score registers; everything else is shared.
 // Nothing of size Tq x Tk exists anywhere.
 //
 // No #include (NVRTC on the GPU machine resolves none), so mma / ldmatrix / cp.async are
@@ -47,6 +49,9 @@
 #ifndef FLASH_LAZY         // 1: rescale O only when some row max of the warp moved (a warp vote)
 #define FLASH_LAZY 0
 #endif
+#ifndef FLASH_WGMMA        // 1: Hopper warpgroup MMA (wgmma, sm_90a build) for both products; HEAD_DIM 64
+#define FLASH_WGMMA 0
+#endif
 #ifndef FLASH_MIN_BLOCKS   // CTAs per SM to fit registers for (__launch_bounds__)
 #define FLASH_MIN_BLOCKS 1
 #endif
@@ -64,6 +69,7 @@ enum : int {
     BN = FLASH_BN,       // keys per tile
     STAGES = FLASH_STAGES,
     LAZY = FLASH_LAZY,
+    WGMMA = FLASH_WGMMA,
     CHUNKS = D / 8,      // 16-byte chunks per row
     // Shared-memory row stride in elements. Rows of a multiple of 64 elements (128 bytes) are
     // XOR-swizzled in place; other head sizes (32, 48, 96: 4, 6, 12 chunks) cannot be, since the
@@ -78,7 +84,9 @@ static_assert(D % 16 == 0 && D >= 32 && D <= 256,
               "HEAD_DIM must be a multiple of 16 (k of m16n8k16), 32 to 256 (32, 48, 64, 96, 128 are the tested ones)");
 static_assert(WARPS == 4 || WARPS == 8, "FLASH_WARPS must be 4 or 8");
 static_assert(MT == 1 || MT == 2, "FLASH_MT must be 1 or 2");
-static_assert(BN == 32 || BN == 64, "FLASH_BN must be 32 or 64");
+static_assert(BN == 32 || BN == 64 || (WGMMA && BN == 128), "FLASH_BN must be 32 or 64 (or 128 with FLASH_WGMMA)");
+static_assert(!WGMMA || (D == 64 && MT == 1 && STAGES == 2),
+              "FLASH_WGMMA takes HEAD_DIM 64 (one 128-byte swizzle atom per row), FLASH_MT 1 and FLASH_STAGES 2");
 static_assert(STAGES == 1 || STAGES == 2, "FLASH_STAGES must be 1 or 2");
 
 // ------------------------------------------------------------ the 16-bit types' tensor-core ops
@@ -142,6 +150,101 @@ LLAMAC_DEVICE void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// ------------------------------------------------------------ Hopper warpgroup MMA (FLASH_WGMMA)
+// A warpgroup (4 consecutive warps) multiplies a 64-row A by a B tile read straight from shared
+// memory; warp w % 4 of the group owns rows 16 (w % 4) .. +15 of the 64, and its accumulator
+// registers are laid out exactly like mma.sync's m16n8 tiles side by side: the same ownership
+// and the same register layout as the FLASH_MT = 1 path, so masking, softmax and the epilogue
+// are shared. The 64-wide Q/K/V rows (128 bytes) with chunk c stored at c ^ (row % 8) are the
+// hardware's 128-byte-swizzle layout as they stand, given tiles that start on 1024 bytes.
+#if FLASH_WGMMA
+// Shared-memory matrix descriptor: start address, leading and stride byte offsets (>> 4) and the
+// 128-byte swizzle mode. Groups of 8 rows sit 1024 bytes apart, along the rows of a K-major
+// operand (Q, K) and along the k rows of the MN-major V; both offsets say so, whichever one
+// the hardware reads for a layout.
+LLAMAC_DEVICE unsigned long long smem_desc(unsigned addr) {
+    return (1ull << 62) | (64ull << 32) | (64ull << 16) | ((addr & 0x3ffffu) >> 4);
+}
+LLAMAC_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+LLAMAC_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+LLAMAC_DEVICE void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// cp.async writes through the generic proxy; wgmma reads through the async proxy.
+LLAMAC_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Pins accumulators in place around asynchronous MMAs: the compiler may not move or copy
+// them between the issue and the wait (CUTLASS's warpgroup_fence_operand).
+template <int N> LLAMAC_DEVICE void keep_registers(float (&d)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j]) :: "memory");
+}
+
+template <typename T> struct IsBf16 { enum { value = 0 }; };
+template <> struct IsBf16<bf16_t> { enum { value = 1 }; };
+
+#define WGMMA_D64 \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define WGMMA_SS64(AB) asm volatile( \
+    "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32" AB " {" \
+    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
+    "}, %32, %33, p, 1, 1, 0, 0; }" \
+    : WGMMA_D64 : "l"(a_desc), "l"(b_desc), "r"(scale_d))
+#define WGMMA_RS64(AB) asm volatile( \
+    "{ .reg .pred p; setp.ne.b32 p, %37, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32" AB " {" \
+    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
+    "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1; }" \
+    : WGMMA_D64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d))
+#define WGMMA_D128 \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
+    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
+    "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
+    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
+    "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define WGMMA_SS128(AB) asm volatile( \
+    "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n128k16.f32" AB " {" \
+    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63" \
+    "}, %64, %65, p, 1, 1, 0, 0; }" \
+    : WGMMA_D128 : "l"(a_desc), "l"(b_desc), "r"(scale_d))
+#define WGMMA_RS128(AB) asm volatile( \
+    "{ .reg .pred p; setp.ne.b32 p, %69, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n128k16.f32" AB " {" \
+    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63" \
+    "}, {%64,%65,%66,%67}, %68, p, 1, 1, 1; }" \
+    : WGMMA_D128 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d))
+
+
+// d (64 x N, f32) = (scale_d ? d : 0) + A (64 x 16, from shared memory) * B (16 x N, from shared memory, K-major)
+template <typename T, int N>
+LLAMAC_DEVICE void wgmma_ss(float (&d)[N / 8][4], unsigned long long a_desc, unsigned long long b_desc, int scale_d) {
+    if constexpr (N == 64) {
+        if constexpr (IsBf16<T>::value) WGMMA_SS64(".bf16.bf16"); else WGMMA_SS64(".f16.f16");
+    } else {
+        if constexpr (IsBf16<T>::value) WGMMA_SS128(".bf16.bf16"); else WGMMA_SS128(".f16.f16");
+    }
+}
+
+// d (64 x N) += A (64 x 16, this warp's 16 rows in mma.sync A-fragment registers) * B (16 x N,
+// shared memory, MN-major: k rows of N contiguous values, i.e. V's (keys, D) rows as stored)
+template <typename T, int N>
+LLAMAC_DEVICE void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long b_desc, int scale_d) {
+    if constexpr (N == 64) {
+        if constexpr (IsBf16<T>::value) WGMMA_RS64(".bf16.bf16"); else WGMMA_RS64(".f16.f16");
+    } else {
+        if constexpr (IsBf16<T>::value) WGMMA_RS128(".bf16.bf16"); else WGMMA_RS128(".f16.f16");
+    }
+}
+#endif
+
 LLAMAC_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
 LLAMAC_DEVICE float ex2(float x) {  // 2^x; ex2.approx(-inf) = +0, which the masking relies on
@@ -196,7 +299,8 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
                            long long ksb, long long kst, long long ksh,
                            long long vsb, long long vst, long long vsh,
                            float scale_log2, int causal) {
-    extern __shared__ __align__(128) unsigned char smem_bytes[];
+    // 1024-byte alignment: the 128-byte swizzle pattern wgmma reads repeats every 8 rows (1 KB).
+    extern __shared__ __align__(1024) unsigned char smem_bytes[];
     T* sQ = reinterpret_cast<T*>(smem_bytes);   // (BM, SD), later the output staging area
     T* sK = sQ + BM * SD;                        // (STAGES, BN, SD)
     T* sV = sK + STAGES * BN * SD;               // (STAGES, BN, SD)
@@ -230,8 +334,8 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
     const FragAddr qaddr(smem_addr(sQ + warp_row * SD), lane % 16, lane / 16);
     const FragAddr kaddr(smem_addr(sK), (lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
     const FragAddr vaddr(smem_addr(sV), (lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
-    unsigned qf[Q_SMEM ? 1 : MT][Q_SMEM ? 1 : D / 16][4];
-    if constexpr (!Q_SMEM) {
+    unsigned qf[Q_SMEM || WGMMA ? 1 : MT][Q_SMEM || WGMMA ? 1 : D / 16][4];
+    if constexpr (!Q_SMEM && !WGMMA) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -257,6 +361,14 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
         }
     }
 
+#if FLASH_WGMMA
+    // This warpgroup's Q rows; tile starts are multiples of 8 KB, so every descriptor start is
+    // on the 1024-byte grid plus the 32-byte step to each 16 columns of D.
+    const int wg_row = (warp / 4) * 64;
+    const unsigned long long q_desc = smem_desc(smem_addr(sQ + wg_row * SD));
+    const unsigned long long k_desc = smem_desc(smem_addr(sK)), v_desc = smem_desc(smem_addr(sV));
+#endif
+
     for (int t = 0; t < n_tiles; ++t) {
         const int kbase = t * BN;
         unsigned stage_bytes = 0;                // byte offset of tile t's K/V buffers
@@ -267,6 +379,9 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
             __syncthreads();
         } else {
             cp_async_wait<0>();                  // K_t, V_t landed
+#if FLASH_WGMMA
+            fence_proxy_async();                 // ... and are visible to the tensor cores' reads
+#endif
             __syncthreads();                     // ... for every thread; and all of tile t-1 is done
             if (t + 1 < n_tiles) {
                 const int nxt = ((t + 1) & 1) * BN * SD;
@@ -279,7 +394,8 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 
         // On the causal diagonal a warp whose rows all precede this tile's first key has nothing
         // to add (it still takes part in the barriers).
-        const bool warp_idle = causal && kbase > q0 + off + warp_row + 16 * MT - 1;
+        // With wgmma the test is per warpgroup: all four warps issue its MMAs together.
+        const bool warp_idle = causal && kbase > q0 + off + (WGMMA ? (warp / 4) * 64 + 63 : warp_row + 16 * MT - 1);
 
         // S = Q K_t^T: (16 MT, BN) per warp; each K fragment feeds MT mma pairs.
         float s[MT][BN / 8][4];
@@ -287,6 +403,17 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
+#if FLASH_WGMMA
+        if (!warp_idle) {
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)   // 16 columns of D = 32 bytes = 2 descriptor units
+                wgmma_ss<T, BN>(s[0], q_desc + 2 * kk, k_desc + (stage_bytes >> 4) + 2 * kk, kk > 0);
+            wgmma_commit();
+            wgmma_wait_all();
+            keep_registers(s[0]);
+        }
+#else
         if (!warp_idle) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -312,6 +439,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
             }
         }
         }
+#endif
         if constexpr (STAGES == 1) {
             __syncthreads();                     // every warp is done with sK
             if (t + 1 < n_tiles) load_tile<BN>(sK, kb, kst, kbase + BN, Tk);
@@ -409,6 +537,23 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
         }
 
         // O += P V_t. P's accumulator fragments for keys 16kk .. 16kk+15 are an A fragment.
+#if FLASH_WGMMA
+        if (!warp_idle) {
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                const unsigned pa[4] = {Mma<T>::pack(s[0][2 * kk][0], s[0][2 * kk][1]),
+                                        Mma<T>::pack(s[0][2 * kk][2], s[0][2 * kk][3]),
+                                        Mma<T>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]),
+                                        Mma<T>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3])};
+                // 16 keys of V = 16 rows of 128 bytes = 128 descriptor units
+                wgmma_rs<T, D>(o[0], pa, v_desc + (stage_bytes >> 4) + 128 * kk, 1);
+            }
+            wgmma_commit();
+            wgmma_wait_all();
+            keep_registers(o[0]);
+        }
+#else
         if (!warp_idle) {
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -432,6 +577,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
             }
         }
         }
+#endif
         if constexpr (STAGES == 1) __syncthreads();   // every warp is done with sV before V_{t+1} lands
     }
 

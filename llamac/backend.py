@@ -77,6 +77,12 @@ def cuda_available() -> bool:
     return _cupy_or_reason()[0] is not None
 
 
+@functools.lru_cache(maxsize=None)
+def compute_capability(device_id: int = 0) -> str:
+    """The GPU's compute capability as CuPy spells it ("90" for H100/H200)."""
+    return str(cupy_module().cuda.Device(device_id).compute_capability)
+
+
 def cupy_module():
     cp, why = _cupy_or_reason()
     if cp is None:
@@ -178,22 +184,46 @@ def kernel_options(dtype, extra=()) -> tuple[str, ...]:
 _KERNEL_CACHE: dict = {}
 
 
-def get_kernel_from_source(source: str, function: str, dtype=np.float32, options=()):
-    """A compiled CUDA function from source text (common.cuh must already be in it), cached like get_kernel."""
+def get_kernel_from_source(source: str, function: str, dtype=np.float32, options=(), arch: str | None = None):
+    """A compiled CUDA function from source text (common.cuh must already be in it), cached like get_kernel.
+
+    arch None builds for the GPU at hand through CuPy's RawModule. A named arch ("sm_90a": Hopper's
+    wgmma and setmaxnreg, which the plain sm_90 target CuPy picks rejects) is compiled here by
+    NVRTC straight to a cubin and loaded as a module; the result is called the same way."""
     cp = cupy_module()
     opts = kernel_options(dtype, options)
-    key = (hashlib.sha1(source.encode()).hexdigest(), function, opts, cp.cuda.Device().id)
+    key = (hashlib.sha1(source.encode()).hexdigest(), function, opts, arch, cp.cuda.Device().id)
     fn = _KERNEL_CACHE.get(key)
     if fn is None:
-        module = cp.RawModule(code=source, options=opts)
-        fn = _KERNEL_CACHE[key] = module.get_function(function)
+        if arch is None:
+            fn = cp.RawModule(code=source, options=opts).get_function(function)
+        else:
+            module = cp.cuda.function.Module()
+            module.load(_cubin(source, opts, arch))
+            fn = module.get_function(function)
+        _KERNEL_CACHE[key] = fn
     return fn
+
+
+def _cubin(source: str, options: tuple, arch: str) -> bytes:
+    """NVRTC (CuPy's binding) -> cubin for `arch`; a compile error is a LlamacError with NVRTC's log."""
+    from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415 - only with CuPy, like every GPU path
+
+    program = nvrtc.createProgram(source, "kernel.cu", (), ())
+    try:
+        try:
+            nvrtc.compileProgram(program, [*options, "-ftz=true", f"--gpu-architecture={arch}"])
+        except nvrtc.NVRTCError as exc:
+            raise LlamacError(f"NVRTC could not compile for {arch}: {exc}\n{nvrtc.getProgramLog(program)}") from None
+        return nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
 
 
 _NAMED_KERNELS: dict = {}
 
 
-def get_kernel(name: str, function: str, dtype=np.float32, options=()):
+def get_kernel(name: str, function: str, dtype=np.float32, options=(), arch: str | None = None):
     """A compiled CUDA function from kernels/NAME.cu, cached per name, function, dtype, options and device.
 
     Launchers call this on every launch, so the hit path must not touch the files: reading and
@@ -201,10 +231,10 @@ def get_kernel(name: str, function: str, dtype=np.float32, options=()):
     seen by a new process (or after `_NAMED_KERNELS.clear()`).
     """
     cp = cupy_module()
-    key = (name, function, np.dtype(dtype), tuple(options), cp.cuda.Device().id)
+    key = (name, function, np.dtype(dtype), tuple(options), arch, cp.cuda.Device().id)
     fn = _NAMED_KERNELS.get(key)
     if fn is None:
-        fn = _NAMED_KERNELS[key] = get_kernel_from_source(kernel_source(name), function, dtype, options)
+        fn = _NAMED_KERNELS[key] = get_kernel_from_source(kernel_source(name), function, dtype, options, arch)
     return fn
 
 

@@ -35,15 +35,21 @@ class KernelConfig(NamedTuple):
     min_blocks: int     # __launch_bounds__ CTAs per SM (caps registers)
     stages: int = 1     # 2: double-buffered K/V tiles, one barrier per tile
     lazy: bool = False  # rescale the output accumulators only when a row max of the warp moved
+    wgmma: bool = False  # Hopper warpgroup MMA for both products (hs 64, mt 1, stages 2; an sm_90a build)
 
     @property
     def block_m(self) -> int:
         return 16 * self.mt * self.warps
 
+    @property
+    def arch(self) -> str | None:
+        """The build target when it must be named: wgmma exists only for sm_90a (H100/H200)."""
+        return "sm_90a" if self.wgmma else None
+
     def options(self, hs: int) -> tuple:
         return (f"-DHEAD_DIM={hs}", f"-DFLASH_WARPS={self.warps}", f"-DFLASH_MT={self.mt}",
                 f"-DFLASH_Q_SMEM={int(self.q_smem)}", f"-DFLASH_BN={self.bn}", f"-DFLASH_MIN_BLOCKS={self.min_blocks}",
-                f"-DFLASH_STAGES={self.stages}", f"-DFLASH_LAZY={int(self.lazy)}")
+                f"-DFLASH_STAGES={self.stages}", f"-DFLASH_LAZY={int(self.lazy)}", f"-DFLASH_WGMMA={int(self.wgmma)}")
 
     def smem_bytes(self, hs: int, itemsize: int) -> int:
         return (self.block_m + 2 * self.stages * self.bn) * smem_row(hs) * itemsize
@@ -68,6 +74,26 @@ CONFIGS = {64: KernelConfig(4, 2, True, 64, 1, 2, True), 128: KernelConfig(4, 2,
 # (8, 1, False, 64, 2) is the best at the training shape and within 3% of the best at T=2048.
 # hs=32 takes hs=64's shape, hs=96 hs=128's (timed only as defaults: 1.06x and 0.93x SDPA at T=2048).
 CONFIGS.update({48: KernelConfig(8, 1, False, 64, 2), 32: CONFIGS[64], 96: CONFIGS[128]})
+# Hopper (compute capability 9.0 exactly: the sm_90a build runs nowhere else) takes both products
+# to warpgroup MMA at hs=64. Forward ms, causal bf16, H100, 2026-11-25 (.devcarry wg.py):
+#   B16 H16/4 T2048 (350M): mma.sync default 0.564; (4,1,T,64,4,2,F,W) 0.467; (8,1,T,64,2,2,F,W) 0.457,
+#                           lazy 0.435; 128-key tiles 0.54; cuDNN SDPA 0.426, SDPA flash 0.587
+#   B32 H12 T1024 (110M):   0.256; 0.252; 0.216, lazy 0.214; 128-key tiles 0.26-0.34; cuDNN 0.200
+#   B8 H16 T2048:           0.284; 0.236; 0.232, lazy 0.229; cuDNN 0.244
+# Two warpgroups of 64 rows and 64-key tiles, lazy rescaling: 117 registers, two CTAs an SM.
+HOPPER_CONFIGS = {64: KernelConfig(8, 1, True, 64, 2, 2, True, wgmma=True)}
+HOPPER_CANDIDATES = {64: [KernelConfig(4, 1, True, 64, 4, 2, wgmma=True), KernelConfig(8, 1, True, 64, 2, 2, wgmma=True),
+                          KernelConfig(8, 1, True, 128, 1, 2, wgmma=True), HOPPER_CONFIGS[64]]}
+
+
+def default_config(hs: int, device_id: int = 0) -> KernelConfig:
+    """The fastest measured kernel shape for hs on this GPU: HOPPER_CONFIGS on compute capability
+    9.0, else CONFIGS."""
+    if hs in HOPPER_CONFIGS and backend.compute_capability(device_id) == "90":
+        return HOPPER_CONFIGS[hs]
+    return CONFIGS[hs]
+
+
 # Alternatives the GPU tests check and the benchmark can time (none spills registers at sm_90).
 C = KernelConfig
 CANDIDATES = {
@@ -242,7 +268,7 @@ def _kernel(dtype, hs: int, cfg: KernelConfig, device_id: int):
     key = (np.dtype(dtype), hs, cfg, device_id)
     fn = _KERNELS.get(key)
     if fn is None:
-        fn = backend.get_kernel("flash_attn_fwd", "flash_attn_forward", dtype, options=cfg.options(hs))
+        fn = backend.get_kernel("flash_attn_fwd", "flash_attn_forward", dtype, options=cfg.options(hs), arch=cfg.arch)
         _set_dynamic_smem(fn, cfg.smem_bytes(hs, np.dtype(dtype).itemsize))
         _KERNELS[key] = fn
     return fn
@@ -252,7 +278,7 @@ def flash_attention_forward(q, k, v, causal=True, segments=None, config: KernelC
     """(out (B, Tq, H, hs) in q's dtype, lse (B, H, Tq) float32).
 
     The CUDA kernel for CuPy bf16/fp16 arrays with hs in HEAD_DIMS; otherwise the fp32 reference,
-    its output cast to q's dtype. `config` overrides CONFIGS[hs] (tests, benchmarks).
+    its output cast to q's dtype. `config` overrides default_config(hs) (tests, benchmarks).
     """
     B, Tq, Tk, H, Hkv, hs = _check(q, k, v, segments)
     if not kernel_supports(q, k):
@@ -269,7 +295,7 @@ def flash_attention_forward(q, k, v, causal=True, segments=None, config: KernelC
     seg = None
     if segments is not None:
         seg = xp.ascontiguousarray(xp.asarray(segments), dtype=np.int32)
-    cfg = config or CONFIGS[hs]
+    cfg = config or default_config(hs, q.device.id)
     smem = cfg.smem_bytes(hs, q.itemsize)
     e = q.itemsize
     with q.device:
@@ -343,7 +369,7 @@ def bench_flash_forward(B=8, H=16, T=2048, hs=128, Hkv=None, causal=True, dtype=
     flops = 4.0 * B * H * T * T * hs * (0.5 if causal else 1.0)
     ms = _time_ms(lambda: flash_attention_forward(q, k, v, causal=causal, config=config), reps)
     result = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "dtype": str(dt),
-              "config": tuple(config or CONFIGS[hs]),
+              "config": tuple(config or default_config(hs, q.device.id)),
               "ms": ms, "tflops": flops / ms / 1e9}
     if torch_sdpa:
         try:

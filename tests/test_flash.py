@@ -189,10 +189,41 @@ def test_kernel_builds_with_tensor_cores_and_no_spills(nvrtc, dtype, hs, cfg):
     assert " 0 bytes spill stores" in result.log and " 0 bytes stack frame" in result.log, result.log
 
 
+HOPPER = [(hs, cfg) for hs in flash.HOPPER_CANDIDATES for cfg in flash.HOPPER_CANDIDATES[hs]]
+
+
+@pytest.mark.parametrize("hs, cfg", HOPPER, ids=str)
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
+def test_hopper_kernel_builds_with_warpgroup_mma_and_no_spills(nvrtc, dtype, hs, cfg):
+    assert cfg.arch == "sm_90a"
+    result = backend.compile_check_kernel("flash_attn_fwd", dtype, arch=cfg.arch, options=(*cfg.options(hs), "--ptxas-options=-v"))
+    assert result.ok, result.log
+    assert "warning" not in result.log.lower(), result.log
+    kind = "bf16" if dtype == BF16 else "f16"
+    # S = Q K^T from two shared-memory descriptors; O += P V with P from registers, V transposed
+    assert f"wgmma.mma_async.sync.aligned.m64n{cfg.bn}k16.f32.{kind}.{kind}" in result.ptx
+    assert f"wgmma.mma_async.sync.aligned.m64n{hs}k16.f32.{kind}.{kind}" in result.ptx
+    assert "fence.proxy.async.shared::cta" in result.ptx and "wgmma.wait_group.sync.aligned" in result.ptx
+    assert "mma.sync" not in result.ptx and "ldmatrix" not in result.ptx
+    assert " 0 bytes spill stores" in result.log and " 0 bytes stack frame" in result.log, result.log
+
+
+def test_hopper_build_refuses_what_it_cannot_do(nvrtc):
+    """wgmma reads one 128-byte swizzle atom per row: head size 64 only, one row tile a warp."""
+    bad = flash.KernelConfig(8, 1, True, 64, 2, 2, True, wgmma=True).options(128)
+    result = backend.compile_check_kernel("flash_attn_fwd", BF16, arch="sm_90a", options=bad)
+    assert not result.ok and "FLASH_WGMMA takes HEAD_DIM 64" in result.log
+    # and the plain sm_90 target has no wgmma at all: the launcher must name sm_90a
+    result = backend.compile_check_kernel("flash_attn_fwd", BF16, arch="sm_90", options=flash.HOPPER_CONFIGS[64].options(64))
+    assert not result.ok and "wgmma" in result.log
+
+
 def test_default_configs_are_candidates():
     for hs in flash.HEAD_DIMS:
         assert flash.CONFIGS[hs] in flash.CANDIDATES[hs]
         assert flash.CONFIGS[hs].smem_bytes(hs, 2) <= 227 * 1024
+    for hs, cfg in flash.HOPPER_CONFIGS.items():
+        assert cfg in flash.HOPPER_CANDIDATES[hs] and cfg.wgmma and cfg.smem_bytes(hs, 2) <= 227 * 1024
 
 
 def test_head_sizes_forward_and_backward_agree():
@@ -261,15 +292,19 @@ def test_launcher_grid_and_kernel_cache_without_a_gpu(monkeypatch):
     monkeypatch.setattr(flash, "kernel_supports", lambda q, k=None: True)
     monkeypatch.setattr(flash, "_KERNELS", {})
     monkeypatch.setattr(backend, "get_array_module", lambda a: FakeXP)
-    monkeypatch.setattr(backend, "get_kernel", lambda *a, options=(), **k: compiles.append(options) or Kernel())
-    for hs in flash.HEAD_DIMS:
-        cfg = flash.CONFIGS[hs]
-        q = FakeArray(np.zeros((2, 300, 8, hs), BF16))
-        k = FakeArray(np.zeros((2, 300, 2, hs), BF16))
-        for _ in range(3):
-            out, lse = flash.flash_attention_forward(q, k, k, segments=np.zeros((2, 300), np.int32))
-        assert out.shape == (2, 300, 8, hs) and lse.shape == (2, 8, 300)
-        assert launches[-1] == ((16, -(-300 // cfg.block_m)), (32 * cfg.warps,), 21, cfg.smem_bytes(hs, 2))
-        assert compiles[-1] == cfg.options(hs)
-        assert list(flash._KERNELS.values())[-1].max_dynamic_shared_size_bytes == cfg.smem_bytes(hs, 2)
-    assert len(compiles) == len(flash.HEAD_DIMS)
+    monkeypatch.setattr(backend, "get_kernel",
+                        lambda *a, options=(), arch=None, **k: compiles.append((options, arch)) or Kernel())
+    for capability in ("80", "90"):   # an A100, then an H100: hs=64 takes the wgmma build there
+        monkeypatch.setattr(backend, "compute_capability", lambda device_id=0: capability)
+        for hs in flash.HEAD_DIMS:
+            cfg = flash.HOPPER_CONFIGS[hs] if capability == "90" and hs in flash.HOPPER_CONFIGS else flash.CONFIGS[hs]
+            q = FakeArray(np.zeros((2, 300, 8, hs), BF16))
+            k = FakeArray(np.zeros((2, 300, 2, hs), BF16))
+            for _ in range(3):
+                out, lse = flash.flash_attention_forward(q, k, k, segments=np.zeros((2, 300), np.int32))
+            assert out.shape == (2, 300, 8, hs) and lse.shape == (2, 8, 300)
+            assert launches[-1] == ((16, -(-300 // cfg.block_m)), (32 * cfg.warps,), 21, cfg.smem_bytes(hs, 2))
+            assert (cfg.options(hs), "sm_90a" if cfg.wgmma else None) in compiles
+            assert flash._KERNELS[(BF16, hs, cfg, 0)].max_dynamic_shared_size_bytes == cfg.smem_bytes(hs, 2)
+    # one compile per distinct (dtype, hs, config): the Hopper pass reuses every non-wgmma build
+    assert len(compiles) == len(flash.HEAD_DIMS) + len(flash.HOPPER_CONFIGS)

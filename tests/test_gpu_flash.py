@@ -80,10 +80,14 @@ def test_kernel_queries_after_a_cache(Tq, Tk, hs, use_seg):
 
 EVERY_CONFIG = [(BF16, hs, c) for hs in flash.HEAD_DIMS for c in flash.CANDIDATES[hs]]
 FP16_DEFAULTS = [(np.dtype(np.float16), hs, flash.CONFIGS[hs]) for hs in flash.HEAD_DIMS]
+HOPPER = [(dt, hs, c) for hs in flash.HOPPER_CANDIDATES for c in flash.HOPPER_CANDIDATES[hs]
+          for dt in (BF16, np.dtype(np.float16))]
 
 
-@pytest.mark.parametrize("dtype, hs, cfg", EVERY_CONFIG + FP16_DEFAULTS, ids=str)
+@pytest.mark.parametrize("dtype, hs, cfg", EVERY_CONFIG + FP16_DEFAULTS + HOPPER, ids=str)
 def test_kernel_every_config_and_dtype(dtype, hs, cfg):
+    if cfg.wgmma and backend.compute_capability() != "90":
+        pytest.skip("the wgmma build runs on compute capability 9.0 (H100/H200) only")
     q, k, v = inputs(2, 333, 333, 4, 2, hs, dtype=dtype)
     check(q, k, v, True, documents(2, 333), config=cfg, what=f"{dtype} hs={hs} {cfg}")
     q, k, v = inputs(1, 200, 1000, 2, 2, hs, dtype=dtype, seed=1)
