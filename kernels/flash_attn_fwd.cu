@@ -18,7 +18,7 @@
 // 16 bits. The softmax is online, in base 2 (one FFMA + ex2 per score). Causal CTAs stop at
 // the diagonal; masks are applied only on tiles that need them.
 // Compile-time shape: HEAD_DIM, FLASH_WARPS, FLASH_MT, FLASH_Q_SMEM, FLASH_BN, FLASH_MIN_BLOCKS
-// (llamac.flash.KernelConfig picks them per head size). FLASH_WGMMA=1 (an sm_90a build, hs 64)
+// (llamac.flash.KernelConfig picks them per head size). -DLLAMAC_WGMMA (an sm_90a build, hs 64)
 // swaps the two products for Hopper's warpgroup MMA: S = Q K^T with both operands read from
 // shared memory, O += P V with P straight from the score registers; everything else is shared.
 // Nothing of size Tq x Tk exists anywhere.
@@ -49,7 +49,9 @@
 #ifndef FLASH_LAZY         // 1: rescale O only when some row max of the warp moved (a warp vote)
 #define FLASH_LAZY 0
 #endif
-#ifndef FLASH_WGMMA        // 1: Hopper warpgroup MMA (wgmma, sm_90a build) for both products; HEAD_DIM 64
+#ifdef LLAMAC_WGMMA         // Hopper warpgroup MMA (an sm_90a build) for both products; HEAD_DIM 64
+#define FLASH_WGMMA 1
+#else
 #define FLASH_WGMMA 0
 #endif
 #ifndef FLASH_MIN_BLOCKS   // CTAs per SM to fit registers for (__launch_bounds__)
@@ -84,9 +86,9 @@ static_assert(D % 16 == 0 && D >= 32 && D <= 256,
               "HEAD_DIM must be a multiple of 16 (k of m16n8k16), 32 to 256 (32, 48, 64, 96, 128 are the tested ones)");
 static_assert(WARPS == 4 || WARPS == 8, "FLASH_WARPS must be 4 or 8");
 static_assert(MT == 1 || MT == 2, "FLASH_MT must be 1 or 2");
-static_assert(BN == 32 || BN == 64 || (WGMMA && BN == 128), "FLASH_BN must be 32 or 64 (or 128 with FLASH_WGMMA)");
+static_assert(BN == 32 || BN == 64 || (WGMMA && BN == 128), "FLASH_BN must be 32 or 64 (or 128 with LLAMAC_WGMMA)");
 static_assert(!WGMMA || (D == 64 && MT == 1 && STAGES == 2),
-              "FLASH_WGMMA takes HEAD_DIM 64 (one 128-byte swizzle atom per row), FLASH_MT 1 and FLASH_STAGES 2");
+              "LLAMAC_WGMMA takes HEAD_DIM 64 (one 128-byte swizzle atom per row), FLASH_MT 1 and FLASH_STAGES 2");
 static_assert(STAGES == 1 || STAGES == 2, "FLASH_STAGES must be 1 or 2");
 
 // ------------------------------------------------------------ the 16-bit types' tensor-core ops
@@ -150,100 +152,11 @@ LLAMAC_DEVICE void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// ------------------------------------------------------------ Hopper warpgroup MMA (FLASH_WGMMA)
-// A warpgroup (4 consecutive warps) multiplies a 64-row A by a B tile read straight from shared
-// memory; warp w % 4 of the group owns rows 16 (w % 4) .. +15 of the 64, and its accumulator
-// registers are laid out exactly like mma.sync's m16n8 tiles side by side: the same ownership
-// and the same register layout as the FLASH_MT = 1 path, so masking, softmax and the epilogue
-// are shared. The 64-wide Q/K/V rows (128 bytes) with chunk c stored at c ^ (row % 8) are the
-// hardware's 128-byte-swizzle layout as they stand, given tiles that start on 1024 bytes.
-#if FLASH_WGMMA
-// Shared-memory matrix descriptor: start address, leading and stride byte offsets (>> 4) and the
-// 128-byte swizzle mode. Groups of 8 rows sit 1024 bytes apart, along the rows of a K-major
-// operand (Q, K) and along the k rows of the MN-major V; both offsets say so, whichever one
-// the hardware reads for a layout.
-LLAMAC_DEVICE unsigned long long smem_desc(unsigned addr) {
-    return (1ull << 62) | (64ull << 32) | (64ull << 16) | ((addr & 0x3ffffu) >> 4);
-}
-LLAMAC_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-LLAMAC_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-LLAMAC_DEVICE void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// cp.async writes through the generic proxy; wgmma reads through the async proxy.
-LLAMAC_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-
-// Pins accumulators in place around asynchronous MMAs: the compiler may not move or copy
-// them between the issue and the wait (CUTLASS's warpgroup_fence_operand).
-template <int N> LLAMAC_DEVICE void keep_registers(float (&d)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j]) :: "memory");
-}
-
-template <typename T> struct IsBf16 { enum { value = 0 }; };
-template <> struct IsBf16<bf16_t> { enum { value = 1 }; };
-
-#define WGMMA_D64 \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-#define WGMMA_SS64(AB) asm volatile( \
-    "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n" \
-    "wgmma.mma_async.sync.aligned.m64n64k16.f32" AB " {" \
-    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
-    "}, %32, %33, p, 1, 1, 0, 0; }" \
-    : WGMMA_D64 : "l"(a_desc), "l"(b_desc), "r"(scale_d))
-#define WGMMA_RS64(AB) asm volatile( \
-    "{ .reg .pred p; setp.ne.b32 p, %37, 0;\n" \
-    "wgmma.mma_async.sync.aligned.m64n64k16.f32" AB " {" \
-    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
-    "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1; }" \
-    : WGMMA_D64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d))
-#define WGMMA_D128 \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
-    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
-    "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
-    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
-    "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-#define WGMMA_SS128(AB) asm volatile( \
-    "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n" \
-    "wgmma.mma_async.sync.aligned.m64n128k16.f32" AB " {" \
-    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63" \
-    "}, %64, %65, p, 1, 1, 0, 0; }" \
-    : WGMMA_D128 : "l"(a_desc), "l"(b_desc), "r"(scale_d))
-#define WGMMA_RS128(AB) asm volatile( \
-    "{ .reg .pred p; setp.ne.b32 p, %69, 0;\n" \
-    "wgmma.mma_async.sync.aligned.m64n128k16.f32" AB " {" \
-    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63" \
-    "}, {%64,%65,%66,%67}, %68, p, 1, 1, 1; }" \
-    : WGMMA_D128 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d))
-
-
-// d (64 x N, f32) = (scale_d ? d : 0) + A (64 x 16, from shared memory) * B (16 x N, from shared memory, K-major)
-template <typename T, int N>
-LLAMAC_DEVICE void wgmma_ss(float (&d)[N / 8][4], unsigned long long a_desc, unsigned long long b_desc, int scale_d) {
-    if constexpr (N == 64) {
-        if constexpr (IsBf16<T>::value) WGMMA_SS64(".bf16.bf16"); else WGMMA_SS64(".f16.f16");
-    } else {
-        if constexpr (IsBf16<T>::value) WGMMA_SS128(".bf16.bf16"); else WGMMA_SS128(".f16.f16");
-    }
-}
-
-// d (64 x N) += A (64 x 16, this warp's 16 rows in mma.sync A-fragment registers) * B (16 x N,
-// shared memory, MN-major: k rows of N contiguous values, i.e. V's (keys, D) rows as stored)
-template <typename T, int N>
-LLAMAC_DEVICE void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long b_desc, int scale_d) {
-    if constexpr (N == 64) {
-        if constexpr (IsBf16<T>::value) WGMMA_RS64(".bf16.bf16"); else WGMMA_RS64(".f16.f16");
-    } else {
-        if constexpr (IsBf16<T>::value) WGMMA_RS128(".bf16.bf16"); else WGMMA_RS128(".f16.f16");
-    }
-}
-#endif
+// With LLAMAC_WGMMA (common.cuh's warpgroup MMA), warp w % 4 of a warpgroup owns rows
+// 16 (w % 4) .. +15 of the group's 64 and its accumulators are laid out like mma.sync's m16n8
+// tiles side by side: the FLASH_MT = 1 ownership and register layout, so masking, softmax and
+// the epilogue are shared. The 64-wide Q/K/V rows (128 bytes) with chunk c at c ^ (row % 8)
+// are the 128-byte swizzle layout as they stand, given tiles that start on 1024 bytes.
 
 LLAMAC_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -408,7 +321,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk)   // 16 columns of D = 32 bytes = 2 descriptor units
-                wgmma_ss<T, BN>(s[0], q_desc + 2 * kk, k_desc + (stage_bytes >> 4) + 2 * kk, kk > 0);
+                wgmma_ss<T, BN, 0, 0>(s[0], q_desc + 2 * kk, k_desc + (stage_bytes >> 4) + 2 * kk, kk > 0);
             wgmma_commit();
             wgmma_wait_all();
             keep_registers(s[0]);
@@ -547,7 +460,7 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
                                         Mma<T>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]),
                                         Mma<T>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3])};
                 // 16 keys of V = 16 rows of 128 bytes = 128 descriptor units
-                wgmma_rs<T, D>(o[0], pa, v_desc + (stage_bytes >> 4) + 128 * kk, 1);
+                wgmma_rs<T, D, 1>(o[0], pa, v_desc + (stage_bytes >> 4) + 128 * kk, 1);
             }
             wgmma_commit();
             wgmma_wait_all();

@@ -49,7 +49,7 @@ class KernelConfig(NamedTuple):
     def options(self, hs: int) -> tuple:
         return (f"-DHEAD_DIM={hs}", f"-DFLASH_WARPS={self.warps}", f"-DFLASH_MT={self.mt}",
                 f"-DFLASH_Q_SMEM={int(self.q_smem)}", f"-DFLASH_BN={self.bn}", f"-DFLASH_MIN_BLOCKS={self.min_blocks}",
-                f"-DFLASH_STAGES={self.stages}", f"-DFLASH_LAZY={int(self.lazy)}", f"-DFLASH_WGMMA={int(self.wgmma)}")
+                f"-DFLASH_STAGES={self.stages}", f"-DFLASH_LAZY={int(self.lazy)}") + (("-DLLAMAC_WGMMA",) if self.wgmma else ())
 
     def smem_bytes(self, hs: int, itemsize: int) -> int:
         return (self.block_m + 2 * self.stages * self.bn) * smem_row(hs) * itemsize

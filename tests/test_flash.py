@@ -212,7 +212,7 @@ def test_hopper_build_refuses_what_it_cannot_do(nvrtc):
     """wgmma reads one 128-byte swizzle atom per row: head size 64 only, one row tile a warp."""
     bad = flash.KernelConfig(8, 1, True, 64, 2, 2, True, wgmma=True).options(128)
     result = backend.compile_check_kernel("flash_attn_fwd", BF16, arch="sm_90a", options=bad)
-    assert not result.ok and "FLASH_WGMMA takes HEAD_DIM 64" in result.log
+    assert not result.ok and "LLAMAC_WGMMA takes HEAD_DIM 64" in result.log
     # and the plain sm_90 target has no wgmma at all: the launcher must name sm_90a
     result = backend.compile_check_kernel("flash_attn_fwd", BF16, arch="sm_90", options=flash.HOPPER_CONFIGS[64].options(64))
     assert not result.ok and "wgmma" in result.log
