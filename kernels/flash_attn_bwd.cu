@@ -31,6 +31,14 @@
 // layout of the next mma (dV += P^T dO, dK += dS^T Q): no shared-memory round trip.
 // Only dS goes through shared memory, for dQ = dS K, which needs all the block's keys.
 // Query tiles are double-buffered with cp.async: tile i+1 streams in while tile i is computed.
+//
+// -DLLAMAC_WGMMA (an sm_90a build; HEAD_DIM 64, BLOCK_Q 64, KEY_TILES 1) runs the five products
+// on Hopper's warpgroup MMA (common.cuh). A warpgroup owns 64 keys, warp w % 4 the same 16 as
+// above and with the same register layout, so the softmax, dS and the dK/dV stores are shared:
+// S^T and dP^T read K, V and Q, dO from shared memory (K-major); dV += P^T dO and dK += dS^T Q
+// take P^T, dS^T from registers and dO, Q transposed; dQ = dS K reads dS^T and K transposed,
+// over the warpgroup's own 64 keys (one fp32 reduction into dq_acc per warpgroup). Tiles are
+// stored unpadded in the 128-byte swizzle layout wgmma reads, instead of padded rows.
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64
@@ -47,6 +55,12 @@
 #define KEY_TILES 1  // 16-key row tiles per warp: 2 reuses every Q/dO fragment twice (fewer ldmatrix per mma)
 #endif
 
+#ifdef LLAMAC_WGMMA
+#define BWD_WGMMA 1
+#else
+#define BWD_WGMMA 0
+#endif
+
 #define KPW (KEY_TILES * 16)         // keys per warp
 #define BLOCK_K (NWARPS * KPW)       // keys per CTA
 #define NTHREADS (NWARPS * 32)
@@ -55,6 +69,8 @@ static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM >= 16 && HEAD_DIM <= 256, "HEAD_DIM
 static_assert(BLOCK_Q == 32 || BLOCK_Q == 64, "BLOCK_Q must be 32 or 64");
 static_assert(NWARPS == 4 || NWARPS == 8, "NWARPS must be 4 or 8");
 static_assert(KEY_TILES == 1 || KEY_TILES == 2, "KEY_TILES must be 1 or 2");
+static_assert(!BWD_WGMMA || (HEAD_DIM == 64 && BLOCK_Q == 64 && KEY_TILES == 1 && sizeof(DTYPE) == 2),
+              "LLAMAC_WGMMA takes HEAD_DIM 64, BLOCK_Q 64, KEY_TILES 1 and 16-bit inputs");
 static_assert(NWARPS % (BLOCK_Q / 16) == 0 && HEAD_DIM % (NWARPS / (BLOCK_Q / 16)) == 0 &&
               (HEAD_DIM / (NWARPS / (BLOCK_Q / 16))) % 8 == 0,
               "the dQ tile must split over the warps in column blocks of 8");
@@ -62,8 +78,16 @@ static_assert(NWARPS % (BLOCK_Q / 16) == 0 && HEAD_DIM % (NWARPS / (BLOCK_Q / 16
 // Shared rows are padded by 16 bytes: a row stride of an odd number of 16-byte
 // units puts the 8 rows one ldmatrix reads in 8 different bank groups (HEAD_DIM / 8
 // is even for every multiple of 16, so this holds for all head sizes: 48 -> 7 units).
+#if BWD_WGMMA
+// Unpadded 64-value rows, 16-byte chunk c of row r at chunk c ^ (r % 8): the 128-byte swizzle.
+constexpr int LDS = HEAD_DIM;
+constexpr int LDP = BLOCK_Q;
+LLAMAC_DEVICE int tile_at(int r, int c, int) { return r * 64 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7)); }
+#else
 constexpr int LDS = HEAD_DIM + 8;  // q/k/v/dO tiles, 16-bit elements per row
 constexpr int LDP = BLOCK_Q + 8;   // dS^T tile
+LLAMAC_DEVICE int tile_at(int r, int c, int ld) { return r * ld + c; }
+#endif
 constexpr float LOG2E = 1.4426950408889634f;
 
 // ------------------------------------------------------------ the 16-bit type the tensor cores see
@@ -141,7 +165,7 @@ LLAMAC_DEVICE void load_tile(mma_t* s, const DTYPE* g, long long row_stride, int
         const int r = c / CPR, col = (c % CPR) * 8;
         uint4 val = make_uint4(0u, 0u, 0u, 0u);
         if (r < valid) val = load_chunk8(g + r * row_stride + col);
-        *reinterpret_cast<uint4*>(s + r * LDS + col) = val;
+        *reinterpret_cast<uint4*>(s + tile_at(r, col, LDS)) = val;
     }
 }
 
@@ -175,7 +199,7 @@ LLAMAC_DEVICE void load_tile_async(mma_t* s, const DTYPE* g, long long row_strid
         for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
             const int r = c / CPR, col = (c % CPR) * 8;
             // An invalid row still needs a valid address: row 0 of the tile.
-            cp_async16(s + r * LDS + col, g + (r < valid ? r : 0) * row_stride + col, r < valid);
+            cp_async16(s + tile_at(r, col, LDS), g + (r < valid ? r : 0) * row_stride + col, r < valid);
         }
     } else {
         load_tile<ROWS>(s, g, row_stride, valid);
@@ -294,7 +318,7 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                int Tq, int Tk, int H, int Hkv, int causal, float scale,
                const rope_table_t* __restrict__ cosv, const rope_table_t* __restrict__ sinv,
                long long dkv_row, long long v_row) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    extern __shared__ __align__(1024) unsigned char smem_raw[];   // (1 KB: the swizzle's period)
     mma_t* sK = reinterpret_cast<mma_t*>(smem_raw);  // (BLOCK_K, LDS)
     mma_t* sV = sK + BLOCK_K * LDS;                   // (BLOCK_K, LDS)
     mma_t* sQ0 = sV + BLOCK_K * LDS;                  // 2 stages of (BLOCK_Q, LDS)
@@ -360,6 +384,9 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
         const int q0 = (qb_first + it % per_head) * BLOCK_Q;
         const int qvalid = min(BLOCK_Q, Tq - q0);
         cp_async_wait<0>();  // this thread's copies of this tile (and, first, of K and V) landed
+#if BWD_WGMMA
+        fence_proxy_async();  // ... and are visible to the tensor cores' (async proxy) reads
+#endif
         // Everyone's copies landed, and every warp is done with the previous tile: its
         // stage (the other one) and sdS are free for the next tile's copies and dS.
         __syncthreads();
@@ -381,6 +408,23 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
             for (int j = 0; j < BLOCK_Q / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[m][j][e] = dp[m][j][e] = 0.0f;
+#if BWD_WGMMA
+        const int wg_keys = (warp / 4) * 64;   // this warpgroup's first key within the block
+        const unsigned long long k_desc = smem_desc(smem_addr(sK + wg_keys * LDS));
+        const unsigned long long v_desc = smem_desc(smem_addr(sV + wg_keys * LDS));
+        const unsigned long long q_desc = smem_desc(smem_addr(sQ)), o_desc = smem_desc(smem_addr(sdO));
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)   // 16 columns = 32 bytes = 2 descriptor units
+            wgmma_ss<mma_t, BLOCK_Q, 0, 0>(s[0], k_desc + 2 * kk, q_desc + 2 * kk, kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            wgmma_ss<mma_t, BLOCK_Q, 0, 0>(dp[0], v_desc + 2 * kk, o_desc + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        keep_registers(s[0]);
+        keep_registers(dp[0]);
+#else
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
             unsigned aK[KEY_TILES][4], aV[KEY_TILES][4];
@@ -405,6 +449,7 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                 }
             }
         }
+#endif
 
         // P^T = exp(S^T scale - lse), 0 where masked; dS^T = P^T (dP^T - D).
         // Element e of tile (m, j): key kw + 16m + g (+8 for e >= 2), query j*8 + 2t (+1 for odd e).
@@ -433,6 +478,54 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
 
         // dV += P^T dO, dK += dS^T Q (scaled at the end). The accumulator layout of two
         // adjacent 8-query tiles is the A-operand layout of one 16-query k-step.
+#if BWD_WGMMA
+        wgmma_fence();
+#pragma unroll
+        for (int kq = 0; kq < BLOCK_Q / 16; ++kq) {
+            const unsigned aP[4] = {pack2(s[0][2 * kq][0], s[0][2 * kq][1]), pack2(s[0][2 * kq][2], s[0][2 * kq][3]),
+                                    pack2(s[0][2 * kq + 1][0], s[0][2 * kq + 1][1]), pack2(s[0][2 * kq + 1][2], s[0][2 * kq + 1][3])};
+            const unsigned aS[4] = {pack2(dp[0][2 * kq][0], dp[0][2 * kq][1]), pack2(dp[0][2 * kq][2], dp[0][2 * kq][3]),
+                                    pack2(dp[0][2 * kq + 1][0], dp[0][2 * kq + 1][1]), pack2(dp[0][2 * kq + 1][2], dp[0][2 * kq + 1][3])};
+            // dS^T to shared memory for dQ: rows are keys, columns queries.
+            const int r = kw + g, c = kq * 16 + 2 * t;
+            *reinterpret_cast<unsigned*>(sdS + tile_at(r, c, LDP)) = aS[0];
+            *reinterpret_cast<unsigned*>(sdS + tile_at(r + 8, c, LDP)) = aS[1];
+            *reinterpret_cast<unsigned*>(sdS + tile_at(r, c + 8, LDP)) = aS[2];
+            *reinterpret_cast<unsigned*>(sdS + tile_at(r + 8, c + 8, LDP)) = aS[3];
+            // 16 queries of dO / Q = 16 rows of 128 bytes = 128 descriptor units
+            wgmma_rs<mma_t, HEAD_DIM, 1>(accV[0], aP, o_desc + 128 * kq, 1);
+            wgmma_rs<mma_t, HEAD_DIM, 1>(accK[0], aS, q_desc + 128 * kq, 1);
+        }
+        wgmma_commit();
+        // dQ (BLOCK_Q x HEAD_DIM) += dS K over this warpgroup's 64 keys, once its four warps'
+        // dS^T rows are in shared memory (a barrier of the warpgroup's 128 threads).
+        fence_proxy_async();
+        // (compile-time barrier ids: a register id would make ptxas reserve all 16 barriers)
+        if (warp < 4) asm volatile("bar.sync 1, 128;" ::: "memory");
+        else asm volatile("bar.sync 2, 128;" ::: "memory");
+        {
+            float dq[HEAD_DIM / 8][4];
+            const unsigned long long ds_desc = smem_desc(smem_addr(sdS + wg_keys * LDP));
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)   // 16 keys = 16 rows = 128 units, of dS^T and of K
+                wgmma_ss<mma_t, HEAD_DIM, 1, 1>(dq, ds_desc + 128 * kk, k_desc + 128 * kk, kk > 0);
+            wgmma_commit();
+            wgmma_wait_all();
+            keep_registers(accV[0]);
+            keep_registers(accK[0]);
+            keep_registers(dq);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int qi = (warp % 4) * 16 + g + half * 8;
+                if (qi < qvalid) {
+                    float* row = dq_acc + (((long long)b * Tq + q0 + qi) * H + h) * HEAD_DIM + 2 * t;
+#pragma unroll
+                    for (int j = 0; j < HEAD_DIM / 8; ++j) red_add2(row + j * 8, dq[j][2 * half] * scale, dq[j][2 * half + 1] * scale);
+                }
+            }
+        }
+#else
 #pragma unroll
         for (int kq = 0; kq < BLOCK_Q / 16; ++kq) {
             unsigned aP[KEY_TILES][4], aS[KEY_TILES][4];
@@ -508,6 +601,7 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                 for (int j = 0; j < DN / 8; ++j) red_add2(row + j * 8, dq[j][2 * half] * scale, dq[j][2 * half + 1] * scale);
             }
         }
+#endif
     }
     cp_async_wait<0>();  // nothing may be left in flight at exit (ntiles is never 0, but cheap)
 

@@ -202,6 +202,96 @@ LLAMAC_DEVICE void load_tile(T* tile, const T* src, long long stride, int row0, 
     }
 }
 
+// ------------------------------------------------------------ one key tile's masking and online softmax
+// Thread rows: m tile mt, r = 0 and 1 for lane / 4 and lane / 4 + 8 of its 16 -> score entries
+// [mt][.][2r], [mt][.][2r + 1]; row (mt, r) sits at absolute position qpos0 + 16 mt + 8 r.
+
+// Scores a row may not see -> -inf: a key past Tk, a causal future key, another document.
+LLAMAC_DEVICE void mask_scores(float (&s)[MT][BN / 8][4], int kbase, int qpos0, int Tk, int causal,
+                               const int* sb, int lane) {
+    // Each row's document id is re-read here (L1 hits) rather than kept in registers.
+    // Rows past Tq are computed (and dropped): clamp so their read stays in bounds.
+    int qseg[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) qseg[mt][r] = sb ? sb[min(qpos0 + 16 * mt + 8 * r, Tk - 1)] : 0;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int j = kbase + nt * 8 + (lane % 4) * 2 + e;
+            const int kseg = (sb && j < Tk) ? sb[j] : 0;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const bool visible = j < Tk && (!causal || j <= qpos0 + 16 * mt + 8 * r) && (!sb || kseg == qseg[mt][r]);
+                    if (!visible) s[mt][nt][2 * r + e] = neg_inf();
+                }
+            }
+        }
+    }
+}
+
+// Online softmax, base 2: s becomes p = 2^(scale log2e s - m) with the updated row max m;
+// alpha = 2^(m_old - m) is the factor the output so far must be rescaled by.
+LLAMAC_DEVICE void softmax_tile(float (&s)[MT][BN / 8][4], float (&m_run)[MT][2], float (&l_run)[MT][2],
+                                float (&alpha)[MT][2], float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = m_run[mt][r];
+            if constexpr (LAZY) {
+                // max(s) * c == max(s * c) exactly (rounding is monotonic): one multiply per row
+                float raw = s[mt][0][2 * r];
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) raw = fmaxf(raw, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                mx = fmaxf(mx, raw * scale_log2);
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]) * scale_log2);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row with every key so far masked keeps m = -inf; subtracting 0 instead keeps
+            // 2^(-inf - m) = 0 rather than NaN.
+            const float m_use = mx == neg_inf() ? 0.0f : mx;
+            alpha[mt][r] = ex2(m_run[mt][r] - m_use);
+            m_run[mt][r] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                s[mt][nt][2 * r] = ex2(fmaf(s[mt][nt][2 * r], scale_log2, -m_use));
+                s[mt][nt][2 * r + 1] = ex2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use));
+                sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+            }
+            l_run[mt][r] = l_run[mt][r] * alpha[mt][r] + sum;
+        }
+    }
+}
+
+// o *= alpha per row. Once the row maxima settle, alpha is exactly 2^0 = 1 for every row of the
+// warp and the D/4 multiplies per row can be skipped (LAZY; the vote is warp-uniform).
+LLAMAC_DEVICE void rescale_output(float (&o)[MT][D / 8][4], const float (&alpha)[MT][2]) {
+    if constexpr (LAZY) {
+        bool moved = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) moved |= alpha[mt][0] != 1.0f || alpha[mt][1] != 1.0f;
+        if (!__any_sync(0xffffffffu, moved)) return;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                o[mt][dt][2 * r] *= alpha[mt][r];
+                o[mt][dt][2 * r + 1] *= alpha[mt][r];
+            }
+}
+
 // ------------------------------------------------------------ the kernel body
 
 template <typename T>
@@ -361,87 +451,11 @@ LLAMAC_DEVICE void forward(const T* __restrict__ q, const T* __restrict__ k, con
 
         // Masks, only on tiles that need them: the last partial tile, the causal diagonal, documents.
         const bool diagonal = causal && kbase + BN - 1 > q0 + off;
-        if (!warp_idle && (diagonal || kbase + BN > Tk || sb)) {
-            // Each row's document id is re-read here (L1 hits) rather than kept in registers.
-            // Rows past Tq are computed (and dropped): clamp so their read stays in bounds.
-            int qseg[MT][2];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) qseg[mt][r] = sb ? sb[min(qpos0 + 16 * mt + 8 * r, Tk - 1)] : 0;
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int j = kbase + nt * 8 + (lane % 4) * 2 + e;
-                    const int kseg = (sb && j < Tk) ? sb[j] : 0;
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                        for (int r = 0; r < 2; ++r) {
-                            const bool visible = j < Tk && (!causal || j <= qpos0 + 16 * mt + 8 * r) && (!sb || kseg == qseg[mt][r]);
-                            if (!visible) s[mt][nt][2 * r + e] = neg_inf();
-                        }
-                    }
-                }
-            }
-        }
-
-        // Online softmax, base 2: p = 2^(scale log2e s - m).
+        if (!warp_idle && (diagonal || kbase + BN > Tk || sb)) mask_scores(s, kbase, qpos0, Tk, causal, sb, lane);
         if (!warp_idle) {
-        float alpha[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = m_run[mt][r];
-                if constexpr (LAZY) {
-                    // max(s) * c == max(s * c) exactly (rounding is monotonic): one multiply per row
-                    float raw = s[mt][0][2 * r];
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; ++nt) raw = fmaxf(raw, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-                    mx = fmaxf(mx, raw * scale_log2);
-                } else {
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]) * scale_log2);
-                }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row with every key so far masked keeps m = -inf; subtracting 0 instead keeps
-                // 2^(-inf - m) = 0 rather than NaN.
-                const float m_use = mx == neg_inf() ? 0.0f : mx;
-                alpha[mt][r] = ex2(m_run[mt][r] - m_use);
-                m_run[mt][r] = mx;
-                float sum = 0.0f;
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
-                    s[mt][nt][2 * r] = ex2(fmaf(s[mt][nt][2 * r], scale_log2, -m_use));
-                    s[mt][nt][2 * r + 1] = ex2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use));
-                    sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
-                }
-                l_run[mt][r] = l_run[mt][r] * alpha[mt][r] + sum;
-            }
-        }
-        // Once the row maxima settle, alpha is exactly 2^0 = 1 for every row of the warp and the
-        // D/4 multiplies per row can be skipped (LAZY; the vote is warp-uniform, so no divergence).
-        bool rescale = true;
-        if constexpr (LAZY) {
-            bool moved = false;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) moved |= alpha[mt][0] != 1.0f || alpha[mt][1] != 1.0f;
-            rescale = __any_sync(0xffffffffu, moved);
-        }
-        if (rescale) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-#pragma unroll
-                    for (int dt = 0; dt < D / 8; ++dt) {
-                        o[mt][dt][2 * r] *= alpha[mt][r];
-                        o[mt][dt][2 * r + 1] *= alpha[mt][r];
-                    }
-        }
+            float alpha[MT][2];
+            softmax_tile(s, m_run, l_run, alpha, scale_log2);
+            rescale_output(o, alpha);
         }
 
         if constexpr (STAGES == 1) {

@@ -19,7 +19,7 @@ import numpy as np
 
 from llamac import backend
 from llamac.errors import DeviceError, LlamacError, ShapeError
-from llamac.flash import HEAD_DIMS, _check_shapes, attention_backward_reference
+from llamac.flash import HEAD_DIMS, _check_shapes, _set_dynamic_smem, attention_backward_reference
 from llamac.kernels import position_stride, rope_reference
 from llamac.flash import attention_forward_reference as attention_reference  # noqa: F401 - this module's name for it
 
@@ -42,10 +42,27 @@ TILES.update({32: TILES[64], 48: TILES[64], 96: TILES[128]})
 SHORT_TK = 512
 SHORT_TILES = {48: (32, 4, 1)}
 VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 2))
+# Hopper (compute capability 9.0; an sm_90a build): a fourth element True runs the five products
+# on warpgroup MMA (-DLLAMAC_WGMMA: hs 64, 64 queries a tile, a warpgroup per 64 keys). Correct,
+# but as written (each product waited for before the next step, no warp specialisation) no faster
+# than mma.sync, so no default takes it. H100, 2026-11-25, causal bf16, backward ms:
+#   B16 H16/4 T2048 (350M): (32, 4, 2) 1.878; (64, 4, 1, True) 1.918; (64, 8, 1, True) 2.024; SDPA flash 2.023
+#   B32 H12 T1024 (110M):   1.009; 1.328; 1.125; SDPA flash 1.086
+#   B8 H16 T2048:           1.014; 1.090; 1.156; SDPA flash 1.091
+# (torch.compile's cuDNN backward takes 1.02 ms + 0.24 of pre/post-processing at the 350M shape.)
+HOPPER_VARIANTS = ((64, 4, 1, True), (64, 8, 1, True))
+HOPPER_TILES: dict = {}
 
 
-def default_tiles(hs: int, Tk: int) -> tuple:
-    """The tiles flash_attention_backward uses without `tiles=`: TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
+def is_wgmma(tiles) -> bool:
+    return len(tiles) > 3 and bool(tiles[3])
+
+
+def default_tiles(hs: int, Tk: int, device_id: int | None = None) -> tuple:
+    """The tiles flash_attention_backward uses without `tiles=`: HOPPER_TILES[hs] on a compute
+    capability 9.0 GPU (device_id given), else TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
+    if device_id is not None and hs in HOPPER_TILES and backend.compute_capability(device_id) == "90":
+        return HOPPER_TILES[hs]
     return SHORT_TILES[hs] if Tk <= SHORT_TK and hs in SHORT_TILES else TILES[hs]
 
 
@@ -53,7 +70,9 @@ def tiles_fit(hs: int, tiles) -> bool:
     """Whether the kernel builds for head size hs with `tiles`: the dQ tile (block_q x hs) splits
     over the warps as 16-row tiles times column blocks that are a multiple of 8 wide (hs=48 with
     8 warps and 32 queries would leave 12 columns a warp)."""
-    block_q, warps, _ = tiles
+    block_q, warps = tiles[:2]
+    if is_wgmma(tiles) and (hs != 64 or block_q != 64 or tiles[2] != 1):
+        return False
     row_tiles = block_q // 16
     if warps % row_tiles:
         return False
@@ -62,8 +81,8 @@ def tiles_fit(hs: int, tiles) -> bool:
 
 
 def variants(hs: int) -> tuple:
-    """The VARIANTS the kernel builds for head size hs."""
-    return tuple(t for t in VARIANTS if tiles_fit(hs, t))
+    """The VARIANTS (and HOPPER_VARIANTS) the kernel builds for head size hs."""
+    return tuple(t for t in VARIANTS + HOPPER_VARIANTS if tiles_fit(hs, t))
 
 
 # ---------------------------------------------------------------- the kernel
@@ -157,12 +176,13 @@ def _check_grads_out(q, k, v, grads_out):
     return strides[0], strides[1]
 
 
-def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1) -> int:
+def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1, wgmma: bool = False) -> int:
     """Dynamic shared memory of one CTA of the main kernel (the layout in flash_attn_bwd.cu)."""
     block_k = 16 * warps * key_tiles
-    lds = head_dim + 8
+    pad = 0 if wgmma else 8                                 # wgmma's swizzled rows are unpadded
+    lds = head_dim + pad
     tiles = (2 * block_k + 2 * 2 * block_q) * lds * 2      # K, V, and two stages of Q, dO, as 16-bit
-    ds = block_k * (block_q + 8) * 2                        # dS^T
+    ds = block_k * (block_q + pad) * 2                      # dS^T
     return tiles + ds + 2 * 3 * block_q * 4 + block_k * 4   # two stages of lse, D, query ids; key ids
 
 
@@ -210,10 +230,11 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk[...] = 0
         dv[...] = 0
         return dq, dk, dv
-    tiles = tuple(tiles or default_tiles(hs, Tk))
-    if tiles not in VARIANTS or not tiles_fit(hs, tiles):
+    tiles = tuple(tiles or default_tiles(hs, Tk, q.device.id))
+    if tiles not in VARIANTS + HOPPER_VARIANTS or not tiles_fit(hs, tiles):
         raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
-    block_q, warps, key_tiles = tiles
+    block_q, warps, key_tiles = tiles[:3]
+    wgmma = is_wgmma(tiles)
     options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
     cos = sin = np.uint64(0)                    # null: no RoPE folded in
     if rope is not None:
@@ -232,10 +253,12 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         pre((-(-rows * per_row // 256),), (256,),
             (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
 
-        main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options)
-        smem = shared_bytes(hs, block_q, warps, key_tiles)
+        # (the preprocess and conversion kernels are the same in either build: plain sm_90)
+        main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options + (("-DLLAMAC_WGMMA",) if wgmma else ()),
+                                  arch="sm_90a" if wgmma else None)
+        smem = shared_bytes(hs, block_q, warps, key_tiles, wgmma)
         if smem > 48 * 1024:  # above the default, the launch fails unless the kernel opts in
-            main.max_dynamic_shared_size_bytes = smem
+            _set_dynamic_smem(main, smem)
         grid = (B * Hkv, -(-Tk // (16 * warps * key_tiles)))     # key blocks slowest: longest first
         main(grid, (32 * warps,),
              (q, k, v, dout, lse, Dsum, seg if seg is not None else np.uint64(0), dq_acc, dk, dv,
@@ -291,7 +314,7 @@ def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 
             if tile is not None and not tiles_fit(hs, tile):
                 continue   # (32, 8, *) does not build at hs=48
             ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, tiles=tile), reps, warmup)
-            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or default_tiles(hs, T),
+            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or default_tiles(hs, T, q.device.id),
                    "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
             rows.append(row)
         if torch_compare:

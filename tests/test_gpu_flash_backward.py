@@ -101,7 +101,21 @@ VARIANT_CASES = [(2, 333, 333, 4, 2, 128, True, False), (2, 150, 777, 4, 1, 64, 
 
 @pytest.mark.parametrize("case, tiles", [(c, t) for c in VARIANT_CASES for t in fb.variants(c[5])], ids=str)
 def test_every_tile_variant_matches_reference(case, tiles):
+    if fb.is_wgmma(tiles) and backend.compute_capability() != "90":
+        pytest.skip("the wgmma build runs on compute capability 9.0 (H100/H200) only")
     check(case, tiles=tiles)
+
+
+HOPPER_CASES = [c for c in CASES if c[5] == 64] + [(2, 64, 64, 2, 2, 64, True, False),
+                                                   (2, 129, 257, 4, 2, 64, True, True)]
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case, tiles", [(c, t) for c in HOPPER_CASES for t in fb.HOPPER_VARIANTS], ids=str)
+def test_warpgroup_mma_variants_match_reference(case, tiles, dtype):
+    if backend.compute_capability() != "90":
+        pytest.skip("the wgmma build runs on compute capability 9.0 (H100/H200) only")
+    check(case, dtype, tiles=tiles)
 
 
 def test_masked_keys_get_no_gradient():
