@@ -543,6 +543,33 @@ class RoPEFlashAttention(Function):
         return dqkv, None, None
 
 
+def _address(a) -> int:
+    """Where an array's first element lives (CuPy's device pointer, NumPy's host address)."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.__array_interface__["data"][0]
+
+
+class StackedRows(Concatenate):
+    """Concatenate (axis 0) of arrays that already are consecutive row blocks of one array (the
+    model's wq | wk | wv after Attention.after_move): that array, not a copy. The backward is
+    Concatenate's, row views of the gradient."""
+
+    @staticmethod
+    def adjacent(arrays) -> bool:
+        base = arrays[0].base
+        if base is None or not base.flags.c_contiguous or base.shape[0] != sum(a.shape[0] for a in arrays):
+            return False
+        ptr = _address(base)
+        for a in arrays:
+            if a.base is not base or not a.flags.c_contiguous or _address(a) != ptr:
+                return False
+            ptr += a.nbytes
+        return True
+
+    def forward(self, *arrays, axis=0):
+        self.axis, self.sizes = 0, [a.shape[0] for a in arrays]
+        return arrays[0].base
+
+
 def _unpack(qkv, H: int, Hkv: int, hs: int):
     """Views q (B, T, H, hs), k and v (B, T, Hkv, hs) of a packed (B, T, (H + 2 Hkv) hs) array."""
     B, T, _ = qkv.shape
@@ -562,8 +589,9 @@ def use_packed_attention(x: Tensor, head_dim: int) -> bool:
 def packed_attention(x: Tensor, weights, cos, sin, n_heads: int, n_kv_heads: int, segments=None,
                      causal: bool = True) -> Tensor:
     """attention(rope(x wq^T), rope(x wk^T), x wv^T) through one GEMM with the stacked weights
-    (rows wq | wk | wv: a small copy each call) and RoPEFlashAttention. -> (B, T, H, hs)."""
-    w = Concatenate.apply(*weights, axis=0)                             # (H + 2 Hkv) hs rows
+    (rows wq | wk | wv: the model's one array when they are its row blocks, else a small copy
+    each call) and RoPEFlashAttention. -> (B, T, H, hs)."""
+    w = (StackedRows if StackedRows.adjacent([t.data for t in weights]) else Concatenate).apply(*weights, axis=0)
     qkv = linear(x, w)                                                  # (B, T, (H + 2 Hkv) hs)
     cos = cos if isinstance(cos, Tensor) else Tensor(cos)
     sin = sin if isinstance(sin, Tensor) else Tensor(sin)

@@ -105,6 +105,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d.dim, d.n_kv_heads * d.head_dim)
         self.wo = nn.Linear(d.n_heads * d.head_dim, d.dim)
 
+    def after_move(self):
+        """On the GPU, wq | wk | wv become row blocks of one array, so the packed attention's
+        stacked weight is that array itself: no per-step concatenation (three copy kernels a layer
+        in every step, and in the CUDA graph). The optimizer updates the views in place."""
+        weights = [m.weight for m in (self.wq, self.wk, self.wv)]
+        xp = backend.get_array_module(weights[0].data)
+        if xp is np or any(m.bias is not None for m in (self.wq, self.wk, self.wv)):
+            return
+        stacked = xp.concatenate([w.data for w in weights], axis=0)    # ((H + 2 Hkv) hs, C)
+        start = 0
+        for w in weights:
+            w.data = stacked[start: start + w.shape[0]]
+            start += w.shape[0]
+
     def forward(self, x, cos, sin, bias=None, cache=None, layer=0, causal=False, segments=None):
         """bias: the additive mask shared by every layer, or None with causal/segments for the flash path."""
         B, T, _ = x.shape

@@ -80,7 +80,7 @@ class Module:
                 raise LlamacError(f"state dict entry '{name}' has shape {tuple(value.shape)}, the model wants {p.shape}")
             value = backend.to_device(value, p.device) if hasattr(value, "dtype") else np.asarray(value)
             p.data = value.astype(p.dtype, copy=True)
-        return self
+        return self._after_move()
 
     def train(self, mode: bool = True):
         for _, m in self.named_modules():
@@ -102,6 +102,14 @@ class Module:
                 data = data.astype(dtype)
             p.data = data
             p.grad = None
+        return self._after_move()
+
+    def _after_move(self):
+        """Lets each module lay its new arrays out as it wants (Module.after_move, if it has one)."""
+        for _, m in self.named_modules():
+            hook = getattr(m, "after_move", None)
+            if hook is not None:
+                hook()
         return self
 
     def zero_grad(self):

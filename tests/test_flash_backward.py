@@ -173,9 +173,11 @@ def nvrtc():
 
 def test_tile_variants_per_head_size():
     # dQ's (block_q, hs) tile splits over the warps in 16-row tiles times multiples of 8 columns
-    assert fb.variants(64) == fb.VARIANTS and fb.variants(128) == fb.VARIANTS
+    assert fb.variants(64) == fb.VARIANTS + fb.HOPPER_VARIANTS and fb.variants(128) == fb.VARIANTS
+    assert all(not fb.tiles_fit(hs, t) for hs in (32, 48, 96, 128) for t in fb.HOPPER_VARIANTS)   # wgmma: hs 64
     assert fb.variants(48) == ((32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2))   # (32, 8, *): 12 columns
     assert fb.variants(32) == fb.VARIANTS and fb.variants(96) == fb.VARIANTS
+    assert all(fb.is_wgmma(t) for t in fb.HOPPER_VARIANTS) and not any(fb.is_wgmma(t) for t in fb.VARIANTS)
     for hs in fb.HEAD_DIMS:
         assert fb.TILES[hs] in fb.variants(hs)
         assert fb.default_tiles(hs, 4096) == fb.TILES[hs]
@@ -201,6 +203,27 @@ def test_small_head_variants_compile_without_spills(nvrtc, hs, tiles):
     block_q, warps, _ = tiles
     if (hs // (warps // (block_q // 16))) % 16:   # a warp's dQ columns end in an odd 8: one x2 load
         assert "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16" in ptx
+
+
+@pytest.mark.parametrize("tiles", fb.HOPPER_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
+def test_warpgroup_mma_build_compiles_without_spills(nvrtc, tiles, dtype):
+    block_q, warps, key_tiles = tiles[:3]
+    options = (f"-DHEAD_DIM=64", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
+               "-DLLAMAC_WGMMA", "--ptxas-options=-v")
+    result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90a", options=options)
+    assert result.ok, result.log
+    kind = "bf16.bf16" if dtype == BF16 else "f16.f16"
+    # S^T, dP^T, dQ from shared memory; dV, dK with P^T, dS^T from registers: all m64n64k16
+    assert result.ptx.count(f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{kind}") >= 5
+    assert "mma.sync" not in result.ptx and "fence.proxy.async.shared::cta" in result.ptx
+    spills = re.findall(r"(\d+) bytes spill stores", result.log)
+    assert spills and all(n == "0" for n in spills), result.log
+    # the warpgroup barriers are named by constants (a register id reserves all 16)
+    assert "used 16 barriers" not in result.log
+    bad = options[:1] + ("-DBLOCK_Q=32",) + options[2:]
+    result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90a", options=bad)
+    assert not result.ok and "LLAMAC_WGMMA takes HEAD_DIM 64" in result.log
 
 
 def test_kernel_refuses_a_dq_split_that_does_not_fit(nvrtc):
@@ -317,6 +340,43 @@ def test_packed_attention_gradients_reach_each_projection_weight():
     for got, want in zip(*runs):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_stacked_rows_hands_over_the_one_array_and_splits_the_gradient():
+    """wq | wk | wv as consecutive row blocks of one array (Attention.after_move on the GPU): the
+    packed attention's stacked weight is that array itself, and the gradient reaches each block."""
+    from llamac import fused
+    from llamac.engine import Tensor
+    H, Hkv, hs, T, C = 4, 2, 4, 5, 8
+    rng = np.random.default_rng(14)
+    stacked = rng.normal(size=((H + 2 * Hkv) * hs, C)) * 0.3
+    views = [stacked[: H * hs], stacked[H * hs: (H + Hkv) * hs], stacked[(H + Hkv) * hs:]]
+    copies = [v.copy() for v in views]
+    assert fused.StackedRows.adjacent(views)
+    assert not fused.StackedRows.adjacent(copies)                       # separate arrays
+    assert not fused.StackedRows.adjacent([views[1], views[0], views[2]])   # out of order
+    assert not fused.StackedRows.adjacent(views[:2])                    # not the whole array
+    ws = [Tensor(v, requires_grad=True) for v in views]
+    assert fused.StackedRows.apply(*ws, axis=0).data is stacked         # no copy
+    x0 = rng.normal(size=(2, T, C))
+    cos, sin = tables(T, hs)
+    grads = []
+    for weights in (views, copies):
+        x = Tensor(x0.copy(), requires_grad=True)
+        ts = [Tensor(w, requires_grad=True) for w in weights]
+        y = fused.packed_attention(x, ts, cos, sin, H, Hkv)
+        (y * y).sum().backward()
+        grads.append([x.grad] + [t.grad for t in ts])
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_attention_stacks_its_projections_only_on_the_gpu():
+    from llamac.config import ModelConfig
+    from llamac.model import Llama
+    model = Llama(ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32, max_seq_len=8)).to("cpu")
+    att = model.layers[0].attention
+    assert att.wq.weight.data.base is None or att.wq.weight.data.base is not att.wk.weight.data.base
 
 
 def test_position_stride_of_views():

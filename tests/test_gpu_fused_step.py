@@ -137,3 +137,45 @@ def test_recomputed_layers_match_kept_activations_on_the_gpu(dtype, tol):
     assert loss_re == loss_kept
     for name, g in kept.items():
         assert rel_err(re[name], g) <= tol, name
+
+
+def test_stacked_projection_weights_train_like_separate_ones():
+    """On the GPU wq | wk | wv are row blocks of one array (Attention.after_move), which the
+    packed attention multiplies by as is (no per-step concatenation): the same loss and gradients
+    as separately stored weights, and the blocks stay one array through optimizer steps and a
+    state-dict load."""
+    from llamac.optim import AdamW
+    from llamac.train import TrainStep
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=500, max_seq_len=64, hidden_dim=192)
+    models = []
+    for stacked in (True, False):
+        llamac.manual_seed(0)
+        model = Llama(cfg).to("cuda", dtype="bfloat16")
+        att = model.layers[0].attention
+        ws = [att.wq.weight, att.wk.weight, att.wv.weight]
+        assert fused_module.StackedRows.adjacent([w.data for w in ws])
+        if not stacked:
+            for layer in model.layers:
+                for m in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                    m.weight.data = m.weight.data.copy()
+            assert not fused_module.StackedRows.adjacent([w.data for w in ws])
+        models.append(model)
+    xp = backend.cupy_module()
+    rng = np.random.default_rng(3)
+    idx, targets = xp.asarray(rng.integers(0, 500, (2, 64))), xp.asarray(rng.integers(0, 500, (2, 64)))
+    results = [_step(m, idx, targets, True) for m in models]
+    assert results[0][0] == results[1][0]
+    for name in results[0][3]:
+        assert np.array_equal(results[0][3][name], results[1][3][name]), name
+    model = models[0]
+    att = model.layers[1].attention
+    base = att.wq.weight.data.base
+    runner = TrainStep(model, AdamW(model.named_parameters(), lr=1e-3, weight_decay=0.1), grad_clip=1.0, cuda_graph=True)
+    before = backend.to_numpy(att.wk.weight.data).astype(np.float32)
+    for _ in range(4):
+        runner(lambda micro: (idx, targets, None), 1e-3)
+    runner.release()
+    assert att.wq.weight.data.base is base and att.wv.weight.data.base is base      # updated in place
+    assert not np.array_equal(backend.to_numpy(att.wk.weight.data).astype(np.float32), before)
+    model.load_state_dict({k: backend.to_numpy(v) for k, v in model.state_dict().items()})
+    assert fused_module.StackedRows.adjacent([att.wq.weight.data, att.wk.weight.data, att.wv.weight.data])
