@@ -218,6 +218,10 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
             torch.manual_seed(0)
             tm = build_torch_llama(cfg).to(device)
             topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1, fused=gpu)
+            if mode == "compile":
+                # A fresh compile per shape: dynamo's cache outlives the model, and after a shape
+                # change it may recompile with dynamic shapes (slower kernels than a user's static run).
+                torch._dynamo.reset()
             fwd = torch.compile(tm) if mode == "compile" else tm
             tx, ty = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
             tsync = torch.cuda.synchronize if gpu else (lambda: None)
