@@ -48,64 +48,21 @@ extern "C" __global__ void swiglu_forward(const DTYPE* __restrict__ gate,
     }
 }
 
-extern "C" __global__ void swiglu_backward(const DTYPE* __restrict__ gate,
-                                           const DTYPE* __restrict__ up,
-                                           const DTYPE* __restrict__ dout,
-                                           DTYPE* __restrict__ dgate,
-                                           DTYPE* __restrict__ dup,
-                                           long long n) {
+// The backward, and (RECOMPUTE) the same pass writing the forward output h = silu(gate) * up too,
+// for the MLP's down projection (llamac.fused.SwiGLUDown): the step then never keeps h (B*T*hidden
+// values per layer) from the forward to the backward; the down projection's weight gradient reads
+// the recomputed h. One extra write per element against a full swiglu_forward pass (two reads, one
+// write); h is bit-identical to swiglu_forward's (the same swiglu_fwd).
+template <bool RECOMPUTE>
+LLAMAC_DEVICE void swiglu_backward_pass(const DTYPE* __restrict__ gate, const DTYPE* __restrict__ up,
+                                        const DTYPE* __restrict__ dout, DTYPE* __restrict__ dgate,
+                                        DTYPE* __restrict__ dup, DTYPE* __restrict__ h, long long n) {
     const long long tid = global_thread_id();
     const long long stride = grid_stride();
     long long done = 0;
 
     if (is_aligned16(gate) && is_aligned16(up) && is_aligned16(dout) &&
-        is_aligned16(dgate) && is_aligned16(dup)) {
-        constexpr int V = Packed128<DTYPE>::size;
-        const long long packs = n / V;
-        for (long long p = tid; p < packs; p += stride) {
-            const Packed128<DTYPE> g = load128(gate + p * V);
-            const Packed128<DTYPE> u = load128(up + p * V);
-            const Packed128<DTYPE> d = load128(dout + p * V);
-            Packed128<DTYPE> dg, du;
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                float a, b;
-                swiglu_bwd(to_float(g.v[k]), to_float(u.v[k]), to_float(d.v[k]), a, b);
-                dg.v[k] = from_float<DTYPE>(a);
-                du.v[k] = from_float<DTYPE>(b);
-            }
-            store128(dgate + p * V, dg);
-            store128(dup + p * V, du);
-        }
-        done = packs * V;
-    }
-
-    for (long long i = done + tid; i < n; i += stride) {
-        float a, b;
-        swiglu_bwd(load_f(gate + i), load_f(up + i), load_f(dout + i), a, b);
-        store_f(dgate + i, a);
-        store_f(dup + i, b);
-    }
-}
-
-// The backward that also recomputes the forward output h = silu(gate) * up, for the MLP's down
-// projection (llamac.fused.SwiGLUDown): the step then never keeps h (B*T*hidden values per layer)
-// from the forward to the backward; the down projection's weight gradient reads the recomputed h.
-// One extra write per element against a full swiglu_forward pass (two reads, one write); h is
-// bit-identical to swiglu_forward's (the same swiglu_fwd).
-extern "C" __global__ void swiglu_backward_recompute(const DTYPE* __restrict__ gate,
-                                                     const DTYPE* __restrict__ up,
-                                                     const DTYPE* __restrict__ dout,
-                                                     DTYPE* __restrict__ dgate,
-                                                     DTYPE* __restrict__ dup,
-                                                     DTYPE* __restrict__ h,
-                                                     long long n) {
-    const long long tid = global_thread_id();
-    const long long stride = grid_stride();
-    long long done = 0;
-
-    if (is_aligned16(gate) && is_aligned16(up) && is_aligned16(dout) &&
-        is_aligned16(dgate) && is_aligned16(dup) && is_aligned16(h)) {
+        is_aligned16(dgate) && is_aligned16(dup) && (!RECOMPUTE || is_aligned16(h))) {
         constexpr int V = Packed128<DTYPE>::size;
         const long long packs = n / V;
         for (long long p = tid; p < packs; p += stride) {
@@ -120,11 +77,11 @@ extern "C" __global__ void swiglu_backward_recompute(const DTYPE* __restrict__ g
                 swiglu_bwd(gf, uf, to_float(d.v[k]), a, b);
                 dg.v[k] = from_float<DTYPE>(a);
                 du.v[k] = from_float<DTYPE>(b);
-                o.v[k] = from_float<DTYPE>(swiglu_fwd(gf, uf));
+                if constexpr (RECOMPUTE) o.v[k] = from_float<DTYPE>(swiglu_fwd(gf, uf));
             }
             store128(dgate + p * V, dg);
             store128(dup + p * V, du);
-            store128(h + p * V, o);
+            if constexpr (RECOMPUTE) store128(h + p * V, o);
         }
         done = packs * V;
     }
@@ -135,6 +92,25 @@ extern "C" __global__ void swiglu_backward_recompute(const DTYPE* __restrict__ g
         swiglu_bwd(gf, uf, load_f(dout + i), a, b);
         store_f(dgate + i, a);
         store_f(dup + i, b);
-        store_f(h + i, swiglu_fwd(gf, uf));
+        if constexpr (RECOMPUTE) store_f(h + i, swiglu_fwd(gf, uf));
     }
+}
+
+extern "C" __global__ void swiglu_backward(const DTYPE* __restrict__ gate,
+                                           const DTYPE* __restrict__ up,
+                                           const DTYPE* __restrict__ dout,
+                                           DTYPE* __restrict__ dgate,
+                                           DTYPE* __restrict__ dup,
+                                           long long n) {
+    swiglu_backward_pass<false>(gate, up, dout, dgate, dup, nullptr, n);
+}
+
+extern "C" __global__ void swiglu_backward_recompute(const DTYPE* __restrict__ gate,
+                                                     const DTYPE* __restrict__ up,
+                                                     const DTYPE* __restrict__ dout,
+                                                     DTYPE* __restrict__ dgate,
+                                                     DTYPE* __restrict__ dup,
+                                                     DTYPE* __restrict__ h,
+                                                     long long n) {
+    swiglu_backward_pass<true>(gate, up, dout, dgate, dup, h, n);
 }
