@@ -93,7 +93,8 @@ extern "C" __global__ void add_rmsnorm_forward(const DTYPE* __restrict__ x,     
     }
 }
 
-// dres may be null (no residual gradient yet: plain RMSNorm backward). dx never aliases an input.
+// dres may be null: the plain RMSNorm backward (llamac.kernels.rmsnorm_backward launches this kernel
+// so). dx never aliases an input.
 // Dynamic shared memory: (blockDim.x / 32) * C floats.
 extern "C" __global__ void add_rmsnorm_backward(const DTYPE* __restrict__ dy,    // (N, C)
                                                 const DTYPE* __restrict__ s,     // (N, C)
@@ -156,16 +157,42 @@ extern "C" __global__ void add_rmsnorm_backward(const DTYPE* __restrict__ dy,   
 #else
     const bool cached = false;
 #endif
+    // Rows too long for registers (or unaligned): two passes over the row, 16-byte packs when aligned.
     for (long long r = (long long)blockIdx.x * warps + warp; !cached && r < N; r += (long long)gridDim.x * warps) {
         const float rs = rstd[r];
-        float dot = 0.0f;
-        for (int c = lane; c < C; c += 32) dot += load_f(dy + r * C + c) * load_f(w + c) * load_f(s + r * C + c);
-        dot = arms_warp_sum(dot) * rs / (float)C;
-        for (int c = lane; c < C; c += 32) {
-            const float sh = load_f(s + r * C + c) * rs, df = load_f(dy + r * C + c);
-            const float add = has_res ? load_f(dres + r * C + c) : 0.0f;
-            store_f(dx + r * C + c, (df * load_f(w + c) - sh * dot) * rs + add);
-            mine[vec ? (c % P) * (C / P) + c / P : c] += df * sh;
+        float dot = 0.0f;   // sum(dy * w * s); times rs gives sum(dy * w * shat)
+        if (vec) {
+            for (int c = lane * P; c < C; c += 32 * P) {
+                const Packed128<DTYPE> d = load128(dy + r * C + c), a = load128(s + r * C + c), g = load128(w + c);
+#pragma unroll
+                for (int k = 0; k < P; ++k) dot += to_float(d.v[k]) * to_float(g.v[k]) * to_float(a.v[k]);
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) dot += load_f(dy + r * C + c) * load_f(w + c) * load_f(s + r * C + c);
+        }
+        dot = arms_warp_sum(dot) * rs / (float)C;   // mean(dy * w * shat)
+        if (vec) {
+            for (int c = lane * P; c < C; c += 32 * P) {
+                const Packed128<DTYPE> d = load128(dy + r * C + c), a = load128(s + r * C + c), g = load128(w + c);
+                Packed128<DTYPE> e;
+                if (has_res) e = load128(dres + r * C + c);
+                Packed128<DTYPE> o;
+#pragma unroll
+                for (int k = 0; k < P; ++k) {
+                    const float sh = to_float(a.v[k]) * rs, df = to_float(d.v[k]);
+                    const float add = has_res ? to_float(e.v[k]) : 0.0f;
+                    o.v[k] = from_float<DTYPE>((df * to_float(g.v[k]) - sh * dot) * rs + add);
+                    mine[k * (C / P) + c / P] += df * sh;
+                }
+                store128(dx + r * C + c, o);
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) {
+                const float sh = load_f(s + r * C + c) * rs, df = load_f(dy + r * C + c);
+                const float add = has_res ? load_f(dres + r * C + c) : 0.0f;
+                store_f(dx + r * C + c, (df * load_f(w + c) - sh * dot) * rs + add);
+                mine[c] += df * sh;
+            }
         }
     }
     __syncthreads();

@@ -1,4 +1,5 @@
-// RMSNorm over the last axis: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps).
+// RMSNorm over the last axis: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), and the weight
+// gradient's final reduction. The backward is kernels/add_rmsnorm.cu's with no residual gradient.
 // NumPy references and launchers: llamac/kernels.py (rmsnorm_forward/backward).
 //
 // One warp per row (C is a few hundred to a few thousand: a warp's 32 lanes
@@ -8,7 +9,7 @@
 // aligned (C a multiple of the pack and aligned base pointers), else scalar.
 //
 // The weight gradient dw[c] = sum_rows dy * x * rstd must be deterministic, so
-// there are no float atomics: each warp adds its rows into its own slice of
+// there are no float atomics: in the backward each warp adds its rows into its own slice of
 // shared memory (a lane owns fixed columns: no races), the block sums its
 // warps' slices in warp order into partial[block, :], and rmsnorm_dw_reduce
 // sums the blocks' partials in block order. The grid is fixed by the launcher
@@ -108,112 +109,6 @@ extern "C" __global__ void rmsnorm_forward(const DTYPE* __restrict__ x,     // (
         } else {
             for (int c = lane; c < C; c += 32) store_f(yr + c, load_f(xr + c) * rs * load_f(w + c));
         }
-    }
-}
-
-// dx = (dy * w - xhat * mean(dy * w * xhat)) * rstd, xhat = x * rstd; partial[block, c] = sum over
-// the block's rows of dy * xhat. Dynamic shared memory: (blockDim.x / 32) * C floats.
-extern "C" __global__ void rmsnorm_backward(const DTYPE* __restrict__ dy,    // (N, C)
-                                            const DTYPE* __restrict__ x,     // (N, C)
-                                            const DTYPE* __restrict__ w,     // (C,)
-                                            const float* __restrict__ rstd,  // (N,)
-                                            DTYPE* __restrict__ dx,          // (N, C)
-                                            float* __restrict__ partial,     // (gridDim.x, C)
-                                            long long N, int C) {
-    extern __shared__ float dw_slices[];  // (warps, C)
-    constexpr int P = Packed128<DTYPE>::size;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    float* mine = dw_slices + (long long)warp * C;
-    for (int c = lane; c < C; c += 32) mine[c] = 0.0f;
-    __syncwarp();
-    const bool vec = rms_rows_vectorizable(C, dy, x, w, dx);
-
-#if RMS_PACKS > 0
-    const bool cached = vec && C <= 32 * P * RMS_PACKS;
-    if (cached) {
-        for (long long r = (long long)blockIdx.x * warps + warp; r < N; r += (long long)gridDim.x * warps) {
-            const DTYPE* dyr = dy + r * C;
-            const DTYPE* xr = x + r * C;
-            DTYPE* dxr = dx + r * C;
-            const float rs = rstd[r];
-            Packed128<DTYPE> d[RMS_PACKS], a[RMS_PACKS];
-            float dot = 0.0f;
-#pragma unroll
-            for (int j = 0; j < RMS_PACKS; ++j) {
-                const int c = (lane + 32 * j) * P;
-                if (c < C) {
-                    d[j] = load128(dyr + c);
-                    a[j] = load128(xr + c);
-                    const Packed128<DTYPE> g = load128(w + c);
-#pragma unroll
-                    for (int k = 0; k < P; ++k) dot += to_float(d[j].v[k]) * to_float(g.v[k]) * to_float(a[j].v[k]);
-                }
-            }
-            dot = rms_warp_sum(dot) * rs / (float)C;
-#pragma unroll
-            for (int j = 0; j < RMS_PACKS; ++j) {
-                const int c = (lane + 32 * j) * P;
-                if (c < C) {
-                    const Packed128<DTYPE> g = load128(w + c);
-                    Packed128<DTYPE> o;
-#pragma unroll
-                    for (int k = 0; k < P; ++k) {
-                        const float xh = to_float(a[j].v[k]) * rs, df = to_float(d[j].v[k]);
-                        o.v[k] = from_float<DTYPE>((df * to_float(g.v[k]) - xh * dot) * rs);
-                        mine[k * (C / P) + c / P] += df * xh;
-                    }
-                    store128(dxr + c, o);
-                }
-            }
-        }
-    }
-#else
-    const bool cached = false;
-#endif
-    for (long long r = (long long)blockIdx.x * warps + warp; !cached && r < N; r += (long long)gridDim.x * warps) {
-        const DTYPE* dyr = dy + r * C;
-        const DTYPE* xr = x + r * C;
-        DTYPE* dxr = dx + r * C;
-        const float rs = rstd[r];
-        float dot = 0.0f;  // sum(dy * w * x); times rs gives sum(dy * w * xhat)
-        if (vec) {
-            for (int c = lane * P; c < C; c += 32 * P) {
-                const Packed128<DTYPE> d = load128(dyr + c), a = load128(xr + c), g = load128(w + c);
-#pragma unroll
-                for (int k = 0; k < P; ++k) dot += to_float(d.v[k]) * to_float(g.v[k]) * to_float(a.v[k]);
-            }
-        } else {
-            for (int c = lane; c < C; c += 32) dot += load_f(dyr + c) * load_f(w + c) * load_f(xr + c);
-        }
-        dot = rms_warp_sum(dot) * rs / (float)C;  // mean(dy * w * xhat)
-        if (vec) {
-            for (int c = lane * P; c < C; c += 32 * P) {
-                const Packed128<DTYPE> d = load128(dyr + c), a = load128(xr + c), g = load128(w + c);
-                Packed128<DTYPE> o;
-#pragma unroll
-                for (int k = 0; k < P; ++k) {
-                    const float xh = to_float(a.v[k]) * rs, df = to_float(d.v[k]);
-                    o.v[k] = from_float<DTYPE>((df * to_float(g.v[k]) - xh * dot) * rs);
-                    mine[k * (C / P) + c / P] += df * xh;  // pack-major: lanes hit distinct banks
-                }
-                store128(dxr + c, o);
-            }
-        } else {
-            for (int c = lane; c < C; c += 32) {
-                const float xh = load_f(xr + c) * rs, df = load_f(dyr + c);
-                store_f(dxr + c, (df * load_f(w + c) - xh * dot) * rs);
-                mine[c] += df * xh;
-            }
-        }
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float s = 0.0f;
-        const int slot = vec ? (c % P) * (C / P) + c / P : c;
-        for (int k = 0; k < warps; ++k) s += dw_slices[(long long)k * C + slot];
-        partial[(long long)blockIdx.x * C + c] = s;
     }
 }
 
