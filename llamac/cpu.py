@@ -87,26 +87,47 @@ def block_id() -> int:
     return getattr(_inside, "block", 0)
 
 
-def matmul(a, b):
+def matmul(a, b, out=None, beta: float = 0.0):
     """2-D a @ b with the output split over the cores: rows of a (or, for a wide output, columns
     of b) per thread, one-threaded OpenBLAS in each. As fast as OpenBLAS's own threads on the
     training shapes, and it leaves no OpenBLAS worker spinning afterwards: those spin ~0.1 s after
-    every threaded product and took a core from the row-block threads (2x slower attention)."""
+    every threaded product and took a core from the row-block threads (2x slower attention).
+
+    out (C-contiguous, M x N) receives the result; beta=1 adds it to what out holds. For float32
+    operands that sgemm (OpenBLAS's, through ctypes) can read as they lie, the add happens inside
+    the GEMM: no temporary and no extra pass over out (a summed input gradient)."""
     if not _malloc_tuned:
         keep_freed_memory()
     M, N = a.shape[0], b.shape[1]
-    out = np.empty((M, N), np.result_type(a.dtype, b.dtype))
+    fused = out is not None and beta and sgemm_takes(a, b, out)
+    if out is not None and beta and not fused:
+        out += matmul(a, b)                 # (beta 1 only: what the gradient sums need)
+        return out
+    if out is None:
+        out = np.empty((M, N), np.result_type(a.dtype, b.dtype))
+
+    def product(a, b, c):                   # c = a @ b (+ c with beta)
+        if fused:
+            sgemm(a, b, c, beta)
+        else:
+            np.matmul(a, b, out=c)
+
     threads = min(n_threads(), max(M, N))
     if getattr(_inside, "on", False):       # inside a block: OpenBLAS is on one thread already
-        return np.matmul(a, b, out=out)
+        product(a, b, out)
+        return out
     if threads < 2 or M * N * a.shape[1] < MIN_MATMUL_FLOPS:
         with _lock:
             previous = _blas_threads(1)     # a mid-sized product would wake OpenBLAS's workers
             try:
-                return np.matmul(a, b, out=out)
+                product(a, b, out)
+                return out
             finally:
                 _blas_threads(previous)
     K = a.shape[1]
+    if fused:                               # rows of out per thread, each added into in place
+        for_row_blocks(lambda i, j: sgemm(a[i:j], b, out[i:j], beta), M, 1 << 30)
+        return out
     if K >= 2 * max(M, N):
         # A weight gradient (tokens as the inner dimension): each thread sums over its own
         # tokens, the rows it produced in the forward and still has in its cache.
@@ -126,6 +147,62 @@ def matmul(a, b):
     else:
         for_row_blocks(lambda i, j: np.matmul(a, b[:, i:j], out=out[:, i:j]), N, 1 << 30)
     return out
+
+
+# ---------------------------------------------------------------- sgemm with beta
+
+_sgemm_fn = None                # (function, blas int type), False when none was found
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _find_sgemm():
+    """cblas_sgemm from the OpenBLAS NumPy loaded (NumPy's own wheels: scipy_cblas_sgemm64_, 64-bit
+    ints), False where there is none."""
+    for lib in _openblas_libraries():
+        for name, int_t in (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64),
+                            ("scipy_cblas_sgemm", ctypes.c_int), ("cblas_sgemm", ctypes.c_int)):
+            fn = getattr(lib, name, None)
+            if fn is None:
+                continue
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, int_t, int_t, int_t, ctypes.c_float,
+                           ctypes.c_void_p, int_t, ctypes.c_void_p, int_t, ctypes.c_float, ctypes.c_void_p, int_t]
+            return fn, int_t
+    return False
+
+
+def _operand(m):
+    """(transpose flag, leading dimension in elements) of a float32 matrix sgemm reads in place:
+    rows contiguous (C order, row stride >= columns) or its transpose; None otherwise."""
+    if m.strides[1] == 4 and m.strides[0] >= 4 * max(m.shape[1], 1) and m.strides[0] % 4 == 0:
+        return _NO_TRANS, m.strides[0] // 4
+    if m.strides[0] == 4 and m.strides[1] >= 4 * max(m.shape[0], 1) and m.strides[1] % 4 == 0:
+        return _TRANS, m.strides[1] // 4
+    return None
+
+
+def sgemm_takes(a, b, c) -> bool:
+    """Whether sgemm can compute c (+)= a @ b on these arrays in place (float32, 2-D, every
+    dimension nonzero, c's rows contiguous) and an sgemm was found."""
+    global _sgemm_fn
+    if not (a.dtype == b.dtype == c.dtype == np.float32 and a.ndim == b.ndim == c.ndim == 2
+            and a.size and b.size and c.size and c.strides[1] == 4 and c.strides[0] % 4 == 0
+            and c.strides[0] >= 4 * c.shape[1] and _operand(a) and _operand(b)):
+        return False
+    if _sgemm_fn is None:
+        _sgemm_fn = _find_sgemm()
+    return bool(_sgemm_fn)
+
+
+def sgemm(a, b, c, beta: float = 0.0):
+    """c = a @ b + beta c with OpenBLAS's sgemm (check sgemm_takes first); c's rows may be a
+    block of a larger array (its leading dimension is c's row stride)."""
+    fn, _ = _sgemm_fn
+    (ta, lda), (tb, ldb) = _operand(a), _operand(b)
+    M, K = a.shape
+    N = b.shape[1]
+    fn(_ROW_MAJOR, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, float(beta),
+       c.ctypes.data, c.strides[0] // 4)
 
 
 # ---------------------------------------------------------------- malloc
@@ -162,19 +239,26 @@ def keep_freed_memory() -> bool:
 _blas_api = None                # (set, get) ctypes functions, False when none was found
 
 
-def _find_blas():
-    """OpenBLAS's set/get_num_threads from the library NumPy loaded (as threadpoolctl finds them);
-    False where there is none (another BLAS, or no /proc): then the thread count is left alone."""
+def _openblas_libraries():
+    """The OpenBLAS libraries this process has loaded (NumPy's), as ctypes handles."""
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
     except OSError:
-        return False
+        return []
+    libs = []
     for path in sorted(paths):
         try:
-            lib = ctypes.CDLL(path)
+            libs.append(ctypes.CDLL(path))
         except OSError:
             continue
+    return libs
+
+
+def _find_blas():
+    """OpenBLAS's set/get_num_threads from the library NumPy loaded (as threadpoolctl finds them);
+    False where there is none (another BLAS, or no /proc): then the thread count is left alone."""
+    for lib in _openblas_libraries():
         for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"),
                                ("openblas_", "")):
             try:

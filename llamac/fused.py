@@ -452,13 +452,16 @@ class _SharedInput:
 
 
 def _sums_in_gemm(x: Tensor) -> bool:
-    """GPU GEMMs (cuBLAS beta=1) for the summed input gradient; the CPU keeps separate arrays."""
-    return x.xp is not np and backend.gemm_supported(x.dtype)
+    """Whether the GEMMs sum the input gradient in place (beta=1): cuBLAS on the GPU, OpenBLAS's
+    sgemm for float32 on the CPU (cpu.matmul; without it, one in-place add instead of the engine's)."""
+    if x.xp is np:
+        return x.dtype == np.float32
+    return backend.gemm_supported(x.dtype)
 
 
 def linears(x: Tensor, weights) -> list:
-    """[x @ w.T for w in weights]. On the GPU the backward sums the input gradients inside the GEMMs
-    (beta=1 into the first one's array) instead of adding separate arrays.
+    """[x @ w.T for w in weights]. The backward sums the input gradients inside the GEMMs (beta=1 into
+    the first one's array) instead of adding separate arrays.
 
     x must feed nothing else that needs a gradient (the engine would add that into a new array, and
     the later in-place contributions would be lost): the model passes its RMSNorm outputs, which only

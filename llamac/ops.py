@@ -176,6 +176,10 @@ def matmul(a, b, out=None, beta: float = 0.0):
     if xp is not np:
         return _gpu_matmul(xp, a, b, out, beta)
     if a.ndim >= 2 and b.ndim == 2 and a.dtype.kind == "f":
+        if out is not None and out.flags.c_contiguous and out.shape == (*a.shape[:-1], b.shape[-1]):
+            # into out directly; with beta=1 the sum happens inside the GEMM where sgemm can do it
+            cpu.matmul(a.reshape(-1, a.shape[-1]), b, out=out.reshape(-1, b.shape[-1]), beta=beta)
+            return out
         result = cpu.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
     elif a.ndim > 2 and b.ndim == 2:
         result = np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
@@ -187,9 +191,13 @@ def matmul(a, b, out=None, beta: float = 0.0):
         result = np.matmul(a, b)
     if out is None:
         return result
-    if beta:
-        result = result + out * out.dtype.type(beta)
-    out[...] = result
+    if beta == 1:
+        out += result
+    elif beta:
+        out *= out.dtype.type(beta)
+        out += result
+    else:
+        out[...] = result
     return out
 
 

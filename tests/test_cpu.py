@@ -84,6 +84,52 @@ def test_threaded_matmul_matches_numpy(shape_a, shape_b):
     assert np.allclose(cpu.matmul(b.T, a.T), b.T @ a.T, rtol=1e-4, atol=1e-4)     # transposed views
 
 
+@pytest.mark.parametrize("shape_a,shape_b", [((700, 300), (300, 90)), ((3, 5), (5, 2)), ((64, 3000), (3000, 50)),
+                                             ((2048, 704), (704, 256))])
+@pytest.mark.parametrize("threads", [True, False])
+def test_matmul_adds_into_out_inside_the_gemm(shape_a, shape_b, threads, one_thread):
+    """beta=1: out += a @ b through OpenBLAS's sgemm where it reads the operands as they lie
+    (C order or transposed), row blocks of out per thread; the same sum otherwise."""
+    if not threads:
+        one_thread()
+    a, b = r(*shape_a).astype(np.float32), r(*shape_b).astype(np.float32)
+    big = r(shape_a[0] + 2, shape_b[1]).astype(np.float32)
+    for A in (a, np.asfortranarray(a)):
+        for B in (b, np.asfortranarray(b)):
+            out = big.copy()
+            block = out[1:-1]                                   # a row block: its row stride is the ld
+            got = cpu.matmul(A, B, out=block, beta=1.0)
+            assert got is block
+            want = big[1:-1].astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+            assert np.abs(block - want).max() <= 1e-5 * np.abs(want).max()
+            assert np.array_equal(out[0], big[0]) and np.array_equal(out[-1], big[-1])   # untouched
+    if cpu.sgemm_takes(a, b, big[1:-1]):
+        assert cpu._sgemm_fn, "sgemm_takes said yes without an sgemm"
+    # what sgemm cannot read in place goes through NumPy, with the same result
+    assert not cpu.sgemm_takes(a[:, ::2], b[::2], big[1:-1]) and not cpu.sgemm_takes(a.astype(np.float64), b, big)
+    out = big.copy()
+    cpu.matmul(a[:, ::2], b[::2], out=out[1:-1], beta=1.0)
+    want = big[1:-1].astype(np.float64) + a[:, ::2].astype(np.float64) @ b[::2].astype(np.float64)
+    assert np.abs(out[1:-1] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_projection_input_gradients_summed_in_the_gemm_equal_separate_ones(monkeypatch):
+    """fused.linears on the CPU (float32): the q, k, v (and gate, up) projections add their input
+    gradients into one array inside the GEMMs; the sums equal the engine's separate adds."""
+    x0 = r(4, 33, 64).astype(np.float32)
+    ws0 = [r(n, 64).astype(np.float32) * 0.1 for n in (64, 32, 32)]
+    grads = []
+    for in_gemm in (True, False):
+        monkeypatch.setattr(fused, "_sums_in_gemm", lambda x, v=in_gemm: v)
+        x = llamac.tensor(x0, requires_grad=True)
+        ws = [llamac.tensor(w, requires_grad=True) for w in ws0]
+        outs = fused.linears(x, ws)
+        sum((o * o).sum() for o in outs).backward()
+        grads.append([x.grad] + [w.grad for w in ws])
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_blas_thread_count_is_restored():
     cpu._blas_threads(None)                                     # finds the library
     if not cpu._blas_api:
