@@ -330,35 +330,35 @@ def rmsnorm_backward(dout, x, weight, rstd):
     dtype = _cuda_dtype("rmsnorm_backward", x)
     if dout.dtype != dtype or weight.dtype != dtype:
         raise LlamacError(f"rmsnorm_backward: dout {dout.dtype}, x {x.dtype} and weight {weight.dtype} must match")
-    x2 = xp.ascontiguousarray(x).reshape(-1, C)
+    return _norm_backward_gpu(xp, dtype, dout, x, weight, rstd, None)   # add_rmsnorm's kernel, no dres
+
+
+def _norm_backward_gpu(xp, dtype, dout, s, weight, rstd, dres):
+    """(dx, dw) from kernels/add_rmsnorm.cu's backward (dres None: a null pointer, the plain RMSNorm
+    backward): warps of a block take rows, each block writes its dw partial, then rmsnorm_dw_reduce
+    sums the partials in block order into every column of dw (fp32)."""
+    C = s.shape[-1]
+    s2 = xp.ascontiguousarray(s).reshape(-1, C)
     d2 = xp.ascontiguousarray(dout).reshape(-1, C)
+    res = np.uint64(0) if dres is None else xp.ascontiguousarray(dres).reshape(-1, C)
     w = xp.ascontiguousarray(weight)
     r = xp.ascontiguousarray(rstd, dtype=np.float32).reshape(-1)
-    dx = xp.empty_like(x2)
-    # add_rmsnorm's backward with a null residual gradient: the one RMSNorm backward kernel
-    dw = _norm_backward_launch(xp, "add_rmsnorm", "add_rmsnorm_backward", dtype, x2, (d2, x2, w, r, np.uint64(0), dx))
-    return dx.reshape(x.shape), dw
-
-
-def _norm_backward_launch(xp, name, function, dtype, rows, head):
-    """Launch a row-norm backward (kernels/rmsnorm.cu's layout: warps of a block take rows, each block
-    writes its dw partial) with args (*head, partial, N, C), then rmsnorm_dw_reduce, which sums the
-    partials in block order into every column of dw. Returns dw (C,) fp32."""
-    N, C = rows.shape
+    dx = xp.empty_like(s2)
+    N = s2.shape[0]
     if not (N and C):
-        return xp.zeros(C, np.float32)
+        return dx.reshape(s.shape), xp.zeros(C, np.float32)
     dw = xp.empty(C, np.float32)
-    with rows.device:
+    with s2.device:
         warps = max(1, min(THREADS // 32, RMSNORM_MAX_C // C))
         shared = warps * C * 4
         per_sm = max(1, min(2048 // (32 * warps), (200 << 10) // shared))
         grid = max(1, min(-(-N // warps), sm_count() * per_sm))
         partial = xp.empty((grid, C), np.float32)
-        fn = backend.get_kernel(name, function, dtype, _rmsnorm_options(C, dtype))
-        fn((grid,), (32 * warps,), (*head, partial, np.int64(N), np.int32(C)), shared_mem=shared)
+        fn = backend.get_kernel("add_rmsnorm", "add_rmsnorm_backward", dtype, _rmsnorm_options(C, dtype))
+        fn((grid,), (32 * warps,), (d2, s2, w, r, res, dx, partial, np.int64(N), np.int32(C)), shared_mem=shared)
         reduce = backend.get_kernel("rmsnorm", "rmsnorm_dw_reduce", dtype)
         reduce((-(-C // 32),), (256,), (partial, dw, np.int32(grid), np.int32(C)))
-    return dw
+    return dx.reshape(s.shape), dw
 
 
 # ---------------------------------------------------------------- residual add + RMSNorm
@@ -437,15 +437,7 @@ def add_rmsnorm_backward(dout, s, weight, rstd, dres=None):
     dtype = _cuda_dtype("add_rmsnorm_backward", s)
     if dout.dtype != dtype or weight.dtype != dtype or (dres is not None and dres.dtype != dtype):
         raise LlamacError("add_rmsnorm_backward: dout, s, weight and dres must share one dtype")
-    s2 = xp.ascontiguousarray(s).reshape(-1, C)
-    d2 = xp.ascontiguousarray(dout).reshape(-1, C)
-    e2 = None if dres is None else xp.ascontiguousarray(dres).reshape(-1, C)
-    w = xp.ascontiguousarray(weight)
-    r = xp.ascontiguousarray(rstd, dtype=np.float32).reshape(-1)
-    dx = xp.empty_like(s2)
-    res = e2 if e2 is not None else np.uint64(0)                # a null pointer: no residual gradient
-    dw = _norm_backward_launch(xp, "add_rmsnorm", "add_rmsnorm_backward", dtype, s2, (d2, s2, w, r, res, dx))
-    return dx.reshape(s.shape), dw
+    return _norm_backward_gpu(xp, dtype, dout, s, weight, rstd, dres)
 
 
 # ---------------------------------------------------------------- RoPE
