@@ -51,18 +51,14 @@ VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 
 #   B8 H16 T2048:           1.014; 1.090; 1.156; SDPA flash 1.091
 # (torch.compile's cuDNN backward takes 1.02 ms + 0.24 of pre/post-processing at the 350M shape.)
 HOPPER_VARIANTS = ((64, 4, 1, True), (64, 8, 1, True))
-HOPPER_TILES: dict = {}
 
 
 def is_wgmma(tiles) -> bool:
     return len(tiles) > 3 and bool(tiles[3])
 
 
-def default_tiles(hs: int, Tk: int, device_id: int | None = None) -> tuple:
-    """The tiles flash_attention_backward uses without `tiles=`: HOPPER_TILES[hs] on a compute
-    capability 9.0 GPU (device_id given), else TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
-    if device_id is not None and hs in HOPPER_TILES and backend.compute_capability(device_id) == "90":
-        return HOPPER_TILES[hs]
+def default_tiles(hs: int, Tk: int) -> tuple:
+    """The tiles flash_attention_backward uses without `tiles=`: TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
     return SHORT_TILES[hs] if Tk <= SHORT_TK and hs in SHORT_TILES else TILES[hs]
 
 
@@ -230,7 +226,7 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk[...] = 0
         dv[...] = 0
         return dq, dk, dv
-    tiles = tuple(tiles or default_tiles(hs, Tk, q.device.id))
+    tiles = tuple(tiles or default_tiles(hs, Tk))
     if tiles not in VARIANTS + HOPPER_VARIANTS or not tiles_fit(hs, tiles):
         raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
     block_q, warps, key_tiles = tiles[:3]
@@ -314,7 +310,7 @@ def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 
             if tile is not None and not tiles_fit(hs, tile):
                 continue   # (32, 8, *) does not build at hs=48
             ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, tiles=tile), reps, warmup)
-            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or default_tiles(hs, T, q.device.id),
+            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or default_tiles(hs, T),
                    "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
             rows.append(row)
         if torch_compare:
