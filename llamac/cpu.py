@@ -101,7 +101,10 @@ def matmul(a, b, out=None, beta: float = 0.0):
     M, N = a.shape[0], b.shape[1]
     fused = out is not None and beta and sgemm_takes(a, b, out)
     if out is not None and beta and not fused:
-        out += matmul(a, b)                 # (beta 1 only: what the gradient sums need)
+        result = matmul(a, b)
+        if beta != 1:
+            out *= out.dtype.type(beta)
+        out += result
         return out
     if out is None:
         out = np.empty((M, N), np.result_type(a.dtype, b.dtype))
