@@ -13,8 +13,8 @@
 //   flash_attn_bwd_preprocess  D = rowsum(dout * out), and zeroes dq_acc (8 values a thread)
 //   flash_attn_bwd             one CTA per ((batch, kv head), key block): dK, dV in registers
 //                              over all G query heads and query blocks (no atomics), dQ added
-//                              into dq_acc with fp32 atomics. The grid runs the first key blocks
-//                              (under causality the longest: every later query sees them) of
+//                              into dq_acc with fp32 atomics (bulk adds under wgmma). The grid
+//                              runs the first key blocks (under causality the longest: every later query sees them) of
 //                              every head before the shorter ones, so short CTAs fill the tail
 //   flash_attn_bwd_convert_dq  dq_acc -> dq in the input dtype
 // Given RoPE tables, dK and dQ come back un-rotated (RoPE's backward folded into their stores).
@@ -32,13 +32,18 @@
 // Only dS goes through shared memory, for dQ = dS K, which needs all the block's keys.
 // Query tiles are double-buffered with cp.async: tile i+1 streams in while tile i is computed.
 //
-// -DLLAMAC_WGMMA (an sm_90a build; HEAD_DIM 64, BLOCK_Q 64, KEY_TILES 1) runs the five products
-// on Hopper's warpgroup MMA (common.cuh). A warpgroup owns 64 keys, warp w % 4 the same 16 as
-// above and with the same register layout, so the softmax, dS and the dK/dV stores are shared:
-// S^T and dP^T read K, V and Q, dO from shared memory (K-major); dV += P^T dO and dK += dS^T Q
-// take P^T, dS^T from registers and dO, Q transposed; dQ = dS K reads dS^T and K transposed,
-// over the warpgroup's own 64 keys (one fp32 reduction into dq_acc per warpgroup). Tiles are
-// stored unpadded in the 128-byte swizzle layout wgmma reads, instead of padded rows.
+// -DLLAMAC_WGMMA (an sm_90a build; HEAD_DIM 64, BLOCK_Q 128, NWARPS 8, KEY_TILES 1) runs the
+// five products on Hopper's warpgroup MMA (common.cuh), in FlashAttention-3's tile shape: 128 keys
+// by 128 queries. Warpgroup w owns keys 64w..64w+63, warp w % 4 the same 16 as above and with the
+// same register layout, so the softmax, dS and the dK/dV stores are shared. S^T and dP^T
+// (m64n128) read K, V and Q, dO from shared memory (K-major); dV += P^T dO and dK += dS^T Q take
+// P^T, dS^T from registers and dO, Q transposed; dQ = dS K is split by queries instead: warpgroup w
+// computes queries 64w..64w+63 over all 128 keys, reading dS^T and K transposed, so each dQ value
+// is reduced into dq_acc once per 128 keys, not once per 64 (those reductions and the Q/dO loads
+// are the kernel's L2 traffic, which bounds it). The reduction leaves from shared memory as bulk
+// asynchronous adds (cp.reduce.async.bulk, one 256-byte query row each) instead of per-thread
+// atomics. Tiles are stored unpadded in the 128-byte swizzle layout wgmma reads; dS^T as two
+// 64-query panels, one per warpgroup's dQ.
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64
@@ -66,11 +71,11 @@
 #define NTHREADS (NWARPS * 32)
 
 static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM >= 16 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 16, at most 256");
-static_assert(BLOCK_Q == 32 || BLOCK_Q == 64, "BLOCK_Q must be 32 or 64");
+static_assert(BLOCK_Q == 32 || BLOCK_Q == 64 || (BWD_WGMMA && BLOCK_Q == 128), "BLOCK_Q must be 32 or 64 (128 with wgmma)");
 static_assert(NWARPS == 4 || NWARPS == 8, "NWARPS must be 4 or 8");
 static_assert(KEY_TILES == 1 || KEY_TILES == 2, "KEY_TILES must be 1 or 2");
-static_assert(!BWD_WGMMA || (HEAD_DIM == 64 && BLOCK_Q == 64 && KEY_TILES == 1 && sizeof(DTYPE) == 2),
-              "LLAMAC_WGMMA takes HEAD_DIM 64, BLOCK_Q 64, KEY_TILES 1 and 16-bit inputs");
+static_assert(!BWD_WGMMA || (HEAD_DIM == 64 && BLOCK_Q == 128 && NWARPS == 8 && KEY_TILES == 1 && sizeof(DTYPE) == 2),
+              "LLAMAC_WGMMA takes HEAD_DIM 64, BLOCK_Q 128, NWARPS 8, KEY_TILES 1 and 16-bit inputs");
 static_assert(NWARPS % (BLOCK_Q / 16) == 0 && HEAD_DIM % (NWARPS / (BLOCK_Q / 16)) == 0 &&
               (HEAD_DIM / (NWARPS / (BLOCK_Q / 16))) % 8 == 0,
               "the dQ tile must split over the warps in column blocks of 8");
@@ -83,6 +88,9 @@ static_assert(NWARPS % (BLOCK_Q / 16) == 0 && HEAD_DIM % (NWARPS / (BLOCK_Q / 16
 constexpr int LDS = HEAD_DIM;
 constexpr int LDP = BLOCK_Q;
 LLAMAC_DEVICE int tile_at(int r, int c, int) { return r * 64 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7)); }
+// dS^T (keys x BLOCK_Q queries) as panels of 64 queries, each a swizzled (BLOCK_K, 64) tile.
+LLAMAC_DEVICE int ds_at(int r, int c) { return (c >> 6) * (BLOCK_K * 64) + tile_at(r, c & 63, 64); }
+constexpr int LDQ = HEAD_DIM + 8;  // fp32 dQ staging rows: 32 bytes of padding spread a warp's rows over the banks
 #else
 constexpr int LDS = HEAD_DIM + 8;  // q/k/v/dO tiles, 16-bit elements per row
 constexpr int LDP = BLOCK_Q + 8;   // dS^T tile
@@ -189,6 +197,20 @@ LLAMAC_DEVICE void red_add2(float* p, float a, float b) {
 }
 
 template <int N> LLAMAC_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+#if BWD_WGMMA
+// dst[0 : bytes / 4] += src (shared memory), asynchronously: one bulk operation of the async proxy,
+// done by the L2 in whole lines. Completion is tracked per thread in bulk groups.
+LLAMAC_DEVICE void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                 :: "l"(dst), "r"(smem_addr(src)), "r"(bytes) : "memory");
+}
+LLAMAC_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk groups have read their shared-memory sources (the buffer may be rewritten).
+LLAMAC_DEVICE void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// ... and have completed (a CTA must not exit with one in flight).
+LLAMAC_DEVICE void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+#endif
 
 // load_tile, asynchronously for 16-bit inputs (fp32 ones are rounded on the way, synchronously).
 template <int ROWS>
@@ -328,6 +350,9 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
     float* sD0 = sL0 + 2 * BLOCK_Q;                               // 2 stages of (BLOCK_Q,) D
     int* sSegQ0 = reinterpret_cast<int*>(sD0 + 2 * BLOCK_Q);      // 2 stages of (BLOCK_Q,)
     int* sSegK = sSegQ0 + 2 * BLOCK_Q;                            // (BLOCK_K,)
+#if BWD_WGMMA
+    float* sdQ = reinterpret_cast<float*>(sSegK + BLOCK_K);       // (BLOCK_Q, LDQ) fp32 dQ, for the bulk adds
+#endif
 
     const int k0 = blockIdx.y * BLOCK_K, hk = blockIdx.x % Hkv, b = blockIdx.x / Hkv;
     const int G = H / Hkv, off = Tk - Tq;
@@ -463,7 +488,8 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                 for (int e = 0; e < 4; ++e) {
                     const int qi = j * 8 + 2 * t + (e & 1);
                     const int kj = kw + m * 16 + g + (e >> 1) * 8;
-                    float p = exp2f(fmaf(s[m][j][e], scale, -sL[qi]) * LOG2E);
+                    // (this form, not exp2f((s * scale - lse) * LOG2E), leaves the fp16 wgmma build without spills)
+                    float p = exp2f(fmaf(s[m][j][e], scale * LOG2E, -sL[qi] * LOG2E));
                     if (need_mask) {
                         const bool visible = qi < qvalid && kj < kvalid &&
                                              (!causal || k0 + kj <= q0 + qi + off) &&
@@ -488,42 +514,50 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
                                     pack2(dp[0][2 * kq + 1][0], dp[0][2 * kq + 1][1]), pack2(dp[0][2 * kq + 1][2], dp[0][2 * kq + 1][3])};
             // dS^T to shared memory for dQ: rows are keys, columns queries.
             const int r = kw + g, c = kq * 16 + 2 * t;
-            *reinterpret_cast<unsigned*>(sdS + tile_at(r, c, LDP)) = aS[0];
-            *reinterpret_cast<unsigned*>(sdS + tile_at(r + 8, c, LDP)) = aS[1];
-            *reinterpret_cast<unsigned*>(sdS + tile_at(r, c + 8, LDP)) = aS[2];
-            *reinterpret_cast<unsigned*>(sdS + tile_at(r + 8, c + 8, LDP)) = aS[3];
+            *reinterpret_cast<unsigned*>(sdS + ds_at(r, c)) = aS[0];
+            *reinterpret_cast<unsigned*>(sdS + ds_at(r + 8, c)) = aS[1];
+            *reinterpret_cast<unsigned*>(sdS + ds_at(r, c + 8)) = aS[2];
+            *reinterpret_cast<unsigned*>(sdS + ds_at(r + 8, c + 8)) = aS[3];
             // 16 queries of dO / Q = 16 rows of 128 bytes = 128 descriptor units
             wgmma_rs<mma_t, HEAD_DIM, 1>(accV[0], aP, o_desc + 128 * kq, 1);
             wgmma_rs<mma_t, HEAD_DIM, 1>(accK[0], aS, q_desc + 128 * kq, 1);
         }
         wgmma_commit();
-        // dQ (BLOCK_Q x HEAD_DIM) += dS K over this warpgroup's 64 keys, once its four warps'
-        // dS^T rows are in shared memory (a barrier of the warpgroup's 128 threads).
         fence_proxy_async();
-        // (compile-time barrier ids: a register id would make ptxas reserve all 16 barriers)
-        if (warp < 4) asm volatile("bar.sync 1, 128;" ::: "memory");
-        else asm volatile("bar.sync 2, 128;" ::: "memory");
+        __syncthreads();  // both warpgroups' dS^T rows are in shared memory
         {
+            // dQ (this warpgroup's 64 queries x HEAD_DIM) += dS K over all BLOCK_K keys.
+            const int wg = warp / 4;
             float dq[HEAD_DIM / 8][4];
-            const unsigned long long ds_desc = smem_desc(smem_addr(sdS + wg_keys * LDP));
+            const unsigned long long ds_desc = smem_desc(smem_addr(sdS + wg * BLOCK_K * 64));
+            const unsigned long long kall_desc = smem_desc(smem_addr(sK));
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk)   // 16 keys = 16 rows = 128 units, of dS^T and of K
-                wgmma_ss<mma_t, HEAD_DIM, 1, 1>(dq, ds_desc + 128 * kk, k_desc + 128 * kk, kk > 0);
+            for (int kk = 0; kk < BLOCK_K / 16; ++kk)   // 16 keys = 16 rows = 128 units, of dS^T and of K
+                wgmma_ss<mma_t, HEAD_DIM, 1, 1>(dq, ds_desc + 128 * kk, kall_desc + 128 * kk, kk > 0);
             wgmma_commit();
             wgmma_wait_all();
             keep_registers(accV[0]);
             keep_registers(accK[0]);
             keep_registers(dq);
+            // Staged in shared memory, then each warp adds its own 16 query rows, 256 bytes each,
+            // once its previous tile's adds have read them.
+            const int row0 = wg * 64 + (warp % 4) * 16;
+            bulk_wait_read();
+            __syncwarp();
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const int qi = (warp % 4) * 16 + g + half * 8;
-                if (qi < qvalid) {
-                    float* row = dq_acc + (((long long)b * Tq + q0 + qi) * H + h) * HEAD_DIM + 2 * t;
+                float* dst = sdQ + (row0 + g + half * 8) * LDQ + 2 * t;
 #pragma unroll
-                    for (int j = 0; j < HEAD_DIM / 8; ++j) red_add2(row + j * 8, dq[j][2 * half] * scale, dq[j][2 * half + 1] * scale);
-                }
+                for (int j = 0; j < HEAD_DIM / 8; ++j)
+                    *reinterpret_cast<float2*>(dst + j * 8) = make_float2(dq[j][2 * half] * scale, dq[j][2 * half + 1] * scale);
             }
+            fence_proxy_async();
+            __syncwarp();
+            if (lane < 16 && row0 + lane < qvalid)
+                bulk_reduce_add(dq_acc + (((long long)b * Tq + q0 + row0 + lane) * H + h) * HEAD_DIM,
+                                sdQ + (row0 + lane) * LDQ, HEAD_DIM * 4);
+            bulk_commit();
         }
 #else
 #pragma unroll
@@ -604,6 +638,9 @@ flash_attn_bwd(const DTYPE* __restrict__ q, const DTYPE* __restrict__ k, const D
 #endif
     }
     cp_async_wait<0>();  // nothing may be left in flight at exit (ntiles is never 0, but cheap)
+#if BWD_WGMMA
+    bulk_wait();
+#endif
 
     // This CTA owns its keys of dK, dV for the kv head: plain stores.
 #pragma unroll

@@ -43,22 +43,29 @@ SHORT_TK = 512
 SHORT_TILES = {48: (32, 4, 1)}
 VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 2))
 # Hopper (compute capability 9.0; an sm_90a build): a fourth element True runs the five products
-# on warpgroup MMA (-DLLAMAC_WGMMA: hs 64, 64 queries a tile, a warpgroup per 64 keys). Correct,
-# but as written (each product waited for before the next step, no warp specialisation) no faster
-# than mma.sync, so no default takes it. H100, 2026-11-25, causal bf16, backward ms:
-#   B16 H16/4 T2048 (350M): (32, 4, 2) 1.878; (64, 4, 1, True) 1.918; (64, 8, 1, True) 2.024; SDPA flash 2.023
-#   B32 H12 T1024 (110M):   1.009; 1.328; 1.125; SDPA flash 1.086
-#   B8 H16 T2048:           1.014; 1.090; 1.156; SDPA flash 1.091
+# on warpgroup MMA (-DLLAMAC_WGMMA: hs 64, FlashAttention-3's 128 keys x 128 queries, two warpgroups,
+# dQ reduced once per 128 keys through bulk adds from shared memory). The default there (HOPPER_TILES).
+# H100, 2026-11-25, causal bf16, backward ms (SDPA flash beside):
+#   B16 H16/4 T2048 (350M): (128, 8, 1, True) 1.600; (32, 4, 2) 1.858; SDPA flash 2.028
+#   B32 H12 T1024 (110M):   0.968; 1.021; 1.086
+#   B8 H16 T2048:           0.952; 1.019; 1.075
 # (torch.compile's cuDNN backward takes 1.02 ms + 0.24 of pre/post-processing at the 350M shape.)
-HOPPER_VARIANTS = ((64, 4, 1, True), (64, 8, 1, True))
+# An earlier wgmma design, 64 queries a tile with each warpgroup reducing its own 64 keys' dQ,
+# measured 1.918 ms there: twice the dQ reductions and query-tile loads per key, which are the
+# L2 traffic that bounds this kernel (without the dQ adds, the 350M shape takes 1.38 ms).
+HOPPER_VARIANTS = ((128, 8, 1, True),)
+HOPPER_TILES = {64: HOPPER_VARIANTS[0]}
 
 
 def is_wgmma(tiles) -> bool:
     return len(tiles) > 3 and bool(tiles[3])
 
 
-def default_tiles(hs: int, Tk: int) -> tuple:
-    """The tiles flash_attention_backward uses without `tiles=`: TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
+def default_tiles(hs: int, Tk: int, capability: str | None = None) -> tuple:
+    """The tiles flash_attention_backward uses without `tiles=`: HOPPER_TILES[hs] on compute
+    capability "90" (backend.compute_capability()), else TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
+    if capability == "90" and hs in HOPPER_TILES:
+        return HOPPER_TILES[hs]
     return SHORT_TILES[hs] if Tk <= SHORT_TK and hs in SHORT_TILES else TILES[hs]
 
 
@@ -67,7 +74,7 @@ def tiles_fit(hs: int, tiles) -> bool:
     over the warps as 16-row tiles times column blocks that are a multiple of 8 wide (hs=48 with
     8 warps and 32 queries would leave 12 columns a warp)."""
     block_q, warps = tiles[:2]
-    if is_wgmma(tiles) and (hs != 64 or block_q != 64 or tiles[2] != 1):
+    if is_wgmma(tiles) and (hs != 64 or block_q != 128 or warps != 8 or tiles[2] != 1):
         return False
     row_tiles = block_q // 16
     if warps % row_tiles:
@@ -179,7 +186,8 @@ def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1
     lds = head_dim + pad
     tiles = (2 * block_k + 2 * 2 * block_q) * lds * 2      # K, V, and two stages of Q, dO, as 16-bit
     ds = block_k * (block_q + pad) * 2                      # dS^T
-    return tiles + ds + 2 * 3 * block_q * 4 + block_k * 4   # two stages of lse, D, query ids; key ids
+    dq = block_q * (head_dim + 8) * 4 if wgmma else 0       # fp32 dQ staged for the bulk adds
+    return tiles + ds + 2 * 3 * block_q * 4 + block_k * 4 + dq   # two stages of lse, D, query ids; key ids
 
 
 def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None, *, tiles=None, rope=None,
@@ -190,7 +198,7 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
     segments (B, Tk) integer document ids or None. dq comes back like q, dk and dv like k
     (each kv head's gradient summed over its G query heads), all in q's dtype, computed with
     fp32 accumulation. head_dim in HEAD_DIMS on the GPU. `tiles` = (block_q, warps, key_tiles),
-    one of variants(hs), overrides default_tiles(hs, Tk), for benchmarks and tests.
+    one of variants(hs), overrides default_tiles(hs, Tk, <the GPU's capability>), for benchmarks and tests.
 
     rope=(cos, sin), tables (T, hs/2) with Tq = Tk = T: q and k are RoPE's outputs (Meta's
     interleaved pairs, kernels.rope_forward), and dq, dk come back as the gradients of its inputs:
@@ -226,12 +234,14 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk[...] = 0
         dv[...] = 0
         return dq, dk, dv
-    tiles = tuple(tiles or default_tiles(hs, Tk))
+    tiles = tuple(tiles or default_tiles(hs, Tk, backend.compute_capability(q.device.id)))
     if tiles not in VARIANTS + HOPPER_VARIANTS or not tiles_fit(hs, tiles):
         raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
     block_q, warps, key_tiles = tiles[:3]
     wgmma = is_wgmma(tiles)
-    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
+    # The preprocess and the dQ conversion depend on the head size (and the table type) alone, so
+    # every tile variant shares one build of them.
+    options = (f"-DHEAD_DIM={hs}",)
     cos = sin = np.uint64(0)                    # null: no RoPE folded in
     if rope is not None:
         # The model's own 16-bit tables are read as they are (exact widening), as kernels/rope.cu does.
@@ -250,7 +260,9 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
             (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
 
         # (the preprocess and conversion kernels are the same in either build: plain sm_90)
-        main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options + (("-DLLAMAC_WGMMA",) if wgmma else ()),
+        tile_options = (f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
+        main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype,
+                                  options + tile_options + (("-DLLAMAC_WGMMA",) if wgmma else ()),
                                   arch="sm_90a" if wgmma else None)
         smem = shared_bytes(hs, block_q, warps, key_tiles, wgmma)
         if smem > 48 * 1024:  # above the default, the launch fails unless the kernel opts in
@@ -310,7 +322,8 @@ def bench_flash_backward(B: int = 8, H: int = 16, T: int = 2048, head_dims=(64, 
             if tile is not None and not tiles_fit(hs, tile):
                 continue   # (32, 8, *) does not build at hs=48
             ms = _time_ms(lambda: flash_attention_backward(q, k, v, out, dout, lse, causal, tiles=tile), reps, warmup)
-            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": tile or default_tiles(hs, T),
+            used = tile or default_tiles(hs, T, backend.compute_capability())
+            row = {"B": B, "H": H, "Hkv": Hkv, "T": T, "hs": hs, "causal": causal, "tiles": used,
                    "bwd_ms": ms, "bwd_tflops": flops / (ms * 1e-3) / 1e12}
             rows.append(row)
         if torch_compare:

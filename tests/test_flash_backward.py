@@ -186,6 +186,21 @@ def test_tile_variants_per_head_size():
     assert fb.default_tiles(64, 256) == fb.TILES[64]   # only hs=48 was timed short
 
 
+def test_hopper_takes_the_warpgroup_backward_at_head_size_64():
+    assert set(fb.HOPPER_TILES) == {64} and all(t in fb.HOPPER_VARIANTS for t in fb.HOPPER_TILES.values())
+    for Tk in (64, 1024, 8192):
+        assert fb.default_tiles(64, Tk, "90") == fb.HOPPER_TILES[64]
+        assert fb.default_tiles(64, Tk, "80") == fb.default_tiles(64, Tk) == fb.TILES[64]
+    assert fb.default_tiles(128, 2048, "90") == fb.TILES[128]   # no wgmma build at other head sizes
+    assert fb.default_tiles(48, 256, "90") == fb.SHORT_TILES[48]
+    # the kernel's layout: K, V (128 keys) + 2 stages of Q, dO (128 queries), unpadded 16-bit rows;
+    # dS^T (128 x 128); 2 stages of lse, D, query ids; key ids; fp32 dQ rows padded by 8 floats.
+    # One CTA of 8 warps fits an H100's 227 KB.
+    smem = fb.shared_bytes(64, 128, 8, 1, wgmma=True)
+    assert smem == 2 * 128 * 64 * 2 + 4 * 128 * 64 * 2 + 128 * 128 * 2 + 6 * 128 * 4 + 128 * 4 + 128 * 72 * 4
+    assert smem <= 227 * 1024
+
+
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("hs", fb.HEAD_DIMS)
 def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
@@ -214,8 +229,12 @@ def test_warpgroup_mma_build_compiles_without_spills(nvrtc, tiles, dtype):
     result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90a", options=options)
     assert result.ok, result.log
     kind = "bf16.bf16" if dtype == BF16 else "f16.f16"
-    # S^T, dP^T, dQ from shared memory; dV, dK with P^T, dS^T from registers: all m64n64k16
-    assert result.ptx.count(f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{kind}") >= 5
+    # S^T, dP^T over 128 queries (m64n128k16) and dQ from shared memory; dV, dK with P^T, dS^T
+    # from registers (m64n64k16); dQ leaves through bulk adds from shared memory, no atomics
+    assert result.ptx.count(f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{kind}") >= 2
+    assert result.ptx.count(f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{kind}") >= 3
+    assert "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32" in result.ptx
+    assert "red.global.add" not in result.ptx and "cp.async.bulk.wait_group 0" in result.ptx
     assert "mma.sync" not in result.ptx and "fence.proxy.async.shared::cta" in result.ptx
     spills = re.findall(r"(\d+) bytes spill stores", result.log)
     assert spills and all(n == "0" for n in spills), result.log
