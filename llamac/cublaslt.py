@@ -7,7 +7,7 @@ candidates are timed once per shape, on scratch output buffers, the first time t
 outside a CUDA-graph capture; the winner is kept for the process, so a captured graph and every
 later call run the same algorithm (results are reproducible within a process, not across them).
 
-Used by backend.gemm for single (unbatched) 16-bit GEMMs; everything else stays on cublasGemmEx.
+Used by cublas.gemm for single (unbatched) 16-bit GEMMs; everything else stays on cublasGemmEx.
 Nothing here imports cupy: backend hands it out.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 
 from llamac.errors import LlamacError
 
-# Off with LLAMAC_GEMM_AUTOTUNE=0: every GEMM then takes backend.gemm's cublasGemmEx path.
+# Off with LLAMAC_GEMM_AUTOTUNE=0: every GEMM then takes cublas.gemm's cublasGemmEx path.
 ENABLED = os.environ.get("LLAMAC_GEMM_AUTOTUNE", "1") != "0"
 CANDIDATES = 8                  # heuristic results timed per shape
 TUNE_MAX_OUT_BYTES = 256 << 20  # larger outputs (the LM head's logits) take the first candidate:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llamac import backend, cpu, cpu_ops, flash, kernels
+from llamac import backend, cpu, cpu_ops, cublas, flash, kernels
 from llamac.engine import Function, Tensor, grad_enabled
 from llamac.errors import ShapeError
 from llamac.ops import Concatenate, compute_dtype, matmul, scatter_add
@@ -456,7 +456,7 @@ def _sums_in_gemm(x: Tensor) -> bool:
     sgemm for float32 on the CPU (cpu.matmul; without it, one in-place add instead of the engine's)."""
     if x.xp is np:
         return x.dtype == np.float32
-    return backend.gemm_supported(x.dtype)
+    return cublas.gemm_supported(x.dtype)
 
 
 def linears(x: Tensor, weights) -> list:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from llamac import backend, functional, fused, nn
+from llamac import backend, cublas, functional, fused, nn
 from llamac.config import ModelConfig
 from llamac.engine import Tensor, grad_enabled, no_grad
 from llamac.head_loss import head_loss
@@ -260,7 +260,7 @@ class Llama(nn.Module):
     def _head_loss(self, x, head) -> bool:
         """GPU with gradients on: the LM head and the loss as one chunked HeadLoss."""
         return (FUSED_HEAD_LOSS and x.xp is not np and grad_enabled() and (x.requires_grad or head.requires_grad)
-                and backend.gemm_supported(x.dtype) and x.dtype == head.dtype)
+                and cublas.gemm_supported(x.dtype) and x.dtype == head.dtype)
 
     def _fuse_residuals(self, x) -> bool:
         """GPU without active dropout: each residual add runs in one kernel with the RMSNorm after it."""

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from llamac import backend, cpu
+from llamac import backend, cpu, cublas
 from llamac.errors import ShapeError
 from llamac.engine import Function, unbroadcast
 
@@ -167,7 +167,7 @@ def matmul(a, b, out=None, beta: float = 0.0):
     """a @ b on xp arrays (batch dims broadcast). With `out`, the result is written there, plus
     beta * out (beta=1 accumulates a gradient in place: one pass fewer than gemm-then-add).
 
-    GPU: cuBLAS through backend.gemm for fp32/bf16/fp16/fp64: strided views (transposes,
+    GPU: cuBLAS through cublas.gemm for fp32/bf16/fp16/fp64: strided views (transposes,
     attention's head layouts) are read in place, bf16 batches work (CuPy's batched matmul rejects
     them), fp32 accumulation, and the call can be captured in a CUDA graph.
     CPU: NumPy, folding batch dims into rows when b is a matrix (one big GEMM instead of many),
@@ -202,7 +202,7 @@ def matmul(a, b, out=None, beta: float = 0.0):
 
 
 def _gpu_matmul(xp, a, b, out, beta):
-    if not (backend.gemm_supported(a.dtype) and backend.gemm_supported(b.dtype)):
+    if not (cublas.gemm_supported(a.dtype) and cublas.gemm_supported(b.dtype)):
         result = xp.matmul(a, b)                       # integers: not a cuBLAS job
         if out is None:
             return result
@@ -215,13 +215,13 @@ def _gpu_matmul(xp, a, b, out, beta):
     if vec_a or vec_b:                                 # vectors as (1, K) / (K, 1) matrices
         if out is not None:
             raise ShapeError("matmul: out= needs matrix operands")
-        result = backend.gemm(a[None, :] if vec_a else a, b[:, None] if vec_b else b)
+        result = cublas.gemm(a[None, :] if vec_a else a, b[:, None] if vec_b else b)
         if vec_b:
             result = result[..., 0]
         if vec_a:
             result = result[..., 0, :] if not vec_b else result[..., 0]
         return result
-    return backend.gemm(a, b, out=out, beta=beta)
+    return cublas.gemm(a, b, out=out, beta=beta)
 
 
 # ---------------------------------------------------------------- elementwise unary

@@ -1,9 +1,9 @@
-"""backend.gemm (cuBLAS through ctypes) against float64 NumPy: fp32/bf16/fp16, 2-D and batched, transposes,
+"""cublas.gemm (cuBLAS through ctypes) against float64 NumPy: fp32/bf16/fp16, 2-D and batched, transposes,
 strided views, broadcasting, awkward sizes, beta accumulation, and recording inside a CUDA graph."""
 import numpy as np
 import pytest
 
-from llamac import backend, ops
+from llamac import backend, cublas, ops
 
 pytestmark = pytest.mark.cuda
 
@@ -33,7 +33,7 @@ def _exact(x, dtype):
 def test_gemm_2d_matches_float64(dtype, M, K, N, ta, tb):
     a = rng.standard_normal((K, M) if ta else (M, K))
     b = rng.standard_normal((N, K) if tb else (K, N))
-    got = backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), trans_a=ta, trans_b=tb)
+    got = cublas.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), trans_a=ta, trans_b=tb)
     A, B = _exact(a, dtype), _exact(b, dtype)
     want = (A.T if ta else A) @ (B.T if tb else B)
     assert got.shape == (M, N) and got.dtype == backend.as_dtype(dtype)
@@ -49,7 +49,7 @@ def test_gemm_2d_matches_float64(dtype, M, K, N, ta, tb):
 ])
 def test_gemm_batched_matches_float64(dtype, a_shape, b_shape):
     a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
-    got = backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype))
+    got = cublas.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype))
     want = np.matmul(_exact(a, dtype), _exact(b, dtype))
     assert got.shape == want.shape
     assert _rel(got, want) <= TOL[dtype]
@@ -82,7 +82,7 @@ def test_gemm_reads_attention_layouts_in_place_and_broadcast_heads(dtype):
 def test_gemm_beta_accumulates_into_out(dtype):
     a, b, c = rng.standard_normal((31, 17)), rng.standard_normal((31, 45)), rng.standard_normal((17, 45))
     out = _on_gpu(c, dtype)
-    backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=True, beta=1.0, alpha=0.5)
+    cublas.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=True, beta=1.0, alpha=0.5)
     want = 0.5 * _exact(a, dtype).T @ _exact(b, dtype) + _exact(c, dtype)
     assert _rel(out, want) <= TOL[dtype]
 
@@ -94,11 +94,11 @@ def test_gemm_16_bit_inputs_sum_into_a_float32_out(dtype):
     parts = [(rng.standard_normal((64, 40)), rng.standard_normal((64, 24))) for _ in range(6)]
     out = cp.zeros((40, 24), np.float32)
     for a, b in parts:
-        backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=True, beta=1.0)
+        cublas.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=True, beta=1.0)
     want = sum(_exact(a, dtype).T @ _exact(b, dtype) for a, b in parts)
     assert out.dtype == np.float32 and _rel(out, want) <= 1e-6
     with pytest.raises(Exception, match="float32 for 16-bit inputs"):
-        backend.gemm(_on_gpu(parts[0][0], "float32"), _on_gpu(parts[0][1], "float32"),
+        cublas.gemm(_on_gpu(parts[0][0], "float32"), _on_gpu(parts[0][1], "float32"),
                      out=cp.zeros((40, 24), np.float16), trans_a=True)
 
 
@@ -164,12 +164,12 @@ def test_tuned_gemm_matches_float64_and_beta_survives_the_timing(dtype, ta, tb):
     c = rng.standard_normal((M, N))
     before = cublaslt.tuned_algorithms(lt)
     out = _on_gpu(c, dtype)
-    backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=ta, trans_b=tb, beta=1.0)
+    cublas.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), out=out, trans_a=ta, trans_b=tb, beta=1.0)
     assert cublaslt.tuned_algorithms(lt) == before + 1          # a new shape: timed once
     A, B = _exact(a, dtype), _exact(b, dtype)
     want = (A.T if ta else A) @ (B.T if tb else B) + _exact(c, dtype)
     assert _rel(out, want) <= TOL[dtype]
-    again = backend.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), trans_a=ta, trans_b=tb)
+    again = cublas.gemm(_on_gpu(a, dtype), _on_gpu(b, dtype), trans_a=ta, trans_b=tb)
     assert cublaslt.tuned_algorithms(lt) == before + 1          # the same shape: the kept choice
     assert _rel(again, want - _exact(c, dtype)) <= TOL[dtype]
 
@@ -182,7 +182,7 @@ def test_untuned_shape_inside_a_capture_and_unaligned_operands_still_compute():
     a, b = _on_gpu(a_host, "bfloat16"), _on_gpu(b_host, "bfloat16")
     out = cp.empty((1031, 1040), backend.bfloat16)
     pool = backend.new_graph_pool()
-    graph, _ = backend.capture_graph(lambda: backend.gemm(a, b, out=out), pool)
+    graph, _ = backend.capture_graph(lambda: cublas.gemm(a, b, out=out), pool)
     out[...] = 0
     graph.launch()
     want = _exact(a_host, "bfloat16") @ _exact(b_host, "bfloat16")
@@ -191,6 +191,6 @@ def test_untuned_shape_inside_a_capture_and_unaligned_operands_still_compute():
     view = big[1:]                                              # starts 2048 bytes in: 256-aligned
     odd = _on_gpu(rng.standard_normal((1024 * 1033 + 8,)), "bfloat16")[8:].reshape(1033, 1024)  # 16 bytes in
     for x in (view, odd):
-        got = backend.gemm(x, b)
+        got = cublas.gemm(x, b)
         want = backend.to_numpy(x.astype(np.float32)).astype(np.float64) @ _exact(b_host, "bfloat16")
         assert _rel(got, want) <= TOL["bfloat16"]
