@@ -144,8 +144,7 @@ def test_linear_weight_gradient_accumulates_in_place():
 # ---------------------------------------------------------------- cuBLASLt, the algorithm timed per shape
 
 def _lt():
-    from llamac.backend import _cublas
-    return _cublas().lt()
+    return cublas._cublas().lt()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
