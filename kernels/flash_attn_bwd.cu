@@ -14,8 +14,9 @@
 //   flash_attn_bwd             one CTA per ((batch, kv head), key block): dK, dV in registers
 //                              over all G query heads and query blocks (no atomics), dQ added
 //                              into dq_acc with fp32 atomics (bulk adds under wgmma). The grid
-//                              runs the first key blocks (under causality the longest: every later query sees them) of
-//                              every head before the shorter ones, so short CTAs fill the tail
+//                              runs the first key blocks (under causality the longest: every
+//                              later query sees them) of every head before the shorter ones,
+//                              so short CTAs fill the tail
 //   flash_attn_bwd_convert_dq  dq_acc -> dq in the input dtype
 // Given RoPE tables, dK and dQ come back un-rotated (RoPE's backward folded into their stores).
 //
@@ -312,7 +313,7 @@ extern "C" __global__ void flash_attn_bwd_convert_dq(const float* __restrict__ d
         const float4 b = *reinterpret_cast<const float4*>(dq_acc + e + 4);
         float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
         if (cosv != nullptr) {
-            const int t = (int)((e / ((long long)H * HEAD_DIM)) % Tq);
+            const int t = (int)((e / row) % Tq);
             const long long pair = (long long)t * (HEAD_DIM / 2) + (int)(e % HEAD_DIM) / 2;
 #pragma unroll
             for (int k = 0; k < 4; ++k) rope_unrotate(f[2 * k], f[2 * k + 1], load_f(cosv + pair + k), load_f(sinv + pair + k));

@@ -7,8 +7,8 @@
 //
 // out: (B, T, H, hs) contiguous; x: the same, or with x_row elements between consecutive
 // positions (a (B, T, H, hs) view of q or k inside a packed (B, T, (H + 2 Hkv) hs) projection);
-// cos, sin: (T, hs/2). The tables are fp32 unless compiled
-// with -DROPE_TABLE_IN_DTYPE (then DTYPE, the model's own bf16 tables, widened exactly).
+// cos, sin: (T, hs/2). The tables are fp32 unless compiled with -DROPE_TABLE_IN_DTYPE (then
+// DTYPE, the model's own bf16 tables, widened exactly).
 // Memory-bound: each thread moves one 16-byte pack (whole pairs, since a pack holds an even
 // number of values) when hs is a multiple of the pack and x/out are aligned; else one pair.
 // out may be x itself (each thread reads its values before writing them), so no __restrict__.

@@ -239,8 +239,8 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
     block_q, warps, key_tiles = tiles[:3]
     wgmma = is_wgmma(tiles)
-    # The preprocess and the dQ conversion depend on the head size (and the table type) alone, so
-    # every tile variant shares one build of them.
+    # The preprocess and the dQ conversion depend on the head size (and the table type) alone: every
+    # tile variant shares one build of them, for plain sm_90 even when the main kernel is wgmma's.
     options = (f"-DHEAD_DIM={hs}",)
     cos = sin = np.uint64(0)                    # null: no RoPE folded in
     if rope is not None:
@@ -259,7 +259,6 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         pre((-(-rows * per_row // 256),), (256,),
             (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
 
-        # (the preprocess and conversion kernels are the same in either build: plain sm_90)
         tile_options = (f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
         main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype,
                                   options + tile_options + (("-DLLAMAC_WGMMA",) if wgmma else ()),
