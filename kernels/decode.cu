@@ -100,20 +100,12 @@ LLAMAC_DEVICE uint4 load_x8(const bf16_t* x, const bf16_t* norm_w, float rstd, i
     return r;
 }
 
-// Rotate one interleaved pair (a, b) by (c, s) with the plain path's roundings. fused._rotate
-// computes x0 * c - x1 * s with s = sin * 1.0: NumPy (and CuPy) promote bf16 times a Python
-// float to fp32, so the sin products stay exact in fp32 while the cos products are rounded:
-//   out0 = bf16(bf16(a c) - b s), out1 = bf16(a s + bf16(b c)).
-// ROPE_SIN_BF16=1 is the other promotion rule (every product rounded), chosen at run time
-// by decode.py from what the array library does.
-#ifndef ROPE_SIN_BF16
-#define ROPE_SIN_BF16 0
-#endif
+// Rotate one interleaved pair (a, b) by (c, s) as RoPE's reference does (kernels.rope_reference):
+// every product and sum in fp32, one rounding to bf16 at the output. __fmul_rn / __fsub_rn keep
+// the compiler from contracting them into FMAs, which would round differently.
 LLAMAC_DEVICE void rope_pair(float& a, float& b, float c, float s) {
-    const float bs = ROPE_SIN_BF16 ? bf16r(__fmul_rn(b, s)) : __fmul_rn(b, s);
-    const float as = ROPE_SIN_BF16 ? bf16r(__fmul_rn(a, s)) : __fmul_rn(a, s);
-    const float ra = bf16r(__fsub_rn(bf16r(__fmul_rn(a, c)), bs));
-    const float rb = bf16r(__fadd_rn(as, bf16r(__fmul_rn(b, c))));
+    const float ra = bf16r(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
+    const float rb = bf16r(__fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c)));
     a = ra;
     b = rb;
 }

@@ -361,23 +361,41 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             from llamac.decode_bench import bench_decode
             rows = bench_decode(compare=compare != "none")
         results[section] = rows
-        _print_table(Console(width=160), Table, section, rows)
+        _print_table(Console(), Table, section, rows)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(results, indent=1, default=str))
     return results
 
 
+# The printed table: what a row measures, what ran, its headline figure and its ratio to the
+# reference, so that it reads at 80 columns; every other field is in --json.
+HEADLINES = (("step_ms", "ms/step"), ("decode_tok_s", "tok/s"), ("tflops", "TFLOP/s"), ("ms", "ms"),
+             ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
+RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "torch_over_ours", "vs_hf", "vs_batch1")
+
+
+def summary_row(row: dict) -> tuple[str, str, str, str]:
+    """(what, implementation, headline figure with its unit, ratio to the reference) of one bench row."""
+    what = " ".join(str(row[k]) for k in ("shape", "case", "op", "kernel") if row.get(k) not in (None, ""))
+    if row.get("batch") is not None:
+        what += f" b{row['batch']}"
+    impl = str(row.get("impl") or row.get("mode") or row.get("dtype") or row.get("device") or "")
+    headline = next(((k, unit) for k, unit in HEADLINES if row.get(k) is not None), None)
+    figure = "" if headline is None else f"{_fmt(row[headline[0]])} {headline[1]}"
+    if str(row.get("status", "")).startswith(("OOM", "error")):
+        figure = str(row["status"])[:40]
+    ratio = next((f"{_fmt(row[k])}x {k}" for k in RATIOS if isinstance(row.get(k), (int, float))), "")
+    return what or row.get("section", ""), impl, figure, ratio
+
+
 def _print_table(console, Table, title, rows):
     if not rows:
         return
-    columns = [k for k in rows[0] if k != "section"]
-    for r in rows[1:]:
-        columns += [k for k in r if k not in columns and k != "section"]
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
+    table = Table(title=f"{title}  (every field: --json FILE)")
+    for c in ("what", "impl", "figure", "ratio"):
+        table.add_column(c, overflow="fold")
     for r in rows:
-        table.add_row(*[_fmt(r.get(c, "")) for c in columns])
+        table.add_row(*summary_row(r))
     console.print(table)
 
 

@@ -131,24 +131,10 @@ def gemv_reference(x, W, norm_w=None, eps=1e-5):
     return (_f32(x) @ _f32(W).T).astype(BF16)
 
 
-def rope_reference(x, cos, sin, sin_bf16: bool = False):
-    """Interleaved pairs rotated with the plain path's roundings. x (M, n_heads, hs); cos/sin (M, hs/2) bf16.
-
-    fused._rotate multiplies by sin * 1.0, which NumPy promotes to fp32: the sin products are
-    exact and only the cos products round (sin_bf16=True: an array library that keeps bf16)."""
-    x0, x1 = _f32(x[..., 0::2]), _f32(x[..., 1::2])
-    c, s = _f32(cos)[:, None, :], _f32(sin)[:, None, :]
-    r = lambda a: _f32(a.astype(BF16))  # noqa: E731
-    rs = r if sin_bf16 else (lambda a: a)  # noqa: E731
-    out = backend.get_array_module(x).empty(x.shape, BF16)
-    out[..., 0::2] = r(x0 * c) - rs(x1 * s)
-    out[..., 1::2] = rs(x0 * s) + r(x1 * c)
-    return out
-
-
-def sin_products_round(xp) -> bool:
-    """Whether xp keeps bf16 * Python float in bf16 (then RoPE's sin products round too)."""
-    return (xp.ones(1, BF16) * 1.0).dtype == BF16
+def rope_reference(x, cos, sin):
+    """RoPE's reference on one position per row. x (M, n_heads, hs); cos/sin (M, hs/2)."""
+    from llamac.kernels import rope_reference as rope
+    return rope(x[None], cos, sin)[0]
 
 
 def swiglu_pairs_reference(y):
@@ -243,7 +229,7 @@ def sample_reference(logits, temperature, top_k, top_p, seed, steps):
     return out
 
 
-def reference_step(layers, extra, cfg, state, sin_bf16: bool = False) -> np.ndarray:
+def reference_step(layers, extra, cfg, state) -> np.ndarray:
     """One decode step in NumPy on packed weights, the kernels' order and roundings.
 
     state: dict with x (M, C) bf16 (the new tokens' embeddings), lens (M,), k/v caches (per
@@ -259,8 +245,8 @@ def reference_step(layers, extra, cfg, state, sin_bf16: bool = False) -> np.ndar
     cos, sin = state["cos"][xp.asarray(pos)], state["sin"][xp.asarray(pos)]
     for i, L in enumerate(layers):
         y = gemv_reference(x, L.wqkv, L.attn_norm, cfg.norm_eps)
-        q = rope_reference(y[:, :H * hs].reshape(M, H, hs), cos, sin, sin_bf16)
-        k = rope_reference(y[:, H * hs:(H + Hkv) * hs].reshape(M, Hkv, hs), cos, sin, sin_bf16)
+        q = rope_reference(y[:, :H * hs].reshape(M, H, hs), cos, sin)
+        k = rope_reference(y[:, H * hs:(H + Hkv) * hs].reshape(M, Hkv, hs), cos, sin)
         v = y[:, (H + Hkv) * hs:].reshape(M, Hkv, hs)
         for m in range(M):
             state["k"][i][m, int(pos[m])] = k[m]
@@ -356,8 +342,7 @@ class FastDecoder:
         self.k_cache = [z((M, L, Hkv, hs), BF16) for _ in range(d.n_layers)]
         self.v_cache = [z((M, L, Hkv, hs), BF16) for _ in range(d.n_layers)]
 
-        self.rope_sin_bf16 = sin_products_round(cp)
-        opts = (f"-DHEAD_DIM={hs}", f"-DGROUP={G}", f"-DROPE_SIN_BF16={int(self.rope_sin_bf16)}")
+        opts = (f"-DHEAD_DIM={hs}", f"-DGROUP={G}")
         k = lambda name: backend.get_kernel("decode", name, BF16, opts)  # noqa: E731
         self.k_qkv, self.k_resid, self.k_swiglu = k("decode_gemv_qkv"), k("decode_gemv_resid"), k("decode_gemv_swiglu")
         self.k_logits, self.k_attn, self.k_sample = k("decode_gemv_logits"), k("decode_attention"), k("decode_sample")

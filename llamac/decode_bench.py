@@ -166,16 +166,18 @@ def bench_torch(name: str, n_new: int = 256, prompt_len: int = 16, reps: int = 3
         backend.release_gpu_memory()
     rows = []
 
-    def timed(fn, n=reps):
-        fn()
-        sync()
+    def timed(fn, n=reps, before=None):
+        """Median seconds of fn(), each interval measured on its own; `before` runs untimed first."""
         ts = []
-        for _ in range(n):
+        for rep in range(n + 1):                     # the first is warm-up
+            if before is not None:
+                before()
+            sync()
             t0 = time.perf_counter()
             fn()
             sync()
             ts.append(time.perf_counter() - t0)
-        return _median(ts)
+        return _median(ts[1:])
 
     for B in batches:
         m, caches = _torch_llama(dims, B, device)
@@ -186,13 +188,18 @@ def bench_torch(name: str, n_new: int = 256, prompt_len: int = 16, reps: int = 3
             def first_token():
                 return m(prompt, caches, torch.arange(prompt_len, device=device))[:, -1:].argmax(-1)
 
-            def eager():
-                tok = first_token()
+            first = {}
+
+            def prompt_forward():
+                first["tok"] = first_token()
+
+            def eager_steps():
+                tok = first["tok"]
                 for i in range(prompt_len, prompt_len + n_new):
                     tok = m(tok, caches, torch.tensor([i], device=device))[:, -1:].argmax(-1)
 
             ttft = timed(first_token)
-            t = timed(eager) - ttft                      # the step loop alone, as for llamac
+            t = timed(eager_steps, before=prompt_forward)   # the step loop alone, as for llamac
             row = {"section": "decode", "shape": name, "impl": f"{impl} eager", "batch": B,
                    "decode_tok_s": round(B * n_new / t, 1), "step_ms": round(t / n_new * 1e3, 4),
                    "ttft_ms": round(ttft * 1e3, 2)}

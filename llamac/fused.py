@@ -303,18 +303,9 @@ class RoPE(Function):
 
 
 def _rotate(x, cos, sin, sign):
-    xp = backend.get_array_module(x)
-    if xp is np and x.dtype in (np.float32, np.float64):
+    if backend.get_array_module(x) is np and x.dtype in (np.float32, np.float64):
         return cpu_ops.rotate_pairs(x, cos, sin, sign)
-    B, T, H, hs = x.shape
-    pairs = x.reshape(B, T, H, hs // 2, 2)              # (B, T, H, hs/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c = cos[None, :, None, :]                           # (1, T, 1, hs/2)
-    s = sin[None, :, None, :] * sign
-    out = xp.empty_like(pairs)
-    out[..., 0] = x0 * c - x1 * s
-    out[..., 1] = x0 * s + x1 * c
-    return out.reshape(B, T, H, hs)
+    return kernels.rope_reference(x, cos, sin, sign)
 
 
 class SwiGLU(Function):

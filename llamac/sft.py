@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,8 +252,8 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         model.eval()
         after = exact_match(model, tokenizer, heldout)
         log(f"after SFT: exact match {100 * after['exact_match']:.1f}% on {after['n']} held-out skill tasks, "
-            f"{100 * after['ended_turn']:.1f}% ended their turn; per task {after['per_task']}")
+            f"{100 * after['ended_turn']:.1f}% ended their turn")
+        log("per task: " + ", ".join(f"{task} {100 * acc:.0f}%" for task, acc in after["per_task"].items()))
         results["after"] = after
     (Path(recipe.out_dir) / "sft_eval.json").write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps({k: v for k, v in results.items() if k in ("before", "after")}, default=str), file=sys.stderr)
     return results

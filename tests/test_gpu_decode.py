@@ -40,9 +40,7 @@ def test_step_matches_reference_step(kw, prompt_lens):
     rng = np.random.default_rng(0)
     dec.start([rng.integers(0, 300, n).tolist() for n in prompt_lens])
     state = decoder_state(dec)
-    state["sin_bf16"] = dec.rope_sin_bf16
-    want = decode.reference_step(dec.layers, {"head": dec.head[:dec.V], "norm": dec.norm}, model.config, state,
-                                 sin_bf16=dec.rope_sin_bf16)
+    want = decode.reference_step(dec.layers, {"head": dec.head[:dec.V], "norm": dec.norm}, model.config, state)
     dec.step()
     dec.stream.synchronize()
     got = dec.logits[:, :dec.V]
