@@ -180,10 +180,10 @@ def test_error_missing_data_path(tmp_path):
 
 def test_error_incompatible_checkpoint(tmp_path, shard_dir):
     ok = run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'run'}", "--set", f"data.shard_dir={shard_dir}",
-                 "--set", "train.max_steps=2", "--set", "train.sample_tokens=0")
+                 "--set", "train.max_steps=2", "--set", "train.warmup_steps=1", "--set", "train.sample_tokens=0")
     assert ok.returncode == 0, ok.stderr
     _one_line_error(run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'run'}", "--set",
-                            f"data.shard_dir={shard_dir}", "--set", "model.dim=32", "--set", "train.max_steps=4"),
+                            f"data.shard_dir={shard_dir}", "--set", "model.dim=32", "--set", "train.max_steps=5"),
                     "incompatible", "model.dim")
     _one_line_error(run_cli("generate", "-c", tmp_path / "run", "--prompt", "Hi", "--max-new-tokens", "500"),
                     "max_seq_len")
