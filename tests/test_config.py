@@ -146,6 +146,28 @@ def _cli_error(capsys, *argv) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
+    ("--temperature", "-0.5", "--temperature must be >= 0 (0: greedy), got -0.5"),
+    ("--temperature", "nan", "--temperature must be finite and >= 0"),
+    ("--temperature", "inf", "--temperature must be finite and >= 0"),
+    ("--top-k", "-1", "--top-k must be >= 0 (0: off), got -1"),
+    ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
+])
+def test_generate_options_out_of_range_fail_before_the_model_loads(tmp_path, capsys, option, value, message):
+    # the checkpoint does not exist: the range is what stops it
+    line = _cli_error(capsys, "generate", "-c", tmp_path / "nowhere", "--prompt", "x", option, value)
+    assert message in line, line
+
+
+def test_generate_boundary_options_pass_the_range_check(tmp_path, capsys):
+    line = _cli_error(capsys, "generate", "-c", tmp_path / "nowhere", "--prompt", "x", "--max-new-tokens", "1",
+                      "--temperature", "0", "--top-k", "0", "--top-p", "1", "--seed", "4294967295")
+    assert "checkpoint not found" in line, line
+
+
 def test_recipe_range_error_through_the_cli(tmp_path, capsys):
     line = _cli_error(capsys, "pretrain", "--set", f"out_dir={tmp_path}", "--set", "train.lr=-1")
     assert line == "error: recipe key 'train.lr' must be > 0, got -1.0"
