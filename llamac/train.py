@@ -457,8 +457,13 @@ def pretrain(recipe: Recipe, resume: bool = True) -> dict:
         log("train.dtype bf16 is a GPU setting; training in fp32 on the CPU")
     info = prepare_data(recipe, verbose=True)
     tokenizer = Tokenizer(info.tokenizer_path)
-    model = build_model(recipe, info.vocab_size, device)
     t = recipe.train
+    prompt_tokens = len(tokenizer.encode(t.sample_prompt, bos=True))
+    if t.sample_tokens and prompt_tokens + t.sample_tokens > recipe.model.max_seq_len:
+        # said now rather than after training, when the sample is drawn
+        raise LlamacError(f"train.sample_prompt ({prompt_tokens} tokens with <s>) + train.sample_tokens "
+                          f"({t.sample_tokens}) exceeds model.max_seq_len ({recipe.model.max_seq_len})")
+    model = build_model(recipe, info.vocab_size, device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.dims.n_layers} layers, dim {model.dims.dim}; "
         f"device {device}; {info.n_train_tokens:,} training tokens")
     train_loader = TokenLoader(info.train_path, recipe.data.seq_len, t.batch_size, recipe.seed, device=device)

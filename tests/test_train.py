@@ -190,6 +190,13 @@ def test_error_incompatible_checkpoint(tmp_path, shard_dir):
     _one_line_error(run_cli("generate", "-c", tmp_path / "nowhere", "--prompt", "Hi"), "not found")
 
 
+def test_a_sample_longer_than_the_context_fails_before_training(tmp_path, shard_dir):
+    recipe = debug_recipe(tmp_path, shard_dir, "train.sample_tokens=63", "train.sample_prompt=The king")
+    with pytest.raises(LlamacError, match=r"train.sample_prompt \(\d+ tokens with <s>\) \+ train.sample_tokens \(63\)"):
+        pretrain(recipe)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cuda_request_without_gpu_says_why(tmp_path):
     if llamac.backend.cuda_available():
         pytest.skip("a GPU is present")
