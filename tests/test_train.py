@@ -110,6 +110,26 @@ def test_pretrain_writes_checkpoint_metrics_plot_and_sample(tmp_path, shard_dir)
     assert gen.stdout.startswith("The king")
 
 
+def snapshot(root: Path) -> dict:
+    """Every file's bytes and mtime and every folder's mtime under root: what a no-op must leave alone."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_rerunning_a_finished_run_changes_nothing_on_disk(tmp_path):
+    """The debug recipe to its end (tokenizer and shards in out_dir too), then once more: nothing is
+    appended, rewritten, created or removed, and the summary is the finished run's."""
+    out = tmp_path / "run"
+    first = pretrain(load_recipe(DEBUG, [f"out_dir={out}"]))
+    before = snapshot(out)
+    assert {"metrics.jsonl", "loss.png", "data/train.bin", f"checkpoints/step_{50:08d}/state.json"} <= set(before)
+    again = pretrain(load_recipe(DEBUG, [f"out_dir={out}"]))
+    assert snapshot(out) == before
+    assert again["step"] == 50 and again["val_loss"] == first["val_loss"] and again["checkpoint"] == first["checkpoint"]
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [25, 50]
+
+
 def test_loss_goes_down_on_real_text(tmp_path, shard_dir):
     recipe = debug_recipe(tmp_path, shard_dir, "train.max_steps=200", "train.sample_tokens=0", "train.log_every=2")
     from llamac.train import pretrain
