@@ -3,15 +3,20 @@
 A recipe has sections (`tokenizer`, `data`, `model`, `train`, `sft`) beside a few
 top-level keys (`out_dir`, `seed`, `device`). `--set train.lr=3e-4` overrides a
 value; the value is parsed as YAML, so `--set data.sources=[a.txt]` is a list.
+
+Every number carries its allowed range beside its default (`bounded`), and
+`load_recipe` checks them all before any work starts; NaN and infinities are
+never allowed.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
@@ -19,13 +24,64 @@ from llamac.errors import LlamacError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
+SEED_MAX = 2**32 - 1        # SentencePiece and the GPU sampler take 32-bit seeds
+
+Bound = Union[int, float, str, None]    # a number, or the dotted key of the recipe value that bounds this one
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: gt/ge below, lt/le above; any unset bound is open.
+    A bound given as a dotted recipe key ('train.lr') is another value of the same recipe."""
+    gt: Bound = None
+    ge: Bound = None
+    lt: Bound = None
+    le: Bound = None
+    note: str = ""          # what a special value means, said with the range
+
+    def violation(self, value, lookup: Optional[Callable[[str], Any]] = None) -> Optional[str]:
+        """None when `value` is allowed, else 'must be <range>, got <value>'. Key bounds are
+        resolved by `lookup`; without it (or where it finds nothing) they are left unchecked."""
+        bounds = {}
+        for op in ("gt", "ge", "lt", "le"):
+            bound = getattr(self, op)
+            if isinstance(bound, str):
+                resolved = lookup(bound) if lookup is not None else None
+                bound = None if resolved is None else (resolved, f"{bound} = {resolved!r}")
+            elif bound is not None:
+                bound = (bound, repr(bound))
+            if bound is not None:
+                bounds[op] = bound
+        finite = not isinstance(value, float) or math.isfinite(value)
+        ok = finite and all(_COMPARE[op](value, bound) for op, (bound, _) in bounds.items())
+        if ok:
+            return None
+        low = bounds.get("gt") or bounds.get("ge")
+        high = bounds.get("lt") or bounds.get("le")
+        if low and high:
+            text = (f"in {'(' if 'gt' in bounds else '['}{low[1]}, {high[1]}"
+                    f"{')' if 'lt' in bounds else ']'}")
+        else:
+            text = " and ".join(f"{_SYMBOL[op]} {shown}" for op, (_, shown) in bounds.items())
+        text = ("finite" + (f" and {text}" if text else "")) if not finite else text
+        return f"must be {text}{f' ({self.note})' if self.note else ''}, got {value!r}"
+
+
+_COMPARE = {"gt": lambda v, b: v > b, "ge": lambda v, b: v >= b, "lt": lambda v, b: v < b, "le": lambda v, b: v <= b}
+_SYMBOL = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def bounded(default, **bounds):
+    """A dataclass field whose value must lie in Range(**bounds)."""
+    return field(default=default, metadata={"range": Range(**bounds)})
+
 
 @dataclass
 class TokenizerConfig:
     path: Optional[str] = None          # an existing SentencePiece model; trained into out_dir when None
-    vocab_size: int = 8192              # for a newly trained model
+    vocab_size: int = bounded(8192, ge=1)   # for a newly trained model (at least tokenizer.min_vocab_size)
     model_type: str = "bpe"
-    input_sentence_size: int = 2_000_000  # sentences sampled to train it (0: all)
+    input_sentence_size: int = bounded(2_000_000, ge=0, note="0: all")  # sentences sampled to train it
     user_defined_symbols: list = field(default_factory=list)
 
 
@@ -34,67 +90,68 @@ class DataConfig:
     sources: list = field(default_factory=lambda: ["builtin:classics"])
     text_field: str = "text"            # JSONL field holding the text
     glob: str = "**/*.txt"              # files taken from a directory source
-    val_fraction: float = 0.01          # documents held out for validation
-    seq_len: int = 256
+    val_fraction: float = bounded(0.01, ge=0, lt=1)     # documents held out for validation
+    seq_len: int = bounded(256, ge=1, le="model.max_seq_len")
     shard_dir: Optional[str] = None     # default: <out_dir>/data
-    num_workers: Optional[int] = None   # threads for training the tokenizer and encoding (None: all cores)
+    num_workers: Optional[int] = bounded(None, ge=1)  # threads for the tokenizer and encoding (None: all cores)
 
 
 @dataclass
 class ModelConfig:
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: Optional[int] = None    # None: same as n_heads
-    head_dim: Optional[int] = None      # None: dim // n_heads
-    hidden_dim: Optional[int] = None    # None: from multiple_of / ffn_dim_multiplier as in Llama
-    multiple_of: int = 32
-    ffn_dim_multiplier: Optional[float] = None
-    vocab_size: int = 8192
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
+    dim: int = bounded(288, ge=1)
+    n_layers: int = bounded(6, ge=1)
+    n_heads: int = bounded(6, ge=1)
+    n_kv_heads: Optional[int] = bounded(None, ge=1)    # None: same as n_heads
+    head_dim: Optional[int] = bounded(None, ge=2)      # None: dim // n_heads; even (RoPE rotates pairs)
+    hidden_dim: Optional[int] = bounded(None, ge=1)    # None: from multiple_of / ffn_dim_multiplier as in Llama
+    multiple_of: int = bounded(32, ge=1)
+    ffn_dim_multiplier: Optional[float] = bounded(None, gt=0)
+    vocab_size: int = bounded(8192, ge=1)
+    max_seq_len: int = bounded(256, ge=1)
+    rope_theta: float = bounded(10000.0, gt=0)
     rope_scaling: Optional[dict] = None  # {type: linear|dynamic|llama3, factor: ..., ...}
-    norm_eps: float = 1e-5
+    norm_eps: float = bounded(1e-5, gt=0)
     tie_embeddings: bool = True
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    batch_size: int = bounded(32, ge=1)
+    grad_accum: int = bounded(1, ge=1)
+    max_steps: int = bounded(1000, ge=1)
+    lr: float = bounded(1e-3, gt=0)
+    min_lr: float = bounded(1e-4, ge=0, le="train.lr")     # where the cosine decay ends
+    warmup_steps: int = bounded(100, ge=0, le="train.max_steps")
+    weight_decay: float = bounded(0.1, ge=0)
+    beta1: float = bounded(0.9, ge=0, lt=1)
+    beta2: float = bounded(0.95, ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    grad_clip: float = bounded(1.0, ge=0, note="0: no clipping")   # on the global gradient norm
     dtype: str = "fp32"                 # fp32 | bf16 (mixed precision on the GPU)
     cuda_graph: bool = True             # GPU: replay forward+backward as a CUDA graph (static shapes, no dropout)
     recompute: bool = False             # keep only each layer's input; recompute the rest in the backward
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 20
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2
-    sample_every: int = 0               # 0: print a sample at the end only
+    log_every: int = bounded(10, ge=1)
+    eval_every: int = bounded(200, ge=0, note="0: at the end only")
+    eval_batches: int = bounded(20, ge=1)
+    ckpt_every: int = bounded(200, ge=0, note="0: at the end only")
+    keep_checkpoints: int = bounded(2, ge=0, note="0: keep every checkpoint")
+    sample_every: int = bounded(0, ge=0, note="0: a sample at the end only")
     sample_prompt: str = "The"
-    sample_tokens: int = 64
+    # with the tokenized prompt, within model.max_seq_len: pretrain checks that before training
+    sample_tokens: int = bounded(64, ge=0, note="0: no sample")
 
 
 @dataclass
 class SFTConfig:
     from_checkpoint: Optional[str] = None    # llamac checkpoint or Hugging Face Llama folder
-    eval_tasks: int = 200
+    eval_tasks: int = bounded(200, ge=0)    # held-out skill prompts scored before and after
 
 
 @dataclass
 class Recipe:
     out_dir: str = "runs/default"
-    seed: int = 1337
+    seed: int = bounded(1337, ge=0, le=SEED_MAX)
     device: str = "auto"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -224,24 +281,72 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return recipe
 
 
+# rope_scaling is a free-form mapping (as in Hugging Face configs): the numbers model.py reads.
+ROPE_SCALING_RANGES = {
+    "factor": Range(ge=1),
+    "original_max_position_embeddings": Range(ge=1),
+    "low_freq_factor": Range(gt=0),
+    "high_freq_factor": Range(gt="model.rope_scaling.low_freq_factor"),     # llama3 divides by the gap
+}
+LLAMA3_FREQ_FACTORS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}     # model.py's defaults
+
+
+def _bounded_values(obj, where: str = ""):
+    """(dotted key, value, Range) of every set value of a bounded field, sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            yield from _bounded_values(value, path)
+        elif "range" in f.metadata and value is not None:
+            yield path, value, f.metadata["range"]
+
+
+def _rope_scaling_values(m: ModelConfig):
+    scaling = dict(m.rope_scaling or {})
+    if scaling.get("type", scaling.get("rope_type")) == "llama3":
+        scaling = {**LLAMA3_FREQ_FACTORS, **scaling}
+    for key, rng in ROPE_SCALING_RANGES.items():
+        if key not in scaling:
+            continue
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LlamacError(f"recipe key 'model.rope_scaling.{key}' should be a number, got {value!r}")
+        yield f"model.rope_scaling.{key}", float(value), rng
+
+
+def check_ranges(recipe: Recipe) -> None:
+    """Every number against its Range: each value's own bounds first, then the bounds that name
+    another value (so that value is known to be sound when it is quoted)."""
+    values = [*_bounded_values(recipe), *_rope_scaling_values(recipe.model)]
+    known = {path: value for path, value, _ in values}
+    for lookup in (None, known.get):
+        for path, value, rng in values:
+            problem = rng.violation(value, lookup)
+            if problem:
+                raise LlamacError(f"recipe key '{path}' {problem}")
+
+
 def validate(recipe: Recipe) -> None:
-    m, t, d = recipe.model, recipe.train, recipe.data
-    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-                "model.vocab_size": m.vocab_size, "model.max_seq_len": m.max_seq_len,
-                "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                "train.max_steps": t.max_steps, "data.seq_len": d.seq_len}
-    for key, value in positive.items():
-        if value <= 0:
-            raise LlamacError(f"recipe key '{key}' must be positive, got {value}")
+    check_ranges(recipe)
+    m, t, tok = recipe.model, recipe.train, recipe.tokenizer
+    if tok.path is None:
+        from llamac.tokenizer import min_vocab_size
+        problem = Range(ge=min_vocab_size(tok.user_defined_symbols),
+                        note="a new tokenizer holds <unk> <s> </s>, its special tokens, 256 byte pieces, "
+                             "the space piece and the text's characters").violation(tok.vocab_size)
+        if problem:
+            raise LlamacError(f"recipe key 'tokenizer.vocab_size' {problem}")
     n_kv = m.n_kv_heads or m.n_heads
     if m.n_heads % n_kv:
         raise LlamacError(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({n_kv})")
     if m.head_dim is None and m.dim % m.n_heads:
         raise LlamacError(f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads}) or set model.head_dim")
-    if d.seq_len > m.max_seq_len:
-        raise LlamacError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise LlamacError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if m.head_dim is not None and m.head_dim % 2:
+        raise LlamacError(f"recipe key 'model.head_dim' must be even (RoPE rotates pairs of dimensions), got {m.head_dim}")
+    if m.head_dim is None and (m.dim // m.n_heads) % 2:
+        raise LlamacError(f"model.dim // model.n_heads ({m.dim} // {m.n_heads} = {m.dim // m.n_heads}) must be even "
+                          "(RoPE rotates pairs of dimensions), or set model.head_dim")
     if t.recompute and m.dropout > 0:
         raise LlamacError("train.recompute needs model.dropout 0 (a recomputed layer would draw new dropout masks)")
     if t.dtype not in ("fp32", "bf16"):

@@ -8,8 +8,19 @@ from typing import Iterator
 import numpy as np
 
 from llamac import backend
+from llamac.config import SEED_MAX, Range
 from llamac.engine import no_grad
 from llamac.errors import LlamacError
+
+# `llamac generate`'s numbers, checked before the model loads; 0 switches top-k off in both
+# samplers (sample_next and the GPU decoder), as in llama.cpp.
+OPTION_RANGES = {
+    "--max-new-tokens": Range(ge=1),
+    "--temperature": Range(ge=0, note="0: greedy"),
+    "--top-k": Range(ge=0, note="0: off"),
+    "--top-p": Range(gt=0, le=1),
+    "--seed": Range(ge=0, le=SEED_MAX),
+}
 
 
 def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
@@ -117,10 +128,14 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
 def generate_command(checkpoint, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, chat, device):
     """`llamac generate`: load a checkpoint and stream continuations (or chat)."""
     from llamac.checkpoint import load_model
+    options = {"--max-new-tokens": max_new_tokens, "--temperature": temperature, "--top-k": top_k,
+               "--top-p": top_p, "--seed": seed}
+    for name, value in options.items():
+        problem = OPTION_RANGES[name].violation(value) if value is not None else None
+        if problem:
+            raise LlamacError(f"{name} {problem}")
     if prompt is None and prompt_file is None and not chat:
         raise LlamacError("give --prompt TEXT, --prompt-file FILE or --chat")
-    if max_new_tokens < 1:
-        raise LlamacError("--max-new-tokens must be at least 1")
     model, tokenizer, _ = load_model(checkpoint, device=backend.resolve_device(device))
     if tokenizer is None:
         raise LlamacError(f"checkpoint {checkpoint} has no tokenizer.model")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from llamac import backend, cublas, functional, fused, nn
-from llamac.config import ModelConfig
+from llamac.config import LLAMA3_FREQ_FACTORS, ModelConfig
 from llamac.engine import Tensor, grad_enabled, no_grad
 from llamac.head_loss import head_loss
 from llamac.ops import CrossEntropy
@@ -63,7 +63,7 @@ def rope_inv_freq(cfg: ModelConfig, head_dim: int, seq_len: int) -> np.ndarray:
             inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     elif kind == "llama3":  # Llama 3.1: keep high frequencies, divide low ones, blend between
         original = float(scaling.get("original_max_position_embeddings", 8192))
-        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        low, high = (float(scaling.get(key, default)) for key, default in LLAMA3_FREQ_FACTORS.items())
         wavelen = 2 * math.pi / inv_freq
         smooth = (original / wavelen - low) / (high - low)
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq

@@ -237,6 +237,15 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
                 weights.append(n)
         return {"val_loss": sum(losses) / max(sum(weights), 1)}
 
+    tokens_per_step = B * recipe.train.grad_accum * seq_len
+    trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=tokenizer.path,
+                      tokens_per_step=tokens_per_step, extra_state={"chat_template": JINJA_TEMPLATE})
+    eval_path = Path(recipe.out_dir) / "sft_eval.json"
+    if trainer.finished(resume) is not None:
+        # A finished run is left as it is on disk: no second scoring, no rewritten sft_eval.json.
+        results = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+        results["train"] = trainer.run(resume=resume)
+        return results
     results = {"truncated": train_packed.truncated, "dropped": train_packed.dropped}
     if heldout:
         model.eval()
@@ -244,9 +253,6 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         log(f"base model: exact match {100 * before['exact_match']:.1f}% on {before['n']} held-out skill tasks, "
             f"{100 * before['ended_turn']:.1f}% ended their turn")
         results["before"] = before
-    tokens_per_step = B * recipe.train.grad_accum * seq_len
-    trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=tokenizer.path,
-                      tokens_per_step=tokens_per_step, extra_state={"chat_template": JINJA_TEMPLATE})
     results["train"] = trainer.run(resume=resume)
     if heldout and not trainer.stop_requested:
         model.eval()
@@ -255,5 +261,5 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
             f"{100 * after['ended_turn']:.1f}% ended their turn")
         log("per task: " + ", ".join(f"{task} {100 * acc:.0f}%" for task, acc in after["per_task"].items()))
         results["after"] = after
-    (Path(recipe.out_dir) / "sft_eval.json").write_text(json.dumps(results, indent=1, default=str))
+    eval_path.write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -328,7 +328,7 @@ def train_tokenizer(text_iter_or_files, model_prefix: str | os.PathLike, vocab_s
     from tqdm.auto import tqdm
     if model_type not in ("bpe", "unigram"):
         raise LlamacError(f"tokenizer.model_type must be bpe or unigram, got {model_type!r}")
-    symbols = list(SPECIAL_TOKENS) + [s for s in user_defined_symbols if s not in SPECIAL_TOKENS]
+    symbols = _symbols(user_defined_symbols)
     fed = {"bytes": 0, "sentences": 0, "error": None}
     progress = tqdm(desc="tokenizer text", unit="B", unit_scale=True, disable=not verbose, leave=False)
 
@@ -368,6 +368,16 @@ def train_tokenizer(text_iter_or_files, model_prefix: str | os.PathLike, vocab_s
         print(f"trained a {vocab_size}-piece {model_type} tokenizer on {fed['bytes'] / 1e6:.1f} MB "
               f"in {time.perf_counter() - started:.1f}s: {path}")
     return str(path)
+
+
+def _symbols(user_defined_symbols: Sequence[str]) -> list[str]:
+    return list(SPECIAL_TOKENS) + [s for s in user_defined_symbols if s not in SPECIAL_TOKENS]
+
+
+def min_vocab_size(user_defined_symbols: Sequence[str] = ()) -> int:
+    """The fewest pieces `train_tokenizer` can make: <unk> <s> </s>, the special and user symbols,
+    256 byte-fallback pieces, the space piece and one character (any text has one)."""
+    return 3 + len(_symbols(user_defined_symbols)) + 256 + 2
 
 
 def _read_file(path) -> str:

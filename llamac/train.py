@@ -213,6 +213,7 @@ class Trainer:
         self.stepper = TrainStep(model, self.optimizer, self.cfg.grad_accum, self.cfg.grad_clip,
                                  cuda_graph=self.cfg.cuda_graph)
         self.step = 0
+        self.already_finished = False   # run() found the run complete and did nothing
         self.stop_requested = False
         self.stop_signal = None
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -249,9 +250,31 @@ class Trainer:
         """Drop metric lines from steps a resumed run will redo, so the log reads as one run."""
         if not self.metrics_path.exists():
             return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()
-                and json.loads(ln).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if kept != lines:
+            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def finished(self, resume: bool = True) -> Path | None:
+        """The newest checkpoint when it has already reached train.max_steps (resuming it is a no-op)."""
+        found = checkpoint.latest(self.out_dir) if resume else None
+        if found is None:
+            return None
+        checkpoint.check_compatible(found, self.model.config)
+        return found if checkpoint.read_state(found)["step"] >= self.cfg.max_steps else None
+
+    def _finished_summary(self, found: Path) -> dict:
+        """What the finished run reported, read back from disk; only a missing or stale plot is written."""
+        self.step = checkpoint.read_state(found)["step"]
+        log(f"already trained to step {self.step} (train.max_steps={self.cfg.max_steps}); nothing to do")
+        records = [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()] \
+            if self.metrics_path.exists() else []
+        evals = [r for r in records if "loss" not in r and r.get("step") == self.step]
+        summary = {**(evals[-1] if evals else {}), "step": self.step, "cuda_graph": False, "checkpoint": str(found)}
+        png = self.out_dir / "loss.png"
+        if records and (not png.exists() or png.stat().st_mtime_ns < self.metrics_path.stat().st_mtime_ns):
+            plot_metrics(self.metrics_path, png)    # the run was killed between its last save and its plot
+        return summary
 
     def _stop_on_non_finite(self, what: str):
         good = checkpoint.latest(self.out_dir)
@@ -286,10 +309,14 @@ class Trainer:
     def run(self, resume: bool = True) -> dict:
         cfg = self.cfg
         manual_seed(self.recipe.seed)
+        done = self.finished(resume)
+        if done is not None:
+            # Evaluating, saving or plotting again would append a duplicate record and rewrite
+            # the final checkpoint: a finished run's files stay as they are.
+            self.already_finished = True
+            return self._finished_summary(done)
         self.resume_or_start(resume)
         self.model.train()
-        if self.step >= cfg.max_steps:
-            log(f"already trained to step {self.step} (train.max_steps={cfg.max_steps}); nothing to do")
         # Ctrl-C and SIGTERM finish the step in flight, then save: a signal never lands between the
         # updates of two parameters. A second Ctrl-C aborts at once (the last checkpoint stays).
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -457,8 +484,13 @@ def pretrain(recipe: Recipe, resume: bool = True) -> dict:
         log("train.dtype bf16 is a GPU setting; training in fp32 on the CPU")
     info = prepare_data(recipe, verbose=True)
     tokenizer = Tokenizer(info.tokenizer_path)
-    model = build_model(recipe, info.vocab_size, device)
     t = recipe.train
+    prompt_tokens = len(tokenizer.encode(t.sample_prompt, bos=True))
+    if t.sample_tokens and prompt_tokens + t.sample_tokens > recipe.model.max_seq_len:
+        # said now rather than after training, when the sample is drawn
+        raise LlamacError(f"train.sample_prompt ({prompt_tokens} tokens with <s>) + train.sample_tokens "
+                          f"({t.sample_tokens}) exceeds model.max_seq_len ({recipe.model.max_seq_len})")
+    model = build_model(recipe, info.vocab_size, device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.dims.n_layers} layers, dim {model.dims.dim}; "
         f"device {device}; {info.n_train_tokens:,} training tokens")
     train_loader = TokenLoader(info.train_path, recipe.data.seq_len, t.batch_size, recipe.seed, device=device)
@@ -476,7 +508,7 @@ def pretrain(recipe: Recipe, resume: bool = True) -> dict:
 
     trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=info.tokenizer_path)
     summary = trainer.run(resume=resume)
-    if not trainer.stop_requested and t.sample_tokens > 0:
+    if not trainer.stop_requested and not trainer.already_finished and t.sample_tokens > 0:
         from llamac.generate import generate_text
         print(f"\n--- sample (step {trainer.step}) ---", file=sys.stderr)
         text = generate_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,

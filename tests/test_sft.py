@@ -168,6 +168,12 @@ def test_sft_end_to_end_on_the_debug_recipes(tmp_path):
     from llamac.chat import JINJA_TEMPLATE
     state = checkpoint.read_state(checkpoint.latest(out))
     assert state["chat_template"] == JINJA_TEMPLATE
+    from test_train import snapshot
+    before = snapshot(out)
+    again = run_cli("sft", ROOT / "recipes" / "sft" / "debug.yaml", "--from", base, "--set", f"out_dir={out}")
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stderr and "exact match" not in again.stderr      # no second scoring
+    assert snapshot(out) == before                  # a finished run re-run writes nothing
     chat = run_cli("generate", "-c", out, "--chat", "--prompt", "What is 2 + 3?", "--max-new-tokens", "8",
                    "--temperature", "0")
     assert chat.returncode == 0, chat.stderr

@@ -110,6 +110,26 @@ def test_pretrain_writes_checkpoint_metrics_plot_and_sample(tmp_path, shard_dir)
     assert gen.stdout.startswith("The king")
 
 
+def snapshot(root: Path) -> dict:
+    """Every file's bytes and mtime and every folder's mtime under root: what a no-op must leave alone."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_rerunning_a_finished_run_changes_nothing_on_disk(tmp_path):
+    """The debug recipe to its end (tokenizer and shards in out_dir too), then once more: nothing is
+    appended, rewritten, created or removed, and the summary is the finished run's."""
+    out = tmp_path / "run"
+    first = pretrain(load_recipe(DEBUG, [f"out_dir={out}"]))
+    before = snapshot(out)
+    assert {"metrics.jsonl", "loss.png", "data/train.bin", f"checkpoints/step_{50:08d}/state.json"} <= set(before)
+    again = pretrain(load_recipe(DEBUG, [f"out_dir={out}"]))
+    assert snapshot(out) == before
+    assert again["step"] == 50 and again["val_loss"] == first["val_loss"] and again["checkpoint"] == first["checkpoint"]
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [25, 50]
+
+
 def test_loss_goes_down_on_real_text(tmp_path, shard_dir):
     recipe = debug_recipe(tmp_path, shard_dir, "train.max_steps=200", "train.sample_tokens=0", "train.log_every=2")
     from llamac.train import pretrain
@@ -180,14 +200,21 @@ def test_error_missing_data_path(tmp_path):
 
 def test_error_incompatible_checkpoint(tmp_path, shard_dir):
     ok = run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'run'}", "--set", f"data.shard_dir={shard_dir}",
-                 "--set", "train.max_steps=2", "--set", "train.sample_tokens=0")
+                 "--set", "train.max_steps=2", "--set", "train.warmup_steps=1", "--set", "train.sample_tokens=0")
     assert ok.returncode == 0, ok.stderr
     _one_line_error(run_cli("pretrain", DEBUG, "--set", f"out_dir={tmp_path / 'run'}", "--set",
-                            f"data.shard_dir={shard_dir}", "--set", "model.dim=32", "--set", "train.max_steps=4"),
+                            f"data.shard_dir={shard_dir}", "--set", "model.dim=32", "--set", "train.max_steps=5"),
                     "incompatible", "model.dim")
     _one_line_error(run_cli("generate", "-c", tmp_path / "run", "--prompt", "Hi", "--max-new-tokens", "500"),
                     "max_seq_len")
     _one_line_error(run_cli("generate", "-c", tmp_path / "nowhere", "--prompt", "Hi"), "not found")
+
+
+def test_a_sample_longer_than_the_context_fails_before_training(tmp_path, shard_dir):
+    recipe = debug_recipe(tmp_path, shard_dir, "train.sample_tokens=63", "train.sample_prompt=The king")
+    with pytest.raises(LlamacError, match=r"train.sample_prompt \(\d+ tokens with <s>\) \+ train.sample_tokens \(63\)"):
+        pretrain(recipe)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_request_without_gpu_says_why(tmp_path):
