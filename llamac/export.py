@@ -8,6 +8,9 @@ The Hugging Face folder carries tokenizer.model (for sentencepiece-based loaders
 converter) and a tokenizer.json built here from the SentencePiece model, the way transformers'
 own converter does, so `AutoTokenizer` loads it without protobuf and encodes exactly as
 SentencePiece does (tests/test_export.py checks the ids).
+
+Both exports declare the chat tokens (<|user|>, <|end|>, ...) special: transformers and llama.cpp
+then cut them out of a rendered chat template, which gives the ids llamac's chat encoding gives.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from llamac import hf
 from llamac.errors import LlamacError
 from llamac.hf_import import Source, is_hf_folder, read_hf_folder, write_llamac
 from llamac.model import resolve
-from llamac.tokenizer import proto_fields
+from llamac.tokenizer import SPECIAL_TOKENS, proto_fields
 
 FORMATS = ("hf", "gguf", "llamac")
 HF_DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -173,6 +176,12 @@ class SpmVocab:
     def piece(self, i: int) -> str | None:
         return self.pieces[i] if 0 <= i < len(self.pieces) else None
 
+    def export_types(self) -> list:
+        """Token types as the exports declare them: the chat tokens, user-defined pieces in SentencePiece,
+        become control tokens (as llama.cpp's converter types "<|...|>" pieces), which llama.cpp and
+        transformers cut out of a rendered template and leave out of decoded text."""
+        return [CONTROL if t == USER_DEFINED and p in SPECIAL_TOKENS else t for p, t in zip(self.pieces, self.types)]
+
 
 def _int32(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value   # negative int32s are 10-byte varints
@@ -209,7 +218,8 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
         print(f"warning: {src.path} has no tokenizer.model; the export has weights but no tokenizer", file=sys.stderr)
         return
     shutil.copyfile(src.tokenizer_path, folder / "tokenizer.model")
-    _write_json(folder / "tokenizer.json", tokenizer_json(vocab))
+    tok_json = tokenizer_json(vocab)
+    _write_json(folder / "tokenizer.json", tok_json)
     special = {"bos_token": vocab.piece(bos), "eos_token": vocab.piece(eos), "unk_token": vocab.piece(vocab.unk_id)}
     if pad is not None and pad >= 0:
         special["pad_token"] = vocab.piece(pad)
@@ -224,6 +234,8 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
         "model_max_length": cfg.max_seq_len,
         "padding_side": "left",
         **special,
+        # as transformers writes it; llama.cpp's converter takes the control tokens from here
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tok_json["added_tokens"]},
     }
     if src.chat_template:
         tok_config["chat_template"] = src.chat_template
@@ -276,8 +288,8 @@ def tokenizer_json(v: SpmVocab, add_bos: bool = True) -> dict:
     """A `tokenizers` JSON that encodes like SentencePiece (after transformers'
     SpmConverter.build_tokenizer_from_spm_proto): the model's own normalizer settings, BPE merges ranked
     by piece score, user-defined pieces isolated and never merged, byte fallback."""
-    unk = v.piece(v.unk_id)
-    user_defined = [p for p, t in zip(v.pieces, v.types) if t == USER_DEFINED]
+    unk, types = v.piece(v.unk_id), v.export_types()
+    user_defined = [p for p, t in zip(v.pieces, types) if t == USER_DEFINED]
     if v.model_type == 2:
         normal = {p: (s, i) for i, (p, s, t) in enumerate(zip(v.pieces, v.scores, v.types)) if t == NORMAL}
         ranked = [(-score, i, p[:k], p[k:]) for p, (score, i) in normal.items() for k in range(1, len(p))
@@ -323,7 +335,8 @@ def tokenizer_json(v: SpmVocab, add_bos: bool = True) -> dict:
         single = [{"SpecialToken": {"id": bos, "type_id": 0}}] + single
         pair = single + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
         specials[bos] = {"id": bos, "ids": [v.bos_id], "tokens": [bos]}
-    added = [{"id": i, **_added(p, True)} for i, (p, t) in enumerate(zip(v.pieces, v.types)) if t in (UNKNOWN, CONTROL)]
+    # added tokens are cut out before normalization, and each run of text between them gets its own prefix
+    added = [{"id": i, **_added(p, True)} for i, (p, t) in enumerate(zip(v.pieces, types)) if t in (UNKNOWN, CONTROL)]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": normalizers} if normalizers else None,

@@ -3,7 +3,8 @@
 llama.cpp's llama architecture rotates interleaved pairs (2i, 2i+1) like Meta's code: its converter
 permutes Hugging Face q/k rows back to that layout, which is llamac's own, so wq/wk go in unchanged.
 The vocabulary is the SentencePiece model's, with scores and token types, for llama.cpp's "llama"
-(SentencePiece) tokenizer; tests/test_export.py checks both the ids and greedy continuations.
+(SentencePiece) tokenizer, the chat tokens typed CONTROL; tests/test_export.py checks both the ids
+and greedy continuations.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def _rope_scaling(w, cfg, head_dim: int):
 def _add_vocab(w, vocab: SpmVocab, n_vocab: int):
     """The whole SentencePiece vocabulary; embedding rows beyond it get unused [PADn] tokens as in
     llama.cpp's converter, since llama.cpp wants one token per row."""
-    pieces, scores, types = list(vocab.pieces), list(vocab.scores), list(vocab.types)
+    pieces, scores, types = list(vocab.pieces), list(vocab.scores), vocab.export_types()
     for i in range(len(pieces), n_vocab):
         pieces.append(f"[PAD{i}]")
         scores.append(-1000.0)

@@ -116,8 +116,9 @@ def test_hf_export_runs_in_transformers(tmp_path, corpus, cfg):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     ours_tok = _tokenizer(tok_path)
     chat = "<|user|>\nHi there!<|end|>\n<|assistant|>\nHello.<|end|>\n"
-    for text in (validation, chat, " leading space", "\n\ttabs  and  spaces "):
+    for text in (validation, " leading space", "\n\ttabs  and  spaces "):
         assert hf_tok(text)["input_ids"] == ours_tok.encode(text, bos=True), text[:40]
+    assert hf_tok(chat)["input_ids"] == ours_tok.encode(chat, bos=True, special=True)    # chat tokens are special
     assert hf_tok.decode(hf_tok(validation)["input_ids"], skip_special_tokens=True) == validation
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there!"},
                 {"role": "assistant", "content": "Hello."}]
@@ -309,7 +310,7 @@ def test_gguf_metadata(tmp_path, corpus):
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.tokens"] == vocab.pieces
     types = fields["tokenizer.ggml.token_type"]
     assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
-    assert all(types[i] == gguf.TokenType.USER_DEFINED for i in range(3, 11))
+    assert all(types[i] == gguf.TokenType.CONTROL for i in range(3, 11))       # the chat tokens
     assert types[11] == gguf.TokenType.BYTE and np.allclose(fields["tokenizer.ggml.scores"], vocab.scores)
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert fields["tokenizer.ggml.unknown_token_id"] == 0 and fields["tokenizer.ggml.padding_token_id"] == 7
