@@ -9,8 +9,9 @@ converter) and a tokenizer.json built here from the SentencePiece model, the way
 own converter does, so `AutoTokenizer` loads it without protobuf and encodes exactly as
 SentencePiece does (tests/test_export.py checks the ids).
 
-Both exports declare the chat tokens (<|user|>, <|end|>, ...) special: transformers and llama.cpp
-then cut them out of a rendered chat template, which gives the ids llamac's chat encoding gives.
+Both exports declare the chat tokens (<|user|>, <|end|>, ...) special, and <|end|> a token that
+ends generation beside </s>: transformers and llama.cpp then cut the tokens out of a rendered
+chat template (the ids llamac's chat encoding gives) and stop at the end of the assistant's turn.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from llamac import hf
+from llamac.chat import END_OF_TURN
 from llamac.errors import LlamacError
 from llamac.hf_import import Source, is_hf_folder, read_hf_folder, write_llamac
 from llamac.model import resolve
@@ -182,6 +184,16 @@ class SpmVocab:
         transformers cut out of a rendered template and leave out of decoded text."""
         return [CONTROL if t == USER_DEFINED and p in SPECIAL_TOKENS else t for p, t in zip(self.pieces, self.types)]
 
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """<|end|>, which ends the assistant's turn in the chat template, where the vocabulary has it."""
+        return _piece_id(self, END_OF_TURN)
+
+    def eos_ids(self) -> list:
+        """The tokens that end generation: </s>, then the end of turn."""
+        ids = [self.eos_id] if self.eos_id >= 0 else []
+        return ids + ([self.end_of_turn_id] if self.end_of_turn_id not in (None, *ids) else [])
+
 
 def _int32(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value   # negative int32s are 10-byte varints
@@ -196,6 +208,9 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     vocab = SpmVocab.read(src.tokenizer_path) if src.tokenizer_path else None
     bos, eos, pad = (vocab.bos_id, vocab.eos_id, vocab.pad_id) if vocab else (1, 2, -1)
     pad = pad if pad >= 0 else _piece_id(vocab, "<|pad|>")
+    # several ids as Llama 3 lists them (end of text, end of turn): generate stops at any of them
+    eos_ids = vocab.eos_ids() if vocab else [eos]
+    eos = eos_ids if len(eos_ids) > 1 else eos
     config = hf.hf_config(cfg, bos, eos, pad, torch_dtype=torch_dtype)
     _write_json(folder / "config.json", config)
     generation = {"bos_token_id": bos, "eos_token_id": eos}
@@ -220,7 +235,8 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     shutil.copyfile(src.tokenizer_path, folder / "tokenizer.model")
     tok_json = tokenizer_json(vocab)
     _write_json(folder / "tokenizer.json", tok_json)
-    special = {"bos_token": vocab.piece(bos), "eos_token": vocab.piece(eos), "unk_token": vocab.piece(vocab.unk_id)}
+    special = {"bos_token": vocab.piece(bos), "eos_token": vocab.piece(vocab.eos_id),
+               "unk_token": vocab.piece(vocab.unk_id)}
     if pad is not None and pad >= 0:
         special["pad_token"] = vocab.piece(pad)
     special = {k: v for k, v in special.items() if v is not None}

@@ -110,7 +110,8 @@ def test_hf_export_runs_in_transformers(tmp_path, corpus, cfg):
     assert header["__metadata__"] == {"format": "pt"}
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
     assert json.loads((out / "special_tokens_map.json").read_text())["bos_token"]["content"] == "<s>"
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 6]   # </s>, <|end|>
+    assert config["eos_token_id"] == [2, 6]
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -313,6 +314,7 @@ def test_gguf_metadata(tmp_path, corpus):
     assert all(types[i] == gguf.TokenType.CONTROL for i in range(3, 11))       # the chat tokens
     assert types[11] == gguf.TokenType.BYTE and np.allclose(fields["tokenizer.ggml.scores"], vocab.scores)
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert fields["tokenizer.ggml.eot_token_id"] == vocab.piece_to_id("<|end|>") == 6
     assert fields["tokenizer.ggml.unknown_token_id"] == 0 and fields["tokenizer.ggml.padding_token_id"] == 7
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.chat_template"] == CHAT_TEMPLATE
     tensors = {t.name: t.tensor_type for t in reader.tensors}
