@@ -34,8 +34,8 @@ from llamac.model import resolve
 from llamac.tokenizer import SPECIAL_TOKENS, proto_fields
 
 FORMATS = ("hf", "gguf", "llamac")
-HF_DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-             "f16": "float16", "float16": "float16"}
+HF_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+TORCH_DTYPE_NAMES = {torch: short for short, torch in HF_DTYPES.items()}   # --dtype bfloat16 works too
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 PROGRESS_BYTES = 64 << 20          # progress bars only for outputs this large
 
@@ -43,6 +43,7 @@ PROGRESS_BYTES = 64 << 20          # progress bars only for outputs this large
 def export(checkpoint, format: str, out, dtype: str = "f32", force: bool = False) -> Path:
     """Write `checkpoint` as `format` ("hf", "gguf" or "llamac") to `out`; returns `out`."""
     format, dtype, out = format.lower(), dtype.lower(), Path(out)
+    dtype = TORCH_DTYPE_NAMES.get(dtype, dtype) if format == "hf" else dtype
     if format not in FORMATS:
         raise LlamacError(f"unsupported export format {format!r} (choose hf, gguf or llamac)")
     allowed = {"hf": HF_DTYPES, "gguf": GGUF_DTYPES, "llamac": ("f32", "float32")}[format]

@@ -178,6 +178,13 @@ def test_hf_bf16_export_and_import(tmp_path, corpus):
     for name, w in model.state_dict().items():
         got = dict(loaded.named_parameters())[name].data
         assert np.allclose(got, w, rtol=1 / 128, atol=1e-6), name
+    again = export(run, format="hf", out=tmp_path / "hf-torch-name", dtype="bfloat16")   # torch's spelling
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_export_help_names_the_dtypes_as_the_readme_does(capsys):
+    main(["export", "--help"])
+    assert "hf: f32, bf16 or f16; gguf: f32, f16 or q8_0" in " ".join(capsys.readouterr().out.replace("│", " ").split())
 
 
 def test_generate_cli_takes_a_hf_folder(tmp_path, corpus, capsys):
