@@ -2,10 +2,12 @@
 
     <s><|system|>\nYou are helpful.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n
 
-One rendering is used everywhere: `render` produces the text, the tokenizer encodes the whole
-text at once (so ids equal those of transformers' `apply_chat_template` on the exported
-tokenizer, which renders the Jinja template below and tokenizes it the same way), and
-`assistant_mask` marks the tokens that carry the loss: assistant contents and their <|end|>.
+One rendering is used everywhere: `render` produces the text, the tokenizer encodes it with
+its special pieces cut out and each run of text between them encoded on its own (the rule of
+llama.cpp's SentencePiece tokenizer, and of transformers on the exported tokenizer, where the
+chat tokens are special: so the ids equal those of `apply_chat_template` and of llama.cpp's
+`create_chat_completion`, which render the Jinja template below), and `encode_chat`'s mask
+marks the tokens that carry the loss: assistant contents and their <|end|>.
 """
 from __future__ import annotations
 
@@ -46,9 +48,9 @@ def render(messages: list[dict], add_generation_prompt: bool = False, bos: str =
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False):
-    """(ids, loss_mask) for a conversation: one encoding of the whole rendered text."""
+    """(ids, loss_mask) for a conversation: the rendered text encoded once, special pieces cut out."""
     text, spans = render(messages, add_generation_prompt, bos="")
-    ids, offsets = tokenizer.encode_with_offsets(text, bos=True)
+    ids, offsets = tokenizer.encode_with_offsets(text, bos=True, special=True)
     mask = [any(start >= a and end <= b for a, b in spans) and end > start for start, end in offsets]
     return ids, mask
 

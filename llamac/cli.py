@@ -107,7 +107,7 @@ def export(
     checkpoint: Path = typer.Argument(..., help="llamac checkpoint (or Hugging Face Llama folder)."),
     format: str = typer.Option(..., "--format", "-f", help="hf, gguf or llamac."),
     out: Path = typer.Option(..., "--out", "-o"),
-    dtype: str = typer.Option("f32", "--dtype", help="gguf: f32, f16 or q8_0; hf: float32, bfloat16 or float16."),
+    dtype: str = typer.Option("f32", "--dtype", help="hf: f32, bf16 or f16; gguf: f32, f16 or q8_0."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
     """Export a model to Hugging Face, GGUF (llama.cpp) or native llamac files."""

@@ -8,6 +8,10 @@ The Hugging Face folder carries tokenizer.model (for sentencepiece-based loaders
 converter) and a tokenizer.json built here from the SentencePiece model, the way transformers'
 own converter does, so `AutoTokenizer` loads it without protobuf and encodes exactly as
 SentencePiece does (tests/test_export.py checks the ids).
+
+Both exports declare the chat tokens (<|user|>, <|end|>, ...) special, and <|end|> a token that
+ends generation beside </s>: transformers and llama.cpp then cut the tokens out of a rendered
+chat template (the ids llamac's chat encoding gives) and stop at the end of the assistant's turn.
 """
 from __future__ import annotations
 
@@ -23,14 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from llamac import hf
+from llamac.chat import END_OF_TURN
 from llamac.errors import LlamacError
 from llamac.hf_import import Source, is_hf_folder, read_hf_folder, write_llamac
 from llamac.model import resolve
-from llamac.tokenizer import proto_fields
+from llamac.tokenizer import SPECIAL_TOKENS, proto_fields
 
 FORMATS = ("hf", "gguf", "llamac")
-HF_DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-             "f16": "float16", "float16": "float16"}
+HF_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+TORCH_DTYPE_NAMES = {torch: short for short, torch in HF_DTYPES.items()}   # --dtype bfloat16 works too
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 PROGRESS_BYTES = 64 << 20          # progress bars only for outputs this large
 
@@ -38,6 +43,7 @@ PROGRESS_BYTES = 64 << 20          # progress bars only for outputs this large
 def export(checkpoint, format: str, out, dtype: str = "f32", force: bool = False) -> Path:
     """Write `checkpoint` as `format` ("hf", "gguf" or "llamac") to `out`; returns `out`."""
     format, dtype, out = format.lower(), dtype.lower(), Path(out)
+    dtype = TORCH_DTYPE_NAMES.get(dtype, dtype) if format == "hf" else dtype
     if format not in FORMATS:
         raise LlamacError(f"unsupported export format {format!r} (choose hf, gguf or llamac)")
     allowed = {"hf": HF_DTYPES, "gguf": GGUF_DTYPES, "llamac": ("f32", "float32")}[format]
@@ -173,6 +179,22 @@ class SpmVocab:
     def piece(self, i: int) -> str | None:
         return self.pieces[i] if 0 <= i < len(self.pieces) else None
 
+    def export_types(self) -> list:
+        """Token types as the exports declare them: the chat tokens, user-defined pieces in SentencePiece,
+        become control tokens (as llama.cpp's converter types "<|...|>" pieces), which llama.cpp and
+        transformers cut out of a rendered template and leave out of decoded text."""
+        return [CONTROL if t == USER_DEFINED and p in SPECIAL_TOKENS else t for p, t in zip(self.pieces, self.types)]
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """<|end|>, which ends the assistant's turn in the chat template, where the vocabulary has it."""
+        return _piece_id(self, END_OF_TURN)
+
+    def eos_ids(self) -> list:
+        """The tokens that end generation: </s>, then the end of turn."""
+        ids = [self.eos_id] if self.eos_id >= 0 else []
+        return ids + ([self.end_of_turn_id] if self.end_of_turn_id not in (None, *ids) else [])
+
 
 def _int32(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value   # negative int32s are 10-byte varints
@@ -187,6 +209,9 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     vocab = SpmVocab.read(src.tokenizer_path) if src.tokenizer_path else None
     bos, eos, pad = (vocab.bos_id, vocab.eos_id, vocab.pad_id) if vocab else (1, 2, -1)
     pad = pad if pad >= 0 else _piece_id(vocab, "<|pad|>")
+    # several ids as Llama 3 lists them (end of text, end of turn): generate stops at any of them
+    eos_ids = vocab.eos_ids() if vocab else [eos]
+    eos = eos_ids if len(eos_ids) > 1 else eos
     config = hf.hf_config(cfg, bos, eos, pad, torch_dtype=torch_dtype)
     _write_json(folder / "config.json", config)
     generation = {"bos_token_id": bos, "eos_token_id": eos}
@@ -209,8 +234,10 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
         print(f"warning: {src.path} has no tokenizer.model; the export has weights but no tokenizer", file=sys.stderr)
         return
     shutil.copyfile(src.tokenizer_path, folder / "tokenizer.model")
-    _write_json(folder / "tokenizer.json", tokenizer_json(vocab))
-    special = {"bos_token": vocab.piece(bos), "eos_token": vocab.piece(eos), "unk_token": vocab.piece(vocab.unk_id)}
+    tok_json = tokenizer_json(vocab)
+    _write_json(folder / "tokenizer.json", tok_json)
+    special = {"bos_token": vocab.piece(bos), "eos_token": vocab.piece(vocab.eos_id),
+               "unk_token": vocab.piece(vocab.unk_id)}
     if pad is not None and pad >= 0:
         special["pad_token"] = vocab.piece(pad)
     special = {k: v for k, v in special.items() if v is not None}
@@ -224,6 +251,8 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
         "model_max_length": cfg.max_seq_len,
         "padding_side": "left",
         **special,
+        # as transformers writes it; llama.cpp's converter takes the control tokens from here
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tok_json["added_tokens"]},
     }
     if src.chat_template:
         tok_config["chat_template"] = src.chat_template
@@ -276,8 +305,8 @@ def tokenizer_json(v: SpmVocab, add_bos: bool = True) -> dict:
     """A `tokenizers` JSON that encodes like SentencePiece (after transformers'
     SpmConverter.build_tokenizer_from_spm_proto): the model's own normalizer settings, BPE merges ranked
     by piece score, user-defined pieces isolated and never merged, byte fallback."""
-    unk = v.piece(v.unk_id)
-    user_defined = [p for p, t in zip(v.pieces, v.types) if t == USER_DEFINED]
+    unk, types = v.piece(v.unk_id), v.export_types()
+    user_defined = [p for p, t in zip(v.pieces, types) if t == USER_DEFINED]
     if v.model_type == 2:
         normal = {p: (s, i) for i, (p, s, t) in enumerate(zip(v.pieces, v.scores, v.types)) if t == NORMAL}
         ranked = [(-score, i, p[:k], p[k:]) for p, (score, i) in normal.items() for k in range(1, len(p))
@@ -323,7 +352,8 @@ def tokenizer_json(v: SpmVocab, add_bos: bool = True) -> dict:
         single = [{"SpecialToken": {"id": bos, "type_id": 0}}] + single
         pair = single + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
         specials[bos] = {"id": bos, "ids": [v.bos_id], "tokens": [bos]}
-    added = [{"id": i, **_added(p, True)} for i, (p, t) in enumerate(zip(v.pieces, v.types)) if t in (UNKNOWN, CONTROL)]
+    # added tokens are cut out before normalization, and each run of text between them gets its own prefix
+    added = [{"id": i, **_added(p, True)} for i, (p, t) in enumerate(zip(v.pieces, types)) if t in (UNKNOWN, CONTROL)]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": normalizers} if normalizers else None,

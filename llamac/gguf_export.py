@@ -3,7 +3,8 @@
 llama.cpp's llama architecture rotates interleaved pairs (2i, 2i+1) like Meta's code: its converter
 permutes Hugging Face q/k rows back to that layout, which is llamac's own, so wq/wk go in unchanged.
 The vocabulary is the SentencePiece model's, with scores and token types, for llama.cpp's "llama"
-(SentencePiece) tokenizer; tests/test_export.py checks both the ids and greedy continuations.
+(SentencePiece) tokenizer, the chat tokens typed CONTROL and <|end|> its end-of-turn token;
+tests/test_export.py checks the ids, greedy continuations and chat completions.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def _rope_scaling(w, cfg, head_dim: int):
 def _add_vocab(w, vocab: SpmVocab, n_vocab: int):
     """The whole SentencePiece vocabulary; embedding rows beyond it get unused [PADn] tokens as in
     llama.cpp's converter, since llama.cpp wants one token per row."""
-    pieces, scores, types = list(vocab.pieces), list(vocab.scores), list(vocab.types)
+    pieces, scores, types = list(vocab.pieces), list(vocab.scores), vocab.export_types()
     for i in range(len(pieces), n_vocab):
         pieces.append(f"[PAD{i}]")
         scores.append(-1000.0)
@@ -141,6 +142,8 @@ def _add_vocab(w, vocab: SpmVocab, n_vocab: int):
         w.add_bos_token_id(vocab.bos_id)
     if vocab.eos_id >= 0:
         w.add_eos_token_id(vocab.eos_id)
+    if vocab.end_of_turn_id is not None:   # llama.cpp ends generation at eos and eot both
+        w.add_eot_token_id(vocab.end_of_turn_id)
     pad = vocab.pad_id if vocab.pad_id >= 0 else (pieces.index("<|pad|>") if "<|pad|>" in pieces else -1)
     if pad >= 0:
         w.add_pad_token_id(pad)

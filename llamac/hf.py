@@ -78,7 +78,7 @@ def from_hf_state(hf: dict, d: Dims, tie_embeddings: bool) -> dict:
     return out
 
 
-def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = None,
+def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int | list = 2, pad_id: int | None = None,
               torch_dtype: str = "float32") -> dict:
     d = resolve(cfg)
     config = {

@@ -7,6 +7,12 @@ So `decode(encode(s)) == s` for every string: SentencePiece's decode removes exa
 the one dummy-prefix space that encode added. The case the library itself gets wrong
 is a literal U+2581, the "▁" it writes spaces as: it decodes to a space. `encode`
 spells that character with its three byte pieces instead, so it round-trips too.
+
+`special=True` encodes text the way llama.cpp and transformers encode a rendered chat
+template: the special pieces (<s>, </s>, <unk> and the chat tokens) are cut out as their
+ids and each run of text between them is encoded on its own, with its own dummy prefix.
+That rule is llama.cpp's SentencePiece tokenizer's (it cannot be configured away), so
+text encoded this way is what a GGUF export sees; its decode shows those prefixes as spaces.
 """
 from __future__ import annotations
 
@@ -69,6 +75,13 @@ class Tokenizer:
     def scores(self) -> list:
         return [self._sp.get_score(i) for i in range(self.vocab_size)]
 
+    @cached_property
+    def special_pieces(self) -> dict:
+        """{piece: id} of the pieces `special=True` cuts at: control pieces, <unk>, the chat tokens."""
+        sp = self._sp
+        pieces = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+        return {**pieces, **self.special_ids}
+
     def id_to_piece(self, token_id: int) -> str:
         self._check_ids([int(token_id)])
         return self._sp.id_to_piece(int(token_id))
@@ -92,17 +105,40 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encode / decode
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of `text`; `special`: cut at the special pieces first (module docstring)."""
         if not isinstance(text, str):
             raise LlamacError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
+        if special:
+            ids = []
+            for start, end, token in self._special_runs(text):
+                ids += [token] if token is not None else self.encode(text[start:end], bos=False)
+            return self._wrap(ids, bos, eos)
         if self._space_bytes is not None and SPACE in text:
             return self._wrap(self._encode_literal_spaces(text), bos, eos)
         return self._wrap(self._sp.encode(text), bos, eos)
 
-    def encode_with_offsets(self, text: str, bos: bool = True, eos: bool = False):
+    def encode_with_offsets(self, text: str, bos: bool = True, eos: bool = False, special: bool = False):
         """(ids, offsets): `offsets[k]` is the [start, end) span of `text` (str indices) that
         token k spells. The byte pieces of one character all get that character's span;
-        <s>, </s> and a lone dummy-prefix "▁" get an empty span."""
+        <s>, </s> and a lone dummy-prefix "▁" get an empty span. `special` as for `encode`."""
+        if special:
+            ids, offsets = [], []
+            for start, end, token in self._special_runs(text):
+                if token is not None:
+                    ids.append(token)
+                    offsets.append((start, end))
+                else:
+                    run_ids, run_offsets = self._run_offsets(text[start:end])
+                    ids += run_ids
+                    offsets += [(a + start, b + start) for a, b in run_offsets]
+        else:
+            ids, offsets = self._run_offsets(text)
+        head = [(0, 0)] if bos and self.bos_id >= 0 else []
+        tail = [(len(text), len(text))] if eos and self.eos_id >= 0 else []
+        return self._wrap(ids, bos, eos), head + offsets + tail
+
+    def _run_offsets(self, text: str):
         ids = self.encode(text, bos=False)
         table, raw = self._byte_table, text.encode("utf-8")
         spelled = b"".join(table[i] for i in ids)
@@ -116,9 +152,7 @@ class Tokenizer:
             begin, end = max(pos, 0), pos + len(table[i])
             pos = end
             offsets.append((char_at[begin], char_at[end - 1] + 1) if end > begin else (char_at[begin],) * 2)
-        head = [(0, 0)] if bos and self.bos_id >= 0 else []
-        tail = [(len(text), len(text))] if eos and self.eos_id >= 0 else []
-        return self._wrap(ids, bos, eos), head + offsets + tail
+        return ids, offsets
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                      num_threads: Optional[int] = None) -> list[list[int]]:
@@ -158,6 +192,22 @@ class Tokenizer:
         return self._sp.decode(ids)
 
     # ---------------------------------------------------------------- internals
+
+    @cached_property
+    def _special_pattern(self):
+        return re.compile("|".join(re.escape(p) for p in sorted(self.special_pieces, key=len, reverse=True)))
+
+    def _special_runs(self, text: str):
+        """(start, end, id) for each special piece of `text` and (start, end, None) for each
+        non-empty run of text between them, in order."""
+        pos = 0
+        for match in self._special_pattern.finditer(text) if self.special_pieces else ():
+            if match.start() > pos:
+                yield pos, match.start(), None
+            yield match.start(), match.end(), self.special_pieces[match.group()]
+            pos = match.end()
+        if pos < len(text):
+            yield pos, len(text), None
 
     def _wrap(self, ids: list, bos: bool, eos: bool) -> list[int]:
         head = [self.bos_id] if bos and self.bos_id >= 0 else []

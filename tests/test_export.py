@@ -11,7 +11,7 @@ import pytest
 
 import llamac
 from llamac import checkpoint
-from llamac.chat import JINJA_TEMPLATE, encode_chat
+from llamac.chat import END_OF_TURN, JINJA_TEMPLATE, encode_chat
 from llamac.cli import main
 from llamac.config import ModelConfig, Recipe
 from llamac.errors import LlamacError
@@ -64,9 +64,11 @@ def corpus(tmp_path_factory):
     return root / "tok.model", _text(1, 80)
 
 
-def _checkpoint(tmp_path, cfg, tokenizer, seed=0):
+def _checkpoint(tmp_path, cfg, tokenizer, seed=0, tune=None):
     llamac.manual_seed(seed)
     model = Llama(cfg).eval()
+    if tune is not None:
+        tune(model)
     run = tmp_path / f"run-{seed}"
     checkpoint.save(run, 7, model, None, Recipe(model=cfg), {"chat_template": CHAT_TEMPLATE},
                     tokenizer_path=tokenizer, keep=1)
@@ -110,14 +112,16 @@ def test_hf_export_runs_in_transformers(tmp_path, corpus, cfg):
     assert header["__metadata__"] == {"format": "pt"}
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
     assert json.loads((out / "special_tokens_map.json").read_text())["bos_token"]["content"] == "<s>"
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 6]   # </s>, <|end|>
+    assert config["eos_token_id"] == [2, 6]
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     ours_tok = _tokenizer(tok_path)
     chat = "<|user|>\nHi there!<|end|>\n<|assistant|>\nHello.<|end|>\n"
-    for text in (validation, chat, " leading space", "\n\ttabs  and  spaces "):
+    for text in (validation, " leading space", "\n\ttabs  and  spaces "):
         assert hf_tok(text)["input_ids"] == ours_tok.encode(text, bos=True), text[:40]
+    assert hf_tok(chat)["input_ids"] == ours_tok.encode(chat, bos=True, special=True)    # chat tokens are special
     assert hf_tok.decode(hf_tok(validation)["input_ids"], skip_special_tokens=True) == validation
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there!"},
                 {"role": "assistant", "content": "Hello."}]
@@ -174,6 +178,13 @@ def test_hf_bf16_export_and_import(tmp_path, corpus):
     for name, w in model.state_dict().items():
         got = dict(loaded.named_parameters())[name].data
         assert np.allclose(got, w, rtol=1 / 128, atol=1e-6), name
+    again = export(run, format="hf", out=tmp_path / "hf-torch-name", dtype="bfloat16")   # torch's spelling
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_export_help_names_the_dtypes_as_the_readme_does(capsys):
+    main(["export", "--help"])
+    assert "hf: f32, bf16 or f16; gguf: f32, f16 or q8_0" in " ".join(capsys.readouterr().out.replace("│", " ").split())
 
 
 def test_generate_cli_takes_a_hf_folder(tmp_path, corpus, capsys):
@@ -309,15 +320,132 @@ def test_gguf_metadata(tmp_path, corpus):
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.tokens"] == vocab.pieces
     types = fields["tokenizer.ggml.token_type"]
     assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
-    assert all(types[i] == gguf.TokenType.USER_DEFINED for i in range(3, 11))
+    assert all(types[i] == gguf.TokenType.CONTROL for i in range(3, 11))       # the chat tokens
     assert types[11] == gguf.TokenType.BYTE and np.allclose(fields["tokenizer.ggml.scores"], vocab.scores)
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert fields["tokenizer.ggml.eot_token_id"] == vocab.piece_to_id("<|end|>") == 6
     assert fields["tokenizer.ggml.unknown_token_id"] == 0 and fields["tokenizer.ggml.padding_token_id"] == 7
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.chat_template"] == CHAT_TEMPLATE
     tensors = {t.name: t.tensor_type for t in reader.tensors}
     assert "output.weight" not in tensors                         # tied: llama.cpp reuses token_embd
     assert tensors["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
     assert tensors["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+# ------------------------------------------------------------------ chat: one turn, three runtimes
+
+TRAINED = [   # what the chat model is tuned on; the prompts below are these without their last answer
+    [{"role": "user", "content": "What is 7 + 5?"}, {"role": "assistant", "content": "12"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who walked?"},
+     {"role": "assistant", "content": "The king walked."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, friend."},
+     {"role": "user", "content": "And the queen?"}, {"role": "assistant", "content": "She spoke quietly."}],
+]
+CHATS = [(c[:-1], 24) for c in TRAINED] + [
+    (TRAINED[2][:-1], 3),                                            # cut by the token limit mid-answer
+    ([{"role": "user", "content": "Under the bright sea"}], 24),     # never seen
+]
+
+
+def _tune(model, tokenizer, steps=80):
+    """SFT as `llamac sft` does it (packed rows, loss on the assistant tokens and their <|end|>), full batch."""
+    from llamac.optim import AdamW
+    from llamac.sft import batch_arrays, pack
+    packed = pack([encode_chat(tokenizer, c) for c in TRAINED], model.config.max_seq_len - 1, tokenizer.eos_id)
+    x, y, segments = batch_arrays(packed, np.arange(len(packed.tokens)))
+    opt = AdamW(model.named_parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        _, loss = model(x, y, segment_ids=segments)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, corpus):
+    """(run, tokenizer, turns): a tiny model tuned until it answers TRAINED and ends its turn, and llamac's
+    greedy chat turn for each of CHATS: (prompt ids, answer ids, the id it stopped at or None at the limit)."""
+    tokenizer = _tokenizer(corpus[0])
+    run, model = _checkpoint(tmp_path_factory.mktemp("chat"), GQA, corpus[0], tune=lambda m: _tune(m, tokenizer))
+    end = tokenizer.piece_to_id(END_OF_TURN)
+    turns = []
+    for messages, n in CHATS:
+        ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        # as `llamac generate --chat` generates; the id it stopped at is the next greedy one
+        answer = list(generate_ids(model, ids, n, temperature=0, eos_id=tokenizer.eos_id, stop_ids=(end,)))
+        stop = int(_logits(model, ids + answer)[-1].argmax()) if len(answer) < n else None
+        assert _margins(model, ids, answer + [stop] if stop is not None else answer).min() > 1e-5, "near-tie"
+        turns.append((ids, answer, stop))
+    return run, tokenizer, turns
+
+
+def test_the_chat_model_ends_its_turns(chat_model):
+    _, tokenizer, turns = chat_model
+    stops = [stop for _, _, stop in turns]
+    assert stops[:3] == [tokenizer.piece_to_id(END_OF_TURN)] * 3 and stops[3] is None    # both ends get exercised
+    assert [tokenizer.decode(answer) for _, answer, _ in turns[:3]] == [c[-1]["content"] for c in TRAINED]
+
+
+def test_chat_turns_in_transformers_are_llamacs(tmp_path, chat_model):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    run, _, turns = chat_model
+    out = export(run, format="hf", out=tmp_path / "hf")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for (messages, n), (ids, answer, stop) in zip(CHATS, turns):
+        prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        assert prompt["input_ids"][0].tolist() == ids, messages
+        with torch.no_grad():    # greedy, stopping where the export's generation_config says
+            got = ref.generate(**prompt, do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+        assert got == answer + ([stop] if stop is not None else []), messages   # it emits the id it stops at
+
+
+def _cpp_chat(llm, messages, max_tokens):
+    """llama.cpp's chat completion at temperature 0: (the prompt ids it evaluated, the ids it sampled, response)."""
+    seen, generate = {}, llm.generate
+
+    def recording(tokens, *args, **kwargs):
+        seen["prompt"], seen["sampled"] = list(tokens), []
+        for token in generate(tokens, *args, **kwargs):
+            seen["sampled"].append(int(token))
+            yield token
+    llm.generate = recording
+    try:
+        response = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=max_tokens)
+    finally:
+        del llm.generate
+    return seen["prompt"], seen["sampled"], response
+
+
+def test_chat_completions_in_llama_cpp_are_llamacs(tmp_path, chat_model):
+    run, tokenizer, turns = chat_model
+    llm = _llama_cpp(export(run, format="gguf", out=tmp_path / "chat.gguf"))
+    for (messages, n), (ids, answer, stop) in zip(CHATS, turns):
+        prompt, sampled, response = _cpp_chat(llm, messages, n)
+        assert prompt == ids, messages
+        assert sampled == answer + ([stop] if stop is not None else []), messages   # the stop id ends it
+        choice = response["choices"][0]
+        assert choice["finish_reason"] == ("length" if stop is None else "stop")
+        assert choice["message"]["content"] == tokenizer.decode(answer)
+
+
+def test_llama_cpp_tokenizes_rendered_chats_as_llamac(tmp_path, chat_model):
+    Jinja2ChatFormatter = pytest.importorskip("llama_cpp.llama_chat_format").Jinja2ChatFormatter
+    run, tokenizer, _ = chat_model
+    llm = _llama_cpp(export(run, format="gguf", out=tmp_path / "chat.gguf"))
+    # what create_chat_completion does: render the GGUF's template, tokenize with special tokens
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+    tricky = [[{"role": "system", "content": "  Two  spaces,\ttabs\nand lines. "},
+               {"role": "user", "content": "café, naïve, 東京 🙂 in 1887"}],
+              [{"role": "user", "content": ""}, {"role": "assistant", "content": " "}, {"role": "user", "content": "\n"}]]
+    for messages in [m for m, _ in CHATS] + TRAINED + tricky:
+        text = formatter(messages=messages).prompt
+        ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, messages
 
 
 # ------------------------------------------------------------------ errors and atomicity

@@ -42,7 +42,10 @@ def test_encode_chat_mask_covers_exactly_the_assistant_tokens(tokenizer):
     assert ids[0] == tokenizer.bos_id
     marked = tokenizer.decode([i for i, m in zip(ids, mask) if m])
     assert marked == "5" + END_OF_TURN + "8, of course." + END_OF_TURN
-    assert tokenizer.decode(ids) == render(CONV, bos="")[0]
+    text = render(CONV, bos="")[0]
+    assert ids == tokenizer.encode(text, special=True)
+    # each run of text after a chat token is encoded on its own: decode shows its dummy-prefix space
+    assert tokenizer.decode(ids) == re.sub(r"(<\|\w+\|>)(?=.)", r"\1 ", text, flags=re.S)
     end = tokenizer.piece_to_id(END_OF_TURN)
     assert sum(1 for i in ids if i == end) == 5            # <|end|> is one token
 

@@ -119,6 +119,28 @@ def test_offsets_give_each_token_its_span_of_text(tok):
             assert tok.token_bytes(token_id) in (text[a:b].encode(), b" " + text[a:b].encode())
 
 
+def test_special_encoding_cuts_at_special_pieces_and_encodes_each_run_on_its_own(tok):
+    text = "<s><|user|>\nthe king<|end|>\n<|assistant|>\n thou"
+    user, end, assistant = (tok.special_ids[t] for t in ("<|user|>", "<|end|>", "<|assistant|>"))
+    runs = [tok.encode(run, bos=False) for run in ("\nthe king", "\n", "\n thou")]
+    expected = [tok.bos_id, user] + runs[0] + [end] + runs[1] + [assistant] + runs[2]
+    assert tok.encode(text, bos=False, special=True) == expected
+    assert tok.encode(text, bos=False) != expected                    # SentencePiece: one dummy prefix in all
+    ids, offsets = tok.encode_with_offsets(text, bos=True, eos=True, special=True)
+    assert ids == [tok.bos_id] + expected + [tok.eos_id]
+    assert offsets[1] == (0, 3) and offsets[2] == (3, 11)            # the literal <s>, then <|user|>
+    assert "".join(text[a:b] for a, b in dict.fromkeys(offsets)) == text
+    assert tok.encode("the king", special=True) == tok.encode("the king")   # no special piece: no change
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(TRICKY)
+def test_special_encoding_offsets_agree_with_encode(tok, text):
+    ids, offsets = tok.encode_with_offsets(text, bos=False, special=True)
+    assert ids == tok.encode(text, bos=False, special=True) and len(offsets) == len(ids)
+    assert "".join(text[a:b] for a, b in dict.fromkeys(offsets)) == text
+
+
 def test_token_bytes_spell_the_text_after_the_dummy_space(tok):
     text = "Thou  art\nthe queen é"
     spelled = b"".join(tok.token_bytes(i) for i in tok.encode(text, eos=True))
