@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import checkpoint
-from llamac.chat import JINJA_TEMPLATE, encode_chat
 from llamac.cli import main
 from llamac.config import ModelConfig, Recipe
 from llamac.errors import LlamacError
-from llamac.export import export, read_source
-from llamac.generate import generate_ids
-from llamac.model import Llama
+from llamac.formats.export import export, read_source
+from llamac.infer.chat import JINJA_TEMPLATE, encode_chat
+from llamac.infer.generate import generate_ids
+from llamac.model.llama import Llama
+from llamac.train import checkpoint
 
 CHAT = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>",
         "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>")
@@ -90,7 +90,7 @@ def _margins(model, ids, continuation) -> np.ndarray:
 
 
 def _tokenizer(path):
-    from llamac.tokenizer import Tokenizer
+    from llamac.data.tokenizer import Tokenizer
     return Tokenizer(path)
 
 
@@ -368,7 +368,8 @@ def _interrupt_after(monkeypatch, owner, name):
 @pytest.mark.parametrize("format,name", [("hf", "hf"), ("gguf", "m.gguf"), ("llamac", "native")])
 def test_interrupted_export_leaves_nothing_under_the_target(tmp_path, corpus, monkeypatch, format, name):
     import gguf
-    import llamac.export as export_module
+
+    import llamac.formats.export as export_module
     tok_path, _ = corpus
     run, _ = _checkpoint(tmp_path, TIED, tok_path)
     out = tmp_path / "out"
@@ -392,8 +393,8 @@ def test_interrupted_export_leaves_nothing_under_the_target(tmp_path, corpus, mo
 
 
 def test_untied_folder_without_head_is_an_error(tmp_path, corpus):
-    from llamac.export import write_safetensors
-    from llamac.hf_import import read_safetensors
+    from llamac.formats.export import write_safetensors
+    from llamac.formats.hf_import import read_safetensors
     hf_dir = export(_checkpoint(tmp_path, GQA, corpus[0])[0], format="hf", out=tmp_path / "hf")
     tensors = {k: np.array(v) for k, v in read_safetensors(hf_dir / "model.safetensors")[0].items()
                if k != "lm_head.weight"}

@@ -3,7 +3,8 @@ strided views, broadcasting, awkward sizes, beta accumulation, and recording ins
 import numpy as np
 import pytest
 
-from llamac import backend, cublas, ops
+from llamac.engine import backend, cublas, ops
+from llamac.ops import linear
 
 pytestmark = pytest.mark.cuda
 
@@ -128,14 +129,13 @@ def test_gemm_records_inside_a_cuda_graph_and_replays():
 
 def test_linear_weight_gradient_accumulates_in_place():
     import llamac
-    from llamac import fused
-    from llamac.nn import Parameter
+    from llamac.model.layers import Parameter
     cp = backend.cupy_module()
     x = llamac.Tensor(cp.asarray(rng.standard_normal((2, 5, 8)), dtype=np.float32))
     w = Parameter(cp.asarray(rng.standard_normal((6, 8)), dtype=np.float32))
-    fused.linear(x, w).sum().backward()
+    linear.linear(x, w).sum().backward()
     first = w.grad
-    fused.linear(x, w).sum().backward()
+    linear.linear(x, w).sum().backward()
     assert w.grad is first                          # added inside the GEMM, not a new array
     want = 2 * np.ones((10, 6)).T @ backend.to_numpy(x.data).reshape(10, 8)
     assert np.allclose(backend.to_numpy(w.grad), want, rtol=1e-5, atol=1e-5)
@@ -150,9 +150,9 @@ def _lt():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True)])
 def test_tuned_gemm_matches_float64_and_beta_survives_the_timing(dtype, ta, tb):
-    """Shapes big enough to be timed (llamac.cublaslt): the chosen algorithm gives the product, and
+    """Shapes big enough to be timed (llamac.engine.cublaslt): the chosen algorithm gives the product, and
     timing the candidates on a scratch buffer leaves a beta=1 accumulation target untouched."""
-    from llamac import cublaslt
+    from llamac.engine import cublaslt
     lt = _lt()
     if lt is None:
         pytest.skip("no cuBLASLt beside libcublas")

@@ -8,10 +8,10 @@ import pytest
 
 import llamac
 from llamac.config import ModelConfig, load_recipe
-from llamac.engine import Tensor
+from llamac.engine.functional import recompute
+from llamac.engine.tensor import Tensor
 from llamac.errors import LlamacError
-from llamac.functional import recompute
-from llamac.model import Llama
+from llamac.model.llama import Llama
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16, hidden_dim=48)
