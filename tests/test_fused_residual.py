@@ -7,8 +7,9 @@ import pytest
 
 import llamac
 from llamac.config import ModelConfig
-from llamac.model import llama as model_module
+from llamac import runtime
 from llamac.model.llama import Llama
+from llamac.train.fusions import fuse
 from llamac.ops import linear, rmsnorm, swiglu
 
 CFG = ModelConfig(dim=16, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=23, max_seq_len=16, hidden_dim=24)
@@ -49,7 +50,7 @@ def test_fused_residuals_and_shared_input_projections_match_the_plain_model(monk
 
     monkeypatch.setattr(rmsnorm, "add_rmsnorm_forward", counting_fwd)
     monkeypatch.setattr(rmsnorm, "add_rmsnorm_backward", counting_bwd)
-    fused_run = _loss_and_grads(model, idx, targets)
+    fused_run = _loss_and_grads(fuse(model), idx, targets)
     assert calls["fwd"] == 2 * cfg.n_layers
     assert calls["bwd_res"] == 2 * cfg.n_layers - 1      # all but the final norm fold a residual gradient in
     assert np.isclose(fused_run[0], plain[0], rtol=1e-12)
@@ -60,13 +61,13 @@ def test_fused_residuals_and_shared_input_projections_match_the_plain_model(monk
 
 def test_fused_path_is_off_with_dropout_in_training(monkeypatch):
     cfg = ModelConfig(**{**CFG.__dict__, "dropout": 0.1})
-    model = Llama(cfg)
+    model = fuse(Llama(cfg))
     monkeypatch.setattr(rmsnorm, "use_fused_residual", lambda x, w: True)
     assert not model._fuse_residuals(model.tok_embeddings.weight)
     model.eval()
     assert model._fuse_residuals(model.tok_embeddings.weight)
-    monkeypatch.setattr(model_module, "FUSE_RESIDUALS", False)
-    assert not model._fuse_residuals(model.tok_embeddings.weight)
+    with runtime.override(fuse_residuals=False):
+        assert not model._fuse_residuals(model.tok_embeddings.weight)
 
 
 def test_residual_sum_with_an_extra_consumer_keeps_every_gradient(monkeypatch):

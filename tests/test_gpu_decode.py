@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import llamac
+from llamac import runtime
 from llamac.config import ModelConfig
 from llamac.engine import backend
 from llamac.infer import decode
 from llamac.model.llama import Llama
-from llamac.ops.attention import attention
 
 pytestmark = pytest.mark.cuda
 BF16 = backend.bfloat16
@@ -71,7 +71,7 @@ def test_greedy_equals_plain_path_on_trained_model(monkeypatch):
     probabilities instead, and a near-tie between two logits can then flip a token (seen once at
     token 181 of 245)."""
     from llamac.infer.generate import generate_ids
-    monkeypatch.setattr(attention, "FLASH_ATTENTION", False)
+    monkeypatch.setattr(runtime.options(), "flash_attention", False)
     model, tok = load_trained()
     prompt = tok.encode("Once upon a time, there was a little", bos=True)
     n = model.config.max_seq_len - len(prompt)

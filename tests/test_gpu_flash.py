@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import llamac
+from llamac import runtime
 from llamac.config import ModelConfig
 from llamac.engine import backend
 from llamac.engine.tensor import no_grad
@@ -137,7 +138,7 @@ def test_fused_attention_uses_flash_and_matches_the_bias_path(monkeypatch, hs):
     flash_grads = [backend.to_numpy(t.grad) for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    monkeypatch.setattr(attention, "FLASH_ATTENTION", False)
+    monkeypatch.setattr(runtime.options(), "flash_attention", False)
     ref = attention.attention(q, k, v, segments=seg, causal=True)
     assert isinstance(ref._ctx, attention.Attention)
     (ref * proj).sum().backward()
@@ -171,7 +172,7 @@ def test_model_logits_flash_vs_bias_path(monkeypatch, config):
     with_flash = {}
     for name, s in (("plain", None), ("segments", seg)):
         with_flash[name] = backend.to_numpy(model(idx, segment_ids=s)[0].data).astype(np.float32)
-    monkeypatch.setattr(attention, "FLASH_ATTENTION", False)
+    monkeypatch.setattr(runtime.options(), "flash_attention", False)
     for name, s in (("plain", None), ("segments", seg)):
         old = backend.to_numpy(model(idx, segment_ids=s)[0].data).astype(np.float32)
         assert rel(with_flash[name], old) <= 2e-2, name
@@ -185,7 +186,7 @@ def test_model_kv_cache_prefill_and_decode_with_flash(monkeypatch):
     ids = cp.asarray(np.random.default_rng(1).integers(0, MODEL.vocab_size, (2, 103)))
     runs = []
     for use_flash in (True, False):
-        monkeypatch.setattr(attention, "FLASH_ATTENTION", use_flash)
+        monkeypatch.setattr(runtime.options(), "flash_attention", use_flash)
         cache = model.new_cache(2, 128)
         steps = [model(ids[:, :100], cache=cache)[0].data[:, -1]]
         for t in range(100, 103):

@@ -8,9 +8,10 @@ import pytest
 import llamac
 from llamac.config import ModelConfig
 from llamac.engine import backend
-from llamac.model import llama as model_module
+from llamac import runtime
 from llamac.model.llama import Llama
-from llamac.ops import attention, cross_entropy, linear, rmsnorm, swiglu
+from llamac.train.fusions import fuse
+from llamac.ops import linear, rmsnorm, swiglu
 
 pytestmark = pytest.mark.cuda
 
@@ -41,7 +42,7 @@ def normal(shape, dtype, seed, std=1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 8), (7, 129), (3, 1, 1000), (2, 5, 768), (9, 2048), (4, 13000)], ids=str)
 def test_add_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
-    monkeypatch.setattr(rmsnorm, "RMSNORM_CACHE", cache)
+    monkeypatch.setattr(runtime.options(), "rmsnorm_register_cache", cache)
     dtype = DTYPES[dtype]
     x, h, d, e = (normal(shape, dtype, i, 2.0) for i in range(4))
     w = (1 + normal(shape[-1:], np.float32, 9, 0.3)).astype(dtype)
@@ -59,10 +60,8 @@ def test_add_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
 
 
 def _step(model, idx, targets, fuse, head_loss=False):
-    model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = swiglu.SWIGLU_RECOMPUTE = fuse
-    attention.PACKED_QKV = fuse
-    model_module.FUSED_HEAD_LOSS = head_loss
-    try:
+    with runtime.override(fuse_residuals=fuse, overwrite_logits=fuse, swiglu_recompute=fuse, packed_qkv=fuse,
+                          fused_head_loss=head_loss):
         for p in model.parameters():
             p.grad = None
         logits, loss = model(idx, targets)
@@ -71,10 +70,6 @@ def _step(model, idx, targets, fuse, head_loss=False):
         after = None if logits is None else backend.to_numpy(logits.data).astype(np.float32)
         grads = {n: backend.to_numpy(p.grad).astype(np.float64) for n, p in model.named_parameters()}
         return float(loss.data), before, after, grads
-    finally:
-        model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = swiglu.SWIGLU_RECOMPUTE = True
-        attention.PACKED_QKV = True
-        model_module.FUSED_HEAD_LOSS = True
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -83,7 +78,7 @@ def test_fused_model_matches_the_plain_one(dtype, tol, tie, monkeypatch):
     cfg = ModelConfig(dim=128, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=1000, max_seq_len=80, hidden_dim=200,
                       tie_embeddings=tie)
     llamac.manual_seed(0)
-    model = Llama(cfg).to("cuda", dtype=dtype)
+    model = fuse(Llama(cfg).to("cuda", dtype=dtype))
     rng = np.random.default_rng(0)
     for p in model.parameters():          # norm gains away from 1: their gradients matter
         p.data = p.data + backend.cupy_module().asarray(rng.normal(0, 0.1, p.shape).astype(np.float32)).astype(p.dtype)
@@ -93,7 +88,7 @@ def test_fused_model_matches_the_plain_one(dtype, tol, tie, monkeypatch):
     plain = _step(model, idx, targets, False)
     fused = _step(model, idx, targets, True)
     # The chunked head loss, with chunks of 128 rows: 231 rows make two, the second partial.
-    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 128 * 1000 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(runtime.options(), "head_loss_chunk_bytes", 128 * 1000 * np.dtype(dtype).itemsize)
     chunked = _step(model, idx, targets, True, head_loss=True)
     assert abs(fused[0] - plain[0]) <= 1e-3 * abs(plain[0])
     assert abs(chunked[0] - plain[0]) <= 1e-3 * abs(plain[0])
@@ -129,8 +124,7 @@ def test_recomputed_layers_match_kept_activations_on_the_gpu(dtype, tol):
     results = []
     for flag in (False, True):
         llamac.manual_seed(0)
-        model = Llama(cfg).to("cuda", dtype=dtype)
-        model.recompute = flag
+        model = fuse(Llama(cfg).to("cuda", dtype=dtype), recompute=flag)
         _, loss = model(idx, targets)
         loss.backward()
         results.append((float(loss.data), {n: backend.to_numpy(p.grad).astype(np.float64)
@@ -152,7 +146,7 @@ def test_stacked_projection_weights_train_like_separate_ones():
     models = []
     for stacked in (True, False):
         llamac.manual_seed(0)
-        model = Llama(cfg).to("cuda", dtype="bfloat16")
+        model = fuse(Llama(cfg).to("cuda", dtype="bfloat16"))
         att = model.layers[0].attention
         ws = [att.wq.weight, att.wk.weight, att.wv.weight]
         assert linear.StackedRows.adjacent([w.data for w in ws])

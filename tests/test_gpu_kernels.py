@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import llamac
+from llamac import runtime
 from llamac.engine import backend
 from llamac.engine.tensor import Tensor
 from llamac.ops import cross_entropy, embedding, rmsnorm, rope
@@ -55,7 +56,7 @@ RMS_SHAPES = [(1, 8), (7, 129), (3, 1, 1000), (2, 5, 768), (9, 2048), (33, 4096)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", RMS_SHAPES, ids=str)
 def test_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
-    monkeypatch.setattr(rmsnorm, "RMSNORM_CACHE", cache)     # rows kept in registers, or read twice
+    monkeypatch.setattr(runtime.options(), "rmsnorm_register_cache", cache)     # rows kept in registers, or read twice
     dtype = DTYPES[dtype]
     x, d = normal(shape, dtype, 0, 2.0), normal(shape, dtype, 1)
     w = (1 + normal(shape[-1:], np.float32, 2, 0.3)).astype(dtype)

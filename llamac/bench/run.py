@@ -14,6 +14,7 @@ import numpy as np
 
 from llamac.engine import backend
 from llamac.errors import LlamacError
+from llamac.train import fusions
 
 
 def _timeit(fn, sync=lambda: None, reps=5, warmup=2) -> float:
@@ -102,7 +103,7 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
     x_np, y_np = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
     x, y = xp.asarray(x_np), xp.asarray(y_np)
     llamac.manual_seed(0)
-    model = Llama(cfg).to(device, dtype="bfloat16" if dtype == "bf16" else None)
+    model = fusions.fuse(Llama(cfg).to(device, dtype="bfloat16" if dtype == "bf16" else None))
     opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
     clip = TrainConfig().grad_clip
 
@@ -266,8 +267,7 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
         xp = backend.xp_for(device)
         x, y = xp.asarray(x_np), xp.asarray(y_np)
         llamac.manual_seed(0)
-        model = Llama(cfg).to(device, dtype="bfloat16" if gpu else None)
-        model.recompute = recompute
+        model = fusions.fuse(Llama(cfg).to(device, dtype="bfloat16" if gpu else None), recompute=recompute)
         flops = model.flops_per_token(T)
         row["params_M"] = round(model.num_params() / 1e6, 2)
         opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
+from llamac import runtime
 from llamac.errors import LlamacError
 
 try:  # the bfloat16 NumPy dtype; CuPy 14 uses the same one
@@ -34,7 +34,7 @@ DTYPES = {
     "bool": np.dtype(np.bool_),
 }
 
-KERNEL_DIR = Path(os.environ.get("LLAMAC_KERNELS", Path(__file__).resolve().parents[2] / "kernels"))
+KERNEL_DIR = Path(runtime.options().kernel_dir or Path(__file__).resolve().parents[2] / "kernels")
 
 
 def as_dtype(dtype) -> np.dtype:

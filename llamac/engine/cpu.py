@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from llamac import runtime
+
 MIN_ELEMENTS = 1 << 17          # below this a thread hand-off costs more than it saves
 MIN_MATMUL_FLOPS = 1 << 21      # multiply-adds below which a product runs on one thread
 CHUNK_BYTES = 1 << 19           # per array, for chains of passes that should stay in the L2 cache
@@ -31,7 +33,7 @@ _cpu_count = os.cpu_count() or 1       # os.cpu_count() costs ~7 us: not on ever
 
 
 def n_threads() -> int:
-    return max(1, int(os.environ.get("LLAMAC_CPU_THREADS", _cpu_count)))
+    return max(1, int(runtime.options().cpu_threads or _cpu_count))
 
 
 def for_row_blocks(fn, n_rows: int, elements: int, row_bytes: int = 0) -> None:
@@ -226,7 +228,7 @@ def keep_freed_memory() -> bool:
     Returns whether the settings were applied (False off glibc)."""
     global _malloc_tuned
     _malloc_tuned = True
-    if os.environ.get("LLAMAC_CPU_MALLOC", "1") == "0":
+    if not runtime.options().cpu_malloc_tuning:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

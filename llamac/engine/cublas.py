@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from llamac import runtime
 from llamac.engine import backend
 from llamac.errors import LlamacError
 
@@ -86,7 +87,7 @@ class _Cublas:
             from llamac.engine import cublaslt  # noqa: PLC0415 - only 16-bit GEMMs need it
             try:
                 cp = backend.cupy_module()
-                self._lt = cublaslt.CublasLt(self.path, cp, self.workspace) if cublaslt.ENABLED else None
+                self._lt = cublaslt.CublasLt(self.path, cp, self.workspace) if runtime.options().gemm_autotune else None
             except (LlamacError, OSError, AttributeError):
                 self._lt = None     # no (usable) libcublasLt beside libcublas: cublasGemmEx for everything
         return self._lt

@@ -17,8 +17,6 @@ import os
 
 from llamac.errors import LlamacError
 
-# Off with LLAMAC_GEMM_AUTOTUNE=0: every GEMM then takes cublas.gemm's cublasGemmEx path.
-ENABLED = os.environ.get("LLAMAC_GEMM_AUTOTUNE", "1") != "0"
 CANDIDATES = 8                  # heuristic results timed per shape
 TUNE_MAX_OUT_BYTES = 256 << 20  # larger outputs (the LM head's logits) take the first candidate:
                                 # no second buffer of that size is allocated to time the others

@@ -12,19 +12,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from llamac.config import ModelConfig
-from llamac.engine import backend, cublas, functional
-from llamac.engine.tensor import Tensor, grad_enabled, no_grad
+from llamac.errors import LlamacError
+from llamac.engine import backend, functional
+from llamac.engine.tensor import Tensor, no_grad
 from llamac.model import layers as nn
-from llamac.ops import attention, linear, rmsnorm, rope, swiglu
-from llamac.ops.cross_entropy import CrossEntropy, head_loss
-
-# GPU switches (tests and benchmarks compare against the unfused paths): residual adds fused into
-# the RMSNorm after them; the training loss's backward overwriting the logits with their gradient.
-FUSE_RESIDUALS = True
-OVERWRITE_LOGITS = True
-# GPU training: LM head + cross-entropy in row chunks (llamac.head_loss); forward returns no logits.
-FUSED_HEAD_LOSS = True
-
+from llamac.ops import attention, linear, rope, swiglu
+from llamac.ops.cross_entropy import CrossEntropy
 
 @dataclass(frozen=True)
 class Dims:
@@ -106,38 +99,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d.dim, d.n_kv_heads * d.head_dim)
         self.wo = nn.Linear(d.n_heads * d.head_dim, d.dim)
 
-    def after_move(self):
-        """On the GPU, wq | wk | wv become row blocks of one array, so the packed attention's
-        stacked weight is that array itself: no per-step concatenation (three copy kernels a layer
-        in every step, and in the CUDA graph). The optimizer updates the views in place."""
-        weights = [m.weight for m in (self.wq, self.wk, self.wv)]
-        xp = backend.get_array_module(weights[0].data)
-        if xp is np or any(m.bias is not None for m in (self.wq, self.wk, self.wv)):
-            return
-        stacked = xp.concatenate([w.data for w in weights], axis=0)    # ((H + 2 Hkv) hs, C)
-        start = 0
-        for w in weights:
-            w.data = stacked[start: start + w.shape[0]]
-            start += w.shape[0]
+    def project(self, x):
+        return self.wq(x), self.wk(x), self.wv(x)
 
-    def forward(self, x, cos, sin, bias=None, cache=None, layer=0, causal=False, segments=None):
-        """bias: the additive mask shared by every layer, or None with causal/segments for the flash path."""
+    def forward(self, x, cos, sin, mask: dict, cache=None, layer=0):
+        """mask: attention()'s mask arguments for this forward (ops.attention.mask_for)."""
         B, T, _ = x.shape
-        projections = (self.wq, self.wk, self.wv)
-        if (cache is None and bias is None and all(m.bias is None for m in projections)
-                and attention.use_packed_attention(x, self.head_dim)):
-            # The GPU flash path: one GEMM for q | k | v, RoPE's backward inside the attention kernel.
-            y = attention.packed_attention(x, [m.weight for m in projections], cos, sin, self.n_heads,
-                                       self.n_kv_heads, segments, causal)  # (B, T, H, hs)
-            return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
-        q, k, v = _projections(x, projections)
+        q, k, v = self.project(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim)                # (B, T, H, hs)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim)             # (B, T, Hkv, hs)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = rope.rope(q, cos, sin), rope.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                            # (B, L + T, Hkv, hs)
-        y = attention.attention(q, k, v, segments, causal=causal, bias=bias)  # (B, T, H, hs)
+        y = attention.attention(q, k, v, **mask)                        # (B, T, H, hs)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -148,18 +123,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(d.dim, d.hidden_dim)   # up
 
     def forward(self, x):
-        gate, up = _projections(x, (self.w1, self.w3))
-        if self.w2.bias is None:
-            return swiglu.swiglu_down(gate, up, self.w2.weight)
-        return self.w2(swiglu.swiglu(gate, up))
-
-
-def _projections(x, linears):
-    """Bias-free projections of one input (the norm output only they read): linear.linears sums their
-    input gradients inside the GEMMs on the GPU."""
-    if any(m.bias is not None for m in linears):
-        return [m(x) for m in linears]
-    return linear.linears(x, [m.weight for m in linears])
+        return self.w2(swiglu.swiglu(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):
@@ -170,8 +134,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(d)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, bias=None, cache=None, layer=0, causal=False, segments=None):
-        h = self.attention(self.attention_norm(x), cos, sin, bias, cache, layer, causal, segments)
+    def forward(self, x, cos, sin, mask: dict, cache=None, layer=0):
+        h = self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
         x = x + functional.dropout(h, self.dropout, self.training)
         h = self.feed_forward(self.ffn_norm(x))
         return x + functional.dropout(h, self.dropout, self.training)
@@ -186,9 +150,6 @@ class Llama(nn.Module):
         self.norm = nn.RMSNorm(d.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(d.dim, d.vocab_size)
         self._rope_cache = {}
-        # Training (train.recompute): each layer's activations recomputed in the backward instead
-        # of kept; the residual adds are then not fused into the norms (a layer is x -> x).
-        self.recompute = False
         self.init_weights()
 
     def init_weights(self):
@@ -209,76 +170,36 @@ class Llama(nn.Module):
         return self._rope_cache[key]
 
     def forward(self, idx, targets=None, segment_ids=None, cache: KVCache | None = None):
-        """idx (B, T) int -> (logits (B, T, V), loss or None). With a cache, positions continue from it.
-        GPU training (targets given, gradients on): logits is None, the loss having been computed
-        from the head in row chunks (llamac.head_loss; FUSED_HEAD_LOSS = False keeps the logits)."""
+        """idx (B, T) int -> (logits (B, T, V), loss or None). With a cache, positions continue from it."""
         idx = idx if isinstance(idx, Tensor) else Tensor(idx)
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len and (self.config.rope_scaling or {}).get("type") != "dynamic":
-            from llamac.errors import LlamacError
             raise LlamacError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
         x = self.tok_embeddings(idx)                                     # (B, T, C)
         cos, sin = self._rope(start, T, x.xp, np.float32 if x.dtype == np.float64 else x.dtype)
         if x.dtype == np.float64:
             cos, sin = cos.to(dtype="float64"), sin.to(dtype="float64")
         segments = segment_ids.data if isinstance(segment_ids, Tensor) else segment_ids
-        if attention.use_flash(x, self.dims.head_dim):
-            # The flash kernel masks as it goes: no (T, start + T) bias is built at all.
-            bias, mask = None, {"causal": True, "segments": segments}
-        else:
-            bias = attention.attention_bias(x.xp, T, start + T, segments, causal=True, dtype=x.dtype)
-            bias = Tensor(bias) if bias is not None else None            # one mask for every layer
-            mask = {}
-        if self.recompute and self.training and grad_enabled() and cache is None:
-            for i, layer in enumerate(self.layers):   # only each layer's input kept for the backward
-                x = functional.recompute(lambda t, layer=layer, i=i: layer(t, cos, sin, bias, None, i, **mask),
-                                         x, layer.parameters())
-            x = self.norm(x)
-        elif self._fuse_residuals(x):
-            x = self._fused_layers(x, cos, sin, bias, cache, mask)
-        else:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, bias, cache, i, **mask)
-            x = self.norm(x)
+        mask = attention.mask_for(x, self.dims.head_dim, T, start + T, segments)
+        x = self.run_layers(x, cos, sin, mask, cache)                   # (B, T, C), normed
         if cache is not None:
             cache.length += T
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        if targets is not None and self._head_loss(x, head):
-            # Training on the GPU: the logits exist one row chunk at a time inside the loss
-            # (llamac.head_loss), so there are none to return.
-            return None, head_loss(x, head, targets, ignore_index=-100)
-        logits = linear.linear(x, head)                                  # (B, T, V)
-        loss = None
-        if targets is not None:
-            targets = targets if isinstance(targets, Tensor) else Tensor(targets)
-            # On the GPU the loss's backward writes the logits' gradient over the logits (B*T*V
-            # values: the largest activation of a step): read `logits` before calling backward.
-            overwrite = logits.xp is not np and logits.requires_grad and OVERWRITE_LOGITS
-            loss = CrossEntropy.apply(logits, targets, ignore_index=-100, overwrite_logits=overwrite)
-        return logits, loss
+        return self.head(x, head, targets)
 
-    def _head_loss(self, x, head) -> bool:
-        """GPU with gradients on: the LM head and the loss as one chunked HeadLoss."""
-        return (FUSED_HEAD_LOSS and x.xp is not np and grad_enabled() and (x.requires_grad or head.requires_grad)
-                and cublas.gemm_supported(x.dtype) and x.dtype == head.dtype)
-
-    def _fuse_residuals(self, x) -> bool:
-        """GPU without active dropout: each residual add runs in one kernel with the RMSNorm after it."""
-        return FUSE_RESIDUALS and rmsnorm.use_fused_residual(x, self.norm.weight) and not any(
-            layer.dropout and layer.training for layer in self.layers)
-
-    def _fused_layers(self, x, cos, sin, bias, cache, mask):
-        """The layers with every residual add fused into the next norm: x + attention -> ffn_norm,
-        x + feed-forward -> the next layer's attention_norm (the final norm after the last)."""
-        n = self.layers[0].attention_norm(x)
+    def run_layers(self, x, cos, sin, mask: dict, cache=None):
         for i, layer in enumerate(self.layers):
-            h = layer.attention(n, cos, sin, bias, cache, i, **mask)
-            x, n = rmsnorm.add_rms_norm(x, h, layer.ffn_norm.weight, layer.ffn_norm.eps)
-            h = layer.feed_forward(n)
-            following = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            x, n = rmsnorm.add_rms_norm(x, h, following.weight, following.eps)
-        return n
+            x = layer(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+    def head(self, x, weight, targets=None):
+        """-> (logits (B, T, V), mean cross-entropy over targets != -100, or None)."""
+        logits = linear.linear(x, weight)                               # (B, T, V)
+        if targets is None:
+            return logits, None
+        targets = targets if isinstance(targets, Tensor) else Tensor(targets)
+        return logits, CrossEntropy.apply(logits, targets, ignore_index=-100)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llamac import runtime
 from llamac.engine import backend, cpu
 from llamac.engine.ops import Concatenate, compute_dtype, matmul
 from llamac.engine.tensor import Function, Tensor
@@ -87,15 +88,12 @@ def attention_bias(xp, Tq: int, Tk: int, segments=None, causal: bool = True, dty
     return bias[:, None]
 
 
-# Route bf16/fp16 GPU attention through the flash kernel (llamac/flash.py); False forces the
-# reference Attention with its T x T bias everywhere (tests compare the two).
-FLASH_ATTENTION = True
 
 
 def use_flash(x, head_dim: int) -> bool:
     """Whether attention on arrays like `x` (a Tensor or array) with this head size takes the flash path."""
     data = x.data if isinstance(x, Tensor) else x
-    return (FLASH_ATTENTION and backend.get_array_module(data) is not np
+    return (runtime.options().flash_attention and backend.get_array_module(data) is not np
             and data.dtype in (backend.bfloat16, np.dtype(np.float16)) and head_dim in flash_forward.HEAD_DIMS)
 
 
@@ -142,13 +140,10 @@ def _unpack(qkv, H: int, Hkv: int, hs: int):
             qkv[..., (H + Hkv) * hs:].reshape(B, T, Hkv, hs))
 
 
-# GPU flash path: q, k, v from one stacked GEMM, RoPE's backward folded into the attention kernel
-# (RoPEFlashAttention). False keeps three projections, the RoPE Function and FlashAttention.
-PACKED_QKV = True
 
 
 def use_packed_attention(x: Tensor, head_dim: int) -> bool:
-    return PACKED_QKV and use_flash(x, head_dim)
+    return runtime.options().packed_qkv and use_flash(x, head_dim)
 
 
 def packed_attention(x: Tensor, weights, cos, sin, n_heads: int, n_kv_heads: int, segments=None,
@@ -163,6 +158,15 @@ def packed_attention(x: Tensor, weights, cos, sin, n_heads: int, n_kv_heads: int
     seg = segments.data if isinstance(segments, Tensor) else segments
     return RoPEFlashAttention.apply(qkv, cos, sin, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal,
                                     segments=seg)
+
+
+def mask_for(x: Tensor, head_dim: int, Tq: int, Tk: int, segments=None) -> dict:
+    """The causal (and document) mask of a forward, as attention()'s keyword arguments: flash masks
+    as it goes, so nothing is built; else one (Tq, Tk) bias, made once and shared by every layer."""
+    if use_flash(x, head_dim):
+        return {"causal": True, "segments": segments}
+    bias = attention_bias(x.xp, Tq, Tk, segments, causal=True, dtype=x.dtype)
+    return {"bias": Tensor(bias) if bias is not None else None, "causal": bias is not None}
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = True, bias=None) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llamac import runtime
 from llamac.engine import backend, cpu
 from llamac.engine.ops import compute_dtype, matmul
 from llamac.engine.tensor import Function, Tensor, grad_enabled
@@ -123,15 +124,12 @@ def cross_entropy_backward(logits, targets, lse, scale, ignore_index=-100, out=N
             fn((grid,), (CE_THREADS,), (x2, t, lse, scale, out, np.int64(N), np.int32(V), np.int64(ignore_index)))
     return out
 
-# Logits per chunk: two chunks for 32k rows x 32k vocabulary in bf16 (half the plain path's 2.1 GB).
-# Every chunk after the first re-reads and re-writes the fp32 weight-gradient sum (V x C x 8 bytes):
-# at 256 MB chunks (eight) that cost 1.5-2 ms a step at 110M/350M on the H100; at 1 GB, ~0.3 ms.
-CHUNK_BYTES = 1 << 30
-
-
+# Logits per chunk (runtime.options().head_loss_chunk_bytes, 1 GB): two chunks for 32k rows x 32k
+# vocabulary in bf16. Every chunk after the first re-reads and re-writes the fp32 weight-gradient sum,
+# so fewer, larger chunks are faster (BENCHMARKS.md).
 def chunk_rows(V: int, itemsize: int, chunk_bytes: int | None = None) -> int:
     """Rows per chunk: at least 128 (a GEMM that still fills the tensor cores)."""
-    return max(128, (chunk_bytes or CHUNK_BYTES) // max(1, V * itemsize))
+    return max(128, (chunk_bytes or runtime.options().head_loss_chunk_bytes) // max(1, V * itemsize))
 
 
 class HeadLoss(Function):

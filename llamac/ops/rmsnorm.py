@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llamac import runtime
 from llamac.engine import backend, cpu
 from llamac.engine.ops import compute_dtype
 from llamac.engine.tensor import Function, Tensor, grad_enabled
@@ -17,14 +18,13 @@ from llamac.ops.common import THREADS, _cuda_dtype, _on_gpu, sm_count
 # the backward. Kernel: kernels/rmsnorm.cu (one warp per row; deterministic fp32 weight gradient).
 
 RMSNORM_MAX_C = 12288   # the backward keeps one fp32 row of dw per warp in 48 KB of shared memory
-RMSNORM_CACHE = True    # keep each lane's share of a row in registers between the passes (RMS_PACKS)
 
 
 def _rmsnorm_options(C: int, dtype) -> tuple[str, ...]:
     """-DRMS_PACKS=K: the 16-byte packs per lane of a row of C, when K <= 8; 0 (re-read the row) else."""
     pack = 16 // np.dtype(dtype).itemsize
     k = -(-C // (32 * pack))
-    return (f"-DRMS_PACKS={k if RMSNORM_CACHE and C % pack == 0 and k <= 8 else 0}",)
+    return (f"-DRMS_PACKS={k if runtime.options().rmsnorm_register_cache and C % pack == 0 and k <= 8 else 0}",)
 
 
 def rmsnorm_forward_reference(x, weight, eps=1e-5):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llamac import runtime
 from llamac.engine import backend, cpu
 from llamac.engine.ops import compute_dtype, matmul, sigmoid
 from llamac.engine.tensor import Function, Tensor
@@ -134,7 +135,7 @@ class SwiGLUDown(Function):
 def swiglu_down(gate: Tensor, up: Tensor, weight: Tensor) -> Tensor:
     """w(silu(gate) * up) for a bias-free down projection: SwiGLUDown on the GPU (h recomputed in
     the backward), swiglu then linear elsewhere."""
-    if (SWIGLU_RECOMPUTE and gate.xp is not np and gate.dtype in backend.CUDA_TYPES
+    if (runtime.options().swiglu_recompute and gate.xp is not np and gate.dtype in backend.CUDA_TYPES
             and up.dtype == gate.dtype == weight.dtype and gate.data.flags.c_contiguous
             and up.data.flags.c_contiguous):
         return SwiGLUDown.apply(gate, up, weight)
@@ -142,7 +143,6 @@ def swiglu_down(gate: Tensor, up: Tensor, weight: Tensor) -> Tensor:
 
 
 # Recompute SwiGLU's output in the backward instead of keeping it (GPU): memory for one extra write.
-SWIGLU_RECOMPUTE = True
 
 
 class SwiGLU(Function):

@@ -17,7 +17,7 @@ from llamac.engine import backend
 from llamac.engine.tensor import manual_seed, no_grad
 from llamac.errors import LlamacError
 from llamac.model.llama import Llama
-from llamac.train import checkpoint
+from llamac.train import checkpoint, fusions
 from llamac.train.optim import AdamW, lr_at
 
 PEAK_FLOPS = {"bf16": 989e12, "fp32": 67e12}   # H100 SXM dense, for MFU on the GPU
@@ -45,7 +45,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, grad_accum: int = 1, grad_clip: float | None = None,
                  cuda_graph: bool = True, warmup: int = 2, optimizer_in_graph: bool = True):
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = (fusions.fuse(model) if isinstance(model, Llama) else model), optimizer
         self.grad_accum, self.grad_clip, self.warmup = grad_accum, grad_clip, warmup
         self.params = [p for _, p in model.named_parameters()]
         self.device = self.params[0].device if self.params else "cpu"
@@ -207,9 +207,9 @@ class Trainer:
         self.extra_state = extra_state or {}      # saved in every checkpoint (e.g. the chat template)
         self.out_dir = Path(recipe.out_dir)
         self.tokens_per_step = tokens_per_step or self.cfg.batch_size * self.cfg.grad_accum * recipe.data.seq_len
+        fusions.fuse(model, recompute=self.cfg.recompute)    # before AdamW: it may re-lay wq | wk | wv
         self.optimizer = AdamW(model.named_parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
-        model.recompute = self.cfg.recompute
         self.stepper = TrainStep(model, self.optimizer, self.cfg.grad_accum, self.cfg.grad_clip,
                                  cuda_graph=self.cfg.cuda_graph)
         self.step = 0
