@@ -1,9 +1,18 @@
 """llamac: a Llama-family LLM toolchain on its own tensor/autograd engine."""
 from llamac.engine import functional
-from llamac.engine.functional import (cat, concatenate, cross_entropy, dropout, log_softmax, masked_fill, softmax,
-                                      split, stack, where)
-from llamac.engine.tensor import (Function, Tensor, arange, full, manual_seed, no_grad, ones, rand, randn, tensor,
-                                  zeros)
+from llamac.engine.functional import (
+    cat,
+    concatenate,
+    cross_entropy,
+    dropout,
+    log_softmax,
+    masked_fill,
+    softmax,
+    split,
+    stack,
+    where,
+)
+from llamac.engine.tensor import Function, Tensor, arange, full, manual_seed, no_grad, ones, rand, randn, tensor, zeros
 from llamac.errors import LlamacError
 
 __all__ = ["LlamacError", "Tensor", "Function", "no_grad", "manual_seed", "tensor", "zeros", "ones", "randn", "rand",

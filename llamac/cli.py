@@ -85,7 +85,7 @@ def generate(
     device: str = typer.Option("auto", "--device"),
 ):
     """Generate text from a checkpoint, streamed as it is produced."""
-    from llamac.infer.generate import generate_command
+    from llamac.infer.commands import generate_command
     generate_command(checkpoint=checkpoint, prompt=prompt, prompt_file=prompt_file, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat, device=device)
 

@@ -132,7 +132,7 @@ def test_flash_function_gradients_on_cpu():
     for use in ("flash", "fused"):
         ts = [llamac.tensor(a, requires_grad=True) for a in arrays]
         if use == "flash":
-            out = flash_forward.flash_attention(*ts, causal=True, segments=seg)
+            out = attention.flash_attention(*ts, causal=True, segments=seg)
         else:
             out = attention.attention(*ts, segments=seg, causal=True)
         proj = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)

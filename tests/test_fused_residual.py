@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac.config import ModelConfig
 from llamac import runtime
+from llamac.config import ModelConfig
 from llamac.model.llama import Llama
-from llamac.train.fusions import fuse
 from llamac.ops import linear, rmsnorm, swiglu
+from llamac.train.fusions import fuse
 
 CFG = ModelConfig(dim=16, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=23, max_seq_len=16, hidden_dim=24)
 

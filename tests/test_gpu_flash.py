@@ -132,7 +132,7 @@ def test_fused_attention_uses_flash_and_matches_the_bias_path(monkeypatch, hs):
     q, k, v = (llamac.Tensor(a, requires_grad=True) for a in inputs(2, 77, 77, 4, 2, hs))
     seg = documents(2, 77)
     out = attention.attention(q, k, v, segments=seg, causal=True)
-    assert isinstance(out._ctx, flash_forward.FlashAttention)
+    assert isinstance(out._ctx, attention.FlashAttention)
     proj = llamac.Tensor(backend.cupy_module().random.default_rng(3).standard_normal(out.shape, dtype=np.float32).astype(BF16))
     (out * proj).sum().backward()
     flash_grads = [backend.to_numpy(t.grad) for t in (q, k, v)]

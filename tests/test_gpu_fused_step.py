@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import llamac
+from llamac import runtime
 from llamac.config import ModelConfig
 from llamac.engine import backend
-from llamac import runtime
 from llamac.model.llama import Llama
-from llamac.train.fusions import fuse
 from llamac.ops import linear, rmsnorm, swiglu
+from llamac.train.fusions import fuse
 
 pytestmark = pytest.mark.cuda
 

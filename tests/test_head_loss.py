@@ -4,10 +4,10 @@ test_gpu_fused_step.py."""
 import numpy as np
 import pytest
 
+from llamac import runtime
 from llamac.engine import functional
 from llamac.engine.tensor import Tensor, no_grad
 from llamac.ops import linear
-from llamac import runtime
 from llamac.ops.cross_entropy import chunk_rows, head_loss
 
 

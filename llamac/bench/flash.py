@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from llamac.engine import backend
 from llamac.bench.timing import _time_ms, torch_time_ms
+from llamac.engine import backend
 from llamac.errors import LlamacError
 from llamac.ops.flash_backward import backward_flops, default_tiles, flash_attention_backward, tiles_fit
 from llamac.ops.flash_forward import default_config, flash_attention_forward

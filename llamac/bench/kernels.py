@@ -8,7 +8,6 @@ LlamacError when called without one.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from llamac.bench import flash as flash_bench

@@ -5,6 +5,7 @@ import statistics
 
 from llamac.engine import backend
 
+
 def _time_ms(fn, reps: int, warmup: int, between=None) -> float:
     """Median milliseconds of fn() on the GPU, from CUDA events around each call.
 

@@ -196,8 +196,7 @@ class Tensor:
         if device is not None and device != self.device:
             out = Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
         if dt is not None and backend.as_dtype(dt) != out.dtype:
-            from llamac.engine.ops import Cast
-            out = Cast.apply(out, dtype=backend.as_dtype(dt))
+            out = out.cast(backend.as_dtype(dt))
         return out
 
     def float(self) -> "Tensor":
@@ -270,77 +269,6 @@ class Tensor:
             raise DeviceError(f"cannot combine a {self.device} tensor with a {backend.device_of(other)} array")
         return Tensor(other)
 
-    def __add__(self, other):
-        from llamac.engine.ops import Add, AddScalar
-        if _is_number(other):
-            return AddScalar.apply(self, c=other)
-        return Add.apply(self, self._lift(other))
-
-    def __radd__(self, other):
-        return self.__add__(other)
-
-    def __sub__(self, other):
-        from llamac.engine.ops import Sub
-        if _is_number(other):
-            return self.__add__(-other)
-        return Sub.apply(self, self._lift(other))
-
-    def __rsub__(self, other):
-        from llamac.engine.ops import Sub
-        if _is_number(other):
-            return (-self).__add__(other)
-        return Sub.apply(self._lift(other), self)
-
-    def __mul__(self, other):
-        from llamac.engine.ops import Mul, MulScalar
-        if _is_number(other):
-            return MulScalar.apply(self, c=other)
-        return Mul.apply(self, self._lift(other))
-
-    def __rmul__(self, other):
-        return self.__mul__(other)
-
-    def __truediv__(self, other):
-        from llamac.engine.ops import Div
-        if _is_number(other):
-            return self.__mul__(1.0 / other)
-        return Div.apply(self, self._lift(other))
-
-    def __rtruediv__(self, other):
-        from llamac.engine.ops import Div
-        return Div.apply(self._lift(other), self)
-
-    def __pow__(self, exponent):
-        from llamac.engine.ops import Pow, PowScalar
-        if isinstance(exponent, (int, float)):
-            return PowScalar.apply(self, exponent=float(exponent))
-        return Pow.apply(self, self._lift(exponent))
-
-    def __rpow__(self, base):
-        from llamac.engine.ops import Pow
-        return Pow.apply(self._lift(base), self)
-
-    def __matmul__(self, other):
-        from llamac.engine.ops import MatMul
-        return MatMul.apply(self, self._lift(other))
-
-    def __rmatmul__(self, other):
-        from llamac.engine.ops import MatMul
-        return MatMul.apply(self._lift(other), self)
-
-    def __neg__(self):
-        from llamac.engine.ops import Neg
-        return Neg.apply(self)
-
-    def __getitem__(self, index):
-        from llamac.engine.ops import GetItem
-        if isinstance(index, Tensor):
-            index = index.data
-        elif isinstance(index, tuple):
-            index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
-        return GetItem.apply(self, index=index)
-
-    # comparisons give plain (non-differentiable) boolean tensors
     def _compare(self, other, op):
         other = other.data if isinstance(other, Tensor) else other
         return Tensor(op(self.data, other))

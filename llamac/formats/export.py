@@ -16,23 +16,23 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llamac.data.tokenizer import proto_fields
 from llamac.errors import LlamacError
 from llamac.formats import hf
-from llamac.formats.hf_import import Source, is_hf_folder, read_hf_folder, write_llamac
+from llamac.formats.hf_import import Source, is_hf_folder, read_hf_folder
+from llamac.formats.spm import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SpmVocab, progress
 from llamac.model.llama import resolve
+from llamac.train import checkpoint
 
 FORMATS = ("hf", "gguf", "llamac")
 HF_DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
              "f16": "float16", "float16": "float16"}
 GGUF_DTYPES = ("f32", "f16", "q8_0")
-PROGRESS_BYTES = 64 << 20          # progress bars only for outputs this large
 
 
 def export(checkpoint, format: str, out, dtype: str = "f32", force: bool = False) -> Path:
@@ -113,72 +113,6 @@ def _remove(path: Path):
     elif path.exists() or path.is_symlink():
         path.unlink()
 
-
-def progress(total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-                disable=total < PROGRESS_BYTES, leave=False)
-
-
-# ------------------------------------------------------------------ SentencePiece model, read without protobuf
-
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6   # SentencePiece = GGUF token types
-
-
-@dataclass
-class SpmVocab:
-    """What the exporters need from a SentencePiece ModelProto (sentencepiece_model.proto field numbers)."""
-    pieces: list
-    scores: list
-    types: list
-    model_type: int = 1              # 1 unigram, 2 bpe
-    byte_fallback: bool = False
-    unk_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    pad_id: int = -1
-    add_dummy_prefix: bool = True
-    remove_extra_whitespaces: bool = True
-    escape_whitespaces: bool = True
-    charsmap: bytes = b""
-
-    @classmethod
-    def read(cls, path) -> "SpmVocab":
-        data = Path(path).read_bytes()
-        v = cls([], [], [])
-        try:
-            for num, value, _, _ in proto_fields(data):
-                if num == 1:                                  # repeated SentencePiece pieces
-                    piece = {n: x for n, x, _, _ in proto_fields(value)}
-                    v.pieces.append(bytes(piece.get(1, b"")).decode("utf-8"))
-                    v.scores.append(float(np.frombuffer(piece.get(2, b"\0\0\0\0"), "<f4")[0]))
-                    v.types.append(int(piece.get(3, NORMAL)))
-                elif num == 2:                                # TrainerSpec
-                    spec = {n: x for n, x, _, _ in proto_fields(value)}
-                    v.model_type = spec.get(3, 1)
-                    v.byte_fallback = bool(spec.get(35, 0))
-                    v.unk_id, v.bos_id, v.eos_id, v.pad_id = (_int32(spec.get(k, d)) for k, d in
-                                                              ((40, 0), (41, 1), (42, 2), (43, -1)))
-                elif num == 3:                                # NormalizerSpec
-                    spec = {n: x for n, x, _, _ in proto_fields(value)}
-                    v.charsmap = bytes(spec.get(2, b""))
-                    v.add_dummy_prefix, v.remove_extra_whitespaces, v.escape_whitespaces = (
-                        bool(spec.get(k, 1)) for k in (3, 4, 5))
-        except (IndexError, ValueError, UnicodeDecodeError) as exc:
-            raise LlamacError(f"{path} is not a SentencePiece model ({exc})") from None
-        if not v.pieces:
-            raise LlamacError(f"{path} is not a SentencePiece model (no pieces)")
-        return v
-
-    def piece(self, i: int) -> str | None:
-        return self.pieces[i] if 0 <= i < len(self.pieces) else None
-
-
-def _int32(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value   # negative int32s are 10-byte varints
-
-
-# ------------------------------------------------------------------ Hugging Face
 
 def write_hf(src: Source, folder: Path, torch_dtype: str):
     """config.json, model.safetensors, generation_config.json and the tokenizer files, into `folder`."""
@@ -332,3 +266,24 @@ def tokenizer_json(v: SpmVocab, add_bos: bool = True) -> dict:
         "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials},
         "decoder": {"type": "Sequence", "decoders": decoders},
     }
+
+
+# ------------------------------------------------------------------ native checkpoints
+
+def write_llamac(src: Source, folder: Path):
+    """A native checkpoint folder (model.safetensors, state.json, tokenizer.model) at `folder`, which must
+    not exist yet: checkpoint.save writes it (so the format stays in one place), then it is moved here."""
+    from llamac.config import Recipe
+    from llamac.model.llama import Llama
+    model = Llama(src.config)
+    model.load_state_dict(src.state)
+    state = dict(src.extra)
+    state["source"] = str(src.path)
+    if src.chat_template is not None:
+        state["chat_template"] = src.chat_template
+    state.pop("step", None)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.save-") as tmp:
+        step = int(src.extra.get("step", 0))
+        saved = checkpoint.save(tmp, step, model, None, Recipe(model=src.config), state,
+                                tokenizer_path=src.tokenizer_path, keep=1)
+        shutil.move(str(saved), str(folder))

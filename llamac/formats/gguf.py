@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llamac.errors import LlamacError
-from llamac.formats.export import PROGRESS_BYTES, UNUSED, SpmVocab
+from llamac.formats.spm import PROGRESS_BYTES, UNUSED, SpmVocab
 from llamac.formats.hf_import import Source
 from llamac.model.llama import resolve, rope_inv_freq
 

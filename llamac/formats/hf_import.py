@@ -3,14 +3,12 @@
 `llamac generate`, `sft --from` and `export` take such a folder wherever they take a checkpoint
 (`checkpoint.load_model` dispatches here); the weights are converted on load: names mapped and
 wq/wk rows permuted from transformers' rotate-half layout back to llamac's interleaved pairs
-(llamac.formats.hf). `write_llamac` turns any source into a native checkpoint folder.
+(llamac.formats.hf).
 """
 from __future__ import annotations
 
 import json
 import mmap
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,25 +136,3 @@ def load_hf_folder(path, device: str = "cpu", dtype=None):
         from llamac.data.tokenizer import Tokenizer
         tokenizer = Tokenizer(src.tokenizer_path)
     return model, tokenizer, Path(path)
-
-
-# ------------------------------------------------------------------ native checkpoints
-
-def write_llamac(src: Source, folder: Path):
-    """A native checkpoint folder (model.safetensors, state.json, tokenizer.model) at `folder`, which must
-    not exist yet: checkpoint.save writes it (so the format stays in one place), then it is moved here."""
-    from llamac.config import Recipe
-    from llamac.model.llama import Llama
-    from llamac.train import checkpoint
-    model = Llama(src.config)
-    model.load_state_dict(src.state)
-    state = dict(src.extra)
-    state["source"] = str(src.path)
-    if src.chat_template is not None:
-        state["chat_template"] = src.chat_template
-    state.pop("step", None)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.save-") as tmp:
-        step = int(src.extra.get("step", 0))
-        saved = checkpoint.save(tmp, step, model, None, Recipe(model=src.config), state,
-                                tokenizer_path=src.tokenizer_path, keep=1)
-        shutil.move(str(saved), str(folder))

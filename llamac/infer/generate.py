@@ -114,32 +114,6 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     return text
 
 
-def generate_command(checkpoint, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, chat, device):
-    """`llamac generate`: load a checkpoint and stream continuations (or chat)."""
-    from llamac.train.checkpoint import load_model
-    if prompt is None and prompt_file is None and not chat:
-        raise LlamacError("give --prompt TEXT, --prompt-file FILE or --chat")
-    if max_new_tokens < 1:
-        raise LlamacError("--max-new-tokens must be at least 1")
-    model, tokenizer, _ = load_model(checkpoint, device=backend.resolve_device(device))
-    if tokenizer is None:
-        raise LlamacError(f"checkpoint {checkpoint} has no tokenizer.model")
-    if max_new_tokens >= model.config.max_seq_len:
-        raise LlamacError(f"--max-new-tokens {max_new_tokens} exceeds the model's max_seq_len "
-                          f"({model.config.max_seq_len}) minus the prompt")
-    if chat:
-        from llamac.infer.chat import chat_command
-        return chat_command(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed)
-    prompts = [prompt] if prompt is not None else _read_prompts(prompt_file)
-    if len(prompts) > 1 and generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        return
-    for i, text in enumerate(prompts):
-        if len(prompts) > 1:
-            print(f"--- [{i + 1}/{len(prompts)}]", flush=True)
-        generate_text(model, tokenizer, text, max_new_tokens, temperature, top_k, top_p, seed + i, stream=sys.stdout)
-        print(flush=True)
-
-
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
                    top_k, top_p, seed: int, out=None) -> bool:
     """Several prompts decoded together on the GPU (16 at a time), each printed when done.

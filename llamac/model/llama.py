@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from llamac.config import ModelConfig
-from llamac.errors import LlamacError
 from llamac.engine import backend, functional
 from llamac.engine.tensor import Tensor, no_grad
+from llamac.errors import LlamacError
 from llamac.model import layers as nn
 from llamac.ops import attention, linear, rope, swiglu
 from llamac.ops.cross_entropy import CrossEntropy
+
 
 @dataclass(frozen=True)
 class Dims:

@@ -9,9 +9,12 @@ import numpy as np
 
 from llamac import runtime
 from llamac.engine import backend, cpu
-from llamac.engine.ops import Concatenate, compute_dtype, matmul
+from llamac.engine.matmul import matmul
+from llamac.engine.ops import Concatenate, compute_dtype
 from llamac.engine.tensor import Function, Tensor
 from llamac.errors import ShapeError
+from llamac.ops.flash_backward import flash_attention_backward
+from llamac.ops.flash_forward import flash_attention_forward
 from llamac.ops import flash_forward, rope
 from llamac.ops.linear import StackedRows, linear
 
@@ -122,7 +125,6 @@ class RoPEFlashAttention(Function):
         return out                                                       # (B, T, H, hs)
 
     def backward(self, g):
-        from llamac.ops.flash_backward import flash_attention_backward  # noqa: PLC0415 - as FlashAttention does
         qr, kr, v, out, lse, cos, sin = self.saved
         causal, segments = self.mask
         B, T, H, hs = qr.shape
@@ -160,6 +162,31 @@ def packed_attention(x: Tensor, weights, cos, sin, n_heads: int, n_kv_heads: int
                                     segments=seg)
 
 
+class FlashAttention(Function):
+    """softmax(q k^T / sqrt(hs) + mask) v with a causal and/or document mask, no T x T anything.
+
+    forward(q, k, v, causal=True, segments=None): q (B, Tq, H, hs), k, v (B, Tk, Hkv, hs),
+    segments (B, Tk) int array or None. Kernels: llamac.ops.flash_forward and flash_backward.
+    """
+
+    def forward(self, q, k, v, causal=True, segments=None):
+        out, lse = flash_attention_forward(q, k, v, causal=causal, segments=segments)
+        self.save(q, k, v, out, lse)
+        self.mask = (bool(causal), segments)
+        return out
+
+    def backward(self, g):
+        q, k, v, out, lse = self.saved
+        causal, segments = self.mask
+        return flash_attention_backward(q, k, v, out, g, lse, causal, segments)
+
+
+def flash_attention(q, k, v, causal: bool = True, segments=None):
+    """FlashAttention on Tensors (segments: a (B, Tk) int array or Tensor, or None)."""
+    seg = segments.data if isinstance(segments, Tensor) else segments
+    return FlashAttention.apply(q, k, v, causal=causal, segments=seg)
+
+
 def mask_for(x: Tensor, head_dim: int, Tq: int, Tk: int, segments=None) -> dict:
     """The causal (and document) mask of a forward, as attention()'s keyword arguments: flash masks
     as it goes, so nothing is built; else one (Tq, Tk) bias, made once and shared by every layer."""
@@ -176,7 +203,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, segments=None, causal: bool = Tru
     `bias`, the flash kernel: no (Tq, Tk) mask or probabilities are ever built."""
     seg = segments.data if isinstance(segments, Tensor) else segments
     if bias is None and k.dtype == q.dtype == v.dtype and use_flash(q, q.shape[-1]):
-        return flash_forward.FlashAttention.apply(q, k, v, causal=causal, segments=seg)
+        return FlashAttention.apply(q, k, v, causal=causal, segments=seg)
     if bias is None:
         bias = attention_bias(q.xp, q.shape[1], k.shape[1], seg, causal, q.dtype)
     if bias is None:

@@ -21,7 +21,8 @@ import numpy as np
 
 from llamac import runtime
 from llamac.engine import backend, cpu
-from llamac.engine.ops import compute_dtype, matmul
+from llamac.engine.matmul import matmul
+from llamac.engine.ops import compute_dtype
 from llamac.engine.tensor import Function, Tensor, grad_enabled
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops.common import _cuda_dtype, _fill_out, _on_gpu, sm_count

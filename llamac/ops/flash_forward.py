@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 
 from llamac.engine import backend
-from llamac.engine.tensor import Function, Tensor
 from llamac.errors import LlamacError, ShapeError
 
 HEAD_DIMS = (32, 48, 64, 96, 128)   # the kernel's compiled head sizes (48: the 15M model's 288 / 6)
@@ -315,35 +314,3 @@ def flash_attention_forward(q, k, v, causal=True, segments=None, config: KernelC
 
 
 # ---------------------------------------------------------------- autograd
-
-class FlashAttention(Function):
-    """softmax(q k^T / sqrt(hs) + mask) v with a causal and/or document mask, no T x T anything.
-
-    forward(q, k, v, causal=True, segments=None): q (B, Tq, H, hs), k, v (B, Tk, Hkv, hs),
-    segments (B, Tk) int array or None. The backward is llamac.flash_backward's kernel when that
-    module exists, else the fp32 reference (gradients cast back to the inputs' dtypes).
-    """
-
-    def forward(self, q, k, v, causal=True, segments=None):
-        out, lse = flash_attention_forward(q, k, v, causal=causal, segments=segments)
-        self.save(q, k, v, out, lse)
-        self.mask = (bool(causal), segments)
-        return out
-
-    def backward(self, g):
-        q, k, v, out, lse = self.saved
-        causal, segments = self.mask
-        try:
-            from llamac.ops.flash_backward import flash_attention_backward  # noqa: PLC0415 - optional module
-        except ImportError:
-            flash_attention_backward = None
-        if flash_attention_backward is not None:
-            return flash_attention_backward(q, k, v, out, g, lse, causal, segments)
-        dq, dk, dv = attention_backward_reference(q, k, v, out, g, lse, causal, segments)
-        return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
-
-
-def flash_attention(q, k, v, causal: bool = True, segments=None):
-    """FlashAttention on Tensors (segments: a (B, Tk) int array or Tensor, or None)."""
-    seg = segments.data if isinstance(segments, Tensor) else segments
-    return FlashAttention.apply(q, k, v, causal=causal, segments=seg)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from llamac.engine import backend, cublas
-from llamac.engine.ops import Concatenate, matmul
+from llamac.engine.matmul import matmul
+from llamac.engine.ops import Concatenate
 from llamac.engine.tensor import Function, Tensor
 from llamac.errors import ShapeError
 

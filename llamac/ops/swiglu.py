@@ -6,7 +6,8 @@ import numpy as np
 
 from llamac import runtime
 from llamac.engine import backend, cpu
-from llamac.engine.ops import compute_dtype, matmul, sigmoid
+from llamac.engine.matmul import matmul
+from llamac.engine.ops import compute_dtype, sigmoid
 from llamac.engine.tensor import Function, Tensor
 from llamac.errors import ShapeError
 from llamac.ops.common import _check_operands, _fill_out, _launch_config
