@@ -33,7 +33,7 @@ def tokenize(
 ):
     """Train a SentencePiece tokenizer and encode the recipe's sources into token shards."""
     if text is not None:
-        from llamac.tokenizer import show_pieces
+        from llamac.data.tokenizer import show_pieces
         if tokenizer is None:
             raise LlamacError("--text needs --tokenizer PATH (a SentencePiece .model file)")
         show_pieces(text, tokenizer)
@@ -53,7 +53,7 @@ def pretrain(
 ):
     """Pretrain a Llama model from raw text, then print a sample."""
     from llamac.config import RECIPE_DIR
-    from llamac.train import pretrain as run
+    from llamac.train.loop import pretrain as run
     run(_recipe(recipe or RECIPE_DIR / "pretrain" / "tiny.yaml", set_, device), resume=resume)
 
 
@@ -66,7 +66,7 @@ def sft(
     resume: bool = typer.Option(True, "--resume/--no-resume"),
 ):
     """Instruction-tune a model on chat / Alpaca data."""
-    from llamac.sft import finetune
+    from llamac.train.sft import finetune
     extra = list(set_) + ([f"sft.from_checkpoint={from_}"] if from_ else [])
     finetune(_recipe(recipe, extra, device), resume=resume)
 
@@ -85,7 +85,7 @@ def generate(
     device: str = typer.Option("auto", "--device"),
 ):
     """Generate text from a checkpoint, streamed as it is produced."""
-    from llamac.generate import generate_command
+    from llamac.infer.commands import generate_command
     generate_command(checkpoint=checkpoint, prompt=prompt, prompt_file=prompt_file, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat, device=device)
 
@@ -98,7 +98,7 @@ def bench(
     device: str = typer.Option("auto", "--device"),
 ):
     """Measure llamac: engine overhead, tokenizer speed, kernels, training and decoding."""
-    from llamac.bench import run_bench
+    from llamac.bench.run import run_bench
     run_bench(what=what, compare=compare, json_out=json_out, device=device)
 
 
@@ -111,7 +111,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
     """Export a model to Hugging Face, GGUF (llama.cpp) or native llamac files."""
-    from llamac.export import export as run
+    from llamac.formats.export import export as run
     run(checkpoint, format=format, out=out, dtype=dtype, force=force)
 
 

@@ -331,7 +331,7 @@ def validate(recipe: Recipe) -> None:
     check_ranges(recipe)
     m, t, tok = recipe.model, recipe.train, recipe.tokenizer
     if tok.path is None:
-        from llamac.tokenizer import min_vocab_size
+        from llamac.data.tokenizer import min_vocab_size
         problem = Range(ge=min_vocab_size(tok.user_defined_symbols),
                         note="a new tokenizer holds <unk> <s> </s>, its special tokens, 256 byte pieces, "
                              "the space piece and the text's characters").violation(tok.vocab_size)

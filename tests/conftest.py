@@ -6,7 +6,7 @@ def pytest_collection_modifyitems(config, items):
     cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
     if not cuda_items:
         return  # don't probe for CuPy (slow to import) when nothing needs it
-    from llamac import backend
+    from llamac.engine import backend
     from llamac.errors import LlamacError
 
     if backend.cuda_available():

@@ -1,7 +1,7 @@
 """`llamac bench`: the sections run and report real numbers; bad sections are one-line errors."""
 import pytest
 
-from llamac.bench import bench_engine, bench_train, run_bench
+from llamac.bench.run import bench_engine, bench_train, run_bench
 from llamac.errors import LlamacError
 
 
@@ -35,7 +35,7 @@ def test_unknown_compare_is_refused_before_anything_runs():
 def test_gpu_training_bench_runs_a_tiny_shape_on_the_cpu():
     # The same code path as `bench --what train --device cuda`, minus graphs and autocast.
     pytest.importorskip("torch")
-    from llamac.bench import bench_train_gpu
+    from llamac.bench.run import bench_train_gpu
     shape = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=64, seq_len=16, batch_size=2)
     rows = bench_train_gpu("tiny", shape, steps=2, warmup=1, torch_modes=("eager",), device="cpu")
     ours, theirs = rows
@@ -47,8 +47,8 @@ def test_gpu_training_bench_runs_a_tiny_shape_on_the_cpu():
 
 
 def test_gpu_training_bench_reports_a_failure_as_a_row(monkeypatch):
-    from llamac import bench
-    import llamac.train
+    import llamac.train.loop
+    from llamac.bench import run as bench
 
     class Boom(Exception):
         pass
@@ -56,7 +56,7 @@ def test_gpu_training_bench_reports_a_failure_as_a_row(monkeypatch):
     def explode(*a, **k):
         raise Boom("CUDA out of memory allocating 9 GB")
 
-    monkeypatch.setattr(llamac.train, "TrainStep", explode)
+    monkeypatch.setattr(llamac.train.loop, "TrainStep", explode)
     shape = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=64, seq_len=16, batch_size=2)
     rows = bench.bench_train_gpu("tiny", shape, steps=1, warmup=1, torch_modes=(), device="cpu")
     assert rows[0]["status"] == "OOM"

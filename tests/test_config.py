@@ -102,7 +102,7 @@ def test_vocab_floor_counts_user_symbols_and_skips_a_given_tokenizer():
 
 
 def test_min_vocab_size_is_what_sentencepiece_needs(tmp_path):
-    from llamac.tokenizer import min_vocab_size, train_tokenizer
+    from llamac.data.tokenizer import min_vocab_size, train_tokenizer
     train_tokenizer(["a" * 3000], tmp_path / "t", min_vocab_size(), input_sentence_size=0)
     with pytest.raises(LlamacError, match="too small"):
         train_tokenizer(["a" * 3000], tmp_path / "u", min_vocab_size() - 1, input_sentence_size=0)

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import cpu, fused, ops
-from llamac.nn import Parameter
-from llamac.optim import AdamW
+from llamac.engine import cpu, ops
+from llamac.model.layers import Parameter
+from llamac.ops import attention, linear, rope
+from llamac.train.optim import AdamW
 
 rng = np.random.default_rng(0)
 
@@ -26,7 +27,7 @@ def one_thread(monkeypatch):
 
 def _attention_grads(q, k, v, segments, dout, dtype):
     ts = [llamac.tensor(a, dtype=dtype, requires_grad=True) for a in (q, k, v)]
-    out = fused.attention(*ts, segments)
+    out = attention.attention(*ts, segments)
     out.backward(dout.astype(dtype))
     return [out.numpy()] + [t.grad for t in ts]
 
@@ -69,7 +70,7 @@ def test_threaded_rope_matches_pairwise_formula():
     c, s = cos[None, :, None], sin[None, :, None]
     want = np.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1).reshape(x.shape)
     t = llamac.tensor(x, requires_grad=True)
-    out = fused.rope(t, cos, sin)
+    out = rope.rope(t, cos, sin)
     assert np.allclose(out.numpy(), want, atol=1e-5)
     out.backward(out.numpy())                                   # rotating back gives x
     assert np.allclose(t.grad, x, atol=1e-5)
@@ -114,16 +115,16 @@ def test_matmul_adds_into_out_inside_the_gemm(shape_a, shape_b, threads, one_thr
 
 
 def test_projection_input_gradients_summed_in_the_gemm_equal_separate_ones(monkeypatch):
-    """fused.linears on the CPU (float32): the q, k, v (and gate, up) projections add their input
+    """linear.linears on the CPU (float32): the q, k, v (and gate, up) projections add their input
     gradients into one array inside the GEMMs; the sums equal the engine's separate adds."""
     x0 = r(4, 33, 64).astype(np.float32)
     ws0 = [r(n, 64).astype(np.float32) * 0.1 for n in (64, 32, 32)]
     grads = []
     for in_gemm in (True, False):
-        monkeypatch.setattr(fused, "_sums_in_gemm", lambda x, v=in_gemm: v)
+        monkeypatch.setattr(linear, "_sums_in_gemm", lambda x, v=in_gemm: v)
         x = llamac.tensor(x0, requires_grad=True)
         ws = [llamac.tensor(w, requires_grad=True) for w in ws0]
-        outs = fused.linears(x, ws)
+        outs = linear.linears(x, ws)
         sum((o * o).sum() for o in outs).backward()
         grads.append([x.grad] + [w.grad for w in ws])
     for got, want in zip(*grads):

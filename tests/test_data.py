@@ -15,8 +15,8 @@ from llamac.data.loader import TokenLoader
 from llamac.data.pipeline import measure_encoding_speed, prepare_data, split_documents
 from llamac.data.shards import HEADER_SIZE, ShardWriter, read_header, read_shard, write_shard
 from llamac.data.sources import iter_documents, strip_gutenberg
+from llamac.data.tokenizer import Tokenizer
 from llamac.errors import LlamacError
-from llamac.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the king queen of and to a in that is my with not his be your thou thee love night day".split()
@@ -319,7 +319,7 @@ def test_eval_batches_are_fixed_and_apart_from_training(shard):
 
 @pytest.mark.cuda
 def test_gpu_batches_are_the_cpu_batches_on_the_device(shard):
-    from llamac import backend
+    from llamac.engine import backend
     cpu = TokenLoader(shard, 32, 4, seed=0, grad_accum=2)
     gpu = TokenLoader(shard, 32, 4, seed=0, grad_accum=2, device="cuda")   # prefetches on a thread
     for step in range(3):

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, decode
 from llamac.config import ModelConfig
-from llamac.model import Llama, rope_tables
+from llamac.engine import backend
+from llamac.infer import decode
+from llamac.model.llama import Llama, rope_tables
+from llamac.ops import rope
 
 BF16 = backend.bfloat16
 
@@ -56,7 +58,6 @@ def test_w13_interleaves_gate_and_up():
 
 
 def test_rope_reference_matches_fused_rope():
-    from llamac import fused
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 4, 16)).astype(BF16)                 # (M, H, hs), one position per row
     cfg = ModelConfig(dim=64, n_heads=4)
@@ -64,7 +65,7 @@ def test_rope_reference_matches_fused_rope():
     pos = np.array([0, 7, 39])
     got = decode.rope_reference(x, cos[pos], sin[pos])
     for m, p in enumerate(pos):
-        want = fused._rotate(x[m][None, None], cos[p:p + 1], sin[p:p + 1], 1.0)[0, 0]
+        want = rope._rotate(x[m][None, None], cos[p:p + 1], sin[p:p + 1], 1.0)[0, 0]
         assert np.array_equal(got[m].view(np.uint16), want.view(np.uint16))
 
 
@@ -150,14 +151,14 @@ def test_fast_decoder_refuses_cleanly_without_cuda(monkeypatch):
 
 
 def test_bench_decode_needs_a_gpu():
-    from llamac.bench import run_bench
+    from llamac.bench.run import run_bench
     from llamac.errors import LlamacError
     with pytest.raises(LlamacError, match="GPU"):
         run_bench(what="decode", device="cpu")
 
 
 def test_generate_stays_on_the_plain_path_on_the_cpu():
-    from llamac.generate import fast_decoder_for, generate_ids
+    from llamac.infer.generate import fast_decoder_for, generate_ids
     model = tiny_model()
     assert fast_decoder_for(model) is None
     a = list(generate_ids(model, [1, 2, 3], 8, temperature=0))
@@ -168,7 +169,7 @@ def test_torch_decode_reference_reports_every_figure_per_batch():
     """bench_torch gives, for each batch size, decode tokens/s, step time and time to first token
     (and prefill tokens/s at batch 1), as llamac's rows do; checked on CPU torch at a tiny shape."""
     torch = pytest.importorskip("torch")
-    from llamac import decode_bench
+    from llamac.bench import decode as decode_bench
     torch.manual_seed(0)
     rows = decode_bench.bench_torch("tiny", n_new=4, prompt_len=3, reps=1, batches=(1, 2), prefill_len=8,
                                     device="cpu", dims=(32, 2, 4, 2, 64, 48))

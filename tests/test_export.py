@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import checkpoint
-from llamac.chat import END_OF_TURN, JINJA_TEMPLATE, encode_chat
 from llamac.cli import main
 from llamac.config import ModelConfig, Recipe
 from llamac.errors import LlamacError
-from llamac.export import export, read_source
-from llamac.generate import generate_ids
-from llamac.model import Llama
+from llamac.formats.export import export, read_source
+from llamac.infer.chat import END_OF_TURN, JINJA_TEMPLATE, encode_chat
+from llamac.infer.generate import generate_ids
+from llamac.model.llama import Llama
+from llamac.train import checkpoint
 
 CHAT = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>",
         "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>")
@@ -92,7 +92,7 @@ def _margins(model, ids, continuation) -> np.ndarray:
 
 
 def _tokenizer(path):
-    from llamac.tokenizer import Tokenizer
+    from llamac.data.tokenizer import Tokenizer
     return Tokenizer(path)
 
 
@@ -349,8 +349,8 @@ CHATS = [(c[:-1], 24) for c in TRAINED] + [
 
 def _tune(model, tokenizer, steps=80):
     """SFT as `llamac sft` does it (packed rows, loss on the assistant tokens and their <|end|>), full batch."""
-    from llamac.optim import AdamW
-    from llamac.sft import batch_arrays, pack
+    from llamac.train.optim import AdamW
+    from llamac.train.sft import batch_arrays, pack
     packed = pack([encode_chat(tokenizer, c) for c in TRAINED], model.config.max_seq_len - 1, tokenizer.eos_id)
     x, y, segments = batch_arrays(packed, np.arange(len(packed.tokens)))
     opt = AdamW(model.named_parameters(), lr=1e-2)
@@ -496,7 +496,8 @@ def _interrupt_after(monkeypatch, owner, name):
 @pytest.mark.parametrize("format,name", [("hf", "hf"), ("gguf", "m.gguf"), ("llamac", "native")])
 def test_interrupted_export_leaves_nothing_under_the_target(tmp_path, corpus, monkeypatch, format, name):
     import gguf
-    import llamac.export as export_module
+
+    import llamac.formats.export as export_module
     tok_path, _ = corpus
     run, _ = _checkpoint(tmp_path, TIED, tok_path)
     out = tmp_path / "out"
@@ -520,8 +521,8 @@ def test_interrupted_export_leaves_nothing_under_the_target(tmp_path, corpus, mo
 
 
 def test_untied_folder_without_head_is_an_error(tmp_path, corpus):
-    from llamac.export import write_safetensors
-    from llamac.hf_import import read_safetensors
+    from llamac.formats.export import write_safetensors
+    from llamac.formats.hf_import import read_safetensors
     hf_dir = export(_checkpoint(tmp_path, GQA, corpus[0])[0], format="hf", out=tmp_path / "hf")
     tensors = {k: np.array(v) for k, v in read_safetensors(hf_dir / "model.safetensors")[0].items()
                if k != "lm_head.weight"}

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, flash, fused
+from llamac.engine import backend
 from llamac.errors import LlamacError, ShapeError
+from llamac.ops import attention, flash_backward, flash_forward
 
 BF16 = backend.bfloat16
 
@@ -77,7 +78,7 @@ def test_forward_reference_matches_float64(case):
     B, Tq, Tk, H, Hkv, hs, causal, use_seg = case
     q, k, v = make(B, Tq, Tk, H, Hkv, hs)
     seg = documents(B, Tk) if use_seg else None
-    out, lse = flash.attention_forward_reference(q, k, v, causal, seg)
+    out, lse = flash_forward.attention_forward_reference(q, k, v, causal, seg)
     want_out, want_lse, _, _ = naive64(q, k, v, causal, seg)
     assert out.dtype == np.float32 and out.shape == (B, Tq, H, hs)
     assert lse.dtype == np.float32 and lse.shape == (B, H, Tq)
@@ -91,8 +92,8 @@ def test_backward_reference_matches_float64(case):
     q, k, v = make(B, Tq, Tk, H, Hkv, hs)
     seg = documents(B, Tk) if use_seg else None
     dout = np.random.default_rng(5).standard_normal((B, Tq, H, hs)).astype(np.float32)
-    out, lse = flash.attention_forward_reference(q, k, v, causal, seg)
-    dq, dk, dv = flash.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
+    out, lse = flash_forward.attention_forward_reference(q, k, v, causal, seg)
+    dq, dk, dv = flash_forward.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
     # float64 by hand: dV = P^T dO; dP = dO V^T; dS = P (dP - rowsum(dP P)); dQ = dS K s; dK = dS^T Q s
@@ -116,9 +117,9 @@ def test_reference_matches_fused_attention_with_bias():
     B, Tq, Tk, H, Hkv, hs = 2, 7, 12, 4, 2, 8
     q, k, v = make(B, Tq, Tk, H, Hkv, hs, seed=3)
     seg = documents(B, Tk, seed=3)
-    bias = fused.attention_bias(np, Tq, Tk, seg, causal=True)
-    want = fused.Attention().forward(q, k, v, bias)
-    got, _ = flash.attention_forward_reference(q, k, v, True, seg)
+    bias = attention.attention_bias(np, Tq, Tk, seg, causal=True)
+    want = attention.Attention().forward(q, k, v, bias)
+    got, _ = flash_forward.attention_forward_reference(q, k, v, True, seg)
     assert rel(got, want) < 1e-5
 
 
@@ -131,9 +132,9 @@ def test_flash_function_gradients_on_cpu():
     for use in ("flash", "fused"):
         ts = [llamac.tensor(a, requires_grad=True) for a in arrays]
         if use == "flash":
-            out = flash.flash_attention(*ts, causal=True, segments=seg)
+            out = attention.flash_attention(*ts, causal=True, segments=seg)
         else:
-            out = fused.attention(*ts, segments=seg, causal=True)
+            out = attention.attention(*ts, segments=seg, causal=True)
         proj = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)
         (out * llamac.tensor(proj)).sum().backward()
         grads.append([out.numpy()] + [t.grad for t in ts])
@@ -143,25 +144,25 @@ def test_flash_function_gradients_on_cpu():
 
 def test_forward_on_cpu_falls_back_to_reference_in_input_dtype():
     q, k, v = make(1, 4, 6, 2, 1, 64, dtype=BF16)
-    out, lse = flash.flash_attention_forward(q, k, v, causal=True)
-    want, want_lse = flash.attention_forward_reference(q, k, v, causal=True)
+    out, lse = flash_forward.flash_attention_forward(q, k, v, causal=True)
+    want, want_lse = flash_forward.attention_forward_reference(q, k, v, causal=True)
     assert out.dtype == BF16 and lse.dtype == np.float32
     assert rel(out.astype(np.float32), want) < 1e-2 and np.allclose(lse, want_lse)
-    assert not flash.kernel_supports(q, k)
+    assert not flash_forward.kernel_supports(q, k)
 
 
 def test_bad_shapes_are_one_line_errors():
     q, k, v = make(1, 4, 6, 3, 2, 8)
     with pytest.raises(ShapeError, match="do not fit"):
-        flash.flash_attention_forward(q, k, v)
+        flash_forward.flash_attention_forward(q, k, v)
     q, k, v = make(1, 7, 6, 2, 1, 8)
     with pytest.raises(ShapeError, match="queries"):
-        flash.flash_attention_forward(q, k, v)
+        flash_forward.flash_attention_forward(q, k, v)
     q, k, v = make(1, 4, 6, 2, 1, 8)
     with pytest.raises(ShapeError, match="segments"):
-        flash.flash_attention_forward(q, k, v, segments=np.zeros((1, 4), np.int64))
+        flash_forward.flash_attention_forward(q, k, v, segments=np.zeros((1, 4), np.int64))
     with pytest.raises(LlamacError, match="dtypes"):
-        flash.flash_attention_forward(q, k.astype(np.float16), v)
+        flash_forward.flash_attention_forward(q, k.astype(np.float16), v)
 
 
 # ---------------------------------------------------------------- NVRTC builds, no GPU
@@ -173,7 +174,7 @@ def nvrtc():
         pytest.skip(backend.nvrtc_unavailable_reason())
 
 
-CONFIGS = [(hs, cfg) for hs in flash.HEAD_DIMS for cfg in flash.CANDIDATES[hs]]
+CONFIGS = [(hs, cfg) for hs in flash_forward.HEAD_DIMS for cfg in flash_forward.CANDIDATES[hs]]
 
 
 @pytest.mark.parametrize("hs, cfg", CONFIGS, ids=str)
@@ -189,7 +190,7 @@ def test_kernel_builds_with_tensor_cores_and_no_spills(nvrtc, dtype, hs, cfg):
     assert " 0 bytes spill stores" in result.log and " 0 bytes stack frame" in result.log, result.log
 
 
-HOPPER = [(hs, cfg) for hs in flash.HOPPER_CANDIDATES for cfg in flash.HOPPER_CANDIDATES[hs]]
+HOPPER = [(hs, cfg) for hs in flash_forward.HOPPER_CANDIDATES for cfg in flash_forward.HOPPER_CANDIDATES[hs]]
 
 
 @pytest.mark.parametrize("hs, cfg", HOPPER, ids=str)
@@ -210,34 +211,33 @@ def test_hopper_kernel_builds_with_warpgroup_mma_and_no_spills(nvrtc, dtype, hs,
 
 def test_hopper_build_refuses_what_it_cannot_do(nvrtc):
     """wgmma reads one 128-byte swizzle atom per row: head size 64 only, one row tile a warp."""
-    bad = flash.KernelConfig(8, 1, True, 64, 2, 2, True, wgmma=True).options(128)
+    bad = flash_forward.KernelConfig(8, 1, True, 64, 2, 2, True, wgmma=True).options(128)
     result = backend.compile_check_kernel("flash_attn_fwd", BF16, arch="sm_90a", options=bad)
     assert not result.ok and "LLAMAC_WGMMA takes HEAD_DIM 64" in result.log
     # and the plain sm_90 target has no wgmma at all: the launcher must name sm_90a
-    result = backend.compile_check_kernel("flash_attn_fwd", BF16, arch="sm_90", options=flash.HOPPER_CONFIGS[64].options(64))
+    result = backend.compile_check_kernel("flash_attn_fwd", BF16, arch="sm_90", options=flash_forward.HOPPER_CONFIGS[64].options(64))
     assert not result.ok and "wgmma" in result.log
 
 
 def test_default_configs_are_candidates():
-    for hs in flash.HEAD_DIMS:
-        assert flash.CONFIGS[hs] in flash.CANDIDATES[hs]
-        assert flash.CONFIGS[hs].smem_bytes(hs, 2) <= 227 * 1024
-    for hs, cfg in flash.HOPPER_CONFIGS.items():
-        assert cfg in flash.HOPPER_CANDIDATES[hs] and cfg.wgmma and cfg.smem_bytes(hs, 2) <= 227 * 1024
+    for hs in flash_forward.HEAD_DIMS:
+        assert flash_forward.CONFIGS[hs] in flash_forward.CANDIDATES[hs]
+        assert flash_forward.CONFIGS[hs].smem_bytes(hs, 2) <= 227 * 1024
+    for hs, cfg in flash_forward.HOPPER_CONFIGS.items():
+        assert cfg in flash_forward.HOPPER_CANDIDATES[hs] and cfg.wgmma and cfg.smem_bytes(hs, 2) <= 227 * 1024
 
 
 def test_head_sizes_forward_and_backward_agree():
     """The model routes a head size to flash only if both kernels take it (FlashAttention.backward
     would refuse otherwise); 48 is the 15M model's dim 288 / 6 heads."""
-    from llamac import flash_backward  # noqa: PLC0415
-    assert 48 in flash.HEAD_DIMS and set(flash.HEAD_DIMS) == set(flash_backward.HEAD_DIMS)
-    assert all(hs % 16 == 0 for hs in flash.HEAD_DIMS)   # k of m16n8k16
+    assert 48 in flash_forward.HEAD_DIMS and set(flash_forward.HEAD_DIMS) == set(flash_backward.HEAD_DIMS)
+    assert all(hs % 16 == 0 for hs in flash_forward.HEAD_DIMS)   # k of m16n8k16
 
 
 def test_shared_rows_are_padded_unless_a_multiple_of_64():
     # kernels/flash_attn_fwd.cu swizzles 128-byte rows in place and pads the others by 16 bytes
-    assert [flash.smem_row(hs) for hs in (32, 48, 64, 96, 128)] == [40, 56, 64, 104, 128]
-    cfg = flash.KernelConfig(4, 2, True, 64, 1, 2, True)
+    assert [flash_forward.smem_row(hs) for hs in (32, 48, 64, 96, 128)] == [40, 56, 64, 104, 128]
+    cfg = flash_forward.KernelConfig(4, 2, True, 64, 1, 2, True)
     assert cfg.smem_bytes(48, 2) == (128 + 2 * 2 * 64) * 56 * 2
     assert cfg.smem_bytes(64, 2) == (128 + 2 * 2 * 64) * 64 * 2
 
@@ -248,9 +248,9 @@ def test_use_flash_takes_the_new_head_sizes(monkeypatch):
 
     monkeypatch.setattr(backend, "get_array_module", lambda a: FakeXP)
     x = np.zeros((1, 4, 6, 48), BF16)
-    assert fused.use_flash(x, 48) and fused.use_flash(x, 32) and fused.use_flash(x, 96)
-    assert not fused.use_flash(x, 40) and not fused.use_flash(x.astype(np.float32), 48)
-    assert flash.kernel_supports(x) and not flash.kernel_supports(np.zeros((1, 4, 6, 40), BF16))
+    assert attention.use_flash(x, 48) and attention.use_flash(x, 32) and attention.use_flash(x, 96)
+    assert not attention.use_flash(x, 40) and not attention.use_flash(x.astype(np.float32), 48)
+    assert flash_forward.kernel_supports(x) and not flash_forward.kernel_supports(np.zeros((1, 4, 6, 40), BF16))
 
 
 def test_fp32_build_is_a_trapping_stub(nvrtc):
@@ -289,22 +289,22 @@ def test_launcher_grid_and_kernel_cache_without_a_gpu(monkeypatch):
         def __call__(self, grid, block, args, shared_mem=0):
             launches.append((grid, block, len(args), shared_mem))
 
-    monkeypatch.setattr(flash, "kernel_supports", lambda q, k=None: True)
-    monkeypatch.setattr(flash, "_KERNELS", {})
+    monkeypatch.setattr(flash_forward, "kernel_supports", lambda q, k=None: True)
+    monkeypatch.setattr(flash_forward, "_KERNELS", {})
     monkeypatch.setattr(backend, "get_array_module", lambda a: FakeXP)
     monkeypatch.setattr(backend, "get_kernel",
                         lambda *a, options=(), arch=None, **k: compiles.append((options, arch)) or Kernel())
     for capability in ("80", "90"):   # an A100, then an H100: hs=64 takes the wgmma build there
         monkeypatch.setattr(backend, "compute_capability", lambda device_id=0: capability)
-        for hs in flash.HEAD_DIMS:
-            cfg = flash.HOPPER_CONFIGS[hs] if capability == "90" and hs in flash.HOPPER_CONFIGS else flash.CONFIGS[hs]
+        for hs in flash_forward.HEAD_DIMS:
+            cfg = flash_forward.HOPPER_CONFIGS[hs] if capability == "90" and hs in flash_forward.HOPPER_CONFIGS else flash_forward.CONFIGS[hs]
             q = FakeArray(np.zeros((2, 300, 8, hs), BF16))
             k = FakeArray(np.zeros((2, 300, 2, hs), BF16))
             for _ in range(3):
-                out, lse = flash.flash_attention_forward(q, k, k, segments=np.zeros((2, 300), np.int32))
+                out, lse = flash_forward.flash_attention_forward(q, k, k, segments=np.zeros((2, 300), np.int32))
             assert out.shape == (2, 300, 8, hs) and lse.shape == (2, 8, 300)
             assert launches[-1] == ((16, -(-300 // cfg.block_m)), (32 * cfg.warps,), 21, cfg.smem_bytes(hs, 2))
             assert (cfg.options(hs), "sm_90a" if cfg.wgmma else None) in compiles
-            assert flash._KERNELS[(BF16, hs, cfg, 0)].max_dynamic_shared_size_bytes == cfg.smem_bytes(hs, 2)
+            assert flash_forward._KERNELS[(BF16, hs, cfg, 0)].max_dynamic_shared_size_bytes == cfg.smem_bytes(hs, 2)
     # one compile per distinct (dtype, hs, config): the Hopper pass reuses every non-wgmma build
-    assert len(compiles) == len(flash.HEAD_DIMS) + len(flash.HOPPER_CONFIGS)
+    assert len(compiles) == len(flash_forward.HEAD_DIMS) + len(flash_forward.HOPPER_CONFIGS)

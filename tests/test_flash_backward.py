@@ -7,9 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from llamac import backend
-from llamac import flash_backward as fb
+from llamac.bench import flash as flash_bench
+from llamac.engine import backend
 from llamac.errors import LlamacError, ShapeError
+from llamac.ops import attention, flash_backward, flash_forward, linear, rope
 
 BF16 = backend.bfloat16
 
@@ -62,7 +63,7 @@ def test_reference_forward_matches_direct_loops(case):
     B, Tq, Tk, H, Hkv, hs, causal, seg = case
     q, k, v, _ = make(B, Tq, Tk, H, Hkv, hs)
     segments = segments_for(B, Tk, np.random.default_rng(1)) if seg else None
-    out, lse = fb.attention_reference(q, k, v, causal, segments)
+    out, lse = flash_forward.attention_forward_reference(q, k, v, causal, segments)
     want_out, want_lse = direct_attention(q, k, v, causal, segments)
     assert out.shape == q.shape and lse.shape == (B, H, Tq)
     np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
@@ -74,12 +75,12 @@ def test_reference_backward_matches_finite_differences(case):
     B, Tq, Tk, H, Hkv, hs, causal, seg = case
     q, k, v, dout = make(B, Tq, Tk, H, Hkv, hs, seed=2)
     segments = segments_for(B, Tk, np.random.default_rng(3)) if seg else None
-    out, lse = fb.attention_reference(q, k, v, causal, segments)
-    dq, dk, dv = fb.attention_backward_reference(q, k, v, out, dout, lse, causal, segments)
+    out, lse = flash_forward.attention_forward_reference(q, k, v, causal, segments)
+    dq, dk, dv = flash_forward.attention_backward_reference(q, k, v, out, dout, lse, causal, segments)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
     def loss(q, k, v):
-        return float((fb.attention_reference(q, k, v, causal, segments)[0] * dout).sum())
+        return float((flash_forward.attention_forward_reference(q, k, v, causal, segments)[0] * dout).sum())
 
     h = 1e-6
     for grad, which in ((dq, 0), (dk, 1), (dv, 2)):
@@ -98,13 +99,13 @@ def test_reference_backward_matches_finite_differences(case):
 
 def test_reference_lower_precision_inputs_compute_in_fp32():
     q, k, v, dout = make(2, 33, 40, 4, 2, 16, dtype=BF16, seed=4)
-    out, lse = fb.attention_reference(q, k, v)
-    grads = fb.attention_backward_reference(q, k, v, out.astype(BF16), dout, lse)
+    out, lse = flash_forward.attention_forward_reference(q, k, v)
+    grads = flash_forward.attention_backward_reference(q, k, v, out.astype(BF16), dout, lse)
     assert out.dtype == np.float32 and lse.dtype == np.float32
     assert all(g.dtype == np.float32 for g in grads)
     q64, k64, v64, d64 = (a.astype(np.float64) for a in (q, k, v, dout))
-    out64, lse64 = fb.attention_reference(q64, k64, v64)
-    want = fb.attention_backward_reference(q64, k64, v64, out64, d64, lse64)
+    out64, lse64 = flash_forward.attention_forward_reference(q64, k64, v64)
+    want = flash_forward.attention_backward_reference(q64, k64, v64, out64, d64, lse64)
     for got, w in zip(grads, want):
         # out rounded to bf16 enters D = rowsum(dout * out): about bf16's precision
         assert np.linalg.norm(got - w) / np.linalg.norm(w) < 1e-2
@@ -112,10 +113,10 @@ def test_reference_lower_precision_inputs_compute_in_fp32():
 
 def test_launcher_on_numpy_is_the_reference_in_the_input_dtype():
     q, k, v, dout = make(1, 9, 12, 4, 2, 8, dtype=np.float16, seed=5)
-    out, lse = fb.attention_reference(q, k, v)
+    out, lse = flash_forward.attention_forward_reference(q, k, v)
     segments = np.array([[0] * 5 + [1] * 7])
-    got = fb.flash_attention_backward(q, k, v, out.astype(np.float16), dout, lse, True, segments)
-    want = fb.attention_backward_reference(q, k, v, out.astype(np.float16), dout, lse, True, segments)
+    got = flash_backward.flash_attention_backward(q, k, v, out.astype(np.float16), dout, lse, True, segments)
+    want = flash_forward.attention_backward_reference(q, k, v, out.astype(np.float16), dout, lse, True, segments)
     for g, w, like in zip(got, want, (q, k, v)):
         assert g.dtype == np.float16 and g.shape == like.shape
         assert np.array_equal(g, w.astype(np.float16))
@@ -123,43 +124,43 @@ def test_launcher_on_numpy_is_the_reference_in_the_input_dtype():
 
 def test_launcher_checks_operands():
     q, k, v, dout = make(1, 4, 6, 4, 2, 8, dtype=np.float32)
-    out, lse = fb.attention_reference(q, k, v)
+    out, lse = flash_forward.attention_forward_reference(q, k, v)
     with pytest.raises(ShapeError, match="multiple of Hkv"):
-        fb.flash_attention_backward(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), out, dout, lse)
+        flash_backward.flash_attention_backward(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), out, dout, lse)
     with pytest.raises(ShapeError, match="last Tq"):
-        fb.flash_attention_backward(q, k[:, :3], v[:, :3], out, dout, lse)
+        flash_backward.flash_attention_backward(q, k[:, :3], v[:, :3], out, dout, lse)
     with pytest.raises(ShapeError, match="lse"):
-        fb.flash_attention_backward(q, k, v, out, dout, lse[:, :1])
+        flash_backward.flash_attention_backward(q, k, v, out, dout, lse[:, :1])
     with pytest.raises(ShapeError, match="dout"):
-        fb.flash_attention_backward(q, k, v, out, dout[:, :2], lse)
+        flash_backward.flash_attention_backward(q, k, v, out, dout[:, :2], lse)
     with pytest.raises(ShapeError, match="segments"):
-        fb.flash_attention_backward(q, k, v, out, dout, lse, segments=np.zeros((1, 4), np.int64))
+        flash_backward.flash_attention_backward(q, k, v, out, dout, lse, segments=np.zeros((1, 4), np.int64))
     with pytest.raises(LlamacError, match="integer"):
-        fb.flash_attention_backward(q, k, v, out, dout, lse, segments=np.zeros((1, 6), np.float32))
+        flash_backward.flash_attention_backward(q, k, v, out, dout, lse, segments=np.zeros((1, 6), np.float32))
     with pytest.raises(LlamacError, match="dtypes must match"):
-        fb.flash_attention_backward(q, k.astype(np.float16), v, out, dout, lse)
+        flash_backward.flash_attention_backward(q, k.astype(np.float16), v, out, dout, lse)
     with pytest.raises(LlamacError, match="NumPy or CuPy"):
-        fb.flash_attention_backward(q.tolist(), k, v, out, dout, lse)
+        flash_backward.flash_attention_backward(q.tolist(), k, v, out, dout, lse)
 
 
 def test_flop_count():
     # causal backward = 2.5 x the causal forward's 2 * 2 * B H T^2 hs / 2
-    assert fb.backward_flops(8, 16, 2048, 2048, 64) == 2.5 * 2 * 2 * 8 * 16 * 2048 * 2048 * 64 / 2
-    assert fb.backward_flops(1, 1, 4, 4, 8, causal=False) == 2.5 * 4 * 16 * 8
+    assert flash_backward.backward_flops(8, 16, 2048, 2048, 64) == 2.5 * 2 * 2 * 8 * 16 * 2048 * 2048 * 64 / 2
+    assert flash_backward.backward_flops(1, 1, 4, 4, 8, causal=False) == 2.5 * 4 * 16 * 8
 
 
 def test_shared_memory_fits_the_sm():
     # H100: 227 KB of shared memory per SM; two CTAs resident is the design point.
-    for hs in fb.HEAD_DIMS:
-        for tiles in fb.VARIANTS:
-            assert fb.shared_bytes(hs, *tiles) <= 227 * 1024
-        assert 2 * fb.shared_bytes(64, *fb.TILES[64]) <= 227 * 1024  # two CTAs of 4 warps per SM
+    for hs in flash_backward.HEAD_DIMS:
+        for tiles in flash_backward.VARIANTS:
+            assert flash_backward.shared_bytes(hs, *tiles) <= 227 * 1024
+        assert 2 * flash_backward.shared_bytes(64, *flash_backward.TILES[64]) <= 227 * 1024  # two CTAs of 4 warps per SM
 
 
 def test_bench_without_cuda_says_why(monkeypatch):
     monkeypatch.setattr(backend, "_cupy_or_reason", lambda: (None, "CuPy is not installed"))
     with pytest.raises(LlamacError, match="needs a CUDA GPU"):
-        fb.bench_flash_backward()
+        flash_bench.bench_flash_backward()
 
 
 # ---------------------------------------------------------------- NVRTC, no GPU
@@ -173,45 +174,45 @@ def nvrtc():
 
 def test_tile_variants_per_head_size():
     # dQ's (block_q, hs) tile splits over the warps in 16-row tiles times multiples of 8 columns
-    assert fb.variants(64) == fb.VARIANTS + fb.HOPPER_VARIANTS and fb.variants(128) == fb.VARIANTS
-    assert all(not fb.tiles_fit(hs, t) for hs in (32, 48, 96, 128) for t in fb.HOPPER_VARIANTS)   # wgmma: hs 64
-    assert fb.variants(48) == ((32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2))   # (32, 8, *): 12 columns
-    assert fb.variants(32) == fb.VARIANTS and fb.variants(96) == fb.VARIANTS
-    assert all(fb.is_wgmma(t) for t in fb.HOPPER_VARIANTS) and not any(fb.is_wgmma(t) for t in fb.VARIANTS)
-    for hs in fb.HEAD_DIMS:
-        assert fb.TILES[hs] in fb.variants(hs)
-        assert fb.default_tiles(hs, 4096) == fb.TILES[hs]
-    for hs, tiles in fb.SHORT_TILES.items():
-        assert tiles in fb.variants(hs) and fb.default_tiles(hs, fb.SHORT_TK) == tiles
-    assert fb.default_tiles(64, 256) == fb.TILES[64]   # only hs=48 was timed short
+    assert flash_backward.variants(64) == flash_backward.VARIANTS + flash_backward.HOPPER_VARIANTS and flash_backward.variants(128) == flash_backward.VARIANTS
+    assert all(not flash_backward.tiles_fit(hs, t) for hs in (32, 48, 96, 128) for t in flash_backward.HOPPER_VARIANTS)   # wgmma: hs 64
+    assert flash_backward.variants(48) == ((32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2))   # (32, 8, *): 12 columns
+    assert flash_backward.variants(32) == flash_backward.VARIANTS and flash_backward.variants(96) == flash_backward.VARIANTS
+    assert all(flash_backward.is_wgmma(t) for t in flash_backward.HOPPER_VARIANTS) and not any(flash_backward.is_wgmma(t) for t in flash_backward.VARIANTS)
+    for hs in flash_backward.HEAD_DIMS:
+        assert flash_backward.TILES[hs] in flash_backward.variants(hs)
+        assert flash_backward.default_tiles(hs, 4096) == flash_backward.TILES[hs]
+    for hs, tiles in flash_backward.SHORT_TILES.items():
+        assert tiles in flash_backward.variants(hs) and flash_backward.default_tiles(hs, flash_backward.SHORT_TK) == tiles
+    assert flash_backward.default_tiles(64, 256) == flash_backward.TILES[64]   # only hs=48 was timed short
 
 
 def test_hopper_takes_the_warpgroup_backward_at_head_size_64():
-    assert set(fb.HOPPER_TILES) == {64} and all(t in fb.HOPPER_VARIANTS for t in fb.HOPPER_TILES.values())
+    assert set(flash_backward.HOPPER_TILES) == {64} and all(t in flash_backward.HOPPER_VARIANTS for t in flash_backward.HOPPER_TILES.values())
     for Tk in (64, 1024, 8192):
-        assert fb.default_tiles(64, Tk, "90") == fb.HOPPER_TILES[64]
-        assert fb.default_tiles(64, Tk, "80") == fb.default_tiles(64, Tk) == fb.TILES[64]
-    assert fb.default_tiles(128, 2048, "90") == fb.TILES[128]   # no wgmma build at other head sizes
-    assert fb.default_tiles(48, 256, "90") == fb.SHORT_TILES[48]
+        assert flash_backward.default_tiles(64, Tk, "90") == flash_backward.HOPPER_TILES[64]
+        assert flash_backward.default_tiles(64, Tk, "80") == flash_backward.default_tiles(64, Tk) == flash_backward.TILES[64]
+    assert flash_backward.default_tiles(128, 2048, "90") == flash_backward.TILES[128]   # no wgmma build at other head sizes
+    assert flash_backward.default_tiles(48, 256, "90") == flash_backward.SHORT_TILES[48]
     # the kernel's layout: K, V (128 keys) + 2 stages of Q, dO (128 queries), unpadded 16-bit rows;
     # dS^T (128 x 128); 2 stages of lse, D, query ids; key ids; fp32 dQ rows padded by 8 floats.
     # One CTA of 8 warps fits an H100's 227 KB.
-    smem = fb.shared_bytes(64, 128, 8, 1, wgmma=True)
+    smem = flash_backward.shared_bytes(64, 128, 8, 1, wgmma=True)
     assert smem == 2 * 128 * 64 * 2 + 4 * 128 * 64 * 2 + 128 * 128 * 2 + 6 * 128 * 4 + 128 * 4 + 128 * 72 * 4
     assert smem <= 227 * 1024
 
 
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("hs", fb.HEAD_DIMS)
+@pytest.mark.parametrize("hs", flash_backward.HEAD_DIMS)
 def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
-    check_build(hs, fb.TILES[hs], dtype)
-    if hs in fb.SHORT_TILES:
-        check_build(hs, fb.SHORT_TILES[hs], dtype)
+    check_build(hs, flash_backward.TILES[hs], dtype)
+    if hs in flash_backward.SHORT_TILES:
+        check_build(hs, flash_backward.SHORT_TILES[hs], dtype)
 
 
 # every variant of the new head sizes that a benchmark may pick (key_tiles 2 spills at hs >= 96,
 # as at 128, so those stay out of TILES)
-@pytest.mark.parametrize("hs, tiles", [(hs, t) for hs in (32, 48, 96) for t in fb.variants(hs)
+@pytest.mark.parametrize("hs, tiles", [(hs, t) for hs in (32, 48, 96) for t in flash_backward.variants(hs)
                                        if not (hs >= 96 and t[2] == 2)], ids=str)
 def test_small_head_variants_compile_without_spills(nvrtc, hs, tiles):
     ptx = check_build(hs, tiles, BF16)
@@ -220,13 +221,13 @@ def test_small_head_variants_compile_without_spills(nvrtc, hs, tiles):
         assert "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16" in ptx
 
 
-@pytest.mark.parametrize("tiles", fb.HOPPER_VARIANTS, ids=str)
+@pytest.mark.parametrize("tiles", flash_backward.HOPPER_VARIANTS, ids=str)
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
 def test_warpgroup_mma_build_compiles_without_spills(nvrtc, tiles, dtype):
     block_q, warps, key_tiles = tiles[:3]
     options = (f"-DHEAD_DIM=64", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
                "-DLLAMAC_WGMMA", "--ptxas-options=-v")
-    result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90a", options=options)
+    result = backend.compile_check_kernel(flash_backward.KERNEL, dtype, arch="sm_90a", options=options)
     assert result.ok, result.log
     kind = "bf16.bf16" if dtype == BF16 else "f16.f16"
     # S^T, dP^T over 128 queries (m64n128k16) and dQ from shared memory; dV, dK with P^T, dS^T
@@ -241,13 +242,13 @@ def test_warpgroup_mma_build_compiles_without_spills(nvrtc, tiles, dtype):
     # the warpgroup barriers are named by constants (a register id reserves all 16)
     assert "used 16 barriers" not in result.log
     bad = options[:1] + ("-DBLOCK_Q=32",) + options[2:]
-    result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90a", options=bad)
+    result = backend.compile_check_kernel(flash_backward.KERNEL, dtype, arch="sm_90a", options=bad)
     assert not result.ok and "LLAMAC_WGMMA takes HEAD_DIM 64" in result.log
 
 
 def test_kernel_refuses_a_dq_split_that_does_not_fit(nvrtc):
     options = ("-DHEAD_DIM=48", "-DBLOCK_Q=32", "-DNWARPS=8", "-DKEY_TILES=1")
-    result = backend.compile_check_kernel(fb.KERNEL, BF16, arch="sm_90", options=options)
+    result = backend.compile_check_kernel(flash_backward.KERNEL, BF16, arch="sm_90", options=options)
     assert not result.ok and "column blocks of 8" in result.log
 
 
@@ -255,7 +256,7 @@ def check_build(hs, tiles, dtype):
     block_q, warps, key_tiles = tiles
     options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
                "--ptxas-options=-v")
-    result = backend.compile_check_kernel(fb.KERNEL, dtype, arch="sm_90", options=options)
+    result = backend.compile_check_kernel(flash_backward.KERNEL, dtype, arch="sm_90", options=options)
     assert result.ok, result.log
     for function in ("flash_attn_bwd", "flash_attn_bwd_preprocess", "flash_attn_bwd_convert_dq"):
         assert f".entry {function}(" in result.ptx
@@ -277,13 +278,13 @@ def tables(T, hs, seed=7):
 
 @pytest.mark.parametrize("causal, seg", [(True, False), (True, True), (False, False)])
 def test_rope_folded_on_numpy_is_rope_backward_after_the_plain_backward(causal, seg):
-    from llamac.kernels import rope_reference
+    from llamac.ops.rope import rope_reference
     q, k, v, dout = make(2, 7, 7, 4, 2, 6, seed=8)
     segments = segments_for(2, 7, np.random.default_rng(9)) if seg else None
     cos, sin = tables(7, 6)
-    out, lse = fb.attention_reference(q, k, v, causal, segments)
-    dq, dk, dv = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, segments, rope=(cos, sin))
-    pq, pk, pv = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, segments)
+    out, lse = flash_forward.attention_forward_reference(q, k, v, causal, segments)
+    dq, dk, dv = flash_backward.flash_attention_backward(q, k, v, out, dout, lse, causal, segments, rope=(cos, sin))
+    pq, pk, pv = flash_backward.flash_attention_backward(q, k, v, out, dout, lse, causal, segments)
     np.testing.assert_allclose(dq, rope_reference(pq, cos, sin, -1.0), rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(dk, rope_reference(pk, cos, sin, -1.0), rtol=1e-13, atol=1e-13)
     assert np.array_equal(dv, pv)
@@ -292,38 +293,37 @@ def test_rope_folded_on_numpy_is_rope_backward_after_the_plain_backward(causal, 
 
 def test_rope_fold_refuses_tables_that_do_not_fit():
     q, k, v, dout = make(1, 4, 6, 2, 1, 4)
-    out, lse = fb.attention_reference(q, k, v)
+    out, lse = flash_forward.attention_forward_reference(q, k, v)
     with pytest.raises(ShapeError, match="Tq == Tk"):
-        fb.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(4, 4))
+        flash_backward.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(4, 4))
     q, k, v, dout = make(1, 4, 4, 2, 1, 4)
-    out, lse = fb.attention_reference(q, k, v)
+    out, lse = flash_forward.attention_forward_reference(q, k, v)
     with pytest.raises(ShapeError, match="rope cos"):
-        fb.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(5, 4))
+        flash_backward.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(5, 4))
     with pytest.raises(LlamacError, match="pair"):
-        fb.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(4, 4)[0])
+        flash_backward.flash_attention_backward(q, k, v, out, dout, lse, rope=tables(4, 4)[0])
 
 
 @pytest.mark.parametrize("seg", [False, True])
 def test_packed_attention_function_matches_finite_differences_and_the_composition(seg):
     """RoPEFlashAttention on a packed q|k|v (its NumPy path: the references) against float64 finite
     differences, and against RoPE + attention on the sliced projection."""
-    from llamac import fused
-    from llamac.engine import Tensor
-    from llamac.gradcheck import check_grad
+    from llamac.engine.gradcheck import check_grad
+    from llamac.engine.tensor import Tensor
     H, Hkv, hs, T = 4, 2, 4, 6
     qkv = np.random.default_rng(10).normal(size=(1, T, (H + 2 * Hkv) * hs))
     cos, sin = tables(T, hs)
     segments = segments_for(1, T, np.random.default_rng(11)) if seg else None
 
     def folded(qkv):
-        return fused.RoPEFlashAttention.apply(qkv, Tensor(cos), Tensor(sin), n_heads=H, n_kv_heads=Hkv,
+        return attention.RoPEFlashAttention.apply(qkv, Tensor(cos), Tensor(sin), n_heads=H, n_kv_heads=Hkv,
                                               causal=True, segments=segments)
 
     def composed(qkv):
         q = qkv[:, :, : H * hs].reshape(1, T, H, hs)
         k = qkv[:, :, H * hs: (H + Hkv) * hs].reshape(1, T, Hkv, hs)
         v = qkv[:, :, (H + Hkv) * hs:].reshape(1, T, Hkv, hs)
-        return fused.attention(fused.rope(q, cos, sin), fused.rope(k, cos, sin), v, segments, causal=True)
+        return attention.attention(rope.rope(q, cos, sin), rope.rope(k, cos, sin), v, segments, causal=True)
 
     assert check_grad(folded, qkv)
     ts = [Tensor(qkv.copy(), requires_grad=True) for _ in range(2)]
@@ -338,8 +338,7 @@ def test_packed_attention_function_matches_finite_differences_and_the_compositio
 def test_packed_attention_gradients_reach_each_projection_weight():
     """The stacked wq|wk|wv GEMM hands each weight (and the input) the gradient three separate
     projections give."""
-    from llamac import fused
-    from llamac.engine import Tensor
+    from llamac.engine.tensor import Tensor
     H, Hkv, hs, T, C = 4, 2, 4, 5, 8
     rng = np.random.default_rng(13)
     x0 = rng.normal(size=(2, T, C))
@@ -350,10 +349,10 @@ def test_packed_attention_gradients_reach_each_projection_weight():
         x = Tensor(x0.copy(), requires_grad=True)
         ws = [Tensor(w.copy(), requires_grad=True) for w in w0]
         if packed:
-            y = fused.packed_attention(x, ws, cos, sin, H, Hkv)
+            y = attention.packed_attention(x, ws, cos, sin, H, Hkv)
         else:
-            q, k, v = (fused.linear(x, w).reshape(2, T, -1, hs) for w in ws)
-            y = fused.attention(fused.rope(q, cos, sin), fused.rope(k, cos, sin), v, causal=True)
+            q, k, v = (linear.linear(x, w).reshape(2, T, -1, hs) for w in ws)
+            y = attention.attention(rope.rope(q, cos, sin), rope.rope(k, cos, sin), v, causal=True)
         (y * y).sum().backward()
         runs.append([x.grad] + [w.grad for w in ws])
     for got, want in zip(*runs):
@@ -364,26 +363,25 @@ def test_packed_attention_gradients_reach_each_projection_weight():
 def test_stacked_rows_hands_over_the_one_array_and_splits_the_gradient():
     """wq | wk | wv as consecutive row blocks of one array (Attention.after_move on the GPU): the
     packed attention's stacked weight is that array itself, and the gradient reaches each block."""
-    from llamac import fused
-    from llamac.engine import Tensor
+    from llamac.engine.tensor import Tensor
     H, Hkv, hs, T, C = 4, 2, 4, 5, 8
     rng = np.random.default_rng(14)
     stacked = rng.normal(size=((H + 2 * Hkv) * hs, C)) * 0.3
     views = [stacked[: H * hs], stacked[H * hs: (H + Hkv) * hs], stacked[(H + Hkv) * hs:]]
     copies = [v.copy() for v in views]
-    assert fused.StackedRows.adjacent(views)
-    assert not fused.StackedRows.adjacent(copies)                       # separate arrays
-    assert not fused.StackedRows.adjacent([views[1], views[0], views[2]])   # out of order
-    assert not fused.StackedRows.adjacent(views[:2])                    # not the whole array
+    assert linear.StackedRows.adjacent(views)
+    assert not linear.StackedRows.adjacent(copies)                       # separate arrays
+    assert not linear.StackedRows.adjacent([views[1], views[0], views[2]])   # out of order
+    assert not linear.StackedRows.adjacent(views[:2])                    # not the whole array
     ws = [Tensor(v, requires_grad=True) for v in views]
-    assert fused.StackedRows.apply(*ws, axis=0).data is stacked         # no copy
+    assert linear.StackedRows.apply(*ws, axis=0).data is stacked         # no copy
     x0 = rng.normal(size=(2, T, C))
     cos, sin = tables(T, hs)
     grads = []
     for weights in (views, copies):
         x = Tensor(x0.copy(), requires_grad=True)
         ts = [Tensor(w, requires_grad=True) for w in weights]
-        y = fused.packed_attention(x, ts, cos, sin, H, Hkv)
+        y = attention.packed_attention(x, ts, cos, sin, H, Hkv)
         (y * y).sum().backward()
         grads.append([x.grad] + [t.grad for t in ts])
     for got, want in zip(*grads):
@@ -392,14 +390,14 @@ def test_stacked_rows_hands_over_the_one_array_and_splits_the_gradient():
 
 def test_attention_stacks_its_projections_only_on_the_gpu():
     from llamac.config import ModelConfig
-    from llamac.model import Llama
+    from llamac.model.llama import Llama
     model = Llama(ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32, max_seq_len=8)).to("cpu")
     att = model.layers[0].attention
     assert att.wq.weight.data.base is None or att.wq.weight.data.base is not att.wk.weight.data.base
 
 
 def test_position_stride_of_views():
-    from llamac.kernels import position_stride
+    from llamac.ops.rope import position_stride
     a = np.zeros((2, 5, 10, 4), np.float32)              # 6 + 2 + 2 heads of 4
     assert position_stride(a) == 40
     assert position_stride(a[:, :, :6]) == 40 and position_stride(a[:, :, 6:8]) == 40

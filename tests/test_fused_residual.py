@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import fused, kernels, model as model_module
+from llamac import runtime
 from llamac.config import ModelConfig
-from llamac.model import Llama
+from llamac.model.llama import Llama
+from llamac.ops import linear, rmsnorm, swiglu
+from llamac.train.fusions import fuse
 
 CFG = ModelConfig(dim=16, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=23, max_seq_len=16, hidden_dim=24)
 
@@ -33,10 +35,10 @@ def test_fused_residuals_and_shared_input_projections_match_the_plain_model(monk
     idx, targets = rng.integers(0, 23, (2, 9)), rng.integers(0, 23, (2, 9))
     plain = _loss_and_grads(model, idx, targets)
 
-    monkeypatch.setattr(fused, "use_fused_residual", lambda x, w: True)
-    monkeypatch.setattr(fused, "_sums_in_gemm", lambda x: True)
+    monkeypatch.setattr(rmsnorm, "use_fused_residual", lambda x, w: True)
+    monkeypatch.setattr(linear, "_sums_in_gemm", lambda x: True)
     calls = {"fwd": 0, "bwd_res": 0}
-    fwd, bwd = kernels.add_rmsnorm_forward, kernels.add_rmsnorm_backward
+    fwd, bwd = rmsnorm.add_rmsnorm_forward, rmsnorm.add_rmsnorm_backward
 
     def counting_fwd(*a, **k):
         calls["fwd"] += 1
@@ -46,9 +48,9 @@ def test_fused_residuals_and_shared_input_projections_match_the_plain_model(monk
         calls["bwd_res"] += dres is not None
         return bwd(*a, dres=dres, **k)
 
-    monkeypatch.setattr(kernels, "add_rmsnorm_forward", counting_fwd)
-    monkeypatch.setattr(kernels, "add_rmsnorm_backward", counting_bwd)
-    fused_run = _loss_and_grads(model, idx, targets)
+    monkeypatch.setattr(rmsnorm, "add_rmsnorm_forward", counting_fwd)
+    monkeypatch.setattr(rmsnorm, "add_rmsnorm_backward", counting_bwd)
+    fused_run = _loss_and_grads(fuse(model), idx, targets)
     assert calls["fwd"] == 2 * cfg.n_layers
     assert calls["bwd_res"] == 2 * cfg.n_layers - 1      # all but the final norm fold a residual gradient in
     assert np.isclose(fused_run[0], plain[0], rtol=1e-12)
@@ -59,18 +61,18 @@ def test_fused_residuals_and_shared_input_projections_match_the_plain_model(monk
 
 def test_fused_path_is_off_with_dropout_in_training(monkeypatch):
     cfg = ModelConfig(**{**CFG.__dict__, "dropout": 0.1})
-    model = Llama(cfg)
-    monkeypatch.setattr(fused, "use_fused_residual", lambda x, w: True)
+    model = fuse(Llama(cfg))
+    monkeypatch.setattr(rmsnorm, "use_fused_residual", lambda x, w: True)
     assert not model._fuse_residuals(model.tok_embeddings.weight)
     model.eval()
     assert model._fuse_residuals(model.tok_embeddings.weight)
-    monkeypatch.setattr(model_module, "FUSE_RESIDUALS", False)
-    assert not model._fuse_residuals(model.tok_embeddings.weight)
+    with runtime.override(fuse_residuals=False):
+        assert not model._fuse_residuals(model.tok_embeddings.weight)
 
 
 def test_residual_sum_with_an_extra_consumer_keeps_every_gradient(monkeypatch):
     """s feeding something besides the next residual add and its norm: the fallback stays exact."""
-    monkeypatch.setattr(fused, "use_fused_residual", lambda x, w: True)
+    monkeypatch.setattr(rmsnorm, "use_fused_residual", lambda x, w: True)
     rng = np.random.default_rng(1)
     x = llamac.Tensor(rng.standard_normal((3, 8)), requires_grad=True)
     h1 = llamac.Tensor(rng.standard_normal((3, 8)), requires_grad=True)
@@ -81,13 +83,13 @@ def test_residual_sum_with_an_extra_consumer_keeps_every_gradient(monkeypatch):
         for t in (x, h1, h2, w):
             t.grad = None
         if fuse:
-            s1, n1 = fused.add_rms_norm(x, h1, w)
-            s2, n2 = fused.add_rms_norm(s1, n1 * 0.5 + h2, w)
+            s1, n1 = rmsnorm.add_rms_norm(x, h1, w)
+            s2, n2 = rmsnorm.add_rms_norm(s1, n1 * 0.5 + h2, w)
         else:
             s1 = x + h1
-            n1 = fused.rms_norm(s1, w)
+            n1 = rmsnorm.rms_norm(s1, w)
             s2 = s1 + (n1 * 0.5 + h2)
-            n2 = fused.rms_norm(s2, w)
+            n2 = rmsnorm.rms_norm(s2, w)
         loss = (n2 * n2).sum() + (s2 * 0.3).sum() + (s1 * s1).sum()   # s1: an extra consumer
         loss.backward()
         return [t.grad.copy() for t in (x, h1, h2, w)]
@@ -100,17 +102,17 @@ def test_add_rmsnorm_references_match_the_unfused_formula():
     rng = np.random.default_rng(2)
     x, h = rng.standard_normal((5, 12)), rng.standard_normal((5, 12))
     w, dy, dres = rng.uniform(0.5, 2, 12), rng.standard_normal((5, 12)), rng.standard_normal((5, 12))
-    s, y, rstd = kernels.add_rmsnorm_forward(x, h, w, 1e-5)
+    s, y, rstd = rmsnorm.add_rmsnorm_forward(x, h, w, 1e-5)
     assert np.array_equal(s, x + h)
-    want_y, want_rstd = kernels.rmsnorm_forward_reference(x + h, w, 1e-5)
+    want_y, want_rstd = rmsnorm.rmsnorm_forward_reference(x + h, w, 1e-5)
     assert np.allclose(y, want_y) and np.allclose(rstd, want_rstd)
-    dx, dw = kernels.add_rmsnorm_backward(dy, s, w, rstd, dres=dres)
-    plain_dx, plain_dw = kernels.rmsnorm_backward_reference(dy, s, w, rstd)
+    dx, dw = rmsnorm.add_rmsnorm_backward(dy, s, w, rstd, dres=dres)
+    plain_dx, plain_dw = rmsnorm.rmsnorm_backward_reference(dy, s, w, rstd)
     assert np.allclose(dx, plain_dx + dres) and np.allclose(dw, plain_dw)
-    dx0, _ = kernels.add_rmsnorm_backward(dy, s, w, rstd)
+    dx0, _ = rmsnorm.add_rmsnorm_backward(dy, s, w, rstd)
     assert np.allclose(dx0, plain_dx)
     with pytest.raises(llamac.LlamacError if hasattr(llamac, "LlamacError") else Exception):
-        kernels.add_rmsnorm_forward(x, h[:, :6], w)
+        rmsnorm.add_rmsnorm_forward(x, h[:, :6], w)
 
 
 def test_swiglu_down_matches_swiglu_then_linear():
@@ -128,12 +130,12 @@ def test_swiglu_down_matches_swiglu_then_linear():
         out.backward(dout)
         return [out.data.copy()] + [t.grad.copy() for t in (gate, up, w)]
 
-    got = run(lambda: fused.SwiGLUDown.apply(gate, up, w))
-    want = run(lambda: fused.linear(fused.swiglu(gate, up), w))
+    got = run(lambda: swiglu.SwiGLUDown.apply(gate, up, w))
+    want = run(lambda: linear.linear(swiglu.swiglu(gate, up), w))
     for a, b in zip(got, want):
         assert np.allclose(a, b, rtol=1e-12, atol=1e-12)
     # A second backward adds into the existing weight gradient (gradient accumulation).
     first_w = w.grad.copy()
-    out = fused.SwiGLUDown.apply(gate, up, w)
+    out = swiglu.SwiGLUDown.apply(gate, up, w)
     out.backward(dout)
     assert np.allclose(w.grad, 2 * first_w)

@@ -3,7 +3,8 @@ strided views, broadcasting, awkward sizes, beta accumulation, and recording ins
 import numpy as np
 import pytest
 
-from llamac import backend, cublas, ops
+from llamac.engine import backend, cublas, matmul
+from llamac.ops import linear
 
 pytestmark = pytest.mark.cuda
 
@@ -62,7 +63,7 @@ def test_gemm_reads_attention_layouts_in_place_and_broadcast_heads(dtype):
     k = _on_gpu(rng.standard_normal((B, Tk, Hkv, hs)), dtype)
     qg = q.reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)        # (B, Hkv, G, T, hs) strided view
     kt = k.transpose(0, 2, 3, 1)[:, :, None]                          # (B, Hkv, 1, hs, Tk), broadcast over G
-    got = ops.matmul(qg, kt)
+    got = matmul.matmul(qg, kt)
     want = np.matmul(backend.to_numpy(qg.astype(np.float32)).astype(np.float64),
                      backend.to_numpy(kt.astype(np.float32)).astype(np.float64))
     assert got.shape == (B, Hkv, G, T, Tk)
@@ -74,7 +75,7 @@ def test_gemm_reads_attention_layouts_in_place_and_broadcast_heads(dtype):
     for lhs in (wide[:, 5:45], wide[::-1, :40], wide[:, ::-1][:, :40]):
         want = backend.to_numpy(lhs.astype(np.float32)).astype(np.float64) @ \
             backend.to_numpy(rhs.astype(np.float32)).astype(np.float64)
-        assert _rel(ops.matmul(lhs, rhs), want) <= TOL[dtype]
+        assert _rel(matmul.matmul(lhs, rhs), want) <= TOL[dtype]
     assert cp.isfinite(got).all()
 
 
@@ -105,10 +106,10 @@ def test_gemm_16_bit_inputs_sum_into_a_float32_out(dtype):
 def test_matmul_vectors_float64_and_integers_still_work():
     cp = backend.cupy_module()
     a, b = rng.standard_normal((4, 6)), rng.standard_normal(6)
-    assert np.allclose(backend.to_numpy(ops.matmul(cp.asarray(a), cp.asarray(b))), a @ b)
-    assert np.allclose(backend.to_numpy(ops.matmul(cp.asarray(b), cp.asarray(a.T))), b @ a.T)
+    assert np.allclose(backend.to_numpy(matmul.matmul(cp.asarray(a), cp.asarray(b))), a @ b)
+    assert np.allclose(backend.to_numpy(matmul.matmul(cp.asarray(b), cp.asarray(a.T))), b @ a.T)
     ints = np.arange(12).reshape(3, 4)
-    assert (backend.to_numpy(ops.matmul(cp.asarray(ints), cp.asarray(ints.T))) == ints @ ints.T).all()
+    assert (backend.to_numpy(matmul.matmul(cp.asarray(ints), cp.asarray(ints.T))) == ints @ ints.T).all()
 
 
 def test_gemm_records_inside_a_cuda_graph_and_replays():
@@ -116,7 +117,7 @@ def test_gemm_records_inside_a_cuda_graph_and_replays():
     a = _on_gpu(rng.standard_normal((3, 64, 48)), "bfloat16")
     b = _on_gpu(rng.standard_normal((3, 48, 80)), "bfloat16")
     pool = backend.new_graph_pool()
-    graph, out = backend.capture_graph(lambda: ops.matmul(a, b) * 2, pool)
+    graph, out = backend.capture_graph(lambda: matmul.matmul(a, b) * 2, pool)
     a[...] = _on_gpu(rng.standard_normal((3, 64, 48)), "bfloat16")       # new inputs, same buffers
     graph.launch()
     backend.synchronize()
@@ -128,14 +129,13 @@ def test_gemm_records_inside_a_cuda_graph_and_replays():
 
 def test_linear_weight_gradient_accumulates_in_place():
     import llamac
-    from llamac import fused
-    from llamac.nn import Parameter
+    from llamac.model.layers import Parameter
     cp = backend.cupy_module()
     x = llamac.Tensor(cp.asarray(rng.standard_normal((2, 5, 8)), dtype=np.float32))
     w = Parameter(cp.asarray(rng.standard_normal((6, 8)), dtype=np.float32))
-    fused.linear(x, w).sum().backward()
+    linear.linear(x, w).sum().backward()
     first = w.grad
-    fused.linear(x, w).sum().backward()
+    linear.linear(x, w).sum().backward()
     assert w.grad is first                          # added inside the GEMM, not a new array
     want = 2 * np.ones((10, 6)).T @ backend.to_numpy(x.data).reshape(10, 8)
     assert np.allclose(backend.to_numpy(w.grad), want, rtol=1e-5, atol=1e-5)
@@ -150,9 +150,9 @@ def _lt():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True)])
 def test_tuned_gemm_matches_float64_and_beta_survives_the_timing(dtype, ta, tb):
-    """Shapes big enough to be timed (llamac.cublaslt): the chosen algorithm gives the product, and
+    """Shapes big enough to be timed (llamac.engine.cublaslt): the chosen algorithm gives the product, and
     timing the candidates on a scratch buffer leaves a beta=1 accumulation target untouched."""
-    from llamac import cublaslt
+    from llamac.engine import cublaslt
     lt = _lt()
     if lt is None:
         pytest.skip("no cuBLASLt beside libcublas")

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, decode
+from llamac import runtime
 from llamac.config import ModelConfig
-from llamac.model import Llama
+from llamac.engine import backend
+from llamac.infer import decode
+from llamac.model.llama import Llama
 
 pytestmark = pytest.mark.cuda
 BF16 = backend.bfloat16
@@ -56,7 +58,7 @@ def test_step_matches_reference_step(kw, prompt_lens):
 def load_trained():
     if not (CKPT / "model.safetensors").is_file():
         pytest.skip(f"no trained checkpoint at {CKPT} (set LLAMAC_DECODE_CKPT)")
-    from llamac.checkpoint import load_model
+    from llamac.train.checkpoint import load_model
     model, tok, _ = load_model(CKPT, device="cuda", dtype="bfloat16")
     return model.eval(), tok
 
@@ -68,9 +70,8 @@ def test_greedy_equals_plain_path_on_trained_model(monkeypatch):
     whose rounding points the decode kernel reproduces; the flash kernel rounds unnormalised
     probabilities instead, and a near-tie between two logits can then flip a token (seen once at
     token 181 of 245)."""
-    from llamac import fused
-    from llamac.generate import generate_ids
-    monkeypatch.setattr(fused, "FLASH_ATTENTION", False)
+    from llamac.infer.generate import generate_ids
+    monkeypatch.setattr(runtime.options(), "flash_attention", False)
     model, tok = load_trained()
     prompt = tok.encode("Once upon a time, there was a little", bos=True)
     n = model.config.max_seq_len - len(prompt)
@@ -132,7 +133,8 @@ def test_generate_batch_prints_every_prompt_as_decoded_alone():
     (Against the plain path a batch row can differ after a near-tie: the fp32 sums run in another
     order, as in any single row; on the device, "Once upon a time" flipped one token at ~20.)"""
     import io
-    from llamac.generate import generate_batch, generate_ids
+
+    from llamac.infer.generate import generate_batch, generate_ids
     model, tok = load_trained()
     prompts = ["Once upon a time", "The little dog", "She"]
     out = io.StringIO()

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, flash, fused
+from llamac import runtime
 from llamac.config import ModelConfig
-from llamac.engine import no_grad
-from llamac.model import Llama
+from llamac.engine import backend
+from llamac.engine.tensor import no_grad
+from llamac.model.llama import Llama
+from llamac.ops import attention, flash_forward
 
 pytestmark = pytest.mark.cuda
 
@@ -42,8 +44,8 @@ def documents(B, Tk, seed=0):
 
 
 def check(q, k, v, causal, seg, config=None, what=""):
-    out, lse = flash.flash_attention_forward(q, k, v, causal=causal, segments=seg, config=config)
-    want, want_lse = flash.attention_forward_reference(q, k, v, causal, seg)
+    out, lse = flash_forward.flash_attention_forward(q, k, v, causal=causal, segments=seg, config=config)
+    want, want_lse = flash_forward.attention_forward_reference(q, k, v, causal, seg)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == np.float32
     o = backend.to_numpy(out).astype(np.float32)
     assert np.isfinite(o).all(), f"{what}: non-finite outputs"
@@ -78,9 +80,9 @@ def test_kernel_queries_after_a_cache(Tq, Tk, hs, use_seg):
     check(q, k, v, True, documents(2, Tk, seed=Tk) if use_seg else None, what=f"Tq={Tq} Tk={Tk} hs={hs}")
 
 
-EVERY_CONFIG = [(BF16, hs, c) for hs in flash.HEAD_DIMS for c in flash.CANDIDATES[hs]]
-FP16_DEFAULTS = [(np.dtype(np.float16), hs, flash.CONFIGS[hs]) for hs in flash.HEAD_DIMS]
-HOPPER = [(dt, hs, c) for hs in flash.HOPPER_CANDIDATES for c in flash.HOPPER_CANDIDATES[hs]
+EVERY_CONFIG = [(BF16, hs, c) for hs in flash_forward.HEAD_DIMS for c in flash_forward.CANDIDATES[hs]]
+FP16_DEFAULTS = [(np.dtype(np.float16), hs, flash_forward.CONFIGS[hs]) for hs in flash_forward.HEAD_DIMS]
+HOPPER = [(dt, hs, c) for hs in flash_forward.HOPPER_CANDIDATES for c in flash_forward.HOPPER_CANDIDATES[hs]
           for dt in (BF16, np.dtype(np.float16))]
 
 
@@ -116,11 +118,11 @@ def test_long_sequence_needs_no_t_by_t_memory():
     pool = cp.get_default_memory_pool()
     cp.cuda.Device().synchronize()
     before = pool.used_bytes()
-    out, lse = flash.flash_attention_forward(q, k, v, causal=True)
+    out, lse = flash_forward.flash_attention_forward(q, k, v, causal=True)
     cp.cuda.Device().synchronize()
     grown = pool.used_bytes() - before
     assert grown <= out.nbytes + lse.nbytes + 1024, grown      # the outputs, nothing (T, T)
-    want, want_lse = flash.attention_forward_reference(q, k, v, True)
+    want, want_lse = flash_forward.attention_forward_reference(q, k, v, True)
     assert rel(out, want) <= OUT_TOL
     assert float(abs(lse - want_lse).max()) <= LSE_TOL
 
@@ -129,16 +131,16 @@ def test_long_sequence_needs_no_t_by_t_memory():
 def test_fused_attention_uses_flash_and_matches_the_bias_path(monkeypatch, hs):
     q, k, v = (llamac.Tensor(a, requires_grad=True) for a in inputs(2, 77, 77, 4, 2, hs))
     seg = documents(2, 77)
-    out = fused.attention(q, k, v, segments=seg, causal=True)
-    assert isinstance(out._ctx, flash.FlashAttention)
+    out = attention.attention(q, k, v, segments=seg, causal=True)
+    assert isinstance(out._ctx, attention.FlashAttention)
     proj = llamac.Tensor(backend.cupy_module().random.default_rng(3).standard_normal(out.shape, dtype=np.float32).astype(BF16))
     (out * proj).sum().backward()
     flash_grads = [backend.to_numpy(t.grad) for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    monkeypatch.setattr(fused, "FLASH_ATTENTION", False)
-    ref = fused.attention(q, k, v, segments=seg, causal=True)
-    assert isinstance(ref._ctx, fused.Attention)
+    monkeypatch.setattr(runtime.options(), "flash_attention", False)
+    ref = attention.attention(q, k, v, segments=seg, causal=True)
+    assert isinstance(ref._ctx, attention.Attention)
     (ref * proj).sum().backward()
     assert rel(out.data, ref.data) <= OUT_TOL
     for got, t in zip(flash_grads, (q, k, v)):
@@ -162,7 +164,7 @@ def _model(config=MODEL):
 @no_grad()
 @pytest.mark.parametrize("config", [MODEL, MODEL48], ids=["hs64", "hs48"])
 def test_model_logits_flash_vs_bias_path(monkeypatch, config):
-    assert fused.use_flash(backend.cupy_module().zeros(1, BF16), config.dim // config.n_heads)
+    assert attention.use_flash(backend.cupy_module().zeros(1, BF16), config.dim // config.n_heads)
     model = _model(config)
     cp = backend.cupy_module()
     idx = cp.asarray(np.random.default_rng(0).integers(0, MODEL.vocab_size, (2, 300)))
@@ -170,7 +172,7 @@ def test_model_logits_flash_vs_bias_path(monkeypatch, config):
     with_flash = {}
     for name, s in (("plain", None), ("segments", seg)):
         with_flash[name] = backend.to_numpy(model(idx, segment_ids=s)[0].data).astype(np.float32)
-    monkeypatch.setattr(fused, "FLASH_ATTENTION", False)
+    monkeypatch.setattr(runtime.options(), "flash_attention", False)
     for name, s in (("plain", None), ("segments", seg)):
         old = backend.to_numpy(model(idx, segment_ids=s)[0].data).astype(np.float32)
         assert rel(with_flash[name], old) <= 2e-2, name
@@ -184,7 +186,7 @@ def test_model_kv_cache_prefill_and_decode_with_flash(monkeypatch):
     ids = cp.asarray(np.random.default_rng(1).integers(0, MODEL.vocab_size, (2, 103)))
     runs = []
     for use_flash in (True, False):
-        monkeypatch.setattr(fused, "FLASH_ATTENTION", use_flash)
+        monkeypatch.setattr(runtime.options(), "flash_attention", use_flash)
         cache = model.new_cache(2, 128)
         steps = [model(ids[:, :100], cache=cache)[0].data[:, -1]]
         for t in range(100, 103):

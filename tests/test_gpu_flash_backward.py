@@ -4,9 +4,9 @@ causal or not, documents, and queries that are only the last Tq of the Tk positi
 import numpy as np
 import pytest
 
-from llamac import backend
-from llamac import flash_backward as fb
+from llamac.engine import backend
 from llamac.errors import LlamacError
+from llamac.ops import flash_backward, flash_forward, rope
 
 pytestmark = pytest.mark.cuda
 
@@ -71,10 +71,10 @@ def rel_norm(got, want) -> float:
 def check(case, dtype=BF16, tol=1e-2, seed=0, **tiles):
     B, Tq, Tk, H, Hkv, hs, causal, segmented = case
     q, k, v, dout, seg = inputs(B, Tq, Tk, H, Hkv, hs, segmented, dtype, seed)
-    out32, lse = fb.attention_reference(q, k, v, causal, seg)
+    out32, lse = flash_forward.attention_forward_reference(q, k, v, causal, seg)
     out = out32.astype(dtype)  # what the forward kernel hands over
-    got = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, **tiles)
-    want = fb.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
+    got = flash_backward.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, **tiles)
+    want = flash_forward.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
     for name, g, w, like in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
         assert g.dtype == dtype and g.shape == like.shape, name
         assert bool(backend.cupy_module().isfinite(g.astype(np.float32)).all()), f"{name}: not finite"
@@ -99,9 +99,9 @@ VARIANT_CASES = [(2, 333, 333, 4, 2, 128, True, False), (2, 150, 777, 4, 1, 64, 
                  (2, 333, 333, 4, 2, 96, True, False)]
 
 
-@pytest.mark.parametrize("case, tiles", [(c, t) for c in VARIANT_CASES for t in fb.variants(c[5])], ids=str)
+@pytest.mark.parametrize("case, tiles", [(c, t) for c in VARIANT_CASES for t in flash_backward.variants(c[5])], ids=str)
 def test_every_tile_variant_matches_reference(case, tiles):
-    if fb.is_wgmma(tiles) and backend.compute_capability() != "90":
+    if flash_backward.is_wgmma(tiles) and backend.compute_capability() != "90":
         pytest.skip("the wgmma build runs on compute capability 9.0 (H100/H200) only")
     check(case, tiles=tiles)
 
@@ -111,7 +111,7 @@ HOPPER_CASES = [c for c in CASES if c[5] == 64] + [(2, 64, 64, 2, 2, 64, True, F
 
 
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case, tiles", [(c, t) for c in HOPPER_CASES for t in fb.HOPPER_VARIANTS], ids=str)
+@pytest.mark.parametrize("case, tiles", [(c, t) for c in HOPPER_CASES for t in flash_backward.HOPPER_VARIANTS], ids=str)
 def test_warpgroup_mma_variants_match_reference(case, tiles, dtype):
     if backend.compute_capability() != "90":
         pytest.skip("the wgmma build runs on compute capability 9.0 (H100/H200) only")
@@ -124,8 +124,8 @@ def test_masked_keys_get_no_gradient():
     q, k, v, dout, _ = inputs(1, 50, 200, 2, 2, 64, False)
     seg = cp.zeros((1, 200), np.int64)
     seg[:, :120] = 1          # the queries (positions 150..199) are in document 0: keys < 120 unseen
-    out32, lse = fb.attention_reference(q, k, v, True, seg)
-    _, dk, dv = fb.flash_attention_backward(q, k, v, out32.astype(BF16), dout, lse, True, seg)
+    out32, lse = flash_forward.attention_forward_reference(q, k, v, True, seg)
+    _, dk, dv = flash_backward.flash_attention_backward(q, k, v, out32.astype(BF16), dout, lse, True, seg)
     assert float(cp.abs(dk[:, :120].astype(np.float32)).max()) == 0.0
     assert float(cp.abs(dv[:, :120].astype(np.float32)).max()) == 0.0
     assert float(cp.abs(dv[:, 120:].astype(np.float32)).max()) > 0.0
@@ -137,16 +137,16 @@ def test_gpu_launcher_refuses_what_the_kernel_cannot_do():
     lse = cp.zeros((1, 2, 8), np.float32)
     with pytest.raises(LlamacError, match="bfloat16 or float16"):
         f = q.astype(np.float32)
-        fb.flash_attention_backward(f, f, f, f, f, lse)
+        flash_backward.flash_attention_backward(f, f, f, f, f, lse)
     with pytest.raises(LlamacError, match="head_dim"):
         z = cp.zeros((1, 8, 2, 40), BF16)   # not a multiple of 16
-        fb.flash_attention_backward(z, z, z, z, z, lse)
+        flash_backward.flash_attention_backward(z, z, z, z, z, lse)
     with pytest.raises(LlamacError, match="tiles for head_dim 48"):
         z = cp.zeros((1, 8, 2, 48), BF16)
-        fb.flash_attention_backward(z, z, z, z, z, lse, tiles=(32, 8, 1))
+        flash_backward.flash_attention_backward(z, z, z, z, z, lse, tiles=(32, 8, 1))
     with pytest.raises(LlamacError, match="C-contiguous"):
         t = cp.zeros((1, 2, 8, 64), BF16).transpose(0, 2, 1, 3)
-        fb.flash_attention_backward(t, q, q, q, q, lse)
+        flash_backward.flash_attention_backward(t, q, q, q, q, lse)
 
 
 ROPE_CASES = [(2, 1, 1, 2, 2, 64, True, False), (2, 100, 100, 4, 1, 128, True, False),
@@ -160,17 +160,17 @@ def test_rope_folded_into_the_kernel_matches_rope_backward_after(case, table_dty
     """dK (rotated in the main kernel's store) and dQ (in the dq conversion) against the fp32
     reference gradients rotated back by the RoPE reference; tables in bf16 (as the model keeps
     them) or fp32."""
-    from llamac.kernels import rope_reference
+    from llamac.ops.rope import rope_reference
     cp = backend.cupy_module()
     B, T, _, H, Hkv, hs, causal, segmented = case
     q, k, v, dout, seg = inputs(B, T, T, H, Hkv, hs, segmented, seed=3)
     angles = cp.arange(T)[:, None] * (10000.0 ** (-cp.arange(0, hs, 2) / hs))[None, :]
     dt = BF16 if table_dtype == "model" else np.float32
     cos, sin = cp.cos(angles).astype(dt), cp.sin(angles).astype(dt)
-    out32, lse = fb.attention_reference(q, k, v, causal, seg)
+    out32, lse = flash_forward.attention_forward_reference(q, k, v, causal, seg)
     out = out32.astype(BF16)
-    got = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, rope=(cos, sin))
-    want = fb.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
+    got = flash_backward.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, rope=(cos, sin))
+    want = flash_forward.attention_backward_reference(q, k, v, out, dout, lse, causal, seg)
     want = (rope_reference(want[0], cos, sin, -1.0), rope_reference(want[1], cos, sin, -1.0), want[2])
     for name, g, w, like in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
         assert g.dtype == BF16 and g.shape == like.shape, name
@@ -192,13 +192,13 @@ def test_gradients_written_into_a_packed_buffer_equal_the_contiguous_ones(case):
     v_view[...] = v
     angles = cp.arange(T)[:, None] * (10000.0 ** (-cp.arange(0, hs, 2) / hs))[None, :]
     rope = (cp.cos(angles).astype(BF16), cp.sin(angles).astype(BF16))
-    out32, lse = fb.attention_reference(q, k, v, causal, seg)
+    out32, lse = flash_forward.attention_forward_reference(q, k, v, causal, seg)
     out = out32.astype(BF16)
-    want = fb.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, rope=rope)
+    want = flash_backward.flash_attention_backward(q, k, v, out, dout, lse, causal, seg, rope=rope)
     packed = cp.full((B, T, (H + 2 * Hkv) * hs), np.nan, np.float32).astype(BF16)
     views = (packed[..., :H * hs].reshape(q.shape), packed[..., H * hs:(H + Hkv) * hs].reshape(k.shape),
              packed[..., (H + Hkv) * hs:].reshape(v.shape))
-    got = fb.flash_attention_backward(q, k, v_view, out, dout, lse, causal, seg, rope=rope, grads_out=views)
+    got = flash_backward.flash_attention_backward(q, k, v_view, out, dout, lse, causal, seg, rope=rope, grads_out=views)
     assert all(g is w for g, w in zip(got, views))
     for name, g, w in zip(("dq", "dk", "dv"), views, want):
         assert bool(cp.array_equal(g.astype(np.float32), w.astype(np.float32))), name
@@ -207,9 +207,8 @@ def test_gradients_written_into_a_packed_buffer_equal_the_contiguous_ones(case):
 
 @pytest.mark.parametrize("shape", [(2, 1, 6, 2, 2, 64), (3, 77, 6, 2, 2, 48), (1, 300, 12, 4, 4, 128)], ids=str)
 def test_rope_reads_a_packed_view_in_place(shape):
-    """kernels.rope_forward/backward on q or k inside a packed projection (positions W apart) give
+    """rope.rope_forward/backward on q or k inside a packed projection (positions W apart) give
     exactly what they give on a contiguous copy."""
-    from llamac import kernels
     cp = backend.cupy_module()
     B, T, H, Hk, Hv, hs = shape
     packed = cp.random.default_rng(5).standard_normal((B, T, (H + Hk + Hv) * hs), dtype=np.float32).astype(BF16)
@@ -217,8 +216,8 @@ def test_rope_reads_a_packed_view_in_place(shape):
     cos, sin = cp.cos(angles).astype(BF16), cp.sin(angles).astype(BF16)
     for lo, n in ((0, H), (H, Hk)):
         view = packed[..., lo * hs:(lo + n) * hs].reshape(B, T, n, hs)
-        assert kernels.position_stride(view) == packed.shape[-1]
-        for fn in (kernels.rope_forward, kernels.rope_backward):
+        assert rope.position_stride(view) == packed.shape[-1]
+        for fn in (rope.rope_forward, rope.rope_backward):
             got, want = fn(view, cos, sin), fn(cp.ascontiguousarray(view), cos, sin)
             assert got.flags.c_contiguous
             assert bool(cp.array_equal(got.astype(np.float32), want.astype(np.float32)))

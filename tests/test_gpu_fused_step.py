@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, fused as fused_module, head_loss as head_loss_module, kernels, model as model_module
+from llamac import runtime
 from llamac.config import ModelConfig
-from llamac.model import Llama
+from llamac.engine import backend
+from llamac.model.llama import Llama
+from llamac.ops import linear, rmsnorm, swiglu
+from llamac.train.fusions import fuse
 
 pytestmark = pytest.mark.cuda
 
@@ -39,28 +42,26 @@ def normal(shape, dtype, seed, std=1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 8), (7, 129), (3, 1, 1000), (2, 5, 768), (9, 2048), (4, 13000)], ids=str)
 def test_add_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
-    monkeypatch.setattr(kernels, "RMSNORM_CACHE", cache)
+    monkeypatch.setattr(runtime.options(), "rmsnorm_register_cache", cache)
     dtype = DTYPES[dtype]
     x, h, d, e = (normal(shape, dtype, i, 2.0) for i in range(4))
     w = (1 + normal(shape[-1:], np.float32, 9, 0.3)).astype(dtype)
-    s, y, rstd = kernels.add_rmsnorm_forward(on_gpu(x, offset), on_gpu(h, offset), on_gpu(w))
-    want_s, want_y, want_rstd = kernels.add_rmsnorm_forward_reference(x, h, w)
+    s, y, rstd = rmsnorm.add_rmsnorm_forward(on_gpu(x, offset), on_gpu(h, offset), on_gpu(w))
+    want_s, want_y, want_rstd = rmsnorm.add_rmsnorm_forward_reference(x, h, w)
     assert np.array_equal(backend.to_numpy(s), want_s)       # the sum is rounded once, like x + h
     assert rel_err(y, want_y) <= TOL[dtype] and rel_err(rstd, want_rstd) <= 1e-4
     for dres in (None, e):
-        dx, dw = kernels.add_rmsnorm_backward(on_gpu(d, offset), s, on_gpu(w), rstd,
+        dx, dw = rmsnorm.add_rmsnorm_backward(on_gpu(d, offset), s, on_gpu(w), rstd,
                                               dres=None if dres is None else on_gpu(dres, offset))
-        want_dx, want_dw = kernels.add_rmsnorm_backward_reference(d, want_s, w, want_rstd, dres)
+        want_dx, want_dw = rmsnorm.add_rmsnorm_backward_reference(d, want_s, w, want_rstd, dres)
         assert dx.dtype == dtype and dw.dtype == np.float32
         assert rel_err(dx, want_dx) <= TOL[dtype], dres is None
         assert rel_err(dw, want_dw) <= 1e-4
 
 
 def _step(model, idx, targets, fuse, head_loss=False):
-    model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = fuse
-    fused_module.PACKED_QKV = fuse
-    model_module.FUSED_HEAD_LOSS = head_loss
-    try:
+    with runtime.override(fuse_residuals=fuse, overwrite_logits=fuse, swiglu_recompute=fuse, packed_qkv=fuse,
+                          fused_head_loss=head_loss):
         for p in model.parameters():
             p.grad = None
         logits, loss = model(idx, targets)
@@ -69,10 +70,6 @@ def _step(model, idx, targets, fuse, head_loss=False):
         after = None if logits is None else backend.to_numpy(logits.data).astype(np.float32)
         grads = {n: backend.to_numpy(p.grad).astype(np.float64) for n, p in model.named_parameters()}
         return float(loss.data), before, after, grads
-    finally:
-        model_module.FUSE_RESIDUALS = model_module.OVERWRITE_LOGITS = fused_module.SWIGLU_RECOMPUTE = True
-        fused_module.PACKED_QKV = True
-        model_module.FUSED_HEAD_LOSS = True
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -81,7 +78,7 @@ def test_fused_model_matches_the_plain_one(dtype, tol, tie, monkeypatch):
     cfg = ModelConfig(dim=128, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=1000, max_seq_len=80, hidden_dim=200,
                       tie_embeddings=tie)
     llamac.manual_seed(0)
-    model = Llama(cfg).to("cuda", dtype=dtype)
+    model = fuse(Llama(cfg).to("cuda", dtype=dtype))
     rng = np.random.default_rng(0)
     for p in model.parameters():          # norm gains away from 1: their gradients matter
         p.data = p.data + backend.cupy_module().asarray(rng.normal(0, 0.1, p.shape).astype(np.float32)).astype(p.dtype)
@@ -91,7 +88,7 @@ def test_fused_model_matches_the_plain_one(dtype, tol, tie, monkeypatch):
     plain = _step(model, idx, targets, False)
     fused = _step(model, idx, targets, True)
     # The chunked head loss, with chunks of 128 rows: 231 rows make two, the second partial.
-    monkeypatch.setattr(head_loss_module, "CHUNK_BYTES", 128 * 1000 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(runtime.options(), "head_loss_chunk_bytes", 128 * 1000 * np.dtype(dtype).itemsize)
     chunked = _step(model, idx, targets, True, head_loss=True)
     assert abs(fused[0] - plain[0]) <= 1e-3 * abs(plain[0])
     assert abs(chunked[0] - plain[0]) <= 1e-3 * abs(plain[0])
@@ -110,10 +107,10 @@ def test_fused_model_matches_the_plain_one(dtype, tol, tie, monkeypatch):
 def test_swiglu_backward_recompute_kernel(shape, dtype, offset):
     dtype = DTYPES[dtype]
     gate, up, d = normal(shape, dtype, 0, 3.0), normal(shape, dtype, 1), normal(shape, dtype, 2)
-    dg, du, h = kernels.swiglu_backward_recompute(on_gpu(gate, offset), on_gpu(up, offset), on_gpu(d, offset))
-    want_dg, want_du = kernels.swiglu_backward_reference(gate, up, d)
+    dg, du, h = swiglu.swiglu_backward_recompute(on_gpu(gate, offset), on_gpu(up, offset), on_gpu(d, offset))
+    want_dg, want_du = swiglu.swiglu_backward_reference(gate, up, d)
     assert rel_err(dg, want_dg) <= TOL[dtype] and rel_err(du, want_du) <= TOL[dtype]
-    forward = kernels.swiglu_forward(on_gpu(gate, offset), on_gpu(up, offset))
+    forward = swiglu.swiglu_forward(on_gpu(gate, offset), on_gpu(up, offset))
     assert np.array_equal(backend.to_numpy(h), backend.to_numpy(forward))   # the forward's very bits
 
 
@@ -127,8 +124,7 @@ def test_recomputed_layers_match_kept_activations_on_the_gpu(dtype, tol):
     results = []
     for flag in (False, True):
         llamac.manual_seed(0)
-        model = Llama(cfg).to("cuda", dtype=dtype)
-        model.recompute = flag
+        model = fuse(Llama(cfg).to("cuda", dtype=dtype), recompute=flag)
         _, loss = model(idx, targets)
         loss.backward()
         results.append((float(loss.data), {n: backend.to_numpy(p.grad).astype(np.float64)
@@ -144,21 +140,21 @@ def test_stacked_projection_weights_train_like_separate_ones():
     packed attention multiplies by as is (no per-step concatenation): the same loss and gradients
     as separately stored weights, and the blocks stay one array through optimizer steps and a
     state-dict load."""
-    from llamac.optim import AdamW
-    from llamac.train import TrainStep
+    from llamac.train.loop import TrainStep
+    from llamac.train.optim import AdamW
     cfg = ModelConfig(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=500, max_seq_len=64, hidden_dim=192)
     models = []
     for stacked in (True, False):
         llamac.manual_seed(0)
-        model = Llama(cfg).to("cuda", dtype="bfloat16")
+        model = fuse(Llama(cfg).to("cuda", dtype="bfloat16"))
         att = model.layers[0].attention
         ws = [att.wq.weight, att.wk.weight, att.wv.weight]
-        assert fused_module.StackedRows.adjacent([w.data for w in ws])
+        assert linear.StackedRows.adjacent([w.data for w in ws])
         if not stacked:
             for layer in model.layers:
                 for m in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
                     m.weight.data = m.weight.data.copy()
-            assert not fused_module.StackedRows.adjacent([w.data for w in ws])
+            assert not linear.StackedRows.adjacent([w.data for w in ws])
         models.append(model)
     xp = backend.cupy_module()
     rng = np.random.default_rng(3)
@@ -178,4 +174,4 @@ def test_stacked_projection_weights_train_like_separate_ones():
     assert att.wq.weight.data.base is base and att.wv.weight.data.base is base      # updated in place
     assert not np.array_equal(backend.to_numpy(att.wk.weight.data).astype(np.float32), before)
     model.load_state_dict({k: backend.to_numpy(v) for k, v in model.state_dict().items()})
-    assert fused_module.StackedRows.adjacent([att.wq.weight.data, att.wk.weight.data, att.wv.weight.data])
+    assert linear.StackedRows.adjacent([att.wq.weight.data, att.wk.weight.data, att.wv.weight.data])

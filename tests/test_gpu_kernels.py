@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, kernels
-from llamac.engine import Tensor
-from llamac.optim import AdamW
+from llamac import runtime
+from llamac.engine import backend
+from llamac.engine.tensor import Tensor
+from llamac.ops import cross_entropy, embedding, rmsnorm, rope
+from llamac.train.optim import AdamW
 
 pytestmark = pytest.mark.cuda
 
@@ -54,17 +56,17 @@ RMS_SHAPES = [(1, 8), (7, 129), (3, 1, 1000), (2, 5, 768), (9, 2048), (33, 4096)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", RMS_SHAPES, ids=str)
 def test_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
-    monkeypatch.setattr(kernels, "RMSNORM_CACHE", cache)     # rows kept in registers, or read twice
+    monkeypatch.setattr(runtime.options(), "rmsnorm_register_cache", cache)     # rows kept in registers, or read twice
     dtype = DTYPES[dtype]
     x, d = normal(shape, dtype, 0, 2.0), normal(shape, dtype, 1)
     w = (1 + normal(shape[-1:], np.float32, 2, 0.3)).astype(dtype)
-    y, rstd = kernels.rmsnorm_forward(on_gpu(x, offset), on_gpu(w))
-    want_y, want_rstd = kernels.rmsnorm_forward_reference(x, w)
+    y, rstd = rmsnorm.rmsnorm_forward(on_gpu(x, offset), on_gpu(w))
+    want_y, want_rstd = rmsnorm.rmsnorm_forward_reference(x, w)
     assert y.shape == shape and y.dtype == dtype and rstd.dtype == np.float32
     check(y, want_y, TOL[dtype], "rmsnorm_forward y")
     check(rstd, want_rstd, FP32_TOL, "rmsnorm_forward rstd")
-    dx, dw = kernels.rmsnorm_backward(on_gpu(d, offset), on_gpu(x, offset), on_gpu(w), rstd)
-    want_dx, want_dw = kernels.rmsnorm_backward_reference(d, x, w, want_rstd)
+    dx, dw = rmsnorm.rmsnorm_backward(on_gpu(d, offset), on_gpu(x, offset), on_gpu(w), rstd)
+    want_dx, want_dw = rmsnorm.rmsnorm_backward_reference(d, x, w, want_rstd)
     assert dx.dtype == dtype and dw.dtype == np.float32 and dw.shape == shape[-1:]
     check(dx, want_dx, TOL[dtype], "rmsnorm_backward dx")
     check(dw, want_dw, FP32_TOL, "rmsnorm_backward dw")
@@ -73,10 +75,10 @@ def test_rmsnorm_kernels(shape, dtype, offset, cache, monkeypatch):
 def test_rmsnorm_weight_gradient_is_deterministic():
     x, d = on_gpu(normal((4099, 768), BF16, 3)), on_gpu(normal((4099, 768), BF16, 4))
     w = on_gpu(normal((768,), BF16, 5))
-    _, rstd = kernels.rmsnorm_forward(x, w)
-    first = backend.to_numpy(kernels.rmsnorm_backward(d, x, w, rstd)[1])
+    _, rstd = rmsnorm.rmsnorm_forward(x, w)
+    first = backend.to_numpy(rmsnorm.rmsnorm_backward(d, x, w, rstd)[1])
     for _ in range(3):
-        assert np.array_equal(backend.to_numpy(kernels.rmsnorm_backward(d, x, w, rstd)[1]), first)
+        assert np.array_equal(backend.to_numpy(rmsnorm.rmsnorm_backward(d, x, w, rstd)[1]), first)
 
 
 # ---------------------------------------------------------------- RoPE
@@ -95,13 +97,13 @@ def test_rope_kernels(shape, dtype, offset, table):
     tdt = np.float32 if table == "fp32" else dtype
     cos, sin = np.cos(ang).astype(tdt), np.sin(ang).astype(tdt)
     x = normal(shape, dtype, 6)
-    out = kernels.rope_forward(on_gpu(x, offset), on_gpu(cos), on_gpu(sin))
+    out = rope.rope_forward(on_gpu(x, offset), on_gpu(cos), on_gpu(sin))
     assert out.shape == shape and out.dtype == dtype
-    check(out, kernels.rope_reference(x, cos, sin), TOL[dtype], "rope_forward")
-    back = kernels.rope_backward(on_gpu(x, offset), on_gpu(cos), on_gpu(sin))
-    check(back, kernels.rope_reference(x, cos, sin, -1.0), TOL[dtype], "rope_backward")
+    check(out, rope.rope_reference(x, cos, sin), TOL[dtype], "rope_forward")
+    back = rope.rope_backward(on_gpu(x, offset), on_gpu(cos), on_gpu(sin))
+    check(back, rope.rope_reference(x, cos, sin, -1.0), TOL[dtype], "rope_backward")
     if dtype == np.float32:   # the backward undoes the forward (a rotation)
-        check(kernels.rope_backward(out, on_gpu(cos), on_gpu(sin)), x, 1e-5, "rope round trip")
+        check(rope.rope_backward(out, on_gpu(cos), on_gpu(sin)), x, 1e-5, "rope round trip")
 
 
 # ---------------------------------------------------------------- embedding backward
@@ -116,23 +118,23 @@ def test_embedding_backward_kernel(N, C, V, dtype, offset):
     dtype = DTYPES[dtype]
     ids = np.random.default_rng(7).integers(0, V, N)
     d = normal((N, C), dtype, 8)
-    got = kernels.embedding_backward(on_gpu(ids), on_gpu(d, offset), V)
+    got = embedding.embedding_backward(on_gpu(ids), on_gpu(d, offset), V)
     assert got.shape == (V, C) and got.dtype == dtype
-    check(got, kernels.embedding_backward_reference(ids, d, V), TOL[dtype], "embedding_backward")
+    check(got, embedding.embedding_backward_reference(ids, d, V), TOL[dtype], "embedding_backward")
 
 
 def test_embedding_backward_is_deterministic_and_skips_bad_ids():
     rng = np.random.default_rng(9)
     ids = rng.integers(0, 7, (8, 1000))              # every row of dW is a long sum of repeats
     d = on_gpu(normal((8, 1000, 96), np.float32, 10, 100.0))
-    first = backend.to_numpy(kernels.embedding_backward(on_gpu(ids), d, 7))
+    first = backend.to_numpy(embedding.embedding_backward(on_gpu(ids), d, 7))
     for _ in range(3):
-        assert np.array_equal(backend.to_numpy(kernels.embedding_backward(on_gpu(ids), d, 7)), first)
+        assert np.array_equal(backend.to_numpy(embedding.embedding_backward(on_gpu(ids), d, 7)), first)
     bad = ids.copy()
     bad[0, :10] = [-1, 7, 100, -5, 3, 3, 7, 8, -100, 2]
     keep = (bad >= 0) & (bad < 7)
-    want = kernels.embedding_backward_reference(bad[keep], backend.to_numpy(d)[keep], 7)
-    check(kernels.embedding_backward(on_gpu(bad), d, 7), want, 1e-5, "embedding_backward, ids out of range")
+    want = embedding.embedding_backward_reference(bad[keep], backend.to_numpy(d)[keep], 7)
+    check(embedding.embedding_backward(on_gpu(bad), d, 7), want, 1e-5, "embedding_backward, ids out of range")
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -149,18 +151,18 @@ def test_cross_entropy_kernels(shape, dtype, offset):
     logits = normal(shape, dtype, 11, 3.0)
     targets = np.random.default_rng(12).integers(0, V, shape[:-1])
     targets.reshape(-1)[::3] = -100
-    loss, lse = kernels.cross_entropy_forward(on_gpu(logits, offset), on_gpu(targets))
-    want_loss, want_lse = kernels.cross_entropy_forward_reference(logits, targets)
+    loss, lse = cross_entropy.cross_entropy_forward(on_gpu(logits, offset), on_gpu(targets))
+    want_loss, want_lse = cross_entropy.cross_entropy_forward_reference(logits, targets)
     check(lse, want_lse, FP32_TOL, "cross_entropy_forward lse")
     check(loss, want_loss, FP32_TOL, "cross_entropy_forward loss")
     assert np.all(backend.to_numpy(loss)[targets.reshape(-1) == -100] == 0)
     scale = backend.cupy_module().full(1, 0.37, np.float32)
-    got = kernels.cross_entropy_backward(on_gpu(logits, offset), on_gpu(targets), lse, scale)
+    got = cross_entropy.cross_entropy_backward(on_gpu(logits, offset), on_gpu(targets), lse, scale)
     assert got.shape == shape and got.dtype == dtype
-    want = kernels.cross_entropy_backward_reference(logits, targets, want_lse, 0.37)
+    want = cross_entropy.cross_entropy_backward_reference(logits, targets, want_lse, 0.37)
     check(got, want, TOL[dtype], "cross_entropy_backward")
     in_place = on_gpu(logits, offset)
-    assert kernels.cross_entropy_backward(in_place, on_gpu(targets), lse, 0.37, out=in_place) is in_place
+    assert cross_entropy.cross_entropy_backward(in_place, on_gpu(targets), lse, 0.37, out=in_place) is in_place
     assert np.array_equal(backend.to_numpy(in_place), backend.to_numpy(got))
 
 
@@ -168,17 +170,17 @@ def test_cross_entropy_masked_logits_and_all_ignored():
     logits = np.full((3, 40), -np.inf, np.float32)
     logits[:, :5] = np.random.default_rng(13).normal(size=(3, 5))
     targets = np.array([1, 4, 0])
-    loss, lse = kernels.cross_entropy_forward(on_gpu(logits), on_gpu(targets))
-    check(loss, kernels.cross_entropy_forward_reference(logits[:, :5], targets)[0], 1e-5, "masked logits")
-    d = kernels.cross_entropy_backward(on_gpu(logits), on_gpu(targets), lse, 1.0)
+    loss, lse = cross_entropy.cross_entropy_forward(on_gpu(logits), on_gpu(targets))
+    check(loss, cross_entropy.cross_entropy_forward_reference(logits[:, :5], targets)[0], 1e-5, "masked logits")
+    d = cross_entropy.cross_entropy_backward(on_gpu(logits), on_gpu(targets), lse, 1.0)
     assert np.all(backend.to_numpy(d)[:, 5:] == 0)
-    loss, _ = kernels.cross_entropy_forward(on_gpu(logits), on_gpu(np.full(3, -100)))
+    loss, _ = cross_entropy.cross_entropy_forward(on_gpu(logits), on_gpu(np.full(3, -100)))
     assert np.all(backend.to_numpy(loss) == 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cross_entropy_function_on_gpu_overwrite_matches(dtype):
-    from llamac.ops import CrossEntropy
+    from llamac.ops.cross_entropy import CrossEntropy
     logits = normal((2, 9, 1003), np.float32, 14, 2.0)
     targets = np.random.default_rng(15).integers(0, 1003, (2, 9))
     targets[0, :4] = -100

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import backend, functional, fused
+from llamac.engine import backend, functional
+from llamac.ops import attention, embedding, linear, rmsnorm, rope, swiglu
 
 pytestmark = pytest.mark.cuda
 
@@ -55,13 +56,13 @@ CASES = {
     "softmax": (lambda a: llamac.softmax(a, axis=-1), [(5, 7)], False),
     "log_softmax": (lambda a: llamac.log_softmax(a, axis=0), [(5, 7)], False),
     "cross_entropy": (lambda a: llamac.cross_entropy(a, llamac.tensor(TARGETS, device="cuda")), [(3, 4, 5)], False),
-    "linear": (lambda x, w: fused.linear(x, w), [(3, 5, 7), (9, 7)], False),
-    "embedding": (lambda w: fused.embedding(llamac.tensor(IDX, device="cuda"), w), [(6, 7)], False),
-    "rms_norm": (lambda x, w: fused.rms_norm(x, w), [(3, 5, 8), (8,)], False),
-    "rope": (lambda x: fused.rope(x, llamac.tensor(np.cos(ANG).astype(np.float32), device="cuda"),
+    "linear": (lambda x, w: linear.linear(x, w), [(3, 5, 7), (9, 7)], False),
+    "embedding": (lambda w: embedding.embedding(llamac.tensor(IDX, device="cuda"), w), [(6, 7)], False),
+    "rms_norm": (lambda x, w: rmsnorm.rms_norm(x, w), [(3, 5, 8), (8,)], False),
+    "rope": (lambda x: rope.rope(x, llamac.tensor(np.cos(ANG).astype(np.float32), device="cuda"),
                                   llamac.tensor(np.sin(ANG).astype(np.float32), device="cuda")), [(2, 7, 3, 8)], False),
-    "swiglu": (fused.swiglu, [(5, 7), (5, 7)], False),
-    "attention": (lambda q, k, v: fused.attention(q, k, v, llamac.tensor(SEGMENTS, device="cuda")),
+    "swiglu": (swiglu.swiglu, [(5, 7), (5, 7)], False),
+    "attention": (lambda q, k, v: attention.attention(q, k, v, llamac.tensor(SEGMENTS, device="cuda")),
                   [(2, 7, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)], False),
 }
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamac import checkpoint
 from llamac.config import load_recipe
 from llamac.data import sources
-from llamac.train import pretrain
+from llamac.train import checkpoint
+from llamac.train.loop import pretrain
 
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parent.parent

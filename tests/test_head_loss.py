@@ -4,9 +4,11 @@ test_gpu_fused_step.py."""
 import numpy as np
 import pytest
 
-from llamac import functional, fused
-from llamac.engine import Tensor, no_grad
-from llamac.head_loss import CHUNK_BYTES, chunk_rows, head_loss
+from llamac import runtime
+from llamac.engine import functional
+from llamac.engine.tensor import Tensor, no_grad
+from llamac.ops import linear
+from llamac.ops.cross_entropy import chunk_rows, head_loss
 
 
 def _case(N=37, C=12, V=50, seed=0):
@@ -25,7 +27,7 @@ def _backward(loss, scale):
 
 def _plain(x, w, t, scale):
     xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
-    loss = functional.cross_entropy(fused.linear(xt, wt), Tensor(t))
+    loss = functional.cross_entropy(linear.linear(xt, wt), Tensor(t))
     _backward(loss, scale)
     return float(loss.data), xt.grad, wt.grad
 
@@ -68,5 +70,5 @@ def test_every_row_ignored_gives_zero_loss_and_gradient():
 
 
 def test_chunk_rows():
-    assert chunk_rows(32000, 2) == CHUNK_BYTES // 64000 and chunk_rows(32000, 2, 64000 * 300) == 300
+    assert chunk_rows(32000, 2) == runtime.options().head_loss_chunk_bytes // 64000 and chunk_rows(32000, 2, 64000 * 300) == 300
     assert chunk_rows(10 ** 9, 2) == 128                   # never below a tensor-core-sized GEMM

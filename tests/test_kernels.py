@@ -8,8 +8,10 @@ import types
 import numpy as np
 import pytest
 
-from llamac import backend, kernels, optim
+from llamac.engine import backend
 from llamac.errors import DeviceError, LlamacError, ShapeError
+from llamac.ops import common, cross_entropy, embedding, rmsnorm, rope, swiglu
+from llamac.train import optim
 
 BF16 = backend.bfloat16
 KERNEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
@@ -66,11 +68,11 @@ def test_kernel_compiles_for_sm90(nvrtc, name, dtype):
     assert_compiles(result, f"kernels/{name}.cu with DTYPE={backend.CUDA_TYPES[KERNEL_DTYPES[dtype]]}")
 
 
-@pytest.mark.parametrize("name", sorted(kernels.KERNEL_FUNCTIONS))
+@pytest.mark.parametrize("name", sorted(common.KERNEL_FUNCTIONS))
 def test_kernel_exports_the_launchers_functions(nvrtc, name):
     result = backend.compile_check_kernel(name, np.float32, arch="sm_90")
     assert_compiles(result, f"kernels/{name}.cu")
-    for function in kernels.KERNEL_FUNCTIONS[name]:
+    for function in common.KERNEL_FUNCTIONS[name]:
         assert f".entry {function}(" in result.ptx, f"kernels/{name}.cu has no extern \"C\" __global__ {function}"
 
 
@@ -153,8 +155,8 @@ def test_references_match_float64_formula(dtype, tol):
     g, u, d = (a.astype(np.float64) for a in (gate, up, dout))
     s = 1 / (1 + np.exp(-g))
 
-    out = kernels.swiglu_forward_reference(gate, up)
-    dgate, dup = kernels.swiglu_backward_reference(gate, up, dout)
+    out = swiglu.swiglu_forward_reference(gate, up)
+    dgate, dup = swiglu.swiglu_backward_reference(gate, up, dout)
     for got in (out, dgate, dup):
         assert got.dtype == np.dtype(dtype) and got.shape == gate.shape
     assert rel_err(out, silu64(g) * u) <= tol
@@ -171,8 +173,8 @@ def test_references_are_safe_for_large_inputs(dtype):
     up = np.full(gate.shape, 0.5, dtype)
     dout = np.ones(gate.shape, dtype)
     with np.errstate(over="raise", invalid="raise", divide="raise"):
-        out = kernels.swiglu_forward_reference(gate, up)
-        dgate, dup = kernels.swiglu_backward_reference(gate, up, dout)
+        out = swiglu.swiglu_forward_reference(gate, up)
+        dgate, dup = swiglu.swiglu_backward_reference(gate, up, dout)
     g = gate.astype(np.float64)
     for got in (out, dgate, dup):
         assert np.all(np.isfinite(got.astype(np.float64)))
@@ -189,11 +191,11 @@ def test_backward_reference_matches_finite_differences():
     h = 1e-6
 
     def loss_terms(g, u):  # elementwise, so one perturbation of every entry gives every partial
-        return dout * kernels.swiglu_forward_reference(g, u)
+        return dout * swiglu.swiglu_forward_reference(g, u)
 
     num_dgate = (loss_terms(gate + h, up) - loss_terms(gate - h, up)) / (2 * h)
     num_dup = (loss_terms(gate, up + h) - loss_terms(gate, up - h)) / (2 * h)
-    dgate, dup = kernels.swiglu_backward_reference(gate, up, dout)
+    dgate, dup = swiglu.swiglu_backward_reference(gate, up, dout)
     np.testing.assert_allclose(dgate, num_dgate, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(dup, num_dup, rtol=1e-6, atol=1e-8)
 
@@ -203,26 +205,26 @@ def test_backward_reference_matches_finite_differences():
 def test_launchers_fall_back_to_reference_on_numpy():
     rng = np.random.default_rng(3)
     gate, up, dout = (rng.normal(size=(5, 6)).astype(BF16) for _ in range(3))
-    assert np.array_equal(kernels.swiglu_forward(gate, up), kernels.swiglu_forward_reference(gate, up))
-    for got, want in zip(kernels.swiglu_backward(gate, up, dout), kernels.swiglu_backward_reference(gate, up, dout)):
+    assert np.array_equal(swiglu.swiglu_forward(gate, up), swiglu.swiglu_forward_reference(gate, up))
+    for got, want in zip(swiglu.swiglu_backward(gate, up, dout), swiglu.swiglu_backward_reference(gate, up, dout)):
         assert np.array_equal(got, want)
     out = np.full(gate.shape, np.nan, BF16)
-    assert kernels.swiglu_forward(gate, up, out=out) is out
-    assert np.array_equal(out, kernels.swiglu_forward_reference(gate, up))
+    assert swiglu.swiglu_forward(gate, up, out=out) is out
+    assert np.array_equal(out, swiglu.swiglu_forward_reference(gate, up))
 
 
 def test_launchers_check_operands():
     a = np.ones((2, 3), np.float32)
     with pytest.raises(ShapeError, match=r"\(2, 3\)"):
-        kernels.swiglu_forward(a, np.ones((3, 2), np.float32))
+        swiglu.swiglu_forward(a, np.ones((3, 2), np.float32))
     with pytest.raises(LlamacError, match="dtypes must match"):
-        kernels.swiglu_forward(a, a.astype(np.float16))
+        swiglu.swiglu_forward(a, a.astype(np.float16))
     with pytest.raises(LlamacError, match="floating-point"):
-        kernels.swiglu_forward(a.astype(np.int32), a.astype(np.int32))
+        swiglu.swiglu_forward(a.astype(np.int32), a.astype(np.int32))
     with pytest.raises(LlamacError, match="must be a NumPy or CuPy array"):
-        kernels.swiglu_forward([1.0], [1.0])
+        swiglu.swiglu_forward([1.0], [1.0])
     with pytest.raises(ShapeError):
-        kernels.swiglu_backward(a, a, a, dgate=np.empty((6,), np.float32))
+        swiglu.swiglu_backward(a, a, a, dgate=np.empty((6,), np.float32))
 
 
 def fake_array(dtype, ptr):
@@ -231,11 +233,11 @@ def fake_array(dtype, ptr):
 
 def test_launch_config():
     f32, bf16 = [fake_array(np.float32, 256)], [fake_array(BF16, 256)]
-    assert kernels._launch_config(1, f32) == ((1,), (256,))
-    assert kernels._launch_config(10**9, f32) == ((kernels.MAX_BLOCKS,), (256,))
+    assert common._launch_config(1, f32) == ((1,), (256,))
+    assert common._launch_config(10**9, f32) == ((common.MAX_BLOCKS,), (256,))
     # aligned: one thread per 16-byte pack; misaligned: one per element
-    assert kernels._launch_config(1_000_003, bf16) == ((489,), (256,))  # ceil(ceil(n / 8) / 256)
-    assert kernels._launch_config(1_000_003, bf16 + [fake_array(BF16, 258)]) == ((3907,), (256,))  # ceil(n / 256)
+    assert common._launch_config(1_000_003, bf16) == ((489,), (256,))  # ceil(ceil(n / 8) / 256)
+    assert common._launch_config(1_000_003, bf16 + [fake_array(BF16, 258)]) == ((3907,), (256,))  # ceil(n / 256)
 
 
 def test_modules_import_and_refuse_cleanly_without_cupy():
@@ -243,10 +245,10 @@ def test_modules_import_and_refuse_cleanly_without_cupy():
     code = textwrap.dedent("""
         import sys
         sys.modules["cupy"] = None
-        import llamac.kernels, llamac.kernel_bench
+        import llamac.ops.rmsnorm, llamac.bench.kernels
         from llamac.errors import LlamacError
-        for call in (llamac.kernel_bench.bench_swiglu, llamac.kernel_bench.measure_copy_bandwidth,
-                     llamac.kernel_bench.bench_training_kernels):
+        for call in (llamac.bench.kernels.bench_swiglu, llamac.bench.kernels.measure_copy_bandwidth,
+                     llamac.bench.kernels.bench_training_kernels):
             try:
                 call()
             except LlamacError as exc:
@@ -307,9 +309,9 @@ def test_swiglu_forward_kernel(shape, dtype, layout):
     in_off, out_off = {"aligned": (0, 0), "offset": (1, 1), "out_offset": (0, 1)}[layout]
     gate, up = make_inputs(shape, dtype, 2)
     out = poisoned(gate.shape, dtype, out_off)
-    got = kernels.swiglu_forward(on_gpu(gate, in_off), on_gpu(up, in_off), out=out)
+    got = swiglu.swiglu_forward(on_gpu(gate, in_off), on_gpu(up, in_off), out=out)
     assert got is out
-    assert_close(out, kernels.swiglu_forward_reference(gate, up), dtype, "swiglu_forward")
+    assert_close(out, swiglu.swiglu_forward_reference(gate, up), dtype, "swiglu_forward")
 
 
 @pytest.mark.cuda
@@ -321,8 +323,8 @@ def test_swiglu_backward_kernel(shape, dtype, layout):
     in_off, out_off = {"aligned": (0, 0), "offset": (1, 1), "out_offset": (0, 1)}[layout]
     gate, up, dout = make_inputs(shape, dtype, 3)
     dgate, dup = poisoned(gate.shape, dtype, out_off), poisoned(gate.shape, dtype, out_off)
-    kernels.swiglu_backward(*(on_gpu(a, in_off) for a in (gate, up, dout)), dgate=dgate, dup=dup)
-    want_dgate, want_dup = kernels.swiglu_backward_reference(gate, up, dout)
+    swiglu.swiglu_backward(*(on_gpu(a, in_off) for a in (gate, up, dout)), dgate=dgate, dup=dup)
+    want_dgate, want_dup = swiglu.swiglu_backward_reference(gate, up, dout)
     assert_close(dgate, want_dgate, dtype, "swiglu_backward dgate")
     assert_close(dup, want_dup, dtype, "swiglu_backward dup")
 
@@ -332,13 +334,13 @@ def test_swiglu_backward_kernel(shape, dtype, layout):
 def test_swiglu_launchers_allocate_outputs(dtype):
     dtype = KERNEL_DTYPES[dtype]
     gate, up, dout = make_inputs((4, 1000), dtype, 3)
-    out = kernels.swiglu_forward(on_gpu(gate, 0), on_gpu(up, 0))
+    out = swiglu.swiglu_forward(on_gpu(gate, 0), on_gpu(up, 0))
     assert out.dtype == dtype and out.shape == gate.shape
-    assert_close(out, kernels.swiglu_forward_reference(gate, up), dtype, "swiglu_forward")
-    dgate, dup = kernels.swiglu_backward(on_gpu(gate, 0), on_gpu(up, 0), on_gpu(dout, 0))
-    for got, want in zip((dgate, dup), kernels.swiglu_backward_reference(gate, up, dout)):
+    assert_close(out, swiglu.swiglu_forward_reference(gate, up), dtype, "swiglu_forward")
+    dgate, dup = swiglu.swiglu_backward(on_gpu(gate, 0), on_gpu(up, 0), on_gpu(dout, 0))
+    for got, want in zip((dgate, dup), swiglu.swiglu_backward_reference(gate, up, dout)):
         assert_close(got, want, dtype, "swiglu_backward")
-    empty = kernels.swiglu_forward(on_gpu(gate[:0], 0), on_gpu(up[:0], 0))
+    empty = swiglu.swiglu_forward(on_gpu(gate[:0], 0), on_gpu(up[:0], 0))
     assert empty.shape == (0, 1000)
 
 
@@ -347,11 +349,11 @@ def test_swiglu_launchers_allocate_outputs(dtype):
 def test_references_run_on_cupy(dtype):
     dtype = KERNEL_DTYPES[dtype]
     gate, up, dout = make_inputs(1000, dtype, 3)
-    on_device = kernels.swiglu_forward_reference(on_gpu(gate, 0), on_gpu(up, 0))
+    on_device = swiglu.swiglu_forward_reference(on_gpu(gate, 0), on_gpu(up, 0))
     assert backend.device_of(on_device) == "cuda" and on_device.dtype == dtype
-    assert rel_err(on_device, kernels.swiglu_forward_reference(gate, up)) <= TOL[dtype]
-    for got, want in zip(kernels.swiglu_backward_reference(*(on_gpu(a, 0) for a in (gate, up, dout))),
-                         kernels.swiglu_backward_reference(gate, up, dout)):
+    assert rel_err(on_device, swiglu.swiglu_forward_reference(gate, up)) <= TOL[dtype]
+    for got, want in zip(swiglu.swiglu_backward_reference(*(on_gpu(a, 0) for a in (gate, up, dout))),
+                         swiglu.swiglu_backward_reference(gate, up, dout)):
         assert rel_err(got, want) <= TOL[dtype]
 
 
@@ -360,16 +362,16 @@ def test_gpu_launchers_check_operands():
     cp = backend.cupy_module()
     a = cp.ones((8, 8), np.float32)
     with pytest.raises(LlamacError, match="C-contiguous"):
-        kernels.swiglu_forward(a.T, a)
+        swiglu.swiglu_forward(a.T, a)
     with pytest.raises(LlamacError, match="float32, bfloat16 or float16"):
-        kernels.swiglu_forward(a.astype(np.float64), a.astype(np.float64))
+        swiglu.swiglu_forward(a.astype(np.float64), a.astype(np.float64))
     with pytest.raises(DeviceError, match="one device"):
-        kernels.swiglu_forward(a, np.ones((8, 8), np.float32))
+        swiglu.swiglu_forward(a, np.ones((8, 8), np.float32))
     with pytest.raises(LlamacError, match="overlaps"):
-        kernels.swiglu_forward(a, cp.ones((8, 8), np.float32), out=a)
+        swiglu.swiglu_forward(a, cp.ones((8, 8), np.float32), out=a)
     with pytest.raises(LlamacError, match="overlaps"):
         d = cp.empty((8, 8), np.float32)
-        kernels.swiglu_backward(a, a, a, dgate=d, dup=d)
+        swiglu.swiglu_backward(a, a, a, dgate=d, dup=d)
 
 
 @pytest.mark.cuda
@@ -419,10 +421,10 @@ def test_swiglu_forward_indexes_past_2_to_the_31():
     gate = (cp.arange(n, dtype=np.float32) % 13 - 6).astype(np.float16)
     up = (cp.arange(n, dtype=np.float32) % 7 - 3).astype(np.float16)
     out = cp.full(n, np.nan, np.float16)
-    kernels.swiglu_forward(gate, up, out=out)
+    swiglu.swiglu_forward(gate, up, out=out)
     for lo in (0, (1 << 31) - 500, n - 1000):
         sl = slice(lo, lo + 1000)
-        assert_close(out[sl], kernels.swiglu_forward_reference(gate[sl].get(), up[sl].get()), np.float16,
+        assert_close(out[sl], swiglu.swiglu_forward_reference(gate[sl].get(), up[sl].get()), np.float16,
                      f"swiglu_forward [{lo}:{lo + 1000}]")
 
 
@@ -448,37 +450,36 @@ def numeric_grad(f, x, h=1e-6):
 def test_rmsnorm_references_match_float64():
     rng = np.random.default_rng(20)
     x, w, d = rng.normal(size=(2, 3, 9)), rng.normal(size=9), rng.normal(size=(2, 3, 9))
-    y, rstd = kernels.rmsnorm_forward_reference(x, w, eps=1e-5)
+    y, rstd = rmsnorm.rmsnorm_forward_reference(x, w, eps=1e-5)
     want_rstd = 1 / np.sqrt((x * x).mean(-1) + 1e-5)
     np.testing.assert_allclose(rstd, want_rstd.reshape(-1), rtol=1e-13)
     np.testing.assert_allclose(y, x * want_rstd[..., None] * w, rtol=1e-13)
-    dx, dw = kernels.rmsnorm_backward_reference(d, x, w, rstd)
-    np.testing.assert_allclose(dx, numeric_grad(lambda a: (kernels.rmsnorm_forward_reference(a, w)[0] * d).sum(), x),
+    dx, dw = rmsnorm.rmsnorm_backward_reference(d, x, w, rstd)
+    np.testing.assert_allclose(dx, numeric_grad(lambda a: (rmsnorm.rmsnorm_forward_reference(a, w)[0] * d).sum(), x),
                                atol=1e-7)
-    np.testing.assert_allclose(dw, numeric_grad(lambda a: (kernels.rmsnorm_forward_reference(x, a)[0] * d).sum(), w),
+    np.testing.assert_allclose(dw, numeric_grad(lambda a: (rmsnorm.rmsnorm_forward_reference(x, a)[0] * d).sum(), w),
                                atol=1e-7)
     # the launchers on NumPy are the references; bf16 computes in fp32 and rounds once
     xb, wb = x.astype(BF16), w.astype(BF16)
-    yb, rb = kernels.rmsnorm_forward(xb, wb)
+    yb, rb = rmsnorm.rmsnorm_forward(xb, wb)
     assert yb.dtype == BF16 and rb.dtype == np.float32
-    assert rel_err(yb, kernels.rmsnorm_forward_reference(xb.astype(np.float64), wb.astype(np.float64))[0]) <= 1e-2
+    assert rel_err(yb, rmsnorm.rmsnorm_forward_reference(xb.astype(np.float64), wb.astype(np.float64))[0]) <= 1e-2
 
 
 def test_rope_reference_is_the_fused_rotation_and_its_inverse():
-    from llamac import fused
     rng = np.random.default_rng(21)
     x = rng.normal(size=(2, 5, 3, 8))
     ang = rng.normal(size=(5, 4))
     cos, sin = np.cos(ang), np.sin(ang)
-    out = kernels.rope_forward(x, cos, sin)
-    np.testing.assert_allclose(out, fused._rotate(x, cos, sin, 1.0), rtol=1e-14, atol=1e-15)
+    out = rope.rope_forward(x, cos, sin)
+    np.testing.assert_allclose(out, rope._rotate(x, cos, sin, 1.0), rtol=1e-14, atol=1e-15)
     # pair i of position t is the complex number x[2i] + i x[2i+1] times e^(i angle)
     z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * ang)[None, :, None, :]
     np.testing.assert_allclose(out[..., 0::2], z.real, atol=1e-13)
     np.testing.assert_allclose(out[..., 1::2], z.imag, atol=1e-13)
-    np.testing.assert_allclose(kernels.rope_backward(out, cos, sin), x, atol=1e-13)
+    np.testing.assert_allclose(rope.rope_backward(out, cos, sin), x, atol=1e-13)
     with pytest.raises(ShapeError, match="want"):
-        kernels.rope_forward(x, cos[:4], sin[:4])
+        rope.rope_forward(x, cos[:4], sin[:4])
 
 
 def test_embedding_backward_reference_sums_repeats():
@@ -488,10 +489,10 @@ def test_embedding_backward_reference_sums_repeats():
     want = np.zeros((6, 5))
     for j, i in enumerate(ids.reshape(-1)):
         want[i] += d.reshape(-1, 5)[j]
-    np.testing.assert_allclose(kernels.embedding_backward(ids, d, 6), want, rtol=1e-14)
-    assert kernels.embedding_backward(ids, d.astype(BF16), 6).dtype == BF16
+    np.testing.assert_allclose(embedding.embedding_backward(ids, d, 6), want, rtol=1e-14)
+    assert embedding.embedding_backward(ids, d.astype(BF16), 6).dtype == BF16
     with pytest.raises(LlamacError, match="integers"):
-        kernels.embedding_backward(ids.astype(np.float32), d, 6)
+        embedding.embedding_backward(ids.astype(np.float32), d, 6)
 
 
 def test_cross_entropy_references_match_float64():
@@ -499,21 +500,21 @@ def test_cross_entropy_references_match_float64():
     logits = rng.normal(0, 3, (2, 3, 11))
     targets = rng.integers(0, 11, (2, 3))
     targets[1, 2] = -100
-    loss, lse = kernels.cross_entropy_forward(logits, targets)
+    loss, lse = cross_entropy.cross_entropy_forward(logits, targets)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp, np.where(targets < 0, 0, targets)[..., None], -1)[..., 0]
     want[1, 2] = 0
     np.testing.assert_allclose(loss, want.reshape(-1), rtol=1e-13)
     np.testing.assert_allclose(lse, np.log(np.exp(logits).sum(-1)).reshape(-1), rtol=1e-13)
-    d = kernels.cross_entropy_backward(logits, targets, lse, 0.25)
-    num = numeric_grad(lambda a: kernels.cross_entropy_forward(a, targets)[0].sum() * 0.25, logits)
+    d = cross_entropy.cross_entropy_backward(logits, targets, lse, 0.25)
+    num = numeric_grad(lambda a: cross_entropy.cross_entropy_forward(a, targets)[0].sum() * 0.25, logits)
     np.testing.assert_allclose(d, num, atol=1e-8)
     assert np.all(d[1, 2] == 0)
     out = np.empty_like(logits)
-    assert kernels.cross_entropy_backward(logits, targets, lse, 0.25, out=out) is out
+    assert cross_entropy.cross_entropy_backward(logits, targets, lse, 0.25, out=out) is out
     # the GPU-path loss (mean over counted rows) equals the ops.CrossEntropy CPU value
     import llamac
     ce = llamac.cross_entropy(llamac.tensor(logits.astype(np.float32)), llamac.tensor(targets)).item()
     assert abs(loss.sum() / 5 - ce) <= 1e-5 * abs(ce)
     with pytest.raises(ShapeError, match="do not fit"):
-        kernels.cross_entropy_forward(logits, targets[:, :2])
+        cross_entropy.cross_entropy_forward(logits, targets[:, :2])

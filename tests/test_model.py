@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import hf
 from llamac.config import ModelConfig
-from llamac.gradcheck import numerical_grads
-from llamac.model import Llama, resolve, rope_inv_freq
+from llamac.engine.gradcheck import numerical_grads
+from llamac.formats import hf
+from llamac.model.llama import Llama, resolve, rope_inv_freq
 
 GQA_LLAMA3 = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=64,
                          hidden_dim=96, tie_embeddings=False, rope_theta=500000.0,

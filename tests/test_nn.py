@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import functional, nn
+from llamac.engine import functional
 from llamac.errors import LlamacError
+from llamac.model import layers as nn
 
 
 class MLP(nn.Module):
@@ -82,7 +83,7 @@ def test_module_lists_train_eval_and_dtype_moves():
     s.train()
     assert s.layers[2].training
     s.to(dtype="bfloat16")
-    assert all(p.dtype == llamac.backend.bfloat16 for p in s.parameters())
+    assert all(p.dtype == llamac.engine.backend.bfloat16 for p in s.parameters())
 
 
 def test_embedding_module_and_rmsnorm_module():

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import functional, fused, ops
+from llamac.engine import functional, ops
+from llamac.engine.gradcheck import check_grad
 from llamac.errors import DeviceError, LlamacError, ShapeError
-from llamac.gradcheck import check_grad
+from llamac.ops import attention, embedding, linear, rmsnorm, rope, swiglu
 
 rng = np.random.default_rng(0)
 
@@ -158,20 +159,20 @@ def test_cast_grad_flows_back_in_source_dtype():
 # ---------------------------------------------------------------- fused primitives
 
 def test_linear_grad():
-    check_grad(lambda x, w: fused.linear(x, w), r(2, 3, 4), r(5, 4))
-    check_grad(lambda x, w, b: fused.linear(x, w, b), r(3, 4), r(5, 4), r(5))
+    check_grad(lambda x, w: linear.linear(x, w), r(2, 3, 4), r(5, 4))
+    check_grad(lambda x, w, b: linear.linear(x, w, b), r(3, 4), r(5, 4), r(5))
 
 
 def test_embedding_grad_with_repeated_ids():
     ids = np.array([[0, 3, 3], [1, 0, 3]])
     c0 = r(2, 3, 4)
-    check_grad(lambda w: fused.embedding(ids, w) * c0, r(5, 4))
+    check_grad(lambda w: embedding.embedding(ids, w) * c0, r(5, 4))
 
 
 def test_rms_norm_grad_and_value():
     x, w = r(2, 3, 8), r(8)
-    check_grad(lambda x, w: fused.rms_norm(x, w, 1e-5), x, w)
-    out = fused.rms_norm(llamac.tensor(x, dtype="float64"), llamac.tensor(w, dtype="float64")).numpy()
+    check_grad(lambda x, w: rmsnorm.rms_norm(x, w, 1e-5), x, w)
+    out = rmsnorm.rms_norm(llamac.tensor(x, dtype="float64"), llamac.tensor(w, dtype="float64")).numpy()
     want = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
     assert np.allclose(out, want, rtol=1e-6)
 
@@ -180,15 +181,15 @@ def test_rope_grad_and_rotation():
     T, hs = 5, 8
     ang = np.arange(T)[:, None] * (1.0 / 10000 ** (np.arange(0, hs, 2) / hs))[None]
     cos, sin = np.cos(ang), np.sin(ang)
-    check_grad(lambda x: fused.rope(x, cos, sin), r(2, T, 3, hs))
+    check_grad(lambda x: rope.rope(x, cos, sin), r(2, T, 3, hs))
     x = r(1, T, 1, hs)
-    y = fused.rope(llamac.tensor(x, dtype="float64"), cos, sin).numpy()
+    y = rope.rope(llamac.tensor(x, dtype="float64"), cos, sin).numpy()
     assert np.allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1))  # rotations keep norms
     assert np.allclose(y[:, 0], x[:, 0])                                          # position 0 unrotated
 
 
 def test_swiglu_grad():
-    check_grad(fused.swiglu, r(3, 7), r(3, 7))
+    check_grad(swiglu.swiglu, r(3, 7), r(3, 7))
 
 
 def _attention_reference(q, k, v, segments=None):
@@ -209,17 +210,17 @@ def _attention_reference(q, k, v, segments=None):
 def test_attention_grad_gqa_and_segments(H, Hkv):
     B, T, hs = 2, 5, 4
     segments = np.array([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
-    check_grad(lambda q, k, v: fused.attention(q, k, v, segments), r(B, T, H, hs), r(B, T, Hkv, hs), r(B, T, Hkv, hs))
+    check_grad(lambda q, k, v: attention.attention(q, k, v, segments), r(B, T, H, hs), r(B, T, Hkv, hs), r(B, T, Hkv, hs))
     q, k, v = r(B, T, H, hs), r(B, T, Hkv, hs), r(B, T, Hkv, hs)
-    got = fused.attention(*(llamac.tensor(a, dtype="float64") for a in (q, k, v)), segments).numpy()
+    got = attention.attention(*(llamac.tensor(a, dtype="float64") for a in (q, k, v)), segments).numpy()
     assert np.allclose(got, _attention_reference(q, k, v, segments), atol=1e-10)
 
 
 def test_attention_with_cache_offset_matches_full():
     B, T, H, hs = 1, 6, 2, 4
     q, k, v = r(B, T, H, hs), r(B, T, H, hs), r(B, T, H, hs)
-    full = fused.attention(*(llamac.tensor(a, dtype="float64") for a in (q, k, v))).numpy()
-    last = fused.attention(*(llamac.tensor(a, dtype="float64") for a in (q[:, -2:], k, v))).numpy()
+    full = attention.attention(*(llamac.tensor(a, dtype="float64") for a in (q, k, v))).numpy()
+    last = attention.attention(*(llamac.tensor(a, dtype="float64") for a in (q[:, -2:], k, v))).numpy()
     assert np.allclose(full[:, -2:], last)
 
 
@@ -269,7 +270,8 @@ class _FakeGpuArray:
 
 
 def test_mixing_devices_names_both(monkeypatch):
-    from llamac import backend, engine
+    from llamac.engine import backend
+    from llamac.engine import tensor as engine
     a = llamac.tensor(r(3))
     b = llamac.tensor(r(3))
     real = backend.get_array_module
@@ -283,11 +285,11 @@ def test_bf16_on_cpu_stored_narrow_computed_fp32():
     x = llamac.tensor(r(4, 8), dtype="bfloat16", requires_grad=True)
     w = llamac.tensor(r(8, 3), dtype="bfloat16", requires_grad=True)
     y = x @ w
-    assert y.dtype == llamac.backend.bfloat16
+    assert y.dtype == llamac.engine.backend.bfloat16
     want = x.numpy().astype(np.float32) @ w.numpy().astype(np.float32)
     assert np.allclose(y.numpy().astype(np.float32), want, rtol=1e-2, atol=1e-2)
     y.sum().backward()
-    assert x.grad.dtype == llamac.backend.bfloat16 and w.grad.shape == (8, 3)
+    assert x.grad.dtype == llamac.engine.backend.bfloat16 and w.grad.shape == (8, 3)
 
 
 def test_factories():
@@ -311,14 +313,14 @@ def test_swiglu_fp32_cpu_path_matches_float64(shape):
     dout = r(*shape)
     g32 = llamac.tensor(gate.astype(np.float32), requires_grad=True)
     u32 = llamac.tensor(up.astype(np.float32), requires_grad=True)
-    out = fused.swiglu(g32, u32)
+    out = swiglu.swiglu(g32, u32)
     out.backward(dout.astype(np.float32))
     silu = gate / (1 + np.exp(-gate))
     s = 1 / (1 + np.exp(-gate))
     assert np.allclose(out.numpy(), silu * up, rtol=1e-5, atol=1e-6)
     assert np.allclose(g32.grad, dout * up * (s + silu * (1 - s)), rtol=1e-4, atol=1e-5)
     assert np.allclose(u32.grad, dout * silu, rtol=1e-5, atol=1e-6)
-    big = fused.swiglu(llamac.tensor(np.array([-1000.0, 1000.0], np.float32)), llamac.tensor(np.ones(2, np.float32)))
+    big = swiglu.swiglu(llamac.tensor(np.array([-1000.0, 1000.0], np.float32)), llamac.tensor(np.ones(2, np.float32)))
     assert big.numpy().tolist() == [0.0, 1000.0]
 
 
@@ -327,12 +329,12 @@ def test_rms_norm_fp32_cpu_path_matches_float64(rows):
     x, w, dout = r(rows, 64), r(64), r(rows, 64)
     x32 = llamac.tensor(x.astype(np.float32), requires_grad=True)
     w32 = llamac.tensor(w.astype(np.float32), requires_grad=True)
-    fused.rms_norm(x32, w32).backward(dout.astype(np.float32))
+    rmsnorm.rms_norm(x32, w32).backward(dout.astype(np.float32))
     x64 = llamac.tensor(x, requires_grad=True)
     w64 = llamac.tensor(w, requires_grad=True)
-    out64 = fused.rms_norm(x64, w64)
+    out64 = rmsnorm.rms_norm(x64, w64)
     out64.backward(dout)
-    assert np.allclose(fused.rms_norm(llamac.tensor(x.astype(np.float32)), w32.detach()).numpy(), out64.numpy(),
+    assert np.allclose(rmsnorm.rms_norm(llamac.tensor(x.astype(np.float32)), w32.detach()).numpy(), out64.numpy(),
                        rtol=1e-5, atol=1e-5)
     assert np.allclose(x32.grad, x64.grad, rtol=1e-4, atol=1e-4)
     assert np.allclose(w32.grad, w64.grad, rtol=1e-4, atol=1e-3)

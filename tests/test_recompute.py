@@ -8,10 +8,11 @@ import pytest
 
 import llamac
 from llamac.config import ModelConfig, load_recipe
-from llamac.engine import Tensor
+from llamac.engine.functional import recompute
+from llamac.engine.tensor import Tensor
 from llamac.errors import LlamacError
-from llamac.functional import recompute
-from llamac.model import Llama
+from llamac.model.llama import Llama
+from llamac.train.fusions import fuse
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16, hidden_dim=48)
@@ -20,7 +21,7 @@ CFG = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50, ma
 def _loss_and_grads(recompute_layers, segments=None, dtype="float64", B=2, T=16, cfg=CFG):
     llamac.manual_seed(0)
     model = Llama(cfg).to(dtype=dtype)
-    model.recompute = recompute_layers
+    fuse(model, recompute=recompute_layers)
     rng = np.random.default_rng(1)
     idx, targets = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
     _, loss = model(idx, targets, segment_ids=segments)
@@ -43,7 +44,7 @@ def test_recompute_holds_less_memory_between_forward_and_backward():
     for flag in (False, True):
         llamac.manual_seed(0)
         model = Llama(cfg)
-        model.recompute = flag
+        fuse(model, recompute=flag)
         idx = np.random.default_rng(0).integers(0, 64, (8, 64))
         tracemalloc.start()
         _, loss = model(idx, idx)

@@ -1,18 +1,17 @@
 """SFT: the chat template, the loss mask, packing isolation, data errors and the skill tasks."""
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import llamac
-from llamac.chat import END_OF_TURN, encode_chat, render
 from llamac.config import ModelConfig
+from llamac.data.instruct import SKILLS, skill_example, skill_split
 from llamac.errors import LlamacError
-from llamac.instruct import SKILLS, skill_example, skill_split
-from llamac.model import Llama
-from llamac.sft import IGNORE, batch_arrays, pack, read_sft_file
+from llamac.infer.chat import END_OF_TURN, encode_chat, render
+from llamac.model.llama import Llama
+from llamac.train.sft import IGNORE, batch_arrays, pack, read_sft_file
 
 CONV = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "What is 2 + 3?"},
@@ -23,7 +22,7 @@ CONV = [{"role": "system", "content": "You are terse."},
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from llamac.tokenizer import Tokenizer, train_tokenizer
+    from llamac.data.tokenizer import Tokenizer, train_tokenizer
     rng = np.random.default_rng(0)
     words = "the a king queen what is and of to in you are terse course number letters reverse list".split()
     lines = [" ".join(rng.choice(words, 12)) + f" {rng.integers(0, 100)} + {rng.integers(0, 100)}?" for _ in range(3000)]
@@ -167,8 +166,8 @@ def test_sft_end_to_end_on_the_debug_recipes(tmp_path):
     assert "base model: exact match" in res.stderr and "after SFT: exact match" in res.stderr
     report = json.loads((out / "sft_eval.json").read_text())
     assert report["before"]["n"] == 16 and 0 <= report["after"]["exact_match"] <= 1
-    from llamac import checkpoint
-    from llamac.chat import JINJA_TEMPLATE
+    from llamac.infer.chat import JINJA_TEMPLATE
+    from llamac.train import checkpoint
     state = checkpoint.read_state(checkpoint.latest(out))
     assert state["chat_template"] == JINJA_TEMPLATE
     from test_train import snapshot

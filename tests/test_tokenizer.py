@@ -9,8 +9,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamac.cli import main
+from llamac.data.tokenizer import (
+    SPECIAL_TOKENS,
+    Tokenizer,
+    _normalizer_spec,
+    proto_fields,
+    show_pieces,
+    train_tokenizer,
+)
 from llamac.errors import LlamacError
-from llamac.tokenizer import SPECIAL_TOKENS, Tokenizer, proto_fields, _normalizer_spec, show_pieces, train_tokenizer
 
 BOTCHAN = Path(__file__).parent / "data" / "botchan_en_bpe_1000.model"
 WORDS = "the king queen of and to a in that is my with not his be your thou thee love night day 1599 42".split()
@@ -94,7 +101,7 @@ def test_bos_and_eos_flags(tok):
 
 
 def test_bulk_encoding_cuts_long_texts_without_changing_ids(tok, monkeypatch):
-    monkeypatch.setattr("llamac.tokenizer.CHUNK_CHARS", 300)   # many cuts in a short text
+    monkeypatch.setattr("llamac.data.tokenizer.CHUNK_CHARS", 300)   # many cuts in a short text
     long_text = " ".join(corpus(40, seed=1)) + "  double  spaces " * 100 + "\n \n  \t x" * 100
     assert len(long_text) > 100 * 300
     sp = spm.SentencePieceProcessor(model_file=tok.path)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import llamac
-from llamac import checkpoint
 from llamac.config import load_recipe
 from llamac.errors import LlamacError
-from llamac.generate import generate_ids
-from llamac.model import Llama
-from llamac.train import Trainer, build_model, document_segments, pretrain
+from llamac.infer.generate import generate_ids
+from llamac.model.llama import Llama
+from llamac.train import checkpoint
+from llamac.train.loop import Trainer, build_model, document_segments, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBUG = ROOT / "recipes" / "pretrain" / "debug.yaml"
@@ -132,7 +132,7 @@ def test_rerunning_a_finished_run_changes_nothing_on_disk(tmp_path):
 
 def test_loss_goes_down_on_real_text(tmp_path, shard_dir):
     recipe = debug_recipe(tmp_path, shard_dir, "train.max_steps=200", "train.sample_tokens=0", "train.log_every=2")
-    from llamac.train import pretrain
+    from llamac.train.loop import pretrain
     pretrain(recipe, resume=False)
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -156,7 +156,7 @@ def test_kv_cache_generation_equals_recomputation():
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
-    from llamac.generate import sample_next
+    from llamac.infer.generate import sample_next
     logits = np.random.default_rng(0).standard_normal((2, 50)).astype(np.float32)
     a = [sample_next(logits, 1.0, 5, None, np.random.default_rng(7)).tolist() for _ in range(3)]
     assert a[0] == sample_next(logits, 1.0, 5, None, np.random.default_rng(7)).tolist()
@@ -218,7 +218,7 @@ def test_a_sample_longer_than_the_context_fails_before_training(tmp_path, shard_
 
 
 def test_cuda_request_without_gpu_says_why(tmp_path):
-    if llamac.backend.cuda_available():
+    if llamac.engine.backend.cuda_available():
         pytest.skip("a GPU is present")
     _one_line_error(run_cli("pretrain", DEBUG, "--device", "cuda", "--set", f"out_dir={tmp_path}"), "cuda")
 
@@ -256,7 +256,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
     _one_line_error(result, "NaN", "Last good checkpoint")
     named = Path(result.stderr.split("Last good checkpoint: ")[1].split(" (")[0])
     assert named == checkpoint.latest(out) and named.name >= "step_00000005"
-    from llamac.checkpoint import load_safetensors
+    from llamac.train.checkpoint import load_safetensors
     weights, _ = load_safetensors(named / "model.safetensors")
     assert all(np.isfinite(w).all() for w in weights.values())      # what is kept is usable
 

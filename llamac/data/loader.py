@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from llamac.backend import to_device
 from llamac.data.shards import read_header, read_shard
+from llamac.engine.backend import to_device
 from llamac.errors import LlamacError
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # separate random streams for training and evaluation batches

@@ -23,8 +23,8 @@ import numpy as np
 
 from llamac.data.shards import ShardWriter, token_dtype
 from llamac.data.sources import iter_documents
+from llamac.data.tokenizer import Tokenizer, train_tokenizer
 from llamac.errors import LlamacError
-from llamac.tokenizer import Tokenizer, train_tokenizer
 
 PIPELINE_VERSION = 1        # bump when cleaning, splitting or the layout changes: old data is re-made
 STAMP = "data.json"

@@ -1,0 +1,44 @@
+"""GPU timers shared by the benchmarks: CUDA events around each call, medians."""
+from __future__ import annotations
+
+import statistics
+
+from llamac.engine import backend
+
+
+def _time_ms(fn, reps: int, warmup: int, between=None) -> float:
+    """Median milliseconds of fn() on the GPU, from CUDA events around each call.
+
+    Events are recorded without synchronizing between reps, so the GPU runs
+    ahead of Python and host launch overhead stays out of the timing once the
+    kernel takes longer than a launch. `between` runs outside the events
+    (e.g. an L2 flush).
+    """
+    for _ in range(warmup):
+        fn()
+    pairs = []
+    for _ in range(reps):
+        if between is not None:
+            between()
+        start, end = backend.cuda_event(), backend.cuda_event()
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    return statistics.median(backend.elapsed_ms(s, e) for s, e in pairs)
+
+
+def torch_time_ms(torch, fn, reps: int, warmup: int) -> float:
+    """Median milliseconds of a PyTorch op from torch's own CUDA events, each rep waited for."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -1,0 +1,76 @@
+"""Runtime options: the switches between a fused fast path and its plain counterpart, and the
+environment variables llamac reads, as one typed, documented set of settings.
+
+They change speed or memory, never results beyond rounding, so they are not recipe keys: the
+defaults are the fast paths, tests and benchmarks turn them off to compare. Read them with
+`options()`; change them for a block with `override(...)`:
+
+    with runtime.override(flash_attention=False):
+        logits, _ = model(idx)
+
+Environment variables (read once, when llamac.runtime is first imported):
+    LLAMAC_GEMM_AUTOTUNE=0   keep cuBLAS's first GEMM algorithm instead of timing its proposals
+    LLAMAC_CPU_THREADS=N     threads for the CPU's row blocks and GEMMs (default: every core)
+    LLAMAC_CPU_MALLOC=0      leave glibc's malloc settings alone
+    LLAMAC_KERNELS=DIR       where kernels/*.cu are read from
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    return os.environ.get(name, "1" if default else "0") != "0"
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+@dataclass
+class Options:
+    # GPU attention (bf16/fp16, supported head sizes) through the flash kernels; off: the reference
+    # Attention with its T x T mask everywhere.
+    flash_attention: bool = True
+    # GPU training: q | k | v from one stacked GEMM, RoPE's backward folded into the flash backward.
+    packed_qkv: bool = True
+    # GPU: each residual add runs inside the RMSNorm after it.
+    fuse_residuals: bool = True
+    # GPU training: the LM head and its loss in row chunks, so that the logits never exist whole.
+    fused_head_loss: bool = True
+    # Bytes of logits one chunk of the fused head loss holds.
+    head_loss_chunk_bytes: int = 1 << 30
+    # GPU: the plain loss's backward writes the logits' gradient over the logits.
+    overwrite_logits: bool = True
+    # GPU: SwiGLU's product recomputed in its backward instead of kept for the down projection's.
+    swiglu_recompute: bool = True
+    # GPU RMSNorm: each lane keeps its share of a row in registers between the kernel's passes.
+    rmsnorm_register_cache: bool = True
+    gemm_autotune: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_GEMM_AUTOTUNE", True))
+    cpu_threads: Optional[int] = dataclasses.field(default_factory=lambda: _env_int("LLAMAC_CPU_THREADS"))
+    cpu_malloc_tuning: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_CPU_MALLOC", True))
+    kernel_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get("LLAMAC_KERNELS"))
+
+
+_options = Options()
+
+
+def options() -> Options:
+    return _options
+
+
+@contextlib.contextmanager
+def override(**changes):
+    """Set options for the duration of a with-block (unknown names are an error)."""
+    global _options
+    saved = _options
+    _options = dataclasses.replace(saved, **changes)
+    try:
+        yield _options
+    finally:
+        _options = saved

@@ -1,0 +1,1 @@
+"""Training: the loop (loop), AdamW and the schedule (optim), checkpoints (checkpoint), chat tuning (sft)."""

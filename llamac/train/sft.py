@@ -1,0 +1,265 @@
+"""`llamac sft`: instruction tuning with the chat template, loss on assistant tokens only.
+
+Examples are rendered with the chat template, encoded once each, and packed first-fit into rows
+of seq_len + 1 tokens with a document (segment) id per example, so no example attends to
+another. Targets outside assistant turns, across example boundaries and on padding are -100
+(cross_entropy's ignore index): they carry no loss and no gradient.
+
+Over-long examples (more than seq_len + 1 tokens) are cut to their first seq_len + 1 tokens
+and counted; an example whose assistant tokens are all cut away is dropped and counted.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llamac.config import Recipe
+from llamac.engine import backend
+from llamac.errors import LlamacError
+from llamac.infer.chat import END_OF_TURN, JINJA_TEMPLATE, encode_chat
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- data files
+
+def read_sft_file(path: Path) -> list[dict]:
+    """Chat examples from a JSONL file: Alpaca rows (instruction, input, output) or chat rows (messages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamacError(f"SFT data file not found: {path}")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LlamacError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            examples.append(_to_chat(row, f"{path}:{lineno}"))
+    if not examples:
+        raise LlamacError(f"{path}: empty file (no examples)")
+    return examples
+
+
+def _to_chat(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise LlamacError(f"{where}: each line must be a JSON object")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise LlamacError(f"{where}: 'messages' must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise LlamacError(f"{where}: each message needs 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise LlamacError(f"{where}: unknown role {m['role']!r} (system, user or assistant)")
+            if not isinstance(m["content"], str):
+                raise LlamacError(f"{where}: message content must be a string")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise LlamacError(f"{where}: no assistant message to learn from")
+        return {"messages": messages, "task": row.get("task", "chat")}
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise LlamacError(f"{where}: missing field '{key}' (Alpaca rows need instruction and output; "
+                              "chat rows need messages)")
+    prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+    return {"messages": [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(row["output"])}],
+            "task": "alpaca"}
+
+
+def load_sources(sources: list[str], seed: int):
+    """(train examples, held-out skill examples) from the recipe's data.sources."""
+    train, heldout = [], []
+    for source in sources:
+        if source == "builtin:instruct":
+            from llamac.data.instruct import builtin_instruct
+            t, h = builtin_instruct(seed=seed)
+            train += t
+            heldout += h
+        elif source.startswith("builtin:"):
+            raise LlamacError(f"unknown SFT source {source!r} (builtin:instruct, or JSONL files)")
+        else:
+            path = Path(source)
+            files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+            if path.is_dir() and not files:
+                raise LlamacError(f"{path}: no .jsonl files")
+            for f in files:
+                train += read_sft_file(f)
+    if not train:
+        raise LlamacError("no SFT examples in data.sources")
+    return train, heldout
+
+
+# ---------------------------------------------------------------- packing
+
+@dataclass
+class Packed:
+    tokens: np.ndarray       # (N, L + 1) int64
+    targets_ok: np.ndarray   # (N, L + 1) bool: this position is an assistant token (a loss target)
+    segments: np.ndarray     # (N, L + 1) int64: example id within the row, -1 for padding
+    truncated: int = 0
+    dropped: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def pack(encoded: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> Packed:
+    """Pack (ids, mask) examples into rows of seq_len + 1 tokens, in order, first fit among open rows."""
+    L = seq_len + 1
+    truncated = dropped = 0
+    rows: list[list] = []       # each: [ids, mask, segs]
+    for ids, mask in encoded:
+        if len(ids) > L:
+            ids, mask = ids[:L], mask[:L]
+            truncated += 1
+        if not any(mask[1:]):
+            dropped += 1
+            continue
+        for row in rows[-16:]:      # first fit among the newest rows: near-full packing in linear time
+            if len(row[0]) + len(ids) <= L:
+                break
+        else:
+            row = [[], [], []]
+            rows.append(row)
+        seg = (row[2][-1] + 1) if row[2] else 0
+        row[0] += ids
+        row[1] += mask
+        row[2] += [seg] * len(ids)
+    n = len(rows)
+    tokens = np.full((n, L), pad_id, np.int64)
+    ok = np.zeros((n, L), bool)
+    segments = np.full((n, L), -1, np.int64)
+    for i, (ids, mask, segs) in enumerate(rows):
+        tokens[i, :len(ids)], ok[i, :len(ids)], segments[i, :len(ids)] = ids, mask, segs
+    fill = float((segments >= 0).mean()) if n else 0.0
+    return Packed(tokens, ok, segments, truncated, dropped, {"rows": n, "fill": round(fill, 3)})
+
+
+def batch_arrays(packed: Packed, rows: np.ndarray):
+    """(x, y, segments) for the chosen rows: y is -100 off assistant tokens and across examples."""
+    t, ok, seg = packed.tokens[rows], packed.targets_ok[rows], packed.segments[rows]
+    x, y = t[:, :-1], t[:, 1:].copy()
+    keep = ok[:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] >= 0)
+    y[~keep] = IGNORE
+    segments = np.where(seg[:, :-1] >= 0, seg[:, :-1], seg.max(initial=0) + 1)  # padding: its own document
+    return x, y, segments
+
+
+# ---------------------------------------------------------------- evaluation
+
+def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 24) -> dict:
+    """Greedy answers to held-out skill prompts: exact-match accuracy and how many ended their turn."""
+    from llamac.infer.generate import generate_ids
+    end_id = tokenizer.piece_to_id(END_OF_TURN)
+    correct = ended = 0
+    per_task: dict = {}
+    for ex in examples:
+        prompt = [m for m in ex["messages"] if m["role"] != "assistant"]
+        want = ex["messages"][-1]["content"]
+        ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
+        room = min(max_new_tokens, model.config.max_seq_len - len(ids))
+        out = []
+        finished = False
+        for tok in generate_ids(model, ids, room, temperature=0, eos_id=None):
+            if tok == end_id:
+                finished = True
+                break
+            out.append(tok)
+        answer = tokenizer.decode(out).strip()
+        hit = answer == want
+        correct += hit
+        ended += finished
+        task = per_task.setdefault(ex["task"], [0, 0])
+        task[0] += hit
+        task[1] += 1
+    n = max(len(examples), 1)
+    return {"exact_match": correct / n, "ended_turn": ended / n, "n": len(examples),
+            "per_task": {k: round(v[0] / v[1], 3) for k, v in per_task.items()}}
+
+
+# ---------------------------------------------------------------- the command
+
+def finetune(recipe: Recipe, resume: bool = True) -> dict:
+    """`llamac sft`: load the base model, pack the data, evaluate, train, evaluate again."""
+    from llamac.train.checkpoint import load_model
+    from llamac.train.loop import Trainer, log
+
+    if not recipe.sft.from_checkpoint:
+        raise LlamacError("sft needs a base model: set sft.from_checkpoint in the recipe or pass --from CHECKPOINT")
+    device = backend.resolve_device(recipe.device)
+    model, tokenizer, ckpt = load_model(recipe.sft.from_checkpoint, device=device)
+    if tokenizer is None:
+        raise LlamacError(f"{ckpt} has no tokenizer.model")
+    for token in ("<|user|>", "<|assistant|>", "<|end|>"):
+        if tokenizer.piece_to_id(token) == tokenizer.unk_id:
+            raise LlamacError(f"the tokenizer of {ckpt} has no {token} token: train it with llamac's reserved tokens")
+    recipe.model = model.config
+    from llamac.train.loop import compute_precision
+    compute_precision(model, recipe, device)
+    seq_len = min(recipe.data.seq_len, model.config.max_seq_len)
+    train_examples, heldout = load_sources(recipe.data.sources, recipe.seed)
+    heldout = heldout[: recipe.sft.eval_tasks]
+    rng = random.Random(recipe.seed)
+    rng.shuffle(train_examples)
+    n_val = max(1, int(len(train_examples) * recipe.data.val_fraction)) if recipe.data.val_fraction else 0
+    val_examples, train_examples = train_examples[:n_val], train_examples[n_val:]
+    encode = lambda exs: [encode_chat(tokenizer, ex["messages"]) for ex in exs]  # noqa: E731
+    pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    train_packed, val_packed = pack(encode(train_examples), seq_len, pad), pack(encode(val_examples), seq_len, pad)
+    log(f"sft: {len(train_examples)} train examples in {train_packed.stats['rows']} rows "
+        f"(fill {train_packed.stats['fill']}), {train_packed.truncated} truncated, {train_packed.dropped} dropped; "
+        f"{len(val_examples)} validation examples; {len(heldout)} held-out skill tasks")
+
+    B = recipe.train.batch_size
+    n_rows = len(train_packed.tokens)
+
+    def batch_fn(step, micro):
+        k = step * recipe.train.grad_accum + micro
+        epoch, offset = divmod(k * B, n_rows)
+        order = np.random.default_rng((recipe.seed, epoch)).permutation(n_rows)
+        rows = order[np.arange(offset, offset + B) % n_rows]
+        x, y, s = batch_arrays(train_packed, rows)
+        return (backend.to_device(x, device), backend.to_device(y, device), backend.to_device(s, device))
+
+    def eval_fn(m):
+        losses, weights = [], []
+        for start in range(0, len(val_packed.tokens), B):
+            x, y, s = batch_arrays(val_packed, np.arange(start, min(start + B, len(val_packed.tokens))))
+            n = int((y != IGNORE).sum())
+            if n:
+                losses.append(float(m(backend.to_device(x, device), backend.to_device(y, device),
+                                      segment_ids=backend.to_device(s, device))[1].item()) * n)
+                weights.append(n)
+        return {"val_loss": sum(losses) / max(sum(weights), 1)}
+
+    tokens_per_step = B * recipe.train.grad_accum * seq_len
+    trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=tokenizer.path,
+                      tokens_per_step=tokens_per_step, extra_state={"chat_template": JINJA_TEMPLATE})
+    eval_path = Path(recipe.out_dir) / "sft_eval.json"
+    if trainer.finished(resume) is not None:
+        # A finished run is left as it is on disk: no second scoring, no rewritten sft_eval.json.
+        results = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+        results["train"] = trainer.run(resume=resume)
+        return results
+    results = {"truncated": train_packed.truncated, "dropped": train_packed.dropped}
+    if heldout:
+        model.eval()
+        before = exact_match(model, tokenizer, heldout)
+        log(f"base model: exact match {100 * before['exact_match']:.1f}% on {before['n']} held-out skill tasks, "
+            f"{100 * before['ended_turn']:.1f}% ended their turn")
+        results["before"] = before
+    results["train"] = trainer.run(resume=resume)
+    if heldout and not trainer.stop_requested:
+        model.eval()
+        after = exact_match(model, tokenizer, heldout)
+        log(f"after SFT: exact match {100 * after['exact_match']:.1f}% on {after['n']} held-out skill tasks, "
+            f"{100 * after['ended_turn']:.1f}% ended their turn")
+        log("per task: " + ", ".join(f"{task} {100 * acc:.0f}%" for task, acc in after["per_task"].items()))
+        results["after"] = after
+    eval_path.write_text(json.dumps(results, indent=1, default=str))
+    return results
