@@ -1,9 +1,11 @@
 """The Llama model against transformers' LlamaForCausalLM, finite differences, and the KV cache."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 import llamac
-from llamac.config import ModelConfig
+from llamac.config import ModelConfig, Recipe, recipe_from_dict
 from llamac.engine.gradcheck import numerical_grads
 from llamac.formats import hf
 from llamac.model.llama import Llama, resolve, rope_inv_freq
@@ -119,3 +121,26 @@ def test_counts():
     per_layer = 4 * 48 * 48 + 3 * 48 * d.hidden_dim + 2 * 48
     assert model.num_params() == 61 * 48 + 2 * per_layer + 48
     assert model.flops_per_token(32) > 6 * model.num_params()
+
+
+def test_config_derives_llama_sizes_and_keeps_its_fields():
+    """None fields derive Llama's sizes (kv heads = heads, head size = dim / heads, SwiGLU hidden
+    2/3 * 4 * dim, times ffn_dim_multiplier, rounded up to multiple_of); the fields stay None."""
+    llama2_7b = ModelConfig(dim=4096, n_layers=32, n_heads=32, multiple_of=256)
+    assert (llama2_7b.kv_heads, llama2_7b.head_size, llama2_7b.ffn_hidden) == (32, 128, 11008)
+    llama3_8b = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3)
+    assert (llama3_8b.kv_heads, llama3_8b.head_size, llama3_8b.ffn_hidden) == (8, 128, 14336)
+    assert ModelConfig(dim=288, multiple_of=32).ffn_hidden == 768      # int(768.0) already a multiple
+    assert ModelConfig(dim=100, multiple_of=32).ffn_hidden == 288      # int(266.67) = 266 rounded up
+    explicit = ModelConfig(dim=64, n_heads=4, n_kv_heads=2, head_dim=24, hidden_dim=100)
+    assert (explicit.kv_heads, explicit.head_size, explicit.ffn_hidden) == (2, 24, 100)
+    for cfg in (llama2_7b, llama3_8b, explicit):
+        data = Recipe(model=cfg).to_dict()
+        assert data["model"] == dataclasses.asdict(cfg)
+        assert not {"kv_heads", "head_size", "ffn_hidden"} & set(data["model"])
+        assert recipe_from_dict(data).model == cfg and recipe_from_dict(data).to_dict() == data
+    saved = Recipe(model=llama2_7b).to_dict()["model"]
+    assert saved["n_kv_heads"] is None and saved["head_dim"] is None and saved["hidden_dim"] is None
+    model = Llama(ModelConfig(dim=48, n_layers=1, n_heads=3, vocab_size=11))
+    assert model.layers[0].feed_forward.w1.weight.shape == (128, 48)   # 2/3 * 4 * 48 = 128, a multiple of 32
+    assert model.layers[0].attention.wk.weight.shape == (48, 48)
