@@ -26,7 +26,6 @@ from llamac.data.tokenizer import proto_fields
 from llamac.errors import LlamacError
 from llamac.formats import hf
 from llamac.formats.hf_import import Source, is_hf_folder, read_hf_folder, write_llamac
-from llamac.model.llama import resolve
 
 FORMATS = ("hf", "gguf", "llamac")
 HF_DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -183,7 +182,7 @@ def _int32(value: int) -> int:
 def write_hf(src: Source, folder: Path, torch_dtype: str):
     """config.json, model.safetensors, generation_config.json and the tokenizer files, into `folder`."""
     folder.mkdir()
-    cfg, d = src.config, resolve(src.config)
+    cfg = src.config
     vocab = SpmVocab.read(src.tokenizer_path) if src.tokenizer_path else None
     bos, eos, pad = (vocab.bos_id, vocab.eos_id, vocab.pad_id) if vocab else (1, 2, -1)
     pad = pad if pad >= 0 else _piece_id(vocab, "<|pad|>")
@@ -201,7 +200,7 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     # q/k rows go from llamac's interleaved RoPE pairs to transformers' rotate-half layout, one tensor at a time
     tensors = {}
     for name, w in src.state.items():
-        ((hf_name, hf_w),) = hf.to_hf_state({name: w}, d).items()
+        ((hf_name, hf_w),) = hf.to_hf_state({name: w}, cfg).items()
         tensors[hf_name] = hf_w
     write_safetensors(folder / "model.safetensors", tensors, np_dtype, {"format": "pt"})
 

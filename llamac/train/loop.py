@@ -460,7 +460,7 @@ def pretrain(recipe: Recipe, resume: bool = True) -> dict:
     tokenizer = Tokenizer(info.tokenizer_path)
     model = build_model(recipe, info.vocab_size, device)
     t = recipe.train
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.dims.n_layers} layers, dim {model.dims.dim}; "
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layers} layers, dim {model.config.dim}; "
         f"device {device}; {info.n_train_tokens:,} training tokens")
     train_loader = TokenLoader(info.train_path, recipe.data.seq_len, t.batch_size, recipe.seed, device=device)
     val_loader = TokenLoader(info.val_path, recipe.data.seq_len, t.batch_size, recipe.seed + 1, device=device)
