@@ -114,6 +114,29 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = bounded(0.0, ge=0, lt=1)
 
+    # The sizes the model is built with. The optional fields above keep what the recipe says (None
+    # stays None in to_dict(), saved recipes and checkpoints); these fill in Llama's defaults.
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads (no grouping) when None."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        """Channels per attention head: head_dim, or dim // n_heads when None."""
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The SwiGLU's hidden size: hidden_dim, or Llama's rule when None: 2/3 of 4 * dim,
+        times ffn_dim_multiplier when set, rounded up to a multiple of multiple_of."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
 
 @dataclass
 class TrainConfig:

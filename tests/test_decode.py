@@ -24,14 +24,14 @@ def test_reference_step_follows_the_plain_bf16_path(kv):
     """reference_step on the packed weights (stacked QKV, interleaved gate/up) gives the plain
     path's next-token logits, steps after a prefill, for GQA and plain attention."""
     model = tiny_model(n_kv_heads=kv)
-    cfg, d = model.config, model.dims
+    cfg = model.config
     layers, extra = decode.pack_weights(cfg, model.state_dict(), np)
     prompt = [[3, 17, 42, 5, 99], [7, 1, 2, 150, 8]]
     M, T = len(prompt), len(prompt[0])
     cache = model.new_cache(batch=M, max_len=32)
     with llamac.no_grad():
         logits, _ = model(np.array(prompt), cache=cache)
-    cos, sin = rope_tables(cfg, d.head_dim, 0, 32, np, BF16)
+    cos, sin = rope_tables(cfg, cfg.head_size, 0, 32, np, BF16)
     state = {"k": [k.copy() for k in cache.k], "v": [v.copy() for v in cache.v], "cos": cos, "sin": sin,
              "lens": np.full(M, T)}
     tokens = logits.data[:, -1].astype(np.float32).argmax(-1)

@@ -48,7 +48,7 @@ def test_step_matches_reference_step(kw, prompt_lens):
     got = dec.logits[:, :dec.V]
     err = float(abs(got - want).max() / abs(want).max())
     assert err < (2e-2 if max(prompt_lens) < 512 else 3e-2), err
-    for i in range(model.dims.n_layers):
+    for i in range(model.config.n_layers):
         for m, n in enumerate(prompt_lens):
             assert float(abs(dec.k_cache[i][m, n].astype(np.float32) - state["k"][i][m, n].astype(np.float32)).max()) < 0.05
     assert dec.lens.get().tolist() == [n + 1 for n in prompt_lens]

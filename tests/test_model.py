@@ -1,12 +1,14 @@
 """The Llama model against transformers' LlamaForCausalLM, finite differences, and the KV cache."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 import llamac
-from llamac.config import ModelConfig
+from llamac.config import ModelConfig, Recipe, recipe_from_dict
 from llamac.engine.gradcheck import numerical_grads
 from llamac.formats import hf
-from llamac.model.llama import Llama, resolve, rope_inv_freq
+from llamac.model.llama import Llama, rope_inv_freq
 
 GQA_LLAMA3 = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=64,
                          hidden_dim=96, tie_embeddings=False, rope_theta=500000.0,
@@ -21,7 +23,7 @@ def _hf_model(cfg, model):
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf.hf_config(cfg).items()
                                          if k not in ("architectures", "model_type", "torch_dtype")})
     ref = transformers.LlamaForCausalLM(hf_cfg).float().eval()
-    state = hf.to_hf_state({k: np.asarray(v) for k, v in model.state_dict().items()}, resolve(cfg))
+    state = hf.to_hf_state({k: np.asarray(v) for k, v in model.state_dict().items()}, cfg)
     missing, unexpected = ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     assert not unexpected and all("lm_head" in m for m in missing) == cfg.tie_embeddings or not missing
     return torch, ref
@@ -107,15 +109,38 @@ def test_hf_layout_round_trip_is_exact():
     llamac.manual_seed(4)
     model = Llama(GQA_LLAMA3)
     state = {k: np.asarray(v) for k, v in model.state_dict().items()}
-    back = hf.from_hf_state(hf.to_hf_state(state, resolve(GQA_LLAMA3)), resolve(GQA_LLAMA3), False)
+    back = hf.from_hf_state(hf.to_hf_state(state, GQA_LLAMA3), GQA_LLAMA3, False)
     assert state.keys() == back.keys() and all(np.array_equal(state[k], back[k]) for k in state)
     back_cfg = hf.model_config_from_hf(hf.hf_config(GQA_LLAMA3))
-    assert resolve(back_cfg) == resolve(GQA_LLAMA3) and back_cfg.rope_scaling == GQA_LLAMA3.rope_scaling
+    sizes = lambda c: (c.dim, c.n_layers, c.n_heads, c.kv_heads, c.head_size, c.ffn_hidden, c.vocab_size)  # noqa: E731
+    assert sizes(back_cfg) == sizes(GQA_LLAMA3) and back_cfg.rope_scaling == GQA_LLAMA3.rope_scaling
 
 
 def test_counts():
     model = Llama(TIED)
-    d = resolve(TIED)
-    per_layer = 4 * 48 * 48 + 3 * 48 * d.hidden_dim + 2 * 48
+    per_layer = 4 * 48 * 48 + 3 * 48 * TIED.ffn_hidden + 2 * 48
     assert model.num_params() == 61 * 48 + 2 * per_layer + 48
     assert model.flops_per_token(32) > 6 * model.num_params()
+
+
+def test_config_derives_llama_sizes_and_keeps_its_fields():
+    """None fields derive Llama's sizes (kv heads = heads, head size = dim / heads, SwiGLU hidden
+    2/3 * 4 * dim, times ffn_dim_multiplier, rounded up to multiple_of); the fields stay None."""
+    llama2_7b = ModelConfig(dim=4096, n_layers=32, n_heads=32, multiple_of=256)
+    assert (llama2_7b.kv_heads, llama2_7b.head_size, llama2_7b.ffn_hidden) == (32, 128, 11008)
+    llama3_8b = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3)
+    assert (llama3_8b.kv_heads, llama3_8b.head_size, llama3_8b.ffn_hidden) == (8, 128, 14336)
+    assert ModelConfig(dim=288, multiple_of=32).ffn_hidden == 768      # int(768.0) already a multiple
+    assert ModelConfig(dim=100, multiple_of=32).ffn_hidden == 288      # int(266.67) = 266 rounded up
+    explicit = ModelConfig(dim=64, n_heads=4, n_kv_heads=2, head_dim=24, hidden_dim=100)
+    assert (explicit.kv_heads, explicit.head_size, explicit.ffn_hidden) == (2, 24, 100)
+    for cfg in (llama2_7b, llama3_8b, explicit):
+        data = Recipe(model=cfg).to_dict()
+        assert data["model"] == dataclasses.asdict(cfg)
+        assert not {"kv_heads", "head_size", "ffn_hidden"} & set(data["model"])
+        assert recipe_from_dict(data).model == cfg and recipe_from_dict(data).to_dict() == data
+    saved = Recipe(model=llama2_7b).to_dict()["model"]
+    assert saved["n_kv_heads"] is None and saved["head_dim"] is None and saved["hidden_dim"] is None
+    model = Llama(ModelConfig(dim=48, n_layers=1, n_heads=3, vocab_size=11))
+    assert model.layers[0].feed_forward.w1.weight.shape == (128, 48)   # 2/3 * 4 * 48 = 128, a multiple of 32
+    assert model.layers[0].attention.wk.weight.shape == (48, 48)

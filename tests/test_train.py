@@ -1,4 +1,6 @@
 """Pretraining end to end on the debug recipe: overfitting, resume after SIGKILL, generation, errors."""
+import copy
+import dataclasses
 import json
 import os
 import signal
@@ -137,6 +139,23 @@ def test_loss_goes_down_on_real_text(tmp_path, shard_dir):
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_build_model_and_pretrain_leave_the_recipe_alone(tmp_path, shard_dir):
+    """The tokenizer's vocab_size goes into the model's config, not the caller's recipe; the
+    checkpoint records the model as built (recipe and model_config alike)."""
+    recipe = debug_recipe(tmp_path, shard_dir, "model.vocab_size=600", "train.max_steps=2", "train.ckpt_every=0",
+                          "train.eval_every=0", "train.sample_tokens=0")
+    before, model_before = copy.deepcopy(recipe), recipe.model
+    model = build_model(recipe, 512, "cpu")
+    assert recipe == before and recipe.model is model_before and model.config is not recipe.model
+    assert model.config == dataclasses.replace(recipe.model, vocab_size=512)
+    assert model.tok_embeddings.weight.shape == (512, 64)
+    pretrain(recipe, resume=False)
+    assert recipe == before and recipe.model is model_before
+    state = checkpoint.read_state(checkpoint.latest(tmp_path / "run"))
+    assert state["recipe"]["model"] == state["model_config"] == dataclasses.asdict(model.config)
+    assert state["recipe"]["model"]["n_kv_heads"] == 2 and state["recipe"]["model"]["hidden_dim"] is None
 
 
 def test_kv_cache_generation_equals_recomputation():

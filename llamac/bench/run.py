@@ -199,12 +199,10 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
     gpu = device == "cuda"
     sync = backend.synchronize if gpu else (lambda: None)
     base = {"section": "train", "shape": name, "device": device, **s}
-    from llamac.model.llama import resolve
-    d = resolve(cfg)
-    n_params = d.vocab_size * d.dim * (1 if cfg.tie_embeddings else 2) + d.dim + d.n_layers * (
-        2 * d.dim + d.dim * d.head_dim * (2 * d.n_heads + 2 * d.n_kv_heads) + 3 * d.dim * d.hidden_dim)
-    n_params -= 0 if cfg.tie_embeddings else d.vocab_size * d.dim      # the lookup is no matmul
-    model_flops = 6 * n_params + 12 * d.n_layers * d.n_heads * d.head_dim * T    # Llama.flops_per_token
+    n_params = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim + cfg.n_layers * (
+        2 * cfg.dim + cfg.dim * cfg.head_size * (2 * cfg.n_heads + 2 * cfg.kv_heads) + 3 * cfg.dim * cfg.ffn_hidden)
+    n_params -= 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim      # the lookup is no matmul
+    model_flops = 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * T    # Llama.flops_per_token
     rows = []
     # PyTorch first, its cache emptied after: llamac's pools never crowd it out (and vice versa).
     try:

@@ -30,7 +30,6 @@ from llamac.errors import LlamacError
 from llamac.formats import hf
 from llamac.formats.hf_import import Source, is_hf_folder, read_hf_folder
 from llamac.formats.spm import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SpmVocab, _piece_id, progress
-from llamac.model.llama import resolve
 from llamac.train import checkpoint
 
 FORMATS = ("hf", "gguf", "llamac")
@@ -122,7 +121,7 @@ def _remove(path: Path):
 def write_hf(src: Source, folder: Path, torch_dtype: str):
     """config.json, model.safetensors, generation_config.json and the tokenizer files, into `folder`."""
     folder.mkdir()
-    cfg, d = src.config, resolve(src.config)
+    cfg = src.config
     vocab = SpmVocab.read(src.tokenizer_path) if src.tokenizer_path else None
     bos, eos, pad = (vocab.bos_id, vocab.eos_id, vocab.pad_id) if vocab else (1, 2, -1)
     pad = pad if pad >= 0 else _piece_id(vocab, "<|pad|>")
@@ -143,7 +142,7 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     # q/k rows go from llamac's interleaved RoPE pairs to transformers' rotate-half layout, one tensor at a time
     tensors = {}
     for name, w in src.state.items():
-        ((hf_name, hf_w),) = hf.to_hf_state({name: w}, d).items()
+        ((hf_name, hf_w),) = hf.to_hf_state({name: w}, cfg).items()
         tensors[hf_name] = hf_w
     write_safetensors(folder / "model.safetensors", tensors, np_dtype, {"format": "pt"})
 

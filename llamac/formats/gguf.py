@@ -16,7 +16,7 @@ import numpy as np
 from llamac.errors import LlamacError
 from llamac.formats.hf_import import Source
 from llamac.formats.spm import PROGRESS_BYTES, UNUSED, SpmVocab
-from llamac.model.llama import resolve, rope_inv_freq
+from llamac.model.llama import rope_inv_freq
 
 LAYER_TENSORS = {  # llamac name inside layers.N -> gguf.MODEL_TENSOR member
     "attention.wq.weight": "ATTN_Q", "attention.wk.weight": "ATTN_K", "attention.wv.weight": "ATTN_V",
@@ -36,10 +36,10 @@ def gguf_name(name: str) -> str:
 
 def write_gguf(src: Source, path: Path, dtype: str):
     import gguf
-    cfg, d = src.config, resolve(src.config)
+    cfg = src.config
     vocab = SpmVocab.read(src.tokenizer_path)
-    if len(vocab.pieces) > d.vocab_size:
-        raise LlamacError(f"tokenizer has {len(vocab.pieces)} pieces but the model only {d.vocab_size} embeddings")
+    if len(vocab.pieces) > cfg.vocab_size:
+        raise LlamacError(f"tokenizer has {len(vocab.pieces)} pieces but the model only {cfg.vocab_size} embeddings")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     w = gguf.GGUFWriter(path, "llama")
@@ -50,21 +50,21 @@ def write_gguf(src: Source, path: Path, dtype: str):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(d.dim)
-    w.add_block_count(d.n_layers)
-    w.add_feed_forward_length(d.hidden_dim)
-    w.add_head_count(d.n_heads)
-    w.add_head_count_kv(d.n_kv_heads)
-    if d.head_dim != d.dim // d.n_heads:
-        w.add_key_length(d.head_dim)
-        w.add_value_length(d.head_dim)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    if cfg.head_size != cfg.dim // cfg.n_heads:
+        w.add_key_length(cfg.head_size)
+        w.add_value_length(cfg.head_size)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(d.head_dim)
-    w.add_vocab_size(d.vocab_size)
-    rope_freqs = _rope_scaling(w, cfg, d.head_dim)
+    w.add_rope_dimension_count(cfg.head_size)
+    w.add_vocab_size(cfg.vocab_size)
+    rope_freqs = _rope_scaling(w, cfg, cfg.head_size)
 
-    _add_vocab(w, vocab, d.vocab_size)
+    _add_vocab(w, vocab, cfg.vocab_size)
     if src.chat_template:
         w.add_chat_template(src.chat_template)
 

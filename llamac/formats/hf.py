@@ -10,7 +10,6 @@ import numpy as np
 
 from llamac.config import ModelConfig
 from llamac.errors import LlamacError
-from llamac.model.llama import Dims, resolve
 
 LAYER_NAMES = {  # llamac name -> transformers name, inside layers.N
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -36,23 +35,23 @@ def halves_to_interleaved(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndar
     return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
 
 
-def to_hf_state(state: dict, d: Dims) -> dict:
+def to_hf_state(state: dict, cfg: ModelConfig) -> dict:
     out = {}
     for name, w in state.items():
         w = np.asarray(w)
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
             if rest == "attention.wq.weight":
-                w = interleaved_to_halves(w, d.n_heads, d.head_dim)
+                w = interleaved_to_halves(w, cfg.n_heads, cfg.head_size)
             elif rest == "attention.wk.weight":
-                w = interleaved_to_halves(w, d.n_kv_heads, d.head_dim)
+                w = interleaved_to_halves(w, cfg.kv_heads, cfg.head_size)
             out[f"model.layers.{i}.{LAYER_NAMES[rest]}"] = np.ascontiguousarray(w)
         else:
             out[TOP_NAMES[name]] = np.ascontiguousarray(w)
     return out
 
 
-def from_hf_state(hf: dict, d: Dims, tie_embeddings: bool) -> dict:
+def from_hf_state(hf: dict, cfg: ModelConfig, tie_embeddings: bool) -> dict:
     inverse_layer = {v: k for k, v in LAYER_NAMES.items()}
     inverse_top = {v: k for k, v in TOP_NAMES.items()}
     out = {}
@@ -65,9 +64,9 @@ def from_hf_state(hf: dict, d: Dims, tie_embeddings: bool) -> dict:
                 raise LlamacError(f"unsupported tensor in Hugging Face checkpoint: {name}")
             ours = inverse_layer[rest]
             if ours == "attention.wq.weight":
-                w = halves_to_interleaved(w, d.n_heads, d.head_dim)
+                w = halves_to_interleaved(w, cfg.n_heads, cfg.head_size)
             elif ours == "attention.wk.weight":
-                w = halves_to_interleaved(w, d.n_kv_heads, d.head_dim)
+                w = halves_to_interleaved(w, cfg.kv_heads, cfg.head_size)
             out[f"layers.{i}.{ours}"] = np.ascontiguousarray(w)
         elif name in inverse_top:
             out[inverse_top[name]] = w
@@ -80,17 +79,16 @@ def from_hf_state(hf: dict, d: Dims, tie_embeddings: bool) -> dict:
 
 def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int | list = 2, pad_id: int | None = None,
               torch_dtype: str = "float32") -> dict:
-    d = resolve(cfg)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": d.vocab_size,
-        "hidden_size": d.dim,
-        "intermediate_size": d.hidden_dim,
-        "num_hidden_layers": d.n_layers,
-        "num_attention_heads": d.n_heads,
-        "num_key_value_heads": d.n_kv_heads,
-        "head_dim": d.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,

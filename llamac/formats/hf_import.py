@@ -17,7 +17,6 @@ import numpy as np
 from llamac.config import ModelConfig
 from llamac.errors import LlamacError
 from llamac.formats import hf
-from llamac.model.llama import resolve
 
 INDEX = "model.safetensors.index.json"
 
@@ -108,7 +107,7 @@ def read_hf_folder(folder) -> Source:
     tied = cfg.tie_embeddings
     if not tied and "lm_head.weight" not in tensors:
         raise LlamacError(f"{folder}: tie_word_embeddings is false but there is no lm_head.weight")
-    state = hf.from_hf_state({k: v.astype(np.float32) for k, v in tensors.items()}, resolve(cfg), tied)
+    state = hf.from_hf_state({k: v.astype(np.float32) for k, v in tensors.items()}, cfg, tied)
     tokenizer = folder / "tokenizer.model"
     return Source(cfg, state, folder, tokenizer if tokenizer.is_file() else None, read_chat_template(folder))
 

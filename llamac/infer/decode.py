@@ -61,8 +61,6 @@ class PackedLayer:
 
 def pack_weights(cfg, state: dict, xp) -> tuple[list[PackedLayer], dict]:
     """bf16 weights on xp's device from a llamac state dict (names as llamac.model)."""
-    from llamac.model.llama import resolve
-    d = resolve(cfg)
 
     def get(name):
         if name not in state:
@@ -72,7 +70,7 @@ def pack_weights(cfg, state: dict, xp) -> tuple[list[PackedLayer], dict]:
         return a if a.dtype == BF16 else a.astype(BF16)
 
     layers = []
-    for i in range(d.n_layers):
+    for i in range(cfg.n_layers):
         p = f"layers.{i}."
         wq, wk, wv = (get(p + f"attention.{n}.weight") for n in ("wq", "wk", "wv"))
         w1, w2, w3 = (get(p + f"feed_forward.{n}.weight") for n in ("w1", "w2", "w3"))
@@ -80,7 +78,7 @@ def pack_weights(cfg, state: dict, xp) -> tuple[list[PackedLayer], dict]:
             attn_norm=get(p + "attention_norm.weight"), wq=wq, wk=wk, wv=wv, wo=get(p + "attention.wo.weight"),
             ffn_norm=get(p + "ffn_norm.weight"), w1=w1, w2=w2, w3=w3,
             wqkv=xp.ascontiguousarray(xp.concatenate([wq, wk, wv], axis=0)),
-            w13=xp.ascontiguousarray(xp.stack([w1, w3], axis=1).reshape(2 * d.hidden_dim, d.dim))))
+            w13=xp.ascontiguousarray(xp.stack([w1, w3], axis=1).reshape(2 * cfg.ffn_hidden, cfg.dim))))
     emb = get("tok_embeddings.weight")
     head = emb if cfg.tie_embeddings else get("output.weight")
     return layers, {"emb": emb, "head": head, "norm": get("norm.weight")}
@@ -88,20 +86,18 @@ def pack_weights(cfg, state: dict, xp) -> tuple[list[PackedLayer], dict]:
 
 def random_state(cfg, xp, seed: int = 0) -> dict:
     """A llamac state dict of N(0, 0.02) bf16 weights made on xp's device (benchmarks: no CPU init)."""
-    from llamac.model.llama import resolve
-    d = resolve(cfg)
     rs = xp.random.RandomState(seed) if xp is not np else np.random.RandomState(seed)
-    hs = d.head_dim
-    shapes = {"tok_embeddings.weight": (d.vocab_size, d.dim), "norm.weight": (d.dim,)}
+    hs = cfg.head_size
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,)}
     if not cfg.tie_embeddings:
-        shapes["output.weight"] = (d.vocab_size, d.dim)
-    for i in range(d.n_layers):
+        shapes["output.weight"] = (cfg.vocab_size, cfg.dim)
+    for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        shapes.update({p + "attention.wq.weight": (d.n_heads * hs, d.dim), p + "attention.wk.weight": (d.n_kv_heads * hs, d.dim),
-                       p + "attention.wv.weight": (d.n_kv_heads * hs, d.dim), p + "attention.wo.weight": (d.dim, d.n_heads * hs),
-                       p + "feed_forward.w1.weight": (d.hidden_dim, d.dim), p + "feed_forward.w2.weight": (d.dim, d.hidden_dim),
-                       p + "feed_forward.w3.weight": (d.hidden_dim, d.dim),
-                       p + "attention_norm.weight": (d.dim,), p + "ffn_norm.weight": (d.dim,)})
+        shapes.update({p + "attention.wq.weight": (cfg.n_heads * hs, cfg.dim), p + "attention.wk.weight": (cfg.kv_heads * hs, cfg.dim),
+                       p + "attention.wv.weight": (cfg.kv_heads * hs, cfg.dim), p + "attention.wo.weight": (cfg.dim, cfg.n_heads * hs),
+                       p + "feed_forward.w1.weight": (cfg.ffn_hidden, cfg.dim), p + "feed_forward.w2.weight": (cfg.dim, cfg.ffn_hidden),
+                       p + "feed_forward.w3.weight": (cfg.ffn_hidden, cfg.dim),
+                       p + "attention_norm.weight": (cfg.dim,), p + "ffn_norm.weight": (cfg.dim,)})
     out = {}
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
@@ -236,9 +232,7 @@ def reference_step(layers, extra, cfg, state) -> np.ndarray:
     state: dict with x (M, C) bf16 (the new tokens' embeddings), lens (M,), k/v caches (per
     layer (M, max_len, Hkv, hs)), cos/sin tables (max_len, hs/2) bf16. Updates the caches
     and x; returns the logits (M, V) float32 (bf16 values)."""
-    from llamac.model.llama import resolve
-    d = resolve(cfg)
-    H, Hkv, hs = d.n_heads, d.n_kv_heads, d.head_dim
+    H, Hkv, hs = cfg.n_heads, cfg.kv_heads, cfg.head_size
     x, lens = state["x"], np.asarray(state["lens"])
     xp = backend.get_array_module(x)
     M = x.shape[0]
@@ -297,39 +291,38 @@ class FastDecoder:
     """
 
     def __init__(self, cfg, state: dict, batch: int = 1, max_len: int | None = None, prefill: str = "auto"):
-        from llamac.model.llama import resolve, rope_tables
+        from llamac.model.llama import rope_tables
         cp = backend.cupy_module()
         self.cp, self.cfg = cp, cfg
-        self.d = d = resolve(cfg)
         if not 1 <= batch <= MAX_BATCH:
             raise LlamacError(f"fast decode takes 1 to {MAX_BATCH} sequences at once, not {batch}")
         self.M = M = batch
         self.max_len = L = int(max_len or cfg.max_seq_len)
-        hs, H, Hkv = d.head_dim, d.n_heads, d.n_kv_heads
-        if hs % 8 or hs > 256 or H % Hkv or d.dim % 8 or d.hidden_dim % 8:
+        hs, H, Hkv = cfg.head_size, cfg.n_heads, cfg.kv_heads
+        if hs % 8 or hs > 256 or H % Hkv or cfg.dim % 8 or cfg.ffn_hidden % 8:
             raise LlamacError(f"fast decode needs head_dim, dim and hidden_dim multiples of 8 (head_dim <= 256); "
-                              f"got {hs}, {d.dim}, {d.hidden_dim}")
+                              f"got {hs}, {cfg.dim}, {cfg.ffn_hidden}")
         self.G = G = H // Hkv
         if G * (ATTN_CHUNK + 8 * hs) * 4 > 48000:
             raise LlamacError(f"fast decode: {G} query heads per kv head of size {hs} exceed the attention kernel's shared memory")
         self.prefill_mode = prefill
         self.layers, extra = pack_weights(cfg, state, cp)
         self.emb, self.norm = extra["emb"], extra["norm"]
-        self.V = d.vocab_size
+        self.V = cfg.vocab_size
         self.Vp = -(-self.V // 8) * 8           # the head GEMV works in blocks of 8 rows
         head = extra["head"]
         if self.Vp != self.V:
-            head = cp.concatenate([head, cp.zeros((self.Vp - self.V, d.dim), BF16)])
+            head = cp.concatenate([head, cp.zeros((self.Vp - self.V, cfg.dim), BF16)])
         self.head = cp.ascontiguousarray(head)
         cos, sin = rope_tables(cfg, hs, 0, L, np, BF16)
         self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
 
         # every buffer a step touches, allocated once (a graph replays fixed addresses)
         z = cp.zeros
-        self.x = z((M, d.dim), BF16)
+        self.x = z((M, cfg.dim), BF16)
         self.q = z((M, H * hs), BF16)
         self.att = z((M, H * hs), BF16)
-        self.hid = z((M, d.hidden_dim), BF16)
+        self.hid = z((M, cfg.ffn_hidden), BF16)
         self.logits = z((M, self.Vp), np.float32)
         self.n_split = -(-L // ATTN_CHUNK)
         self.part = z((M * Hkv, self.n_split, G, hs + 2), np.float32)
@@ -339,8 +332,8 @@ class FastDecoder:
         self.lens = z((M,), np.int32)
         self.max_steps = L + 1
         self.history = z((self.max_steps, M), np.int32)
-        self.k_cache = [z((M, L, Hkv, hs), BF16) for _ in range(d.n_layers)]
-        self.v_cache = [z((M, L, Hkv, hs), BF16) for _ in range(d.n_layers)]
+        self.k_cache = [z((M, L, Hkv, hs), BF16) for _ in range(cfg.n_layers)]
+        self.v_cache = [z((M, L, Hkv, hs), BF16) for _ in range(cfg.n_layers)]
 
         opts = (f"-DHEAD_DIM={hs}", f"-DGROUP={G}")
         k = lambda name: backend.get_kernel("decode", name, BF16, opts)  # noqa: E731
@@ -368,19 +361,19 @@ class FastDecoder:
             np.float32(self.cfg.norm_eps), W, np.int32(N), *out))
 
     def _launch_layers(self):
-        d, M = self.d, self.M
-        hs, H, Hkv = d.head_dim, d.n_heads, d.n_kv_heads
+        cfg, M = self.cfg, self.M
+        hs, H, Hkv = cfg.head_size, cfg.n_heads, cfg.kv_heads
         nqkv = (H + 2 * Hkv) * hs
         for i, L in enumerate(self.layers):
-            self._gemv(self.k_qkv, self.x, d.dim, L.attn_norm, L.wqkv, nqkv, self.q, self.k_cache[i], self.v_cache[i],
+            self._gemv(self.k_qkv, self.x, cfg.dim, L.attn_norm, L.wqkv, nqkv, self.q, self.k_cache[i], self.v_cache[i],
                        self.cos, self.sin, self.lens, np.int32(H), np.int32(Hkv), np.int32(self.max_len))
             self.k_attn((M * Hkv, self.n_split), (ATTN_THREADS,),
                         (self.q, self.k_cache[i], self.v_cache[i], self.lens, np.int32(1), self.att, self.part,
                          self.counters, np.int32(Hkv), np.int32(self.max_len), np.int32(self.n_split), self.scale))
-            self._gemv(self.k_resid, self.att, H * hs, None, L.wo, d.dim, self.x)
-            self._gemv(self.k_swiglu, self.x, d.dim, L.ffn_norm, L.w13, 2 * d.hidden_dim, self.hid)
-            self._gemv(self.k_resid, self.hid, d.hidden_dim, None, L.w2, d.dim, self.x)
-        self._gemv(self.k_logits, self.x, d.dim, self.norm, self.head, self.Vp, self.logits)
+            self._gemv(self.k_resid, self.att, H * hs, None, L.wo, cfg.dim, self.x)
+            self._gemv(self.k_swiglu, self.x, cfg.dim, L.ffn_norm, L.w13, 2 * cfg.ffn_hidden, self.hid)
+            self._gemv(self.k_resid, self.hid, cfg.ffn_hidden, None, L.w2, cfg.dim, self.x)
+        self._gemv(self.k_logits, self.x, cfg.dim, self.norm, self.head, self.Vp, self.logits)
 
     def _launch_sample(self, sampling, advance: int):
         temperature, top_k, top_p, seed = sampling
@@ -388,7 +381,7 @@ class FastDecoder:
                       (self.logits, np.int32(self.V), np.int32(self.Vp), np.float32(temperature), np.int32(top_k or 0),
                        np.float32(top_p or 0.0), np.uint32(seed & 0xFFFFFFFF), self.tokens, self.history,
                        np.int32(self.max_steps), self.steps, self.lens, np.int32(advance), self.emb,
-                       np.int32(self.d.dim), self.x))
+                       np.int32(self.cfg.dim), self.x))
 
     def _graph(self, sampling):
         graph = self._graphs.get(sampling)
@@ -409,8 +402,8 @@ class FastDecoder:
         """The prompt through the plain path's ops (same matmuls, same roundings), K/V into the cache."""
         from llamac.engine.tensor import Tensor, no_grad
         from llamac.ops.swiglu import swiglu_forward
-        cp, d = self.cp, self.d
-        T, hs, H, Hkv = len(ids), d.head_dim, d.n_heads, d.n_kv_heads
+        cp, cfg = self.cp, self.cfg
+        T, hs, H, Hkv = len(ids), cfg.head_size, cfg.n_heads, cfg.kv_heads
         eps = self.cfg.norm_eps
 
         def norm(x, w):

@@ -7,7 +7,6 @@ to transformers' rotate-half layout.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -18,29 +17,6 @@ from llamac.errors import LlamacError
 from llamac.model import layers as nn
 from llamac.ops import attention, linear, rope, swiglu
 from llamac.ops.cross_entropy import CrossEntropy
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The resolved sizes of a ModelConfig (defaults filled in)."""
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    hidden_dim: int
-    vocab_size: int
-
-
-def resolve(cfg: ModelConfig) -> Dims:
-    hidden = cfg.hidden_dim
-    if hidden is None:  # Llama's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of
-        hidden = int(2 * 4 * cfg.dim / 3)
-        if cfg.ffn_dim_multiplier is not None:
-            hidden = int(cfg.ffn_dim_multiplier * hidden)
-        hidden = cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)
-    return Dims(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads,
-                cfg.head_dim or cfg.dim // cfg.n_heads, hidden, cfg.vocab_size)
 
 
 def rope_inv_freq(cfg: ModelConfig, head_dim: int, seq_len: int) -> np.ndarray:
@@ -77,10 +53,10 @@ def rope_tables(cfg: ModelConfig, head_dim: int, start: int, length: int, xp=np,
 class KVCache:
     """Preallocated keys and values per layer, (B, max_len, Hkv, hs); `length` tokens are filled."""
 
-    def __init__(self, dims: Dims, batch: int, max_len: int, xp, dtype):
-        shape = (batch, max_len, dims.n_kv_heads, dims.head_dim)
-        self.k = [xp.zeros(shape, dtype) for _ in range(dims.n_layers)]
-        self.v = [xp.zeros(shape, dtype) for _ in range(dims.n_layers)]
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, xp, dtype):
+        shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
+        self.k = [xp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        self.v = [xp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
         self.length = 0
         self.max_len = max_len
 
@@ -93,12 +69,12 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, d: Dims):
-        self.n_heads, self.n_kv_heads, self.head_dim = d.n_heads, d.n_kv_heads, d.head_dim
-        self.wq = nn.Linear(d.dim, d.n_heads * d.head_dim)
-        self.wk = nn.Linear(d.dim, d.n_kv_heads * d.head_dim)
-        self.wv = nn.Linear(d.dim, d.n_kv_heads * d.head_dim)
-        self.wo = nn.Linear(d.n_heads * d.head_dim, d.dim)
+    def __init__(self, cfg: ModelConfig):
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_size)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_size, cfg.dim)
 
     def project(self, x):
         return self.wq(x), self.wk(x), self.wv(x)
@@ -118,21 +94,21 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d: Dims):
-        self.w1 = nn.Linear(d.dim, d.hidden_dim)   # gate
-        self.w2 = nn.Linear(d.hidden_dim, d.dim)   # down
-        self.w3 = nn.Linear(d.dim, d.hidden_dim)   # up
+    def __init__(self, cfg: ModelConfig):
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden)   # gate
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim)   # down
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden)   # up
 
     def forward(self, x):
         return self.w2(swiglu.swiglu(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, d: Dims, cfg: ModelConfig):
-        self.attention_norm = nn.RMSNorm(d.dim, cfg.norm_eps)
-        self.attention = Attention(d)
-        self.ffn_norm = nn.RMSNorm(d.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(d)
+    def __init__(self, cfg: ModelConfig):
+        self.attention_norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, mask: dict, cache=None, layer=0):
@@ -145,11 +121,10 @@ class Block(nn.Module):
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         self.config = cfg
-        self.dims = d = resolve(cfg)
-        self.tok_embeddings = nn.Embedding(d.vocab_size, d.dim)
-        self.layers = [Block(d, cfg) for _ in range(d.n_layers)]
-        self.norm = nn.RMSNorm(d.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(d.dim, d.vocab_size)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = [Block(cfg) for _ in range(cfg.n_layers)]
+        self.norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size)
         self._rope_cache = {}
         self.init_weights()
 
@@ -158,7 +133,7 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 continue
-            std = 0.02 / math.sqrt(2 * self.dims.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
             nn.normal_(p, std)
 
     def _rope(self, start: int, length: int, xp, dtype):
@@ -166,7 +141,7 @@ class Llama(nn.Module):
         if key not in self._rope_cache:
             if len(self._rope_cache) > 64:
                 self._rope_cache.clear()
-            cos, sin = rope_tables(self.config, self.dims.head_dim, start, length, xp, dtype)
+            cos, sin = rope_tables(self.config, self.config.head_size, start, length, xp, dtype)
             self._rope_cache[key] = (Tensor(cos), Tensor(sin))
         return self._rope_cache[key]
 
@@ -182,7 +157,7 @@ class Llama(nn.Module):
         if x.dtype == np.float64:
             cos, sin = cos.to(dtype="float64"), sin.to(dtype="float64")
         segments = segment_ids.data if isinstance(segment_ids, Tensor) else segment_ids
-        mask = attention.mask_for(x, self.dims.head_dim, T, start + T, segments)
+        mask = attention.mask_for(x, self.config.head_size, T, start + T, segments)
         x = self.run_layers(x, cos, sin, mask, cache)                   # (B, T, C), normed
         if cache is not None:
             cache.length += T
@@ -204,7 +179,7 @@ class Llama(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight
-        return KVCache(self.dims, batch, max_len or self.config.max_seq_len, p.xp, p.dtype)
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, p.xp, p.dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = super().num_params()
@@ -212,14 +187,17 @@ class Llama(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 N for the matmuls plus attention."""
-        d, T = self.dims, seq_len or self.config.max_seq_len
+        cfg, T = self.config, seq_len or self.config.max_seq_len
         n = self.num_params(non_embedding=self.output is not None)
         if self.output is None:        # tied: the embedding is used as the head matmul
             n = self.num_params()
-        return 6 * n + 12 * d.n_layers * d.n_heads * d.head_dim * T
+        return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
 
     def describe(self) -> dict:
-        return {**asdict(self.dims), "params": self.num_params()}
+        cfg = self.config
+        return {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
+                "head_dim": cfg.head_size, "hidden_dim": cfg.ffn_hidden, "vocab_size": cfg.vocab_size,
+                "params": self.num_params()}
 
 
 @no_grad()

@@ -431,10 +431,10 @@ def document_segments(x, bos_id: int):
 
 
 def build_model(recipe: Recipe, vocab_size: int, device: str) -> Llama:
-    if recipe.model.vocab_size != vocab_size:
-        recipe.model = dataclasses.replace(recipe.model, vocab_size=vocab_size)
+    """recipe.model with the tokenizer's vocab_size, as a new config (model.config): the recipe is not changed."""
     manual_seed(recipe.seed)
-    return compute_precision(Llama(recipe.model).to(device), recipe, device)
+    cfg = dataclasses.replace(recipe.model, vocab_size=vocab_size)
+    return compute_precision(Llama(cfg).to(device), recipe, device)
 
 
 def compute_precision(model: Llama, recipe: Recipe, device: str) -> Llama:
@@ -462,7 +462,9 @@ def pretrain(recipe: Recipe, resume: bool = True) -> dict:
         raise LlamacError(f"train.sample_prompt ({prompt_tokens} tokens with <s>) + train.sample_tokens "
                           f"({t.sample_tokens}) exceeds model.max_seq_len ({recipe.model.max_seq_len})")
     model = build_model(recipe, info.vocab_size, device)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.dims.n_layers} layers, dim {model.dims.dim}; "
+    recipe = dataclasses.replace(recipe, model=model.config)   # a copy: checkpoints record the model as built
+    t = recipe.train
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layers} layers, dim {model.config.dim}; "
         f"device {device}; {info.n_train_tokens:,} training tokens")
     train_loader = TokenLoader(info.train_path, recipe.data.seq_len, t.batch_size, recipe.seed, device=device)
     val_loader = TokenLoader(info.val_path, recipe.data.seq_len, t.batch_size, recipe.seed + 1, device=device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +198,7 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
     for token in ("<|user|>", "<|assistant|>", "<|end|>"):
         if tokenizer.piece_to_id(token) == tokenizer.unk_id:
             raise LlamacError(f"the tokenizer of {ckpt} has no {token} token: train it with llamac's reserved tokens")
-    recipe.model = model.config
+    recipe = replace(recipe, model=model.config)   # a copy: the caller's recipe is not changed
     from llamac.train.loop import compute_precision
     compute_precision(model, recipe, device)
     seq_len = min(recipe.data.seq_len, model.config.max_seq_len)
