@@ -397,8 +397,3 @@ def free_cached_gpu_memory():
     cp, _ = _cupy_or_reason()
     if cp is not None:
         cp.get_default_memory_pool().free_all_blocks()
-
-
-def gpu_memory_info() -> tuple[int, int]:
-    """(free, total) device bytes from the driver."""
-    return tuple(int(v) for v in cupy_module().cuda.runtime.memGetInfo())

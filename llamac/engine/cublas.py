@@ -244,8 +244,3 @@ def gemm(a, b, out=None, trans_a: bool = False, trans_b: bool = False, alpha: fl
                                                     M * N, count, compute, _GEMM_DEFAULT)
         _Cublas._check(status, "cublasGemmStridedBatchedEx")
     return out
-
-
-def cublas_library_path() -> str:
-    """Where the libcublas that gemm calls was loaded from."""
-    return _cublas().path

@@ -13,7 +13,7 @@ import numpy as np
 
 from llamac.config import ModelConfig
 from llamac.engine import backend, cublas, functional
-from llamac.engine.tensor import Tensor, grad_enabled, no_grad
+from llamac.engine.tensor import Tensor, grad_enabled
 from llamac.model import layers as nn
 from llamac.ops import attention, linear, rmsnorm, rope, swiglu
 from llamac.ops.cross_entropy import CrossEntropy, head_loss
@@ -298,10 +298,3 @@ class Llama(nn.Module):
 
     def describe(self) -> dict:
         return {**asdict(self.dims), "params": self.num_params()}
-
-
-@no_grad()
-def greedy_logits(model: Llama, idx) -> np.ndarray:
-    """Last-position logits for a batch of ids (used in tests and evaluation)."""
-    logits, _ = model(idx)
-    return backend.to_numpy(logits.data[:, -1])
