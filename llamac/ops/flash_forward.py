@@ -320,8 +320,8 @@ class FlashAttention(Function):
     """softmax(q k^T / sqrt(hs) + mask) v with a causal and/or document mask, no T x T anything.
 
     forward(q, k, v, causal=True, segments=None): q (B, Tq, H, hs), k, v (B, Tk, Hkv, hs),
-    segments (B, Tk) int array or None. The backward is llamac.flash_backward's kernel when that
-    module exists, else the fp32 reference (gradients cast back to the inputs' dtypes).
+    segments (B, Tk) int array or None. The backward is llamac.ops.flash_backward's (its kernel, or
+    the fp32 reference where the kernel does not apply).
     """
 
     def forward(self, q, k, v, causal=True, segments=None):
@@ -333,14 +333,8 @@ class FlashAttention(Function):
     def backward(self, g):
         q, k, v, out, lse = self.saved
         causal, segments = self.mask
-        try:
-            from llamac.ops.flash_backward import flash_attention_backward  # noqa: PLC0415 - optional module
-        except ImportError:
-            flash_attention_backward = None
-        if flash_attention_backward is not None:
-            return flash_attention_backward(q, k, v, out, g, lse, causal, segments)
-        dq, dk, dv = attention_backward_reference(q, k, v, out, g, lse, causal, segments)
-        return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
+        from llamac.ops.flash_backward import flash_attention_backward  # noqa: PLC0415 - it imports this module
+        return flash_attention_backward(q, k, v, out, g, lse, causal, segments)
 
 
 def flash_attention(q, k, v, causal: bool = True, segments=None):
