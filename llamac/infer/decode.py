@@ -449,7 +449,6 @@ class FastDecoder:
                 self._prefill_row(p, row)
             self.lens.set(np.array([len(p) for p in prompts], np.int32), stream=self.stream)
             self._launch_sample(sampling, advance=0)
-        self._prompt_lens = [len(p) for p in prompts]
 
     def step(self, sampling=(0.0, 0, 0.0, 0), n: int = 1):
         """n decode steps (graph replays) on the decoder's stream; nothing is synchronised."""

@@ -7,7 +7,7 @@ to transformers' rotate-half layout.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -295,6 +295,3 @@ class Llama(nn.Module):
         if self.output is None:        # tied: the embedding is used as the head matmul
             n = self.num_params()
         return 6 * n + 12 * d.n_layers * d.n_heads * d.head_dim * T
-
-    def describe(self) -> dict:
-        return {**asdict(self.dims), "params": self.num_params()}
