@@ -125,7 +125,7 @@ def cross_entropy_backward(logits, targets, lse, scale, ignore_index=-100, out=N
 
 # Logits per chunk: two chunks for 32k rows x 32k vocabulary in bf16 (half the plain path's 2.1 GB).
 # Every chunk after the first re-reads and re-writes the fp32 weight-gradient sum (V x C x 8 bytes):
-# at 256 MB chunks (eight) that cost 1.5-2 ms a step at 110M/350M on the H100; at 1 GB, ~0.3 ms.
+# bigger chunks trade memory for fewer of those passes (timings in BENCHMARKS.md).
 CHUNK_BYTES = 1 << 30
 
 
