@@ -11,6 +11,7 @@ from llamac.bench import flash as flash_bench
 from llamac.engine import backend
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops import attention, flash_backward, flash_forward, linear, rope
+from llamac.ops.flash_backward import Tiles
 
 BF16 = backend.bfloat16
 
@@ -153,8 +154,8 @@ def test_shared_memory_fits_the_sm():
     # H100: 227 KB of shared memory per SM; two CTAs resident is the design point.
     for hs in flash_backward.HEAD_DIMS:
         for tiles in flash_backward.VARIANTS:
-            assert flash_backward.shared_bytes(hs, *tiles) <= 227 * 1024
-        assert 2 * flash_backward.shared_bytes(64, *flash_backward.TILES[64]) <= 227 * 1024  # two CTAs of 4 warps per SM
+            assert flash_backward.shared_bytes(hs, tiles) <= 227 * 1024
+        assert 2 * flash_backward.shared_bytes(64, flash_backward.TILES[64]) <= 227 * 1024  # two CTAs of 4 warps per SM
 
 
 def test_bench_without_cuda_says_why(monkeypatch):
@@ -176,15 +177,27 @@ def test_tile_variants_per_head_size():
     # dQ's (block_q, hs) tile splits over the warps in 16-row tiles times multiples of 8 columns
     assert flash_backward.variants(64) == flash_backward.VARIANTS + flash_backward.HOPPER_VARIANTS and flash_backward.variants(128) == flash_backward.VARIANTS
     assert all(not flash_backward.tiles_fit(hs, t) for hs in (32, 48, 96, 128) for t in flash_backward.HOPPER_VARIANTS)   # wgmma: hs 64
-    assert flash_backward.variants(48) == ((32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2))   # (32, 8, *): 12 columns
+    assert flash_backward.variants(48) == (Tiles(block_q=32, warps=4, key_tiles=1), Tiles(block_q=64, warps=4, key_tiles=1),
+                                       Tiles(block_q=64, warps=8, key_tiles=1), Tiles(block_q=32, warps=4, key_tiles=2))   # (32, 8, *): 12 columns
     assert flash_backward.variants(32) == flash_backward.VARIANTS and flash_backward.variants(96) == flash_backward.VARIANTS
-    assert all(flash_backward.is_wgmma(t) for t in flash_backward.HOPPER_VARIANTS) and not any(flash_backward.is_wgmma(t) for t in flash_backward.VARIANTS)
+    assert all(t.wgmma for t in flash_backward.HOPPER_VARIANTS) and not any(t.wgmma for t in flash_backward.VARIANTS)
     for hs in flash_backward.HEAD_DIMS:
         assert flash_backward.TILES[hs] in flash_backward.variants(hs)
         assert flash_backward.default_tiles(hs, 4096) == flash_backward.TILES[hs]
     for hs, tiles in flash_backward.SHORT_TILES.items():
         assert tiles in flash_backward.variants(hs) and flash_backward.default_tiles(hs, flash_backward.SHORT_TK) == tiles
     assert flash_backward.default_tiles(64, 256) == flash_backward.TILES[64]   # only hs=48 was timed short
+
+
+def test_tiles_from_plain_tuples():
+    """tiles= also takes (block_q, warps, key_tiles[, wgmma]) tuples."""
+    assert Tiles.of((32, 4, 2)) == flash_backward.TILES[64] and Tiles.of(flash_backward.TILES[64]) is flash_backward.TILES[64]
+    assert Tiles.of((128, 8, 1, True)) == flash_backward.HOPPER_VARIANTS[0]
+    assert flash_backward.tiles_fit(64, (32, 4, 2)) and not flash_backward.tiles_fit(48, (32, 8, 1))
+    assert flash_backward.shared_bytes(64, (32, 4, 2)) == flash_backward.shared_bytes(64, flash_backward.TILES[64])
+    for bad in ((32, 4), (32, 4, 2, False, 1), 32):
+        with pytest.raises(LlamacError, match="tiles must be"):
+            Tiles.of(bad)
 
 
 def test_hopper_takes_the_warpgroup_backward_at_head_size_64():
@@ -197,7 +210,7 @@ def test_hopper_takes_the_warpgroup_backward_at_head_size_64():
     # the kernel's layout: K, V (128 keys) + 2 stages of Q, dO (128 queries), unpadded 16-bit rows;
     # dS^T (128 x 128); 2 stages of lse, D, query ids; key ids; fp32 dQ rows padded by 8 floats.
     # One CTA of 8 warps fits an H100's 227 KB.
-    smem = flash_backward.shared_bytes(64, 128, 8, 1, wgmma=True)
+    smem = flash_backward.shared_bytes(64, Tiles(block_q=128, warps=8, key_tiles=1, wgmma=True))
     assert smem == 2 * 128 * 64 * 2 + 4 * 128 * 64 * 2 + 128 * 128 * 2 + 6 * 128 * 4 + 128 * 4 + 128 * 72 * 4
     assert smem <= 227 * 1024
 
@@ -213,20 +226,19 @@ def test_kernel_compiles_without_spills(nvrtc, hs, dtype):
 # every variant of the new head sizes that a benchmark may pick (key_tiles 2 spills at hs >= 96,
 # as at 128, so those stay out of TILES)
 @pytest.mark.parametrize("hs, tiles", [(hs, t) for hs in (32, 48, 96) for t in flash_backward.variants(hs)
-                                       if not (hs >= 96 and t[2] == 2)], ids=str)
+                                       if not (hs >= 96 and t.key_tiles == 2)], ids=str)
 def test_small_head_variants_compile_without_spills(nvrtc, hs, tiles):
     ptx = check_build(hs, tiles, BF16)
-    block_q, warps, _ = tiles
-    if (hs // (warps // (block_q // 16))) % 16:   # a warp's dQ columns end in an odd 8: one x2 load
+    if (hs // (tiles.warps // (tiles.block_q // 16))) % 16:   # a warp's dQ columns end in an odd 8: one x2 load
         assert "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16" in ptx
 
 
 @pytest.mark.parametrize("tiles", flash_backward.HOPPER_VARIANTS, ids=str)
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
 def test_warpgroup_mma_build_compiles_without_spills(nvrtc, tiles, dtype):
-    block_q, warps, key_tiles = tiles[:3]
-    options = (f"-DHEAD_DIM=64", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
+    options = (f"-DHEAD_DIM=64", f"-DBLOCK_Q={tiles.block_q}", f"-DNWARPS={tiles.warps}", f"-DKEY_TILES={tiles.key_tiles}",
                "-DLLAMAC_WGMMA", "--ptxas-options=-v")
+    assert tiles.options() == options[1:5] and tiles.arch == "sm_90a"    # what the launcher builds
     result = backend.compile_check_kernel(flash_backward.KERNEL, dtype, arch="sm_90a", options=options)
     assert result.ok, result.log
     kind = "bf16.bf16" if dtype == BF16 else "f16.f16"
@@ -253,9 +265,9 @@ def test_kernel_refuses_a_dq_split_that_does_not_fit(nvrtc):
 
 
 def check_build(hs, tiles, dtype):
-    block_q, warps, key_tiles = tiles
-    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}",
+    options = (f"-DHEAD_DIM={hs}", f"-DBLOCK_Q={tiles.block_q}", f"-DNWARPS={tiles.warps}", f"-DKEY_TILES={tiles.key_tiles}",
                "--ptxas-options=-v")
+    assert tiles.options() == options[1:4] and tiles.arch is None    # what the launcher builds
     result = backend.compile_check_kernel(flash_backward.KERNEL, dtype, arch="sm_90", options=options)
     assert result.ok, result.log
     for function in ("flash_attn_bwd", "flash_attn_bwd_preprocess", "flash_attn_bwd_convert_dq"):

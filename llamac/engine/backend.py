@@ -9,17 +9,13 @@ import functools
 import hashlib
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from llamac import runtime
 from llamac.errors import LlamacError
 
-try:  # the bfloat16 NumPy dtype; CuPy 14 uses the same one
-    import ml_dtypes
-
-    bfloat16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - ml_dtypes is a core dependency
-    bfloat16 = None
+bfloat16 = np.dtype(ml_dtypes.bfloat16)   # the bfloat16 NumPy dtype; CuPy 14 uses the same one
 
 DTYPES = {
     "float32": np.dtype(np.float32),
@@ -39,8 +35,8 @@ KERNEL_DIR = Path(runtime.options().kernel_dir or Path(__file__).resolve().paren
 
 def as_dtype(dtype) -> np.dtype:
     if isinstance(dtype, str):
-        if dtype not in DTYPES or DTYPES[dtype] is None:
-            raise LlamacError(f"unknown dtype {dtype!r}; choose one of {sorted(k for k, v in DTYPES.items() if v is not None)}")
+        if dtype not in DTYPES:
+            raise LlamacError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         return DTYPES[dtype]
     return np.dtype(dtype)
 
@@ -397,8 +393,3 @@ def free_cached_gpu_memory():
     cp, _ = _cupy_or_reason()
     if cp is not None:
         cp.get_default_memory_pool().free_all_blocks()
-
-
-def gpu_memory_info() -> tuple[int, int]:
-    """(free, total) device bytes from the driver."""
-    return tuple(int(v) for v in cupy_module().cuda.runtime.memGetInfo())

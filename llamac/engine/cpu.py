@@ -220,8 +220,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves arrays of 32 MiB and more (the tiny recipe's logits) with a fresh
     mmap, and trims the heap as soon as a training step frees its activations, so every step
-    faults all its big arrays in again, page by page (zeroed by the kernel): on the 2-core dev VM
-    that was ~50 ms of a 310 ms step. Here every allocation comes from the heap and the heap is
+    faults all its big arrays in again, page by page (zeroed by the kernel; its cost in a step is
+    in BENCHMARKS.md). Here every allocation comes from the heap and the heap is
     never trimmed: the process stays at its peak size, as with a caching allocator. The setting
     is process-wide (other libraries in the process, PyTorch included, get it too); it is made on
     llamac's first CPU matmul or row-block call. LLAMAC_CPU_MALLOC=0 leaves glibc alone.

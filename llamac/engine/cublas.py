@@ -20,9 +20,8 @@ from llamac import runtime
 from llamac.engine import backend
 from llamac.errors import LlamacError
 
-_CUDA_R = {np.dtype(np.float32): 0, np.dtype(np.float16): 2, np.dtype(np.float64): 1}
-if backend.bfloat16 is not None:
-    _CUDA_R[backend.bfloat16] = 14              # CUDA_R_16BF
+_CUDA_R = {np.dtype(np.float32): 0, np.dtype(np.float16): 2, np.dtype(np.float64): 1,
+           backend.bfloat16: 14}                # CUDA_R_16BF
 _COMPUTE_32F, _COMPUTE_64F = 68, 70             # CUBLAS_COMPUTE_32F / _64F
 _GEMM_DEFAULT = -1                              # tensor cores are used where the types allow
 _OP_N, _OP_T = 0, 1
@@ -245,8 +244,3 @@ def gemm(a, b, out=None, trans_a: bool = False, trans_b: bool = False, alpha: fl
                                                     M * N, count, compute, _GEMM_DEFAULT)
         _Cublas._check(status, "cublasGemmStridedBatchedEx")
     return out
-
-
-def cublas_library_path() -> str:
-    """Where the libcublas that gemm calls was loaded from."""
-    return _cublas().path

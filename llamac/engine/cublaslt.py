@@ -1,8 +1,8 @@
 """cuBLASLt through ctypes: each GEMM shape runs the fastest of the algorithms cuBLASLt proposes.
 
 cublasGemmEx runs the first algorithm of cuBLAS's heuristic. For the training GEMMs that choice is
-often 3-15% slower than another of the heuristic's top eight (measured on an H100 at the 110M and
-350M shapes: the narrow projections and the down projection's input gradient most). Here the
+often slower than another of the heuristic's top eight (the narrow projections and the down
+projection's input gradient most; numbers in BENCHMARKS.md). Here the
 candidates are timed once per shape, on scratch output buffers, the first time the shape runs
 outside a CUDA-graph capture; the winner is kept for the process, so a captured graph and every
 later call run the same algorithm (results are reproducible within a process, not across them).

@@ -34,7 +34,7 @@ from llamac.engine.ops import (
     _broadcast_check,
 )
 from llamac.engine.tensor import Function, Tensor, enable_grad, generator, grad_enabled, no_grad
-from llamac.errors import LlamacError, ShapeError
+from llamac.errors import ShapeError
 from llamac.ops.cross_entropy import CrossEntropy
 
 
@@ -212,9 +212,3 @@ def _attach_methods():
 
 
 _attach_methods()
-
-
-def check_finite(x: Tensor, what: str = "tensor"):
-    xp = x.xp
-    if not bool(xp.isfinite(x.data).all()):
-        raise LlamacError(f"{what} contains NaN or infinity")

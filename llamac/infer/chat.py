@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|end|>"
 
 # The same template as `render`, for tokenizer_config.json and GGUF.

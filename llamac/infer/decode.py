@@ -33,7 +33,7 @@ import numpy as np
 
 from llamac.engine import backend
 from llamac.errors import LlamacError
-from llamac.ops import attention, rmsnorm, rope
+from llamac.ops import attention, flash_forward, rmsnorm, rope
 
 BF16 = backend.bfloat16
 MAX_BATCH = 16            # rows per GEMV (the m16 of the tensor-core mma)
@@ -265,11 +265,7 @@ def prefill_attention(q, k, v, mode: str = "auto"):
     if mode == "auto":
         mode = "flash" if attention.use_flash(q, q.shape[-1]) else "reference"
     if mode == "flash":
-        try:
-            from llamac.ops.flash_forward import flash_attention_forward
-        except ImportError:
-            raise LlamacError("prefill attention 'flash' asked for, but llamac.flash does not import") from None
-        out, _ = flash_attention_forward(q, k, v, causal=True)
+        out, _ = flash_forward.flash_attention_forward(q, k, v, causal=True)
         return out
     from llamac.engine.tensor import Tensor, no_grad
     with no_grad():
@@ -446,7 +442,6 @@ class FastDecoder:
                 self._prefill_row(p, row)
             self.lens.set(np.array([len(p) for p in prompts], np.int32), stream=self.stream)
             self._launch_sample(sampling, advance=0)
-        self._prompt_lens = [len(p) for p in prompts]
 
     def step(self, sampling=(0.0, 0, 0.0, 0), n: int = 1):
         """n decode steps (graph replays) on the decoder's stream; nothing is synchronised."""

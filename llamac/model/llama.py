@@ -11,8 +11,8 @@ import math
 import numpy as np
 
 from llamac.config import LLAMA3_FREQ_FACTORS, ModelConfig
-from llamac.engine import backend, functional
-from llamac.engine.tensor import Tensor, no_grad
+from llamac.engine import functional
+from llamac.engine.tensor import Tensor
 from llamac.errors import LlamacError
 from llamac.model import layers as nn
 from llamac.ops import attention, linear, rope, swiglu
@@ -192,16 +192,3 @@ class Llama(nn.Module):
         if self.output is None:        # tied: the embedding is used as the head matmul
             n = self.num_params()
         return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
-
-    def describe(self) -> dict:
-        cfg = self.config
-        return {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
-                "head_dim": cfg.head_size, "hidden_dim": cfg.ffn_hidden, "vocab_size": cfg.vocab_size,
-                "params": self.num_params()}
-
-
-@no_grad()
-def greedy_logits(model: Llama, idx) -> np.ndarray:
-    """Last-position logits for a batch of ids (used in tests and evaluation)."""
-    logits, _ = model(idx)
-    return backend.to_numpy(logits.data[:, -1])

@@ -297,5 +297,5 @@ def attention_backward(g, q, k, v, out, P):
 
 def _batch_rows_per_step(E):
     """Batch rows per step: each step's NumPy calls cover ~1 MB of scores (fewer, larger calls;
-    2 rows at the tiny shape, ~0.5 ms a step faster than 1), still inside the L2 cache."""
+    2 rows at the tiny shape, which timed faster than 1: BENCHMARKS.md), still inside the L2 cache."""
     return max(1, (2 * cpu.CHUNK_BYTES) // (E[0].nbytes or 1))

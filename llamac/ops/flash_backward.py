@@ -12,6 +12,7 @@ The references are llamac.ops.flash_forward's. Nothing here imports cupy (llamac
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,44 +22,64 @@ from llamac.ops.flash_forward import HEAD_DIMS, _check_shapes, _set_dynamic_smem
 from llamac.ops.rope import position_stride, rope_reference
 
 KERNEL = "flash_attn_bwd"
-# Tiles per head_dim (kernels/flash_attn_bwd.cu): (queries per tile, warps per CTA, 16-key
-# row tiles per warp); a CTA's key block is 16 * warps * key_tiles keys. Chosen by timing
-# every variant (bench_flash_backward, B=8, H=16, T=2048, causal, bf16) on an H200:
-#   hs=64:  (32, 4, 2) 1.07 ms; (32, 4, 1) 1.21; (64, 4, 1) 1.22; (64, 8, 1) 1.24; (32, 8, 2) 1.29; (32, 8, 1) 1.44
-#   hs=128: (64, 8, 1) 2.15 ms; (64, 4, 1) 2.23; (32, 8, 1) 2.26; (32, 4, 1) 2.28
-# Two row tiles per warp reuse each Q/dO fragment twice, but need 255 registers at hs=64
-# and spill at hs=128 (the dK/dV accumulators alone would be 256 registers).
-TILES = {64: (32, 4, 2), 128: (64, 8, 1)}
-# hs 32 and 48 take hs=64's tiles, hs=96 hs=128's (key_tiles 2 spills there too). hs=48 timed on
-# an H100 (causal bf16; torch SDPA flash's backward alongside):
-#   B=8, H=16, T=2048: (32, 4, 2) 0.97 ms; (64, 4, 1) 1.05; (32, 4, 1) 1.06; (64, 8, 1) 1.07; torch 1.04
-#   B=128, H=6, T=256: (32, 4, 1) 0.246 ms; (64, 4, 1) 0.255; (32, 4, 2) 0.273; (64, 8, 1) 0.297; torch 0.359
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Compile-time tiles of the main kernel (kernels/flash_attn_bwd.cu's BLOCK_Q, NWARPS, KEY_TILES)."""
+    block_q: int         # queries per tile
+    warps: int           # warps per CTA
+    key_tiles: int       # 16-key row tiles per warp: a CTA's key block is 16 * warps * key_tiles keys
+    wgmma: bool = False  # Hopper warpgroup MMA for the five products (-DLLAMAC_WGMMA; an sm_90a build)
+
+    @classmethod
+    def of(cls, tiles) -> "Tiles":
+        """tiles itself, or the Tiles of a (block_q, warps, key_tiles[, wgmma]) tuple."""
+        if isinstance(tiles, cls):
+            return tiles
+        if not isinstance(tiles, (tuple, list)) or len(tiles) not in (3, 4):
+            raise LlamacError(f"flash attention backward: tiles must be Tiles or (block_q, warps, key_tiles[, wgmma]), "
+                              f"got {tiles!r}")
+        return cls(*tiles)
+
+    @property
+    def block_k(self) -> int:
+        return 16 * self.warps * self.key_tiles
+
+    @property
+    def arch(self) -> str | None:
+        """The build target when it must be named: wgmma exists only for sm_90a (H100/H200)."""
+        return "sm_90a" if self.wgmma else None
+
+    def options(self) -> tuple:
+        """The main kernel's tile -D flags (after -DHEAD_DIM and the RoPE table's)."""
+        return (f"-DBLOCK_Q={self.block_q}", f"-DNWARPS={self.warps}", f"-DKEY_TILES={self.key_tiles}") + \
+            (("-DLLAMAC_WGMMA",) if self.wgmma else ())
+
+
+# Per head_dim, the fastest variant, chosen by timing every one with llamac.bench.flash.bench_flash_backward
+# (numbers, devices and dates in BENCHMARKS.md). Two row tiles per warp reuse each Q/dO fragment twice,
+# but need 255 registers at hs=64 and spill at hs=128 (the dK/dV accumulators alone would be 256 registers).
+TILES = {64: Tiles(block_q=32, warps=4, key_tiles=2), 128: Tiles(block_q=64, warps=8, key_tiles=1)}
+# hs 32 and 48 take hs=64's tiles, hs=96 hs=128's (key_tiles 2 spills there too).
 TILES.update({32: TILES[64], 48: TILES[64], 96: TILES[128]})
 # With few keys a 64-key CTA (key_tiles 1) beats a 128-key one: twice the CTAs for the SMs and
 # less of the causal diagonal wasted. Measured at hs=48 only, so only hs=48 switches.
 SHORT_TK = 512
-SHORT_TILES = {48: (32, 4, 1)}
-VARIANTS = ((32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2), (32, 8, 2))
-# Hopper (compute capability 9.0; an sm_90a build): a fourth element True runs the five products
-# on warpgroup MMA (-DLLAMAC_WGMMA: hs 64, FlashAttention-3's 128 keys x 128 queries, two warpgroups,
-# dQ reduced once per 128 keys through bulk adds from shared memory). The default there (HOPPER_TILES).
-# H100, 2026-11-25, causal bf16, backward ms (SDPA flash beside):
-#   B16 H16/4 T2048 (350M): (128, 8, 1, True) 1.600; (32, 4, 2) 1.858; SDPA flash 2.028
-#   B32 H12 T1024 (110M):   0.968; 1.021; 1.086
-#   B8 H16 T2048:           0.952; 1.019; 1.075
-# (torch.compile's cuDNN backward takes 1.02 ms + 0.24 of pre/post-processing at the 350M shape.)
-# An earlier wgmma design, 64 queries a tile with each warpgroup reducing its own 64 keys' dQ,
-# measured 1.918 ms there: twice the dQ reductions and query-tile loads per key, which are the
-# L2 traffic that bounds this kernel (without the dQ adds, the 350M shape takes 1.38 ms).
-HOPPER_VARIANTS = ((128, 8, 1, True),)
+SHORT_TILES = {48: Tiles(block_q=32, warps=4, key_tiles=1)}
+VARIANTS = (Tiles(block_q=32, warps=4, key_tiles=1), Tiles(block_q=64, warps=4, key_tiles=1),
+            Tiles(block_q=32, warps=8, key_tiles=1), Tiles(block_q=64, warps=8, key_tiles=1),
+            Tiles(block_q=32, warps=4, key_tiles=2), Tiles(block_q=32, warps=8, key_tiles=2))
+# Hopper (compute capability 9.0; an sm_90a build): wgmma=True runs the five products on warpgroup
+# MMA (-DLLAMAC_WGMMA: hs 64, FlashAttention-3's 128 keys x 128 queries, two warpgroups, dQ reduced
+# once per 128 keys through bulk adds from shared memory). The default there (HOPPER_TILES): 128
+# queries a tile halve the dQ reductions and query-tile loads per key, the L2 traffic that bounds
+# this kernel, against a 64-query design (numbers in BENCHMARKS.md).
+HOPPER_VARIANTS = (Tiles(block_q=128, warps=8, key_tiles=1, wgmma=True),)
 HOPPER_TILES = {64: HOPPER_VARIANTS[0]}
 
 
-def is_wgmma(tiles) -> bool:
-    return len(tiles) > 3 and bool(tiles[3])
-
-
-def default_tiles(hs: int, Tk: int, capability: str | None = None) -> tuple:
+def default_tiles(hs: int, Tk: int, capability: str | None = None) -> Tiles:
     """The tiles flash_attention_backward uses without `tiles=`: HOPPER_TILES[hs] on compute
     capability "90" (backend.compute_capability()), else TILES[hs], or SHORT_TILES[hs] for Tk <= SHORT_TK."""
     if capability == "90" and hs in HOPPER_TILES:
@@ -70,13 +91,13 @@ def tiles_fit(hs: int, tiles) -> bool:
     """Whether the kernel builds for head size hs with `tiles`: the dQ tile (block_q x hs) splits
     over the warps as 16-row tiles times column blocks that are a multiple of 8 wide (hs=48 with
     8 warps and 32 queries would leave 12 columns a warp)."""
-    block_q, warps = tiles[:2]
-    if is_wgmma(tiles) and (hs != 64 or block_q != 128 or warps != 8 or tiles[2] != 1):
+    t = Tiles.of(tiles)
+    if t.wgmma and (hs != 64 or t.block_q != 128 or t.warps != 8 or t.key_tiles != 1):
         return False
-    row_tiles = block_q // 16
-    if warps % row_tiles:
+    row_tiles = t.block_q // 16
+    if t.warps % row_tiles:
         return False
-    col_split = warps // row_tiles
+    col_split = t.warps // row_tiles
     return hs % col_split == 0 and (hs // col_split) % 8 == 0
 
 
@@ -176,15 +197,16 @@ def _check_grads_out(q, k, v, grads_out):
     return strides[0], strides[1]
 
 
-def shared_bytes(head_dim: int, block_q: int, warps: int = 4, key_tiles: int = 1, wgmma: bool = False) -> int:
-    """Dynamic shared memory of one CTA of the main kernel (the layout in flash_attn_bwd.cu)."""
-    block_k = 16 * warps * key_tiles
+def shared_bytes(head_dim: int, tiles) -> int:
+    """Dynamic shared memory of one CTA of the main kernel with `tiles` (the layout in flash_attn_bwd.cu)."""
+    t = Tiles.of(tiles)
+    block_q, block_k, wgmma = t.block_q, t.block_k, t.wgmma
     pad = 0 if wgmma else 8                                 # wgmma's swizzled rows are unpadded
     lds = head_dim + pad
-    tiles = (2 * block_k + 2 * 2 * block_q) * lds * 2      # K, V, and two stages of Q, dO, as 16-bit
+    kv_q = (2 * block_k + 2 * 2 * block_q) * lds * 2       # K, V, and two stages of Q, dO, as 16-bit
     ds = block_k * (block_q + pad) * 2                      # dS^T
     dq = block_q * (head_dim + 8) * 4 if wgmma else 0       # fp32 dQ staged for the bulk adds
-    return tiles + ds + 2 * 3 * block_q * 4 + block_k * 4 + dq   # two stages of lse, D, query ids; key ids
+    return kv_q + ds + 2 * 3 * block_q * 4 + block_k * 4 + dq   # two stages of lse, D, query ids; key ids
 
 
 def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None, *, tiles=None, rope=None,
@@ -194,8 +216,9 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
     q, out, dout (B, Tq, H, hs); k, v (B, Tk, Hkv, hs); lse (B, H, Tq) fp32 from the forward;
     segments (B, Tk) integer document ids or None. dq comes back like q, dk and dv like k
     (each kv head's gradient summed over its G query heads), all in q's dtype, computed with
-    fp32 accumulation. head_dim in HEAD_DIMS on the GPU. `tiles` = (block_q, warps, key_tiles),
-    one of variants(hs), overrides default_tiles(hs, Tk, <the GPU's capability>), for benchmarks and tests.
+    fp32 accumulation. head_dim in HEAD_DIMS on the GPU. `tiles`, a Tiles (or a (block_q, warps,
+    key_tiles[, wgmma]) tuple) of variants(hs), overrides default_tiles(hs, Tk, <the GPU's capability>),
+    for benchmarks and tests.
 
     rope=(cos, sin), tables (T, hs/2) with Tq = Tk = T: q and k are RoPE's outputs (Meta's
     interleaved pairs, kernels.rope_forward), and dq, dk come back as the gradients of its inputs:
@@ -231,11 +254,9 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         dk[...] = 0
         dv[...] = 0
         return dq, dk, dv
-    tiles = tuple(tiles or default_tiles(hs, Tk, backend.compute_capability(q.device.id)))
+    tiles = Tiles.of(tiles) if tiles else default_tiles(hs, Tk, backend.compute_capability(q.device.id))
     if tiles not in VARIANTS + HOPPER_VARIANTS or not tiles_fit(hs, tiles):
         raise LlamacError(f"flash_attention_backward: tiles for head_dim {hs} must be one of {variants(hs)}, got {tiles}")
-    block_q, warps, key_tiles = tiles[:3]
-    wgmma = is_wgmma(tiles)
     # The preprocess and the dQ conversion depend on the head size (and the table type) alone: every
     # tile variant shares one build of them, for plain sm_90 even when the main kernel is wgmma's.
     options = (f"-DHEAD_DIM={hs}",)
@@ -256,15 +277,12 @@ def flash_attention_backward(q, k, v, out, dout, lse, causal=True, segments=None
         pre((-(-rows * per_row // 256),), (256,),
             (out, dout, Dsum, dq_acc, np.int32(B), np.int32(Tq), np.int32(H)))
 
-        tile_options = (f"-DBLOCK_Q={block_q}", f"-DNWARPS={warps}", f"-DKEY_TILES={key_tiles}")
-        main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype,
-                                  options + tile_options + (("-DLLAMAC_WGMMA",) if wgmma else ()),
-                                  arch="sm_90a" if wgmma else None)
-        smem = shared_bytes(hs, block_q, warps, key_tiles, wgmma)
+        main = backend.get_kernel(KERNEL, "flash_attn_bwd", q.dtype, options + tiles.options(), arch=tiles.arch)
+        smem = shared_bytes(hs, tiles)
         if smem > 48 * 1024:  # above the default, the launch fails unless the kernel opts in
             _set_dynamic_smem(main, smem)
-        grid = (B * Hkv, -(-Tk // (16 * warps * key_tiles)))     # key blocks slowest: longest first
-        main(grid, (32 * warps,),
+        grid = (B * Hkv, -(-Tk // tiles.block_k))     # key blocks slowest: longest first
+        main(grid, (32 * tiles.warps,),
              (q, k, v, dout, lse, Dsum, seg if seg is not None else np.uint64(0), dq_acc, dk, dv,
               np.int32(Tq), np.int32(Tk), np.int32(H), np.int32(Hkv), np.int32(bool(causal)),
               np.float32(1.0 / math.sqrt(hs)), cos, sin, np.int64(dkv_row), np.int64(position_stride(v))),

@@ -59,32 +59,23 @@ def smem_row(hs: int) -> int:
     return hs if hs % 64 == 0 else hs + 8
 
 
-# Per head size, the fastest of CANDIDATES at B=8, H=16, T=2048 (H100 and H200, 2026-11-25):
-# FA2's shape, 4 warps x 32 query rows (each K/V fragment read once per 32 rows, two CTAs per
+# Per head size, the fastest of CANDIDATES, chosen by timing every candidate (numbers, devices and dates
+# in BENCHMARKS.md): FA2's 4 warps x 32 query rows (each K/V fragment read once per 32 rows, two CTAs per
 # SM), Q re-read from shared memory to make room for the accumulators, K/V double-buffered.
 # hs=128 needs 32-key tiles to fit 255 registers without spilling.
-CONFIGS = {64: KernelConfig(4, 2, True, 64, 1, 2, True), 128: KernelConfig(4, 2, True, 32, 1, 2, True)}
-# hs=48 (the 15M model), every candidate timed on an H100 (2026-11-25), causal bf16, ms:
-#   B=8, H=16, T=2048:  (4, 2, False, 64, 1, 2, True) 0.257; (4, 2, True, 64, 1, 2) 0.259; (8, 1, False, 64, 2) 0.263;
-#                       hs=64's default 0.267; torch SDPA flash 0.372
-#   B=128, H=6, T=256:  (8, 1, False, 64, 2) 0.056; (4, 1, False, 64, 3, 2, True) 0.060; hs=64's default 0.065;
-#                       torch SDPA flash 0.094
-# (8, 1, False, 64, 2) is the best at the training shape and within 3% of the best at T=2048.
-# hs=32 takes hs=64's shape, hs=96 hs=128's (timed only as defaults: 1.06x and 0.93x SDPA at T=2048).
-CONFIGS.update({48: KernelConfig(8, 1, False, 64, 2), 32: CONFIGS[64], 96: CONFIGS[128]})
-# Hopper (compute capability 9.0 exactly: the sm_90a build runs nowhere else) takes both products
-# to warpgroup MMA at hs=64. Forward ms, causal bf16, H100, 2026-11-25 (.devcarry wg.py):
-#   B16 H16/4 T2048 (350M): mma.sync default 0.564; (4,1,T,64,4,2,F,W) 0.467; (8,1,T,64,2,2,F,W) 0.457,
-#                           lazy 0.435; 128-key tiles 0.54; cuDNN SDPA 0.426, SDPA flash 0.587
-#   B32 H12 T1024 (110M):   0.256; 0.252; 0.216, lazy 0.214; 128-key tiles 0.26-0.34; cuDNN 0.200
-#   B8 H16 T2048:           0.284; 0.236; 0.232, lazy 0.229; cuDNN 0.244
-# Two warpgroups of 64 rows and 64-key tiles, lazy rescaling: 117 registers, two CTAs an SM.
-# Tried and not kept (same machine): FA3's intra-warpgroup overlap, tile t-1's P V issued with
-# tile t's Q K^T and running during its softmax (three K/V stages, 124 registers): 0.470 ms at the
-# 350M shape against 0.443 for the config below in the same call, 0.218 against 0.215 at 110M.
-HOPPER_CONFIGS = {64: KernelConfig(8, 1, True, 64, 2, 2, True, wgmma=True)}
-HOPPER_CANDIDATES = {64: [KernelConfig(4, 1, True, 64, 4, 2, wgmma=True), KernelConfig(8, 1, True, 64, 2, 2, wgmma=True),
-                          KernelConfig(8, 1, True, 128, 1, 2, wgmma=True), HOPPER_CONFIGS[64]]}
+CONFIGS = {64: KernelConfig(warps=4, mt=2, q_smem=True, bn=64, min_blocks=1, stages=2, lazy=True),
+           128: KernelConfig(warps=4, mt=2, q_smem=True, bn=32, min_blocks=1, stages=2, lazy=True)}
+# hs=48 (the 15M model): the fastest at its training shape (B=128, H=6, T=256), close to the best at
+# T=2048. hs=32 takes hs=64's shape, hs=96 hs=128's (timed only as defaults).
+CONFIGS.update({48: KernelConfig(warps=8, mt=1, q_smem=False, bn=64, min_blocks=2), 32: CONFIGS[64], 96: CONFIGS[128]})
+# Hopper (compute capability 9.0 exactly: the sm_90a build runs nowhere else) takes both products to
+# warpgroup MMA at hs=64: two warpgroups of 64 rows and 64-key tiles, lazy rescaling (117 registers,
+# two CTAs an SM), the fastest of HOPPER_CANDIDATES (numbers, and a variant tried and dropped, in BENCHMARKS.md).
+HOPPER_CONFIGS = {64: KernelConfig(warps=8, mt=1, q_smem=True, bn=64, min_blocks=2, stages=2, lazy=True, wgmma=True)}
+HOPPER_CANDIDATES = {64: [KernelConfig(warps=4, mt=1, q_smem=True, bn=64, min_blocks=4, stages=2, wgmma=True),
+                          KernelConfig(warps=8, mt=1, q_smem=True, bn=64, min_blocks=2, stages=2, wgmma=True),
+                          KernelConfig(warps=8, mt=1, q_smem=True, bn=128, min_blocks=1, stages=2, wgmma=True),
+                          HOPPER_CONFIGS[64]]}
 
 
 def default_config(hs: int, device_id: int = 0) -> KernelConfig:
@@ -98,15 +89,30 @@ def default_config(hs: int, device_id: int = 0) -> KernelConfig:
 # Alternatives the GPU tests check and the benchmark can time (none spills registers at sm_90).
 C = KernelConfig
 CANDIDATES = {
-    64: [C(8, 1, False, 64, 2), C(4, 2, False, 32, 1), C(4, 2, True, 64, 1), C(8, 2, False, 32, 1),
-         C(4, 2, False, 32, 1, 2), C(8, 2, False, 32, 1, 2), C(4, 1, False, 64, 3, 2), C(4, 2, True, 64, 1, 2),
-         C(4, 2, True, 64, 1, 2, True), C(4, 1, False, 64, 3, 2, True)],
-    128: [C(8, 1, False, 64, 1), C(4, 2, True, 32, 1), C(8, 1, True, 64, 1), C(8, 2, True, 32, 1),
-          C(8, 1, False, 64, 1, 2), C(4, 2, True, 32, 1, 2), C(8, 1, True, 64, 1, 2), C(8, 2, True, 32, 1, 2),
-          C(4, 2, True, 32, 1, 2, True), C(8, 1, False, 64, 1, 2, True), C(8, 2, True, 32, 1, 2, True)],
+    64: [C(warps=8, mt=1, q_smem=False, bn=64, min_blocks=2),
+         C(warps=4, mt=2, q_smem=False, bn=32, min_blocks=1),
+         C(warps=4, mt=2, q_smem=True, bn=64, min_blocks=1),
+         C(warps=8, mt=2, q_smem=False, bn=32, min_blocks=1),
+         C(warps=4, mt=2, q_smem=False, bn=32, min_blocks=1, stages=2),
+         C(warps=8, mt=2, q_smem=False, bn=32, min_blocks=1, stages=2),
+         C(warps=4, mt=1, q_smem=False, bn=64, min_blocks=3, stages=2),
+         C(warps=4, mt=2, q_smem=True, bn=64, min_blocks=1, stages=2),
+         C(warps=4, mt=2, q_smem=True, bn=64, min_blocks=1, stages=2, lazy=True),
+         C(warps=4, mt=1, q_smem=False, bn=64, min_blocks=3, stages=2, lazy=True)],
+    128: [C(warps=8, mt=1, q_smem=False, bn=64, min_blocks=1),
+          C(warps=4, mt=2, q_smem=True, bn=32, min_blocks=1),
+          C(warps=8, mt=1, q_smem=True, bn=64, min_blocks=1),
+          C(warps=8, mt=2, q_smem=True, bn=32, min_blocks=1),
+          C(warps=8, mt=1, q_smem=False, bn=64, min_blocks=1, stages=2),
+          C(warps=4, mt=2, q_smem=True, bn=32, min_blocks=1, stages=2),
+          C(warps=8, mt=1, q_smem=True, bn=64, min_blocks=1, stages=2),
+          C(warps=8, mt=2, q_smem=True, bn=32, min_blocks=1, stages=2),
+          C(warps=4, mt=2, q_smem=True, bn=32, min_blocks=1, stages=2, lazy=True),
+          C(warps=8, mt=1, q_smem=False, bn=64, min_blocks=1, stages=2, lazy=True),
+          C(warps=8, mt=2, q_smem=True, bn=32, min_blocks=1, stages=2, lazy=True)],
 }
 # The small head sizes have room for Q in registers with 64-key tiles (226 registers at hs=48).
-CANDIDATES[48] = CANDIDATES[64] + [C(4, 2, False, 64, 1, 2, True)]
+CANDIDATES[48] = CANDIDATES[64] + [C(warps=4, mt=2, q_smem=False, bn=64, min_blocks=1, stages=2, lazy=True)]
 CANDIDATES[32] = CANDIDATES[48]
 CANDIDATES[96] = CANDIDATES[128]
 del C

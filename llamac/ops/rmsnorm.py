@@ -220,24 +220,20 @@ class RMSNorm(Function):
             self.save(*state)
             self.on_cpu = True
             return out
+        # The GPU with a dtype or weight the kernel does not take: whole-array xp.
         ct = compute_dtype(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xhat = xp.empty(x2.shape, ct)
         rstd = xp.empty((len(x2), 1), ct)
         out = xp.empty(x2.shape, x.dtype)
-
-        def rows(a, b):
-            xs = x2[a:b].astype(ct, copy=False)
-            r = rstd[a:b]
-            xp.multiply(xs, xs, out=xhat[a:b])
-            xp.mean(xhat[a:b], axis=-1, keepdims=True, out=r)
-            r += eps
-            xp.sqrt(r, out=r)
-            xp.reciprocal(r, out=r)
-            xp.multiply(xs, r, out=xhat[a:b])
-            out[a:b] = xhat[a:b] * weight
-
-        cpu.for_row_blocks(rows, len(x2), x2.size) if xp is np else rows(0, len(x2))
+        xs = x2.astype(ct, copy=False)
+        xp.multiply(xs, xs, out=xhat)
+        xp.mean(xhat, axis=-1, keepdims=True, out=rstd)
+        rstd += eps
+        xp.sqrt(rstd, out=rstd)
+        xp.reciprocal(rstd, out=rstd)
+        xp.multiply(xs, rstd, out=xhat)
+        out[...] = xhat * weight
         self.save(xhat, rstd, weight)
         self.shape = x.shape
         return out.reshape(x.shape)
@@ -249,23 +245,17 @@ class RMSNorm(Function):
         if getattr(self, "gpu", False):                        # kernels/rmsnorm.cu (xhat is x here)
             dx, dw = rmsnorm_backward(g, xhat, weight, rstd)
             return dx, dw.astype(weight.dtype, copy=False)
+        # forward's whole-array xp path (the GPU)
         xp = backend.get_array_module(g)
         g2 = g.reshape(-1, g.shape[-1])
         gx = xp.empty(g2.shape, g.dtype)
-        partial_gw = {}                       # weight gradient per row block, summed below
-
-        def rows(a, b):
-            gf = g2[a:b].astype(xhat.dtype, copy=False)
-            xh = xhat[a:b]
-            partial_gw[a] = (gf * xh).sum(axis=0)
-            gxhat = gf * weight
-            dot = (gxhat * xh).mean(axis=-1, keepdims=True)
-            gxhat -= xh * dot
-            gxhat *= rstd[a:b]
-            gx[a:b] = gxhat
-
-        cpu.for_row_blocks(rows, len(g2), g2.size) if xp is np else rows(0, len(g2))
-        gw = sum(partial_gw[a] for a in sorted(partial_gw))
+        gf = g2.astype(xhat.dtype, copy=False)
+        gw = (gf * xhat).sum(axis=0)
+        gxhat = gf * weight
+        dot = (gxhat * xhat).mean(axis=-1, keepdims=True)
+        gxhat -= xhat * dot
+        gxhat *= rstd
+        gx[...] = gxhat
         return gx.reshape(self.shape), gw.astype(weight.dtype, copy=False)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llamac.config import ModelConfig, Recipe, recipe_from_dict
+from llamac.config import ModelConfig, Recipe
 from llamac.engine import backend
 from llamac.errors import LlamacError
 
@@ -121,10 +121,6 @@ def read_state(ckpt: Path) -> dict:
 def model_config_of(ckpt: Path) -> ModelConfig:
     data = read_state(ckpt)["model_config"]
     return ModelConfig(**data)
-
-
-def recipe_of(ckpt: Path) -> Recipe:
-    return recipe_from_dict(read_state(ckpt)["recipe"])
 
 
 def load_model(path, device: str = "cpu", dtype=None):
