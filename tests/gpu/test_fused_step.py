@@ -12,7 +12,6 @@ from llamac.model import llama as model_module
 from llamac.model.llama import Llama
 from llamac.ops import attention, cross_entropy, linear, rmsnorm, swiglu
 
-pytestmark = pytest.mark.cuda
 
 BF16 = backend.bfloat16
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}

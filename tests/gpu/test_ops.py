@@ -9,7 +9,6 @@ import llamac
 from llamac.engine import backend, functional
 from llamac.ops import attention, embedding, linear, rmsnorm, rope, swiglu
 
-pytestmark = pytest.mark.cuda
 
 rng = np.random.default_rng(0)
 CAT_W, STACK_W = rng.standard_normal((5, 9)), rng.standard_normal((5, 2, 7))

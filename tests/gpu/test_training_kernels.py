@@ -10,7 +10,6 @@ from llamac.engine.tensor import Tensor
 from llamac.ops import cross_entropy, embedding, rmsnorm, rope
 from llamac.train.optim import AdamW
 
-pytestmark = pytest.mark.cuda
 
 BF16 = backend.bfloat16
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
