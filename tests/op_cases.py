@@ -20,6 +20,9 @@ references written out from the definition:
                every gradient, or a list (output, then each gradient)
   elementwise  per dtype, (rtol, atol) per result (output, then each gradient; None: not checked), on top
                of `tol`: np.testing.assert_allclose
+
+The AdamW table at the end is the same idea for the optimizer step: three steps on the backend against the
+update written out in float64.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import llamac
 from llamac.engine import backend
 from llamac.engine.gradcheck import check_grad
 from llamac.ops import attention, embedding, flash_forward, linear, rmsnorm, rope, swiglu
+from llamac.train.optim import AdamW
 
 BF16 = backend.bfloat16
 GPU_DTYPES = ("float32", "bfloat16")
@@ -322,3 +326,63 @@ ATTENTION = [
 ]
 
 OP_CASES = LINEAR + EMBEDDING + RMSNORM + ROPE + SWIGLU + CROSS_ENTROPY + ATTENTION
+
+
+# ================================================================ AdamW
+
+ADAMW_SHAPES = {"tok_embeddings.weight": (37, 24), "layers.0.attention.wq.weight": (24, 24),
+                "layers.0.attention_norm.weight": (24,), "layers.0.feed_forward.w1.weight": (70001,),
+                "layers.0.feed_forward.w2.weight": (3, 16385), "layers.0.feed_forward.w3.weight": (200, 170),
+                "output.weight": (300, 200), "unused.weight": (5, 5), "norm.weight": (1,)}
+ADAMW_CASES = [(dtype, clip) for dtype in ("float32", "bfloat16") for clip in (None, 0.5, 1.0, 1e9)]
+
+
+def adamw_params():
+    return [pytest.param(dtype, clip, id=f"{dtype}-clip{clip}") for dtype, clip in ADAMW_CASES]
+
+
+def run_adamw_case(dtype: str, clip, device: str):
+    """Three AdamW steps (lr changing, fresh gradients each step) on `device` against the update written out
+    in float64: decoupled weight decay on matrices other than the embedding, global-norm clipping, bias
+    corrections; bf16 parameters keep fp32 masters. A parameter without a gradient stays as it was."""
+    lr0, (b1, b2), eps, wd = 3e-3, (0.9, 0.95), 1e-8, 0.1
+    rng = np.random.default_rng(16)
+    params = [(n, llamac.tensor(rng.normal(0, 0.5, s).astype(np.float32), dtype=dtype, device=device,
+                                requires_grad=True)) for n, s in ADAMW_SHAPES.items()]
+    opt = AdamW(params, lr=lr0, betas=(b1, b2), eps=eps, weight_decay=wd)
+    start = {n: p.numpy().copy() for n, p in params}
+    ref = {n: a.astype(np.float64) for n, a in start.items()}
+    m = {n: np.zeros(s) for n, s in ADAMW_SHAPES.items()}
+    v = {n: np.zeros(s) for n, s in ADAMW_SHAPES.items()}
+    for t in range(1, 4):
+        lr = lr0 * t
+        grads = {}
+        for n, p in params:
+            if n != "unused.weight":
+                p.grad = backend.to_device(rng.normal(0, 2.0, p.shape).astype(np.float32).astype(p.dtype), device)
+                grads[n] = backend.to_numpy(p.grad).astype(np.float64)
+        norm = opt.step(lr=lr, clip=clip)
+        want_norm = math.sqrt(sum((g * g).sum() for g in grads.values()))
+        assert backend.device_of(norm) == device and np.shape(norm) == ()
+        assert abs(float(norm) - want_norm) <= 1e-5 * want_norm, (float(norm), want_norm)
+        scale = min(1.0, clip / (want_norm + 1e-6)) if clip else 1.0
+        for n, g in grads.items():
+            g = g * scale
+            m[n] = b1 * m[n] + (1 - b1) * g
+            v[n] = b2 * v[n] + (1 - b2) * g * g
+            if len(ADAMW_SHAPES[n]) >= 2 and not n.startswith("tok_embeddings"):
+                ref[n] *= 1 - lr * wd
+            ref[n] -= lr / (1 - b1 ** t) * m[n] / (np.sqrt(v[n] / (1 - b2 ** t)) + eps)
+    for n, p in params:
+        if n == "unused.weight":
+            assert np.array_equal(p.numpy(), start[n]), "a parameter without a gradient changed"
+            continue
+        master = backend.to_numpy(opt.master[n] if backend.is_low_precision(p.dtype) else p.data)
+        assert master.dtype == np.float32
+        assert max_rel(master, ref[n]) <= 1e-5, f"{n}: {max_rel(master, ref[n]):.3g}"
+        np.testing.assert_allclose(master, ref[n], rtol=1e-5, atol=1e-6, err_msg=n)
+        if backend.is_low_precision(p.dtype):
+            # the bf16 parameter is its master rounded: within one unit of the last place
+            assert max_rel(p.data, ref[n]) <= 1e-2, n
+        assert max_rel(opt.m[n], m[n]) <= 1e-5, f"{n} m"
+        assert max_rel(opt.v[n], v[n]) <= 1e-5, f"{n} v"

@@ -10,3 +10,7 @@ from tests import op_cases
 def test_op_matches_float64(case, dtype):
     op_cases.run_op_case(case, dtype, "cpu")
 
+
+@pytest.mark.parametrize("dtype, clip", op_cases.adamw_params())
+def test_adamw_step_matches_float64(dtype, clip):
+    op_cases.run_adamw_case(dtype, clip, "cpu")
