@@ -328,6 +328,32 @@ ATTENTION = [
 OP_CASES = LINEAR + EMBEDDING + RMSNORM + ROPE + SWIGLU + CROSS_ENTROPY + ATTENTION
 
 
+# ================================================================ SwiGLU's NumPy/CuPy references
+
+SWIGLU_REFERENCE_TOL = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-2, "float16": 1e-3}
+
+
+def run_swiglu_reference_case(dtype: str, device: str):
+    """swiglu_forward_reference / swiglu_backward_reference on `device` (the GPU tests' oracle runs on
+    CuPy as on NumPy) against the float64 formula, gate's tails included."""
+    dt = backend.as_dtype(dtype)
+    rng = np.random.default_rng(1)
+    gate, up, dout = (rng.normal(0, 3, (7, 129)) for _ in range(3))
+    gate.reshape(-1)[:8] = [-90, 90, -30, 30, 0, -0.0, 1e-3, -1e-3]
+    gate, up, dout = (a.astype(dt) for a in (gate, up, dout))
+    g, u, d = (a.astype(np.float64) for a in (gate, up, dout))
+    s = 1 / (1 + np.exp(-g))
+
+    on = [backend.to_device(a, device) for a in (gate, up, dout)]
+    out = swiglu.swiglu_forward_reference(on[0], on[1])
+    dgate, dup = swiglu.swiglu_backward_reference(*on)
+    tol = SWIGLU_REFERENCE_TOL[dtype]
+    for got, want, what in ((out, g * s * u, "out"), (dgate, d * u * (s + g * s * (1 - s)), "dgate"),
+                            (dup, d * g * s, "dup")):
+        assert backend.device_of(got) == device and got.dtype == dt and got.shape == gate.shape, what
+        assert max_rel(got, want) <= tol, f"{what}: {max_rel(got, want):.3g} > {tol}"
+
+
 # ================================================================ AdamW
 
 ADAMW_SHAPES = {"tok_embeddings.weight": (37, 24), "layers.0.attention.wq.weight": (24, 24),

@@ -12,6 +12,7 @@ from llamac.engine import backend
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops import common, cross_entropy, embedding, rmsnorm, rope, swiglu
 from llamac.train import optim
+from tests import op_cases
 
 BF16 = backend.bfloat16
 KERNEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
@@ -144,24 +145,9 @@ def test_compile_check_without_nvrtc_says_why(monkeypatch):
 
 # ================================================================ (c) the references, CPU
 
-def silu64(g):
-    return g / (1.0 + np.exp(-g))
-
-
-@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-6), (BF16, 1e-2), (np.float16, 1e-3)])
-def test_references_match_float64_formula(dtype, tol):
-    rng = np.random.default_rng(1)
-    gate, up, dout = (rng.normal(0, 3, (7, 129)).astype(dtype) for _ in range(3))
-    g, u, d = (a.astype(np.float64) for a in (gate, up, dout))
-    s = 1 / (1 + np.exp(-g))
-
-    out = swiglu.swiglu_forward_reference(gate, up)
-    dgate, dup = swiglu.swiglu_backward_reference(gate, up, dout)
-    for got in (out, dgate, dup):
-        assert got.dtype == np.dtype(dtype) and got.shape == gate.shape
-    assert rel_err(out, silu64(g) * u) <= tol
-    assert rel_err(dgate, d * u * (s + g * s * (1 - s))) <= tol
-    assert rel_err(dup, d * silu64(g)) <= tol
+@pytest.mark.parametrize("dtype", op_cases.SWIGLU_REFERENCE_TOL)
+def test_references_match_float64_formula(dtype):
+    op_cases.run_swiglu_reference_case(dtype, "cpu")     # on CuPy: tests/gpu/test_kernels.py
 
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])

@@ -7,6 +7,7 @@ import pytest
 from llamac.engine import backend
 from llamac.errors import DeviceError, LlamacError
 from llamac.ops import swiglu
+from tests import op_cases
 from tests.test_kernels import KERNEL_DTYPES, TOL, convert_source, rel_err
 
 SIZES = [1, 7, 255, 257, 1_000_003, (3, 17, 689)]
@@ -87,16 +88,9 @@ def test_swiglu_launchers_allocate_outputs(dtype):
     assert empty.shape == (0, 1000)
 
 
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_references_run_on_cupy(dtype):
-    dtype = KERNEL_DTYPES[dtype]
-    gate, up, dout = make_inputs(1000, dtype, 3)
-    on_device = swiglu.swiglu_forward_reference(on_gpu(gate, 0), on_gpu(up, 0))
-    assert backend.device_of(on_device) == "cuda" and on_device.dtype == dtype
-    assert rel_err(on_device, swiglu.swiglu_forward_reference(gate, up)) <= TOL[dtype]
-    for got, want in zip(swiglu.swiglu_backward_reference(*(on_gpu(a, 0) for a in (gate, up, dout))),
-                         swiglu.swiglu_backward_reference(gate, up, dout)):
-        assert rel_err(got, want) <= TOL[dtype]
+@pytest.mark.parametrize("dtype", op_cases.SWIGLU_REFERENCE_TOL)
+def test_references_match_float64_formula(dtype):
+    op_cases.run_swiglu_reference_case(dtype, "cuda")    # on NumPy: tests/test_kernels.py
 
 
 def test_gpu_launchers_check_operands():
