@@ -231,7 +231,9 @@ def test_modules_import_and_refuse_cleanly_without_cupy():
     code = textwrap.dedent("""
         import sys
         sys.modules["cupy"] = None
-        import llamac.kernels, llamac.bench.kernels
+        import llamac.bench.kernels
+        from llamac.ops import (attention, common, cross_entropy, embedding, flash_backward, flash_forward,
+                                linear, rmsnorm, rope, swiglu)
         from llamac.errors import LlamacError
         for call in (llamac.bench.kernels.bench_swiglu, llamac.bench.kernels.measure_copy_bandwidth,
                      llamac.bench.kernels.bench_training_kernels):
