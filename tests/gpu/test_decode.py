@@ -11,7 +11,7 @@ from llamac.config import ModelConfig
 from llamac.engine import backend
 from llamac.infer import decode
 from llamac.model.llama import Llama
-from llamac.ops.attention import attention
+from llamac.ops import attention
 
 BF16 = backend.bfloat16
 CKPT = Path(os.environ.get("LLAMAC_DECODE_CKPT", "runs/tiny/checkpoints/step_00001200"))
