@@ -21,8 +21,9 @@ references written out from the definition:
   elementwise  per dtype, (rtol, atol) per result (output, then each gradient; None: not checked), on top
                of `tol`: np.testing.assert_allclose
 
-The AdamW table at the end is the same idea for the optimizer step: three steps on the backend against the
-update written out in float64.
+Below the tables: SwiGLU's NumPy/CuPy references against their formula on either backend, and the AdamW
+table, the same idea for the optimizer step (three steps on the backend against the update written out in
+float64).
 """
 from __future__ import annotations
 
