@@ -317,21 +317,6 @@ def test_eval_batches_are_fixed_and_apart_from_training(shard):
     assert not any((first[i][0] == loader.get_batch(i)[0]).all() for i in range(3))
 
 
-@pytest.mark.cuda
-def test_gpu_batches_are_the_cpu_batches_on_the_device(shard):
-    from llamac.engine import backend
-    cpu = TokenLoader(shard, 32, 4, seed=0, grad_accum=2)
-    gpu = TokenLoader(shard, 32, 4, seed=0, grad_accum=2, device="cuda")   # prefetches on a thread
-    for step in range(3):
-        for micro_step in range(2):
-            x, y = gpu.get_batch(step, micro_step)
-            assert backend.device_of(x) == backend.device_of(y) == "cuda" and x.dtype == np.int64
-            expected = cpu.get_batch(step, micro_step)
-            assert (backend.to_numpy(x) == expected[0]).all() and (backend.to_numpy(y) == expected[1]).all()
-    assert backend.device_of(gpu.eval_batches(1)[0][0]) == "cuda"
-    gpu.close()
-
-
 def test_shard_shorter_than_a_window_is_an_error(tmp_path):
     write_shard(tmp_path / "tiny.bin", np.arange(10), 500)
     with pytest.raises(LlamacError, match="fewer than seq_len"):

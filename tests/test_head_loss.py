@@ -1,6 +1,6 @@
 """The chunked LM head + cross-entropy (llamac.head_loss) against the plain linear + cross-entropy, in
 float64 on the CPU: same loss, same gradients, whatever the chunking; the GPU test is in
-test_gpu_fused_step.py."""
+tests/gpu/test_fused_step.py."""
 import numpy as np
 import pytest
 

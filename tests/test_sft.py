@@ -155,7 +155,7 @@ def test_skill_answers_are_right():
 
 def test_sft_end_to_end_on_the_debug_recipes(tmp_path):
     """pretrain debug -> sft debug through the CLI: evaluation before/after, template stored, chat works."""
-    from test_train import DEBUG, ROOT, run_cli
+    from tests.test_train import DEBUG, ROOT, run_cli
     base = tmp_path / "base"
     pre = run_cli("pretrain", DEBUG, "--set", f"out_dir={base}", "--set", "train.max_steps=30",
                   "--set", "train.sample_tokens=0")
@@ -183,7 +183,7 @@ def test_sft_end_to_end_on_the_debug_recipes(tmp_path):
 
 
 def test_sft_without_a_base_model_is_a_one_line_error(tmp_path):
-    from test_train import ROOT, run_cli
+    from tests.test_train import ROOT, run_cli
     res = run_cli("sft", ROOT / "recipes" / "sft" / "debug.yaml", "--from", tmp_path / "missing",
                   "--set", f"out_dir={tmp_path / 'o'}")
     assert res.returncode == 1 and "Traceback" not in res.stderr

@@ -11,7 +11,6 @@ from llamac.engine.tensor import no_grad
 from llamac.model.llama import Llama
 from llamac.ops import attention, flash_forward
 
-pytestmark = pytest.mark.cuda
 
 BF16 = backend.bfloat16
 OUT_TOL = 1e-2     # bf16/fp16 output vs fp32 reference, relative by norm

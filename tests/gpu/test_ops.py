@@ -1,23 +1,21 @@
-"""Every op on the GPU against its NumPy result: fp32 to 1e-5, bf16 to 1e-2 (relative, by norm).
+"""Every primitive op on the GPU against its NumPy result: fp32 to 1e-5, bf16 to 1e-2 (relative, by norm).
 
-Forward outputs and the gradients of every float input are compared. Skipped without a GPU.
+Forward outputs and the gradients of every float input are compared. The fused ops (linear, embedding,
+RMSNorm, RoPE, SwiGLU, cross-entropy, attention) run on both backends from the tables of
+tests/op_cases.py (here: tests/gpu/test_op_table.py).
 """
+import zlib
+
 import numpy as np
 import pytest
 
 import llamac
 from llamac.engine import backend, functional
-from llamac.ops import attention, embedding, linear, rmsnorm, rope, swiglu
-
-pytestmark = pytest.mark.cuda
 
 rng = np.random.default_rng(0)
 CAT_W, STACK_W = rng.standard_normal((5, 9)), rng.standard_normal((5, 2, 7))
 IDX = np.array([0, 2, 2, 4, 1])
 COND = rng.random((5, 7)) > 0.5
-TARGETS = np.array([[1, 3, -100, 0], [2, 2, 1, -100], [0, 4, 4, 3]])
-SEGMENTS = np.array([[0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0]])
-ANG = np.arange(7)[:, None] * (1.0 / 10000 ** (np.arange(0, 8, 2) / 8))[None]
 
 # name -> (function of tensors, input shapes, positive inputs?)
 CASES = {
@@ -55,15 +53,6 @@ CASES = {
     "where": (lambda a, b: llamac.where(llamac.tensor(COND, device="cuda"), a, b), [(5, 7), (7,)], False),
     "softmax": (lambda a: llamac.softmax(a, axis=-1), [(5, 7)], False),
     "log_softmax": (lambda a: llamac.log_softmax(a, axis=0), [(5, 7)], False),
-    "cross_entropy": (lambda a: llamac.cross_entropy(a, llamac.tensor(TARGETS, device="cuda")), [(3, 4, 5)], False),
-    "linear": (lambda x, w: linear.linear(x, w), [(3, 5, 7), (9, 7)], False),
-    "embedding": (lambda w: embedding.embedding(llamac.tensor(IDX, device="cuda"), w), [(6, 7)], False),
-    "rms_norm": (lambda x, w: rmsnorm.rms_norm(x, w), [(3, 5, 8), (8,)], False),
-    "rope": (lambda x: rope.rope(x, llamac.tensor(np.cos(ANG).astype(np.float32), device="cuda"),
-                                  llamac.tensor(np.sin(ANG).astype(np.float32), device="cuda")), [(2, 7, 3, 8)], False),
-    "swiglu": (swiglu.swiglu, [(5, 7), (5, 7)], False),
-    "attention": (lambda q, k, v: attention.attention(q, k, v, llamac.tensor(SEGMENTS, device="cuda")),
-                  [(2, 7, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)], False),
 }
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -86,7 +75,10 @@ def _run(fn, arrays, device, dtype):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_op_on_gpu_matches_numpy(name, dtype, monkeypatch):
     fn, shapes, positive = CASES[name]
-    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    # inputs of the op's own (not the next draws of a generator shared in collection order, which moved
+    # whenever a case was added or removed, and differed under -k)
+    draw = np.random.default_rng(zlib.crc32(name.encode()))
+    arrays = [draw.standard_normal(s).astype(np.float32) for s in shapes]
     if positive:
         arrays = [np.abs(a) + 0.5 for a in arrays]
     # Reference: the same (rounded) inputs in float32 on the CPU.

@@ -13,7 +13,6 @@ from llamac.model.llama import Llama
 from llamac.ops import linear, rmsnorm, swiglu
 from llamac.train.fusions import fuse
 
-pytestmark = pytest.mark.cuda
 
 BF16 = backend.bfloat16
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}

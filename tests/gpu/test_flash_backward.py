@@ -8,7 +8,6 @@ from llamac.engine import backend
 from llamac.errors import LlamacError
 from llamac.ops import flash_backward, flash_forward, rope
 
-pytestmark = pytest.mark.cuda
 
 BF16 = backend.bfloat16
 

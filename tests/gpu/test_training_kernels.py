@@ -1,6 +1,7 @@
 """The training kernels (RMSNorm, RoPE, embedding backward, cross-entropy, AdamW) on the GPU against
 their NumPy references, at awkward sizes: not multiples of the 16-byte pack or the block, one
-position (T=1), long rows, and operands that start mid-allocation (the scalar paths)."""
+position (T=1), long rows, and operands that start mid-allocation (the scalar paths). The ops through
+their Functions, and the AdamW step, against float64 on both backends: tests/op_cases.py."""
 import numpy as np
 import pytest
 
@@ -11,7 +12,6 @@ from llamac.engine.tensor import Tensor
 from llamac.ops import cross_entropy, embedding, rmsnorm, rope
 from llamac.train.optim import AdamW
 
-pytestmark = pytest.mark.cuda
 
 BF16 = backend.bfloat16
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
@@ -219,28 +219,17 @@ def _params(dtype, device, seed=16):
 
 @pytest.mark.parametrize("clip", [None, 0.5, 1e9])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_adamw_matches_cpu_step(dtype, clip):
-    gpu, cpu = _params(dtype, "cuda"), _params(dtype, "cpu")
+def test_fused_adamw_steps_in_place_through_the_kernels(dtype, clip):
+    """The GPU step takes kernels/adamw.cu's multi-tensor path and leaves every parameter where it was
+    (a captured CUDA graph holds their addresses). Its numbers: the AdamW table of tests/op_cases.py."""
+    gpu = _params(dtype, "cuda")
     g_opt = AdamW(gpu, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    c_opt = AdamW(cpu, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     addresses = [p.data.data.ptr for _, p in gpu]
     for step in range(3):
-        lr = 3e-3 * (step + 1)
-        g_norm, c_norm = g_opt.step(lr=lr, clip=clip), c_opt.step(lr=lr, clip=clip)
+        g_norm = g_opt.step(lr=3e-3 * (step + 1), clip=clip)
         assert backend.device_of(g_norm) == "cuda" and g_norm.shape == ()
-        assert abs(float(g_norm) - float(c_norm)) <= 1e-5 * float(c_norm)
     assert g_opt._fused is not None, "the GPU step did not take the fused kernel path"
     assert [p.data.data.ptr for _, p in gpu] == addresses, "a parameter moved: a captured graph would break"
-    for (name, gp), (_, cp_) in zip(gpu, cpu):
-        if backend.is_low_precision(gp.dtype):
-            check(g_opt.master[name], c_opt.master[name], 1e-5, f"{name} master")
-            # rounding the same-ish fp32 master: equal, or one bf16 ulp apart near a rounding boundary
-            assert rel_err(gp.data, cp_.data) <= 1e-2, name
-        else:
-            check(gp.data, cp_.data, 1e-5, name)
-        check(g_opt.m[name], c_opt.m[name], 1e-5, f"{name} m")
-        check(g_opt.v[name], c_opt.v[name], 1e-5, f"{name} v")
-    assert np.array_equal(backend.to_numpy(gpu[5][1].data), backend.to_numpy(cpu[5][1].data))  # no grad: untouched
 
 
 def test_fused_adamw_takes_strided_gradients():

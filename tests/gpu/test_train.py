@@ -10,8 +10,7 @@ from llamac.data import sources
 from llamac.train import checkpoint
 from llamac.train.loop import pretrain
 
-pytestmark = pytest.mark.cuda
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _losses(out_dir: Path) -> dict:

@@ -13,7 +13,6 @@ from llamac.engine import backend
 from llamac.infer import decode
 from llamac.model.llama import Llama
 
-pytestmark = pytest.mark.cuda
 BF16 = backend.bfloat16
 CKPT = Path(os.environ.get("LLAMAC_DECODE_CKPT", "runs/tiny/checkpoints/step_00001200"))
 

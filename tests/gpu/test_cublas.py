@@ -6,7 +6,6 @@ import pytest
 from llamac.engine import backend, cublas, matmul
 from llamac.ops import linear
 
-pytestmark = pytest.mark.cuda
 
 rng = np.random.default_rng(0)
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
