@@ -227,3 +227,15 @@ def test_factories():
 def test_python_scalar_operands_grads():
     check_grad(lambda x: (x + 2.5) * (3 - x) / 4 + 2 / (x * x + 1) - x * 0.5, r(3, 4))
     check_grad(lambda x: 1.5 * x - 2, r(5))
+
+
+@pytest.mark.parametrize("op", ["mul", "rmul", "add", "radd", "sub", "rsub", "div"])
+def test_scalar_ops_keep_bf16(op):
+    """bf16 op Python float stays bf16 (not left to the array library's promotion rules)."""
+    x = llamac.tensor(np.array([1.0, 2.0, 3.0], np.float32)).to("bfloat16")
+    out = {"mul": lambda: x * 0.5, "rmul": lambda: 0.5 * x, "add": lambda: x + 0.5, "radd": lambda: 0.5 + x,
+           "sub": lambda: x - 0.5, "rsub": lambda: 0.5 - x, "div": lambda: x / 2.0}[op]()
+    assert out.dtype == llamac.engine.backend.bfloat16
+    want = {"mul": [0.5, 1, 1.5], "rmul": [0.5, 1, 1.5], "add": [1.5, 2.5, 3.5], "radd": [1.5, 2.5, 3.5],
+            "sub": [0.5, 1.5, 2.5], "rsub": [-0.5, -1.5, -2.5], "div": [0.5, 1, 1.5]}[op]
+    assert np.array_equal(out.numpy().astype(np.float32), np.array(want, np.float32))

@@ -74,11 +74,17 @@ class Div(Function):
         return g / b, gb
 
 
+def _scalar(a, c):
+    """c as a's dtype when a is floating (bf16 included, whose NumPy kind is 'V'), so that the result
+    keeps a's dtype whatever the array library's promotion rules; else c itself (int arrays promote)."""
+    return a.dtype.type(c) if a.dtype.kind == "f" or a.dtype == backend.bfloat16 else c
+
+
 class AddScalar(Function):
     """a + c for a Python number c: no device array is made for c (a host-to-device copy on the GPU)."""
 
     def forward(self, a, c):
-        return a + a.dtype.type(c) if a.dtype.kind == "f" else a + c
+        return a + _scalar(a, c)
 
     def backward(self, g):
         return g
@@ -87,7 +93,7 @@ class AddScalar(Function):
 class MulScalar(Function):
     def forward(self, a, c):
         self.c = c
-        return a * a.dtype.type(c) if a.dtype.kind == "f" else a * c
+        return a * _scalar(a, c)
 
     def backward(self, g):
         return g * g.dtype.type(self.c)

@@ -92,3 +92,14 @@ def test_op_on_gpu_matches_numpy(name, dtype, monkeypatch):
     for i, (g, c) in enumerate(zip(gpu_grads, cpu_grads)):
         assert g is not None and c is not None
         assert _rel(g, c) <= tol, f"{name} grad of input {i}: {_rel(g, c):.3g}"
+
+
+@pytest.mark.parametrize("op", ["mul", "rmul", "add", "sub", "rsub", "div"])
+def test_scalar_ops_keep_bf16_on_the_gpu(op):
+    x = llamac.tensor(np.array([1.0, 2.0, 3.0], np.float32), device="cuda").to("bfloat16")
+    out = {"mul": lambda: x * 0.5, "rmul": lambda: 0.5 * x, "add": lambda: x + 0.5, "sub": lambda: x - 0.5,
+           "rsub": lambda: 0.5 - x, "div": lambda: x / 2.0}[op]()
+    assert out.dtype == backend.bfloat16
+    want = {"mul": [0.5, 1, 1.5], "rmul": [0.5, 1, 1.5], "add": [1.5, 2.5, 3.5], "sub": [0.5, 1.5, 2.5],
+            "rsub": [-0.5, -1.5, -2.5], "div": [0.5, 1, 1.5]}[op]
+    assert np.array_equal(out.numpy().astype(np.float32), np.array(want, np.float32))
