@@ -9,6 +9,13 @@ import typer
 
 from llamac.errors import LlamacError
 
+# Newer typer prints a type after every option, flags included (`--force <bool>`), as if they took a
+# value; a flag shows none.
+_TyperOption = getattr(getattr(typer, "core", None), "TyperOption", None)
+if _TyperOption is not None and hasattr(_TyperOption, "display_type_rich"):
+    _display_type = _TyperOption.display_type_rich
+    _TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="llamac: train Llama-family models from raw text, chat-tune them and export them.")
 

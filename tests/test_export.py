@@ -529,3 +529,12 @@ def test_untied_folder_without_head_is_an_error(tmp_path, corpus):
     write_safetensors(hf_dir / "model.safetensors", tensors, np.float32, {"format": "pt"})
     with pytest.raises(LlamacError, match="tie_word_embeddings is false but there is no lm_head"):
         read_source(hf_dir)
+
+
+def test_help_shows_no_value_after_a_flag(capsys):
+    try:
+        main(["export", "--help"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out
+    assert "--force" in out and "<bool>" not in out and "<path>" in out

@@ -170,7 +170,7 @@ def test_sft_end_to_end_on_the_debug_recipes(tmp_path):
     from llamac.train import checkpoint
     state = checkpoint.read_state(checkpoint.latest(out))
     assert state["chat_template"] == JINJA_TEMPLATE
-    from test_train import snapshot
+    from tests.test_train import snapshot
     before = snapshot(out)
     again = run_cli("sft", ROOT / "recipes" / "sft" / "debug.yaml", "--from", base, "--set", f"out_dir={out}")
     assert again.returncode == 0, again.stderr

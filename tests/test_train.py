@@ -144,7 +144,7 @@ def test_loss_goes_down_on_real_text(tmp_path, shard_dir):
 def test_build_model_and_pretrain_leave_the_recipe_alone(tmp_path, shard_dir):
     """The tokenizer's vocab_size goes into the model's config, not the caller's recipe; the
     checkpoint records the model as built (recipe and model_config alike)."""
-    recipe = debug_recipe(tmp_path, shard_dir, "model.vocab_size=600", "train.max_steps=2", "train.ckpt_every=0",
+    recipe = debug_recipe(tmp_path, shard_dir, "model.vocab_size=600", "train.max_steps=2", "train.warmup_steps=1", "train.ckpt_every=0",
                           "train.eval_every=0", "train.sample_tokens=0")
     before, model_before = copy.deepcopy(recipe), recipe.model
     model = build_model(recipe, 512, "cpu")
