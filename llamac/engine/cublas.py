@@ -83,7 +83,7 @@ class _Cublas:
 
     def lt(self):
         if self._lt is False:
-            from llamac.engine.tensor import cublaslt  # noqa: PLC0415 - only 16-bit GEMMs need it
+            from llamac.engine import cublaslt  # noqa: PLC0415 - only 16-bit GEMMs need it
             try:
                 cp = backend.cupy_module()
                 self._lt = cublaslt.CublasLt(self.path, cp, self.workspace) if runtime.options().gemm_autotune else None
