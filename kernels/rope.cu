@@ -19,9 +19,11 @@ typedef DTYPE rope_table_t;
 typedef float rope_table_t;
 #endif
 
+// Products and sums rounded one at a time (no FMA contraction), as the reference and the decode
+// kernel compute them, so that every path rotates to the same bits.
 LLAMAC_DEVICE void rope_pair(float x0, float x1, float c, float s, float& o0, float& o1) {
-    o0 = x0 * c - x1 * s;
-    o1 = x0 * s + x1 * c;
+    o0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    o1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
 }
 
 LLAMAC_DEVICE void rope_apply(const DTYPE* x, const rope_table_t* __restrict__ cosv,

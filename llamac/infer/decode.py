@@ -410,8 +410,8 @@ class FastDecoder:
         cos, sin = self.cos[:T], self.sin[:T]
         for i, L in enumerate(self.layers):
             h = norm(x, L.attn_norm)
-            q = rope._rotate((h @ L.wq.T).reshape(1, T, H, hs), cos, sin, 1.0)
-            k = rope._rotate((h @ L.wk.T).reshape(1, T, Hkv, hs), cos, sin, 1.0)
+            q = rope.rope_forward((h @ L.wq.T).reshape(1, T, H, hs), cos, sin)
+            k = rope.rope_forward((h @ L.wk.T).reshape(1, T, Hkv, hs), cos, sin)
             v = (h @ L.wv.T).reshape(1, T, Hkv, hs)
             self.k_cache[i][row, :T] = k[0]
             self.v_cache[i][row, :T] = v[0]
