@@ -1,5 +1,5 @@
-// Fused multi-tensor AdamW with the global-norm clip. Launcher and reference: llamac/optim.py
-// (AdamW's GPU path) and llamac/kernels.py (adamw_reference).
+// Fused multi-tensor AdamW with the global-norm clip. Launcher (FusedAdamW) and reference (AdamW's
+// xp path): llamac/train/optim.py.
 //
 // Every parameter of the model in a few launches, none of which needs the host: a table in
 // device memory gives each tensor's pointers, and the per-step numbers (lr, bias corrections,

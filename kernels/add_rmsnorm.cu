@@ -2,7 +2,7 @@
 //   s = x + h (rounded to DTYPE: the residual stream),  y = s * rstd * w,  rstd = 1/sqrt(mean(s^2) + eps)
 // and its backward with the residual stream's incoming gradient folded in:
 //   dx = (dy * w - shat * mean(dy * w * shat)) * rstd + dres,  partial[block, c] = sum dy * shat.
-// NumPy references and launchers: llamac/kernels.py (add_rmsnorm_forward/backward).
+// NumPy references and launchers: llamac/ops/rmsnorm.py (add_rmsnorm_forward/backward).
 //
 // Unfused, the forward is an add (read 2, write 1) and a norm (read 1, write 1); fused it reads 2 and
 // writes 2. The backward is a norm backward (read 2, write 1) and the add of the two gradients of s
@@ -93,7 +93,7 @@ extern "C" __global__ void add_rmsnorm_forward(const DTYPE* __restrict__ x,     
     }
 }
 
-// dres may be null: the plain RMSNorm backward (llamac.kernels.rmsnorm_backward launches this kernel
+// dres may be null: the plain RMSNorm backward (llamac.ops.rmsnorm.rmsnorm_backward launches this kernel
 // so). dx never aliases an input.
 // Dynamic shared memory: (blockDim.x / 32) * C floats.
 extern "C" __global__ void add_rmsnorm_backward(const DTYPE* __restrict__ dy,    // (N, C)

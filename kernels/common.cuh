@@ -1,4 +1,4 @@
-// Shared by every kernel: llamac.backend.kernel_source() pastes this file in
+// Shared by every kernel: llamac.engine.backend.kernel_source() pastes this file in
 // front of kernels/NAME.cu, and NVRTC compiles the pair with -DDTYPE=<type>.
 //
 // No #include at all: NVRTC on the GPU machine does not resolve <mma.h>,
@@ -7,7 +7,7 @@
 //     float x = load_f(p + i);   ...   store_f(q + i, y);
 
 #ifndef DTYPE
-#error "compile with -DDTYPE=float, -DDTYPE=bf16_t or -DDTYPE=half_t (llamac.backend.kernel_options)"
+#error "compile with -DDTYPE=float, -DDTYPE=bf16_t or -DDTYPE=half_t (llamac.engine.backend.kernel_options)"
 #endif
 
 #define LLAMAC_DEVICE __device__ __forceinline__
@@ -114,7 +114,7 @@ LLAMAC_DEVICE float sigmoidf_safe(float x) {
 }
 
 // ------------------------------------------------------------ Hopper warpgroup MMA (-DLLAMAC_WGMMA)
-// Only in sm_90a builds (llamac.backend.get_kernel(arch="sm_90a")): the plain sm_90 target has no
+// Only in sm_90a builds (llamac.engine.backend.get_kernel(arch="sm_90a")): the plain sm_90 target has no
 // wgmma. A warpgroup (4 consecutive warps, the first a multiple of 4) computes a 64 x N tile:
 // warp w % 4 owns rows 16 (w % 4) .. +15, its accumulators laid out like mma.sync's m16n8 tiles
 // side by side (d[j][0..1] row lane / 4, columns 8j + 2 (lane % 4) + {0, 1}; d[j][2..3] row + 8).

@@ -1,5 +1,5 @@
 // Softmax cross-entropy over logits (N, V) in their own dtype, never an fp32 (N, V) copy.
-// NumPy references and launchers: llamac/kernels.py (cross_entropy_forward/backward).
+// NumPy references and launchers: llamac/ops/cross_entropy.py (cross_entropy_forward/backward).
 //
 // Forward, one block per row: each thread keeps a running (max, sum of exp(x - max)) over its
 // strided share of the row (the online softmax: one read of the logits), the block merges the

@@ -1,5 +1,5 @@
 // Decoding one token at a time (batch M <= 16 rows), the whole step replayed as a CUDA graph.
-// NumPy references and launchers: llamac/decode.py (FastDecoder).
+// NumPy references and launchers: llamac/infer/decode.py (FastDecoder).
 //
 // Always bf16 (the decoder converts every model to bf16), so DTYPE is unused here.
 // The model's shape arrives as -D options (decode.py compiles one module per shape):

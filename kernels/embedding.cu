@@ -1,5 +1,5 @@
 // Embedding backward, deterministic: dW[v, :] = sum of dout[j, :] over the positions j with
-// ids[j] == v, always added in the same order. NumPy reference and launcher: llamac/kernels.py
+// ids[j] == v, always added in the same order. NumPy reference and launcher: llamac/ops/embedding.py
 // (embedding_backward).
 //
 // Float atomics would make dW depend on thread timing. Instead the launcher sorts, on the device

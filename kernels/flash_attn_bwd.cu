@@ -1,5 +1,5 @@
 // Flash-attention backward (FlashAttention-2 style) on tensor cores.
-// NumPy references and the launcher: llamac/flash_backward.py.
+// NumPy references and the launcher: llamac/ops/flash_backward.py.
 //
 // Layouts (C-contiguous): q, dout, out (B, Tq, H, hs); k (B, Tk, Hkv, hs);
 // lse, D (B, H, Tq) fp32; dq_acc (B, Tq, H, hs) fp32; segments (B, Tk) int32 or null.

@@ -1,5 +1,5 @@
 // Flash attention forward (FlashAttention-2 schedule) on the tensor cores.
-// NumPy reference and launcher: llamac/flash.py.
+// NumPy reference and launcher: llamac/ops/flash_forward.py.
 //
 //   out[b, i, h] = softmax_j(scale * q[b, i, h] . k[b, j, h / G] + mask) @ v[b, j, h / G]
 //   lse[b, h, i] = logsumexp_j(scale * q . k + mask)      (natural log, for the backward)
@@ -18,7 +18,7 @@
 // 16 bits. The softmax is online, in base 2 (one FFMA + ex2 per score). Causal CTAs stop at
 // the diagonal; masks are applied only on tiles that need them.
 // Compile-time shape: HEAD_DIM, FLASH_WARPS, FLASH_MT, FLASH_Q_SMEM, FLASH_BN, FLASH_MIN_BLOCKS
-// (llamac.flash.KernelConfig picks them per head size). -DLLAMAC_WGMMA (an sm_90a build, hs 64)
+// (llamac.ops.flash_forward.KernelConfig picks them per head size). -DLLAMAC_WGMMA (an sm_90a build, hs 64)
 // swaps the two products for Hopper's warpgroup MMA: S = Q K^T with both operands read from
 // shared memory, O += P V with P straight from the score registers; everything else is shared.
 // Nothing of size Tq x Tk exists anywhere.
@@ -557,7 +557,7 @@ LLAMAC_DEVICE void dispatch(const T* q, const T* k, const T* v, T* out, float* l
         forward<T>(q, k, v, out, lse, seg, H, G, Tq, Tk, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh,
                    scale_log2, causal);
     } else {
-        __trap();   // no fp32 tensor-core path; llamac/flash.py never launches this build
+        __trap();   // no fp32 tensor-core path; llamac/ops/flash_forward.py never launches this build
     }
 }
 

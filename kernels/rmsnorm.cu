@@ -1,6 +1,6 @@
 // RMSNorm over the last axis: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), and the weight
 // gradient's final reduction. The backward is kernels/add_rmsnorm.cu's with no residual gradient.
-// NumPy references and launchers: llamac/kernels.py (rmsnorm_forward/backward).
+// NumPy references and launchers: llamac/ops/rmsnorm.py (rmsnorm_forward/backward).
 //
 // One warp per row (C is a few hundred to a few thousand: a warp's 32 lanes
 // each take C/32 values, and the row reduction is five shuffles, no shared

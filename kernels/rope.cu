@@ -1,9 +1,9 @@
 // Rotary position embedding, Meta's interleaved layout: dims (2i, 2i+1) of every head rotate by
-// angle t * freq_i, exactly as llamac/fused.py RoPE:
+// angle t * freq_i, exactly as llamac/ops/rope.py:
 //     out[2i]   = x[2i] * cos - x[2i+1] * sin
 //     out[2i+1] = x[2i] * sin + x[2i+1] * cos
 // The backward is the same rotation by -angle (sign = -1). NumPy reference and launchers:
-// llamac/kernels.py (rope_forward/backward).
+// llamac/ops/rope.py (rope_forward/backward).
 //
 // out: (B, T, H, hs) contiguous; x: the same, or with x_row elements between consecutive
 // positions (a (B, T, H, hs) view of q or k inside a packed (B, T, (H + 2 Hkv) hs) projection);

@@ -1,5 +1,5 @@
 // SwiGLU, the Llama MLP gate: out = silu(gate) * up, silu(x) = x * sigmoid(x); its backward, and
-// the backward that recomputes out (below). NumPy references and launchers: llamac/kernels.py.
+// the backward that recomputes out (below). NumPy references and launchers: llamac/ops/swiglu.py.
 //
 // Memory-bound, so each thread moves 16 bytes per operand when every pointer
 // is 16-byte aligned (the usual case: CuPy allocations are 256-byte aligned),
@@ -49,7 +49,7 @@ extern "C" __global__ void swiglu_forward(const DTYPE* __restrict__ gate,
 }
 
 // The backward, and (RECOMPUTE) the same pass writing the forward output h = silu(gate) * up too,
-// for the MLP's down projection (llamac.fused.SwiGLUDown): the step then never keeps h (B*T*hidden
+// for the MLP's down projection (llamac.ops.swiglu.SwiGLUDown): the step then never keeps h (B*T*hidden
 // values per layer) from the forward to the backward; the down projection's weight gradient reads
 // the recomputed h. One extra write per element against a full swiglu_forward pass (two reads, one
 // write); h is bit-identical to swiglu_forward's (the same swiglu_fwd).

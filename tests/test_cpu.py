@@ -1,4 +1,4 @@
-"""The threaded CPU paths (llamac/cpu.py and the fused CPU code that uses it) at sizes large enough to
+"""The threaded CPU paths (llamac/engine/cpu.py and the fused CPU code that uses it) at sizes large enough to
 split over threads, against float64 computed on one thread or written out plainly."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The fast decoder's NumPy references (llamac/decode.py), on the CPU: packed weights and roundings
+"""The fast decoder's NumPy references (llamac/infer/decode.py), on the CPU: packed weights and roundings
 against the plain model, and the device sampler's semantics. The kernels themselves: tests/gpu/test_decode.py."""
 import numpy as np
 import pytest

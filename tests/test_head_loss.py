@@ -1,4 +1,4 @@
-"""The chunked LM head + cross-entropy (llamac.head_loss) against the plain linear + cross-entropy, in
+"""The chunked LM head + cross-entropy (llamac.ops.cross_entropy.HeadLoss) against the plain linear + cross-entropy, in
 float64 on the CPU: same loss, same gradients, whatever the chunking; the GPU test is in
 tests/gpu/test_fused_step.py."""
 import numpy as np

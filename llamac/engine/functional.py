@@ -1,4 +1,4 @@
-"""The user-facing ops: functions over Tensors built on the primitives in llamac/ops.py.
+"""The user-facing ops: functions over Tensors built on the primitives in llamac/engine/ops.py.
 
 Composite ops (mean, var, stack, split, masked_fill, dropout) need no backward of their own:
 autograd differentiates the primitives they are made of. Tensor methods are these functions

@@ -1,7 +1,7 @@
 """Primitive Functions: forward and backward side by side, on xp arrays (NumPy or CuPy).
 
 Every primitive is checked against a float64 finite-difference gradient in tests/test_ops.py.
-The functions users call (and the ops composed from these) are in llamac/functional.py."""
+The functions users call (and the ops composed from these) are in llamac/engine/functional.py."""
 from __future__ import annotations
 
 import builtins

@@ -1,7 +1,7 @@
 """Tensor and reverse-mode autograd.
 
 A Tensor wraps one xp array (NumPy or CuPy). Every differentiable operation is a
-`Function` (llamac/ops.py, llamac/fused.py) with `forward` and `backward` side by
+`Function` (llamac/engine/ops.py, llamac/ops/) with `forward` and `backward` side by
 side; `Function.apply` runs the forward and, when gradients are wanted, records
 the node. `Tensor.backward` walks the recorded graph in reverse topological order
 and frees each node's saved arrays once its gradient has been passed on.

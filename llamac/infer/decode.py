@@ -17,7 +17,7 @@ Everything a step reads that changes between steps (cache lengths, step counters
 tokens) lives in device memory, so the same graph serves every position. Weights are bf16
 (fp32 / fp16 models are converted); rounding follows the plain bf16 path op by op (every op's
 output rounded to bf16 at the same points), so only the order of fp32 sums differs: greedy output
-matched the plain path over all 256 positions of the tiny trained model (tests/test_gpu_decode.py),
+matched the plain path over all 256 positions of the tiny trained model (tests/gpu/test_decode.py),
 though a near-tie between two logits can still flip a token. The prompt is prefilled with the plain path's
 own ops (CuPy matmuls) writing straight into the preallocated cache.
 
@@ -34,6 +34,11 @@ import numpy as np
 from llamac.engine import backend
 from llamac.errors import LlamacError
 from llamac.ops import attention, flash_forward, rmsnorm, rope
+
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"decode": ("decode_gemv_store", "decode_gemv_resid", "decode_gemv_swiglu", "decode_gemv_logits",
+                      "decode_gemv_qkv", "decode_attention", "decode_sample")}   # bf16 only
 
 BF16 = backend.bfloat16
 MAX_BATCH = 16            # rows per GEMV (the m16 of the tensor-core mma)

@@ -14,26 +14,6 @@ THREADS = 256
 # only costs scheduling.
 MAX_BLOCKS = 132 * 32
 
-# Every extern "C" entry point each kernels/NAME.cu must export; the NVRTC
-# tests check the compiled PTX against this, so a renamed kernel fails in CI.
-KERNEL_FUNCTIONS = {
-    "swiglu": ("swiglu_forward", "swiglu_backward", "swiglu_backward_recompute"),
-    "rmsnorm": ("rmsnorm_forward", "rmsnorm_dw_reduce"),
-    "add_rmsnorm": ("add_rmsnorm_forward", "add_rmsnorm_backward"),
-    "rope": ("rope_forward", "rope_backward"),
-    "embedding": ("embedding_backward",),
-    "cross_entropy": ("cross_entropy_forward", "cross_entropy_backward"),
-    "adamw": ("adamw_sumsq", "adamw_finalize", "adamw_update"),
-    # launcher: llamac/flash_backward.py
-    "flash_attn_bwd": ("flash_attn_bwd_preprocess", "flash_attn_bwd", "flash_attn_bwd_convert_dq"),
-    # bf16/fp16 only (the fp32 build is an entry point that traps); launcher: llamac/flash.py
-    "flash_attn_fwd": ("flash_attn_forward",),
-    # bf16 only (DTYPE unused); launchers and references in llamac/decode.py
-    "decode": ("decode_gemv_store", "decode_gemv_resid", "decode_gemv_swiglu", "decode_gemv_logits",
-               "decode_gemv_qkv", "decode_attention", "decode_sample"),
-}
-
-
 # ---------------------------------------------------------------- helpers
 
 def _check_operands(op: str, inputs: dict, outputs: dict):

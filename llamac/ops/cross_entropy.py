@@ -27,6 +27,10 @@ from llamac.engine.tensor import Function, Tensor, grad_enabled
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops.common import _cuda_dtype, _fill_out, _on_gpu, sm_count
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"cross_entropy": ("cross_entropy_forward", "cross_entropy_backward")}
+
 # ---------------------------------------------------------------- cross-entropy
 # Per-row loss = lse - logit[target] (0 where target == ignore_index) and its gradient
 # (softmax - onehot) * scale, with no fp32 (N, V) array. Kernel: kernels/cross_entropy.cu.

@@ -9,6 +9,10 @@ from llamac.engine.tensor import Function, Tensor
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops.common import THREADS, _cuda_dtype, _on_gpu
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"embedding": ("embedding_backward",)}
+
 # ---------------------------------------------------------------- embedding backward
 # dW[v] = sum of dout rows whose id is v, in a fixed order. Kernel: kernels/embedding.cu.
 

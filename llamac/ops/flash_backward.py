@@ -21,6 +21,10 @@ from llamac.errors import DeviceError, LlamacError, ShapeError
 from llamac.ops.flash_forward import HEAD_DIMS, _check_shapes, _set_dynamic_smem, attention_backward_reference
 from llamac.ops.rope import position_stride, rope_reference
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"flash_attn_bwd": ("flash_attn_bwd_preprocess", "flash_attn_bwd", "flash_attn_bwd_convert_dq")}
+
 KERNEL = "flash_attn_bwd"
 
 

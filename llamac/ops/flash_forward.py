@@ -21,6 +21,10 @@ import numpy as np
 from llamac.engine import backend
 from llamac.errors import LlamacError, ShapeError
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"flash_attn_fwd": ("flash_attn_forward",)}   # bf16/fp16 only: the fp32 build traps
+
 HEAD_DIMS = (32, 48, 64, 96, 128)   # the kernel's compiled head sizes (48: the 15M model's 288 / 6)
 
 

@@ -13,6 +13,11 @@ from llamac.engine.tensor import Function, Tensor, grad_enabled
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops.common import THREADS, _cuda_dtype, _on_gpu, sm_count
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"rmsnorm": ("rmsnorm_forward", "rmsnorm_dw_reduce"),
+           "add_rmsnorm": ("add_rmsnorm_forward", "add_rmsnorm_backward")}
+
 # ---------------------------------------------------------------- RMSNorm
 # y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps) kept per row in fp32 for
 # the backward. Kernel: kernels/rmsnorm.cu (one warp per row; deterministic fp32 weight gradient).

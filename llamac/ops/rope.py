@@ -10,6 +10,10 @@ from llamac.engine.tensor import Function, Tensor
 from llamac.errors import ShapeError
 from llamac.ops.common import _cuda_dtype, _launch_config, _on_gpu
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"rope": ("rope_forward", "rope_backward")}
+
 # ---------------------------------------------------------------- RoPE
 # Meta's interleaved pairs (2i, 2i+1) of each head rotated by t * freq_i; the backward rotates by
 # -angle. x (B, T, H, hs), cos/sin (T, hs/2). Kernel: kernels/rope.cu.

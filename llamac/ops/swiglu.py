@@ -13,6 +13,10 @@ from llamac.errors import ShapeError
 from llamac.ops.common import _check_operands, _fill_out, _launch_config
 from llamac.ops.linear import _accumulable_grad, linear
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"swiglu": ("swiglu_forward", "swiglu_backward", "swiglu_backward_recompute")}
+
 # ---------------------------------------------------------------- SwiGLU
 # The Llama MLP gate: silu(gate) * up, silu(x) = x * sigmoid(x). Kernel: kernels/swiglu.cu.
 

@@ -10,6 +10,10 @@ from llamac.engine import backend, cpu
 from llamac.errors import LlamacError
 from llamac.ops import common
 
+# The kernels/*.cu sources this module launches and the extern "C" entry points each must export
+# (the NVRTC tests compile every one and check the PTX for them).
+SOURCES = {"adamw": ("adamw_sumsq", "adamw_finalize", "adamw_update")}
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
@@ -278,7 +282,7 @@ class FusedAdamW:
         self.sumsq_grid = max(1, min(self.n_chunks, sms * 4))   # fixed: the norm's summation order
         self.update_grid = max(1, min(self.n_chunks, sms * 8))
         self.partial = cp.empty(self.sumsq_grid, np.float32)
-        self._fns = [backend.get_kernel("adamw", f, self.dtype) for f in common.KERNEL_FUNCTIONS["adamw"]]
+        self._fns = [backend.get_kernel("adamw", f, self.dtype) for f in SOURCES["adamw"]]
 
     def step(self, entries, lr, step_size, inv_bias2, clip, weight_decay, beta1, beta2, eps):
         """entries: per tensor (param, grad or None, fp32 master (the param itself if fp32), m, v, decays).
