@@ -33,7 +33,7 @@ import numpy as np
 
 from llamac.engine import backend
 from llamac.errors import LlamacError
-from llamac.ops import attention, flash_forward, rmsnorm, rope
+from llamac.ops import attention, flash_forward, rmsnorm, rope, swiglu
 
 # The kernels/*.cu sources this module launches and the extern "C" entry points each must export
 # (the NVRTC tests compile every one and check the PTX for them).
@@ -119,11 +119,8 @@ def _f32(a):
 
 
 def rmsnorm_reference(x, w, eps):
-    """bf16((x * rstd) * w) in fp32, as rmsnorm.RMSNorm rounds it. x (M, C)."""
-    xp = backend.get_array_module(x)
-    xs = _f32(x)
-    r = 1 / xp.sqrt((xs * xs).mean(axis=-1, keepdims=True) + np.float32(eps))
-    return ((xs * r.astype(np.float32)) * _f32(w)).astype(BF16)
+    """RMSNorm's reference (llamac.ops.rmsnorm) on decode rows x (M, C), rounded to bf16."""
+    return rmsnorm.rmsnorm_forward_reference(x, w, eps)[0].astype(BF16)
 
 
 def gemv_reference(x, W, norm_w=None, eps=1e-5):
@@ -135,15 +132,13 @@ def gemv_reference(x, W, norm_w=None, eps=1e-5):
 
 def rope_reference(x, cos, sin):
     """RoPE's reference on one position per row. x (M, n_heads, hs); cos/sin (M, hs/2)."""
-    from llamac.ops.rope import rope_reference as rope
-    return rope(x[None], cos, sin)[0]
+    return rope.rope_reference(x[None], cos, sin)[0]
 
 
 def swiglu_pairs_reference(y):
     """y (M, 2*hidden) with gate/up interleaved -> silu(gate) * up (M, hidden), kernels/swiglu.cu's formula."""
-    from llamac.ops.swiglu import swiglu_forward_reference
     xp = backend.get_array_module(y)
-    return swiglu_forward_reference(xp.ascontiguousarray(y[:, 0::2]), xp.ascontiguousarray(y[:, 1::2]))
+    return swiglu.swiglu_forward_reference(xp.ascontiguousarray(y[:, 0::2]), xp.ascontiguousarray(y[:, 1::2]))
 
 
 def decode_attention_reference(q, k_cache, v_cache, lens, extra=1):
