@@ -159,12 +159,15 @@ def rotate64(x, cos, sin):
     return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
 
 
-def attention64(q, k, v, causal=True, segments=None):
-    """softmax(q k^T / sqrt(hs)) v over the visible keys; queries are the last Tq of the Tk positions."""
+def naive64(q, k, v, causal, segments):
+    """out, lse, and the probabilities, in float64, straight from the definition."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, Tq, H, hs = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    kx, vx = np.repeat(k, H // Hkv, axis=2), np.repeat(v, H // Hkv, axis=2)
-    s = np.einsum("bihd,bjhd->bhij", q, kx) / math.sqrt(hs)
+    G = H // Hkv
+    kx = np.repeat(k, G, axis=2)                                        # (B, Tk, H, hs)
+    vx = np.repeat(v, G, axis=2)
+    s = np.einsum("bihd,bjhd->bhij", q, kx) / math.sqrt(hs)             # (B, H, Tq, Tk)
     i = np.arange(Tq)[:, None] + Tk - Tq
     j = np.arange(Tk)[None, :]
     visible = np.ones((B, 1, Tq, Tk), bool)
@@ -173,9 +176,17 @@ def attention64(q, k, v, causal=True, segments=None):
     if segments is not None:
         visible &= (segments[:, Tk - Tq:, None] == segments[:, None, :])[:, None]
     s = np.where(visible, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    lse = (m + np.log(p.sum(-1, keepdims=True)))[..., 0]                # (B, H, Tq)
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhij,bjhd->bihd", p, vx)
+    out = np.einsum("bhij,bjhd->bihd", p, vx)
+    return out, lse, p, visible
+
+
+def attention64(q, k, v, causal=True, segments=None):
+    """softmax(q k^T / sqrt(hs)) v over the visible keys; queries are the last Tq of the Tk positions."""
+    return naive64(q, k, v, causal, segments)[0]
 
 
 def documents(rng, B, T, cuts=3):

@@ -9,33 +9,9 @@ import pytest
 from llamac.engine import backend
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops import attention, flash_backward, flash_forward
+from tests.op_cases import naive64
 
 BF16 = backend.bfloat16
-
-
-def naive64(q, k, v, causal, segments):
-    """out, lse, and the probabilities, in float64, straight from the definition."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    B, Tq, H, hs = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    kx = np.repeat(k, G, axis=2)                                        # (B, Tk, H, hs)
-    vx = np.repeat(v, G, axis=2)
-    s = np.einsum("bihd,bjhd->bhij", q, kx) / math.sqrt(hs)             # (B, H, Tq, Tk)
-    i = np.arange(Tq)[:, None] + Tk - Tq
-    j = np.arange(Tk)[None, :]
-    visible = np.ones((B, 1, Tq, Tk), bool)
-    if causal:
-        visible &= (j <= i)[None, None]
-    if segments is not None:
-        visible &= (segments[:, Tk - Tq:, None] == segments[:, None, :])[:, None]
-    s = np.where(visible, s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    p = np.exp(s - m)
-    lse = (m + np.log(p.sum(-1, keepdims=True)))[..., 0]                # (B, H, Tq)
-    p /= p.sum(-1, keepdims=True)
-    out = np.einsum("bhij,bjhd->bihd", p, vx)
-    return out, lse, p, visible
 
 
 def rel(got, want):
