@@ -100,7 +100,7 @@ LLAMAC_DEVICE uint4 load_x8(const bf16_t* x, const bf16_t* norm_w, float rstd, i
     return r;
 }
 
-// Rotate one interleaved pair (a, b) by (c, s) as RoPE's reference does (kernels.rope_reference):
+// Rotate one interleaved pair (a, b) by (c, s) as RoPE's reference does (llamac.ops.rope.rope_reference):
 // every product and sum in fp32, one rounding to bf16 at the output. __fmul_rn / __fsub_rn keep
 // the compiler from contracting them into FMAs, which would round differently.
 LLAMAC_DEVICE void rope_pair(float& a, float& b, float c, float s) {

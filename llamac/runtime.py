@@ -8,6 +8,10 @@ defaults are the fast paths, tests and benchmarks turn them off to compare. Read
     with runtime.override(flash_attention=False):
         logits, _ = model(idx)
 
+gemm_autotune, cpu_malloc_tuning and kernel_dir take effect once per process (the
+cuBLASLt handle, the malloc settings and the kernel folder are set up on first use), so set them through
+the environment before llamac starts; override() changes the others at any time.
+
 Environment variables (read once, when llamac.runtime is first imported):
     LLAMAC_GEMM_AUTOTUNE=0   keep cuBLAS's first GEMM algorithm instead of timing its proposals
     LLAMAC_CPU_THREADS=N     threads for the CPU's row blocks and GEMMs (default: every core)

@@ -536,5 +536,7 @@ def test_help_shows_no_value_after_a_flag(capsys):
         main(["export", "--help"])
     except SystemExit as exc:
         assert exc.code in (0, None)
-    out = capsys.readouterr().out
-    assert "--force" in out and "<bool>" not in out and "<path>" in out
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--force" in line or "--help " in line]
+    assert len(lines) == 2
+    for line in lines:      # no type or value placeholder after a flag, in any typer's style
+        assert not any(word in line for word in ("<bool>", "BOOLEAN", "<", "TEXT")), line

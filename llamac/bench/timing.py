@@ -6,7 +6,7 @@ import statistics
 from llamac.engine import backend
 
 
-def _time_ms(fn, reps: int, warmup: int, between=None) -> float:
+def _time_ms(fn, reps: int = 20, warmup: int = 3, between=None) -> float:
     """Median milliseconds of fn() on the GPU, from CUDA events around each call.
 
     Events are recorded without synchronizing between reps, so the GPU runs

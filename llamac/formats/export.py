@@ -166,6 +166,9 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
         "clean_up_tokenization_spaces": False,
         "model_max_length": cfg.max_seq_len,
         "padding_side": "left",
+        # a Llama takes no token_type_ids: without this, PreTrainedTokenizerFast returns them and
+        # some transformers releases refuse them in generate(**inputs)
+        "model_input_names": ["input_ids", "attention_mask"],
         **special,
         # as transformers writes it; llama.cpp's converter takes the control tokens from here
         "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tok_json["added_tokens"]},

@@ -164,13 +164,18 @@ def decode_attention_reference(q, k_cache, v_cache, lens, extra=1):
     return out
 
 
+_U32, _U64 = np.uint64(0xFFFFFFFF), np.uint64
+
+
 def _fmix32(h):
-    h = h & 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    h ^= h >> 16
+    """MurmurHash3's 32-bit finaliser on uint64 arrays holding 32-bit values. Every constant is a
+    np.uint64, so no promotion rule (NumPy 1's turns uint64 with a Python int into float64) applies."""
+    h = h & _U32
+    h ^= h >> _U64(16)
+    h = (h * _U64(0x85EBCA6B)) & _U32
+    h ^= h >> _U64(13)
+    h = (h * _U64(0xC2B2AE35)) & _U32
+    h ^= h >> _U64(16)
     return h
 
 

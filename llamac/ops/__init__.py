@@ -11,6 +11,8 @@ tuning table. Each module chooses between GPU kernel, CPU path and reference in 
     attention       attention with masks, GQA and documents; the packed q|k|v path with RoPE folded in
     flash_forward   the tensor-core flash forward kernel
     flash_backward  the tensor-core flash backward kernel
-    adamw           the multi-tensor AdamW kernel
-    decode          the decode step's fused GEMV, attention and sampling kernels
+
+Two kernel families live with their only users instead: the multi-tensor AdamW (llamac.train.optim,
+beside AdamW's xp path) and the decode step's fused GEMV, attention and sampling kernels
+(llamac.infer.decode, beside FastDecoder and their references).
 """
