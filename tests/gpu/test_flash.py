@@ -193,3 +193,13 @@ def test_model_kv_cache_prefill_and_decode_with_flash(monkeypatch):
         runs.append([backend.to_numpy(s).astype(np.float32) for s in steps])
     for got, want in zip(*runs):
         assert rel(got, want) <= 2e-2
+
+
+def test_flash_benchmarks_run_at_a_tiny_shape():
+    """`llamac bench --what kernels` times both flash directions; at a tiny shape each reports a time."""
+    from llamac.bench import flash as flash_bench
+    fwd = flash_bench.bench_flash_forward(B=1, H=2, T=128, hs=64, reps=2, torch_sdpa=False)
+    assert {"ms", "tflops", "hs", "T"} <= set(fwd)
+    (bwd,) = flash_bench.bench_flash_backward(B=1, H=2, T=128, head_dims=(64,), reps=2, warmup=1,
+                                              torch_compare=False)
+    assert "ms" in bwd and bwd["hs"] == 64
