@@ -88,6 +88,8 @@ class Scheduler:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.steps = 0
+        self.peak = 0                                   # the most requests one step has decoded
+        self.finished: collections.Counter = collections.Counter()   # finish reason -> requests
 
     # ------------------------------------------------------------ from any thread
 
@@ -133,6 +135,7 @@ class Scheduler:
     def _finish(self, request: Request, reason: str):
         if request.finish_reason is None:
             request.finish_reason = reason
+            self.finished[reason] += 1
             try:
                 request.on_event(None, reason)
             except Exception:      # a listener's failure must not stop the engine
@@ -196,6 +199,7 @@ class Scheduler:
         want = {s for s, r in active.items() if not r.sampling.greedy}
         handle = self.stepper.launch({s: self._inputs.get(s) for s in active}, want)
         self.steps += 1
+        self.peak = max(self.peak, len(active))
         return handle, active
 
     def _can_look_ahead(self) -> bool:

@@ -5,7 +5,8 @@
     argmax, logits = stepper.collect(h)           {slot: argmax id}, {slot: logits (V,)} for want_logits
     stepper.release(slot)
 
-An input of None means "the argmax of this slot's last step", which the stepper feeds itself.
+An input of None means "the argmax of this slot's last step (or of its prefill)", which the stepper
+feeds itself.
 
 Batch invariance: a sequence's arithmetic never depends on the other rows. Every step computes all
 `slots` rows, live or not, so each projection is one GEMM of the same (slots, K) shape whatever the
@@ -60,7 +61,9 @@ class PlainStepper:
             self.k[i][slot, :T] = cache.k[i][0]
             self.v[i][slot, :T] = cache.v[i][0]
         self.lens[slot] = T
-        return backend.to_numpy(logits.data[0, -1]).astype(np.float32)
+        row = backend.to_numpy(logits.data[0, -1]).astype(np.float32)
+        self.last[slot] = int(np.argmax(row))
+        return row
 
     def release(self, slot: int):
         self.lens[slot] = 0
@@ -163,6 +166,7 @@ class FastStepper:
             dec.lens[row] = len(ids)
             dec.steps[row] = 0
             logits = dec.logits[row, :self.V].get(stream=dec.stream)
+            dec.x[row] = dec.emb[int(np.argmax(logits))]      # as the graph feeds its argmax after a step
         self.live[slot // self.rows].add(row)
         return logits
 
