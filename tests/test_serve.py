@@ -22,7 +22,7 @@ from llamac.serve.scheduler import Request, Scheduler                           
 from llamac.serve.server import ServerThread, build                             # noqa: E402
 from llamac.serve.steppers import PlainStepper                                  # noqa: E402
 from llamac.train.checkpoint import load_model                                  # noqa: E402
-from tests.test_train import ROOT, debug_recipe, shard_dir                      # noqa: E402,F401
+from tests.test_train import ROOT, debug_recipe                                 # noqa: E402
 
 TIMEOUT = 60
 NAME = "tiny"
@@ -33,7 +33,7 @@ PROMPTS = ["The king", "Good morrow", "What say you", "My lord, the queen", "O R
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, shard_dir):      # noqa: F811
+def checkpoint(tmp_path_factory, shard_dir):
     from llamac.train.loop import pretrain
     out = tmp_path_factory.mktemp("serve_run")
     recipe = debug_recipe(out, shard_dir, "train.max_steps=40", "train.eval_every=0", "train.ckpt_every=40",
@@ -354,3 +354,24 @@ def test_cli_serve_bad_options_are_one_line_errors(tmp_path, checkpoint):
         r = subprocess.run([sys.executable, "-m", "llamac", "serve", *args], env=env, cwd=ROOT, capture_output=True,
                            text=True, timeout=TIMEOUT)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_serve_bench_clients_count_every_token(loaded):
+    """The bench's HTTP client and figures, on the CPU: one chunk per token, the usage agrees."""
+    import math
+    from llamac.bench.serve import IdTokenizer, drive, summarise
+    from llamac.serve.server import build_for
+    model, _ = loaded
+    app, scheduler = build_for(PlainStepper(model, 4), IdTokenizer(model.config.vocab_size), "bench")
+    srv = ServerThread(app).start()
+    try:
+        bodies = [{"model": "bench", "prompt": [1, 2 + i, 3], "max_tokens": 5 + i, "temperature": 0, "stream": True,
+                   "stream_options": {"include_usage": True}} for i in range(3)]
+        results = drive(srv.host, srv.port, bodies, timeout=TIMEOUT)
+    finally:
+        srv.stop()
+        scheduler.stop()
+    assert [len(arrivals) for _, arrivals, _ in results] == [5, 6, 7]
+    figures = summarise(results)
+    assert figures["tokens"] == figures["usage_tokens"] == 18
+    assert all(math.isfinite(v) for v in figures.values())

@@ -6,9 +6,10 @@ from llamac.errors import LlamacError
 
 def require_web_stack():
     """Import the `serve` extra's web stack, or say in one line how to install it."""
+    import importlib
     try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
+        for name in ("fastapi", "uvicorn"):
+            importlib.import_module(name)
     except ImportError as exc:
         raise LlamacError(f"llamac serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'llamac[serve]'") from None

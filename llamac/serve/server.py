@@ -23,13 +23,19 @@ GRACEFUL_SHUTDOWN_S = 10       # Ctrl-C: requests in flight get this long to fin
 def build(model, tokenizer, name: str, max_batch: int = 16, max_tokens: int | None = None, max_queue: int = 64,
           api_key: str | None = None):
     """(app, scheduler) serving `model`; the scheduler's engine thread is started."""
+    from llamac.serve.steppers import make_stepper
+    stepper = make_stepper(model, max_batch, model.config.max_seq_len)
+    return build_for(stepper, tokenizer, name, max_tokens, max_queue, api_key)
+
+
+def build_for(stepper, tokenizer, name: str, max_tokens: int | None = None, max_queue: int = 64,
+              api_key: str | None = None):
+    """(app, scheduler) over a stepper (llamac.serve.steppers); the scheduler's engine thread is started."""
     from llamac.serve.app import create_app
     from llamac.serve.protocol import Served
     from llamac.serve.scheduler import Scheduler
-    from llamac.serve.steppers import make_stepper
-    context = model.config.max_seq_len
-    stepper = make_stepper(model, max_batch, context)
     scheduler = Scheduler(stepper, max_waiting=max_queue).start()
+    context = stepper.max_len
     served = Served(name=name, tokenizer=tokenizer, context=context, max_tokens=min(max_tokens or context, context))
     return create_app(served, scheduler, api_key=api_key), scheduler
 

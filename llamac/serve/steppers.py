@@ -79,7 +79,7 @@ class PlainStepper:
             if self.lens[s] >= self.max_len:
                 raise LlamacError(f"slot {s} is full ({self.max_len} positions)")
         pos = self.lens.copy()
-        rows = xp.asarray(pos)
+        rows, every = xp.asarray(pos), xp.arange(S)
         cos, sin = Tensor(self.cos[rows]), Tensor(self.sin[rows])       # (S, hs/2): one position per row
         x = m.tok_embeddings(Tensor(xp.asarray(ids[:, None])))           # (S, 1, C)
         for i, layer in enumerate(m.layers):
@@ -88,8 +88,8 @@ class PlainStepper:
             # the slots lie along the time axis here, so each row takes its own position's rotation
             q = rope.rope(q.reshape(1, S, H, hs), cos, sin).data[0]
             k = rope.rope(k.reshape(1, S, Hkv, hs), cos, sin).data[0]
-            self.k[i][np.arange(S), pos] = k
-            self.v[i][np.arange(S), pos] = v.data.reshape(S, Hkv, hs)
+            self.k[i][every, rows] = k
+            self.v[i][every, rows] = v.data.reshape(S, Hkv, hs)
             y = xp.zeros((S, 1, H, hs), q.dtype)
             for s in live:
                 n = int(pos[s]) + 1
@@ -119,13 +119,13 @@ class FastStepper:
     feeds_argmax = True
     RESET_EVERY = 64          # steps between resets of idle rows' cache lengths (they grow each step)
 
-    def __init__(self, model, slots: int, max_len: int | None = None):
+    def __init__(self, cfg, state: dict, slots: int, max_len: int | None = None):
+        """cfg: the model's ModelConfig; state: its state dict (llamac names), on any device."""
         from llamac.infer.decode import MAX_BATCH, FastDecoder
-        self.cfg = model.config
+        self.cfg = cfg
         self.slots = int(slots)
         self.max_len = int(max_len or self.cfg.max_seq_len)
         self.rows = MAX_BATCH
-        state = model.state_dict()
         n_groups = -(-self.slots // self.rows)
         # every group has all 16 rows: the same kernels, whatever the number of slots
         self.groups = [FastDecoder(self.cfg, state, batch=self.rows, max_len=self.max_len) for _ in range(n_groups)]
@@ -144,7 +144,7 @@ class FastStepper:
         if model.tok_embeddings.weight.device != "cuda":
             return None
         try:
-            return cls(model, slots, max_len)
+            return cls(model.config, model.state_dict(), slots, max_len)
         except LlamacError:
             return None
 
