@@ -2,6 +2,7 @@
 limits and stops, and the text stream's stop sequences."""
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -88,6 +89,40 @@ def test_sixteen_concurrent_requests_give_the_answers_they_get_alone(model):
         sched.stop()
 
 
+def feeding_stepper(model, slots, pipelined):
+    """The plain step with the GPU stepper's habits: short prompts fed one token per step and, when
+    pipelined, the next step launched before the last is read (its input the argmax it fed itself)."""
+    st = PlainStepper(model, slots)
+    st.feed_max, st.pipelined = 6, pipelined
+    return st
+
+
+def test_look_ahead_and_fed_prompts_change_no_answer(model):
+    ps = prompts(12, seed=4)                  # 1 to 11 tokens: some fed, some prefilled
+    lengths = [int(n) for n in np.random.default_rng(5).integers(1, 25, 12)]
+    sched = Scheduler(feeding_stepper(model, 12, pipelined=False)).start()
+    try:
+        free = [collect(sched, Request(p, n))[0] for p, n in zip(ps, lengths)]
+        stops = [{t[len(t) // 2]} if i % 3 == 0 and len(t) > 2 else set() for i, t in enumerate(free)]
+        alone = [collect(sched, Request(p, n, stop_ids=st)) for p, n, st in zip(ps, lengths, stops)]
+    finally:
+        sched.stop()
+    sched = Scheduler(feeding_stepper(model, 5, pipelined=True), max_waiting=12).start()
+    try:
+        results = [None] * 12
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, collect(sched, Request(ps[i], lengths[i], stop_ids=stops[i])))) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert results == alone
+        assert sched.peak == 5
+    finally:
+        sched.stop()
+    assert any(f == FINISH_STOP for _, f in alone) and any(f == FINISH_LENGTH for _, f in alone)
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(model):
     sched = Scheduler(PlainStepper(model, slots=4)).start()
     try:
@@ -122,29 +157,32 @@ def test_a_cancelled_request_frees_its_slot_and_the_other_is_unharmed(model):
     sched = Scheduler(PlainStepper(model, slots=2), max_waiting=0).start()
     try:
         expected = collect(sched, Request([9, 8, 7], 30))
-        started = threading.Event()
-        events = queue.Queue()
+        gate, started, events = threading.Event(), threading.Event(), queue.Queue()
 
-        def slow(token, finish):
+        def held(token, finish):               # the engine waits here on the victim's first token
             events.put((token, finish))
             started.set()
+            gate.wait(TIMEOUT)
 
-        victim = Request([1, 1, 1], 60, on_event=slow)
+        victim = Request([1, 1, 1], 60, on_event=held)
         sched.submit(victim)
-        other = {}
-        t = threading.Thread(target=lambda: other.setdefault("r", collect(sched, Request([9, 8, 7], 30))))
-        t.start()
         assert started.wait(TIMEOUT)
-        with pytest.raises(Busy):              # both slots taken, no queue
+        other = {}
+        sched.submit(Request([9, 8, 7], 30, on_event=lambda t, f: other.setdefault("done", f) if f else
+                             other.setdefault("tokens", []).append(t)))
+        with pytest.raises(Busy):              # one slot decoding, one request waiting, no queue
             sched.submit(Request([2], 5))
         sched.cancel(victim)
+        gate.set()
         while True:
             token, finish = events.get(timeout=TIMEOUT)
             if token is None:
                 break
         assert finish == FINISH_CANCELLED and len(victim.tokens) < 60
-        t.join(TIMEOUT)
-        assert other["r"] == expected
+        deadline = time.time() + TIMEOUT
+        while "done" not in other and time.time() < deadline:
+            time.sleep(0.01)
+        assert (other["tokens"], other["done"]) == expected
         assert collect(sched, Request([2], 5))[1] == FINISH_LENGTH      # the slot is free again
         assert sched.load() == (0, 0)
     finally:
@@ -159,14 +197,22 @@ def test_requests_beyond_the_context_are_refused(model):
         Request([], 5)
 
 
-def test_stop_removes_what_is_left_in_flight(model):
+def test_stop_cancels_what_is_decoding_and_waiting(model):
     sched = Scheduler(PlainStepper(model, slots=1), max_waiting=4).start()
-    done = queue.Queue()
-    reqs = [Request([3, 4], 50, on_event=lambda t, f: f and done.put(f)) for _ in range(3)]
+    gate, started = threading.Event(), threading.Event()
+
+    def held(token, finish):
+        started.set()
+        gate.wait(TIMEOUT)
+
+    reqs = [Request([3, 4], 50, on_event=held)] + [Request([3, 4], 50) for _ in range(2)]
     for r in reqs:
         sched.submit(r)
+    assert started.wait(TIMEOUT)
+    sched.stop(timeout=0)                 # asks the engine to stop; it is still held in the first token
+    gate.set()
     sched.stop()
-    assert sorted(done.get(timeout=TIMEOUT) for _ in reqs)[-1] == FINISH_CANCELLED
+    assert [r.finish_reason for r in reqs] == [FINISH_CANCELLED] * 3
     with pytest.raises(Busy):
         sched.submit(Request([3], 2))
 

@@ -66,6 +66,7 @@ class Request:
         self.tokens: list[int] = []       # tokens handed out (no stop token)
         self.finish_reason: Optional[str] = None
         self.cancelled = False
+        self.fed = 0                      # prompt tokens in the cache (or on their way there)
         self.rng = np.random.default_rng(sampling.seed)
 
     def cancel(self):
@@ -76,8 +77,10 @@ class Request:
 class Scheduler:
     """The continuous-batching loop over a stepper's slots; `max_waiting` requests may queue for a slot."""
 
-    def __init__(self, stepper, max_waiting: int = 64):
+    def __init__(self, stepper, max_waiting: int = 64, on_step: Callable[[], None] | None = None):
+        """on_step: called on the engine thread after each turn that handed out events (to wake their readers once)."""
         self.stepper = stepper
+        self.on_step = on_step
         self.slots = stepper.slots
         self.max_len = stepper.max_len
         self.max_waiting = max_waiting
@@ -190,29 +193,43 @@ class Scheduler:
                 self._active[slot] = request
                 admitted.append((slot, request))
         for slot, request in admitted:
+            if len(request.prompt_ids) <= self.stepper.feed_max:
+                self.stepper.begin(slot, request.prompt_ids)     # the prompt goes through the shared steps
+                continue
             logits = self.stepper.prefill(slot, request.prompt_ids)
+            request.fed = len(request.prompt_ids)
             self._take(request, slot, logits, int(np.argmax(logits)))
         return True
 
     def _launch(self):
-        active = dict(self._active)
-        want = {s for s, r in active.items() if not r.sampling.greedy}
-        handle = self.stepper.launch({s: self._inputs.get(s) for s in active}, want)
+        inputs, launched = {}, {}
+        for slot, request in self._active.items():
+            if request.fed < len(request.prompt_ids):     # a prompt token: its output matters only for the last
+                inputs[slot] = request.prompt_ids[request.fed]
+                request.fed += 1
+                launched[slot] = (request, request.fed == len(request.prompt_ids))
+            else:
+                inputs[slot] = self._inputs.get(slot)
+                launched[slot] = (request, True)
+        want = {s for s, (r, counts) in launched.items() if counts and not r.sampling.greedy}
+        handle = self.stepper.launch(inputs, want)
         self.steps += 1
-        self.peak = max(self.peak, len(active))
-        return handle, active
+        self.peak = max(self.peak, len(launched))
+        return handle, launched
 
     def _can_look_ahead(self) -> bool:
+        """Whether the next step's inputs are known before the step in flight is read: every live request
+        greedy (the stepper feeds its argmax) or still in its prompt."""
         return (self.stepper.pipelined and bool(self._active)
-                and all(self._inputs.get(s) is None for s in self._active)
-                and all(r.sampling.greedy for r in self._active.values()))
+                and all(r.sampling.greedy and (r.fed < len(r.prompt_ids) or self._inputs.get(s) is None)
+                        for s, r in self._active.items()))
 
     def _collect(self, inflight):
         handle, launched = inflight
         argmax, logits = self.stepper.collect(handle)
-        for slot, request in launched.items():
-            if self._active.get(slot) is not request or request.cancelled:
-                continue           # finished or left while the step ran: its row's result is stale
+        for slot, (request, counts) in launched.items():
+            if not counts or self._active.get(slot) is not request or request.cancelled:
+                continue           # a prompt token's output, or a request that left while the step ran
             self._take(request, slot, logits.get(slot), argmax[slot])
 
     def _run(self):
@@ -228,6 +245,8 @@ class Scheduler:
                         ahead = self._launch() if self._can_look_ahead() else None
                         self._collect(inflight)
                         inflight = ahead
+                    if self.on_step is not None:
+                        self.on_step()
                 except Exception as exc:   # the engine keeps serving: the requests in flight end with an error
                     log.exception("decode step failed")
                     inflight = None

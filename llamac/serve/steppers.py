@@ -1,6 +1,8 @@
 """The scheduler's decode steps: a fixed set of slots, each with its own position and KV cache length.
 
-    stepper.prefill(slot, ids) -> logits (V,)     the prompt into the slot's cache
+    stepper.prefill(slot, ids) -> logits (V,)     the prompt into the slot's cache at once
+    stepper.begin(slot, ids)                      or an empty slot, the prompt then fed one token per step
+                                                  (prompts of at most stepper.feed_max tokens)
     h = stepper.launch(inputs, want_logits)       one token for every live slot; inputs {slot: token or None}
     argmax, logits = stepper.collect(h)           {slot: argmax id}, {slot: logits (V,)} for want_logits
     stepper.release(slot)
@@ -30,6 +32,7 @@ class PlainStepper:
 
     pipelined = False
     feeds_argmax = True
+    feed_max = 0              # prompts are prefilled: one forward costs about what one batched step does
 
     def __init__(self, model, slots: int, max_len: int | None = None):
         from llamac.model.llama import rope_tables
@@ -53,8 +56,7 @@ class PlainStepper:
     @no_grad()
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         T = len(ids)
-        if not 0 < T < self.max_len:
-            raise LlamacError(f"prompt of {T} tokens does not fit a context of {self.max_len}")
+        self._check(ids)
         cache = self.model.new_cache(batch=1, max_len=T)
         logits, _ = self.model(self.xp.asarray([ids], dtype=np.int64), cache=cache)
         for i in range(self.cfg.n_layers):
@@ -64,6 +66,14 @@ class PlainStepper:
         row = backend.to_numpy(logits.data[0, -1]).astype(np.float32)
         self.last[slot] = int(np.argmax(row))
         return row
+
+    def begin(self, slot: int, ids: list[int]):
+        self._check(ids)
+        self.lens[slot] = 0
+
+    def _check(self, ids):
+        if not 0 < len(ids) < self.max_len:
+            raise LlamacError(f"prompt of {len(ids)} tokens does not fit a context of {self.max_len}")
 
     def release(self, slot: int):
         self.lens[slot] = 0
@@ -117,6 +127,10 @@ class FastStepper:
 
     pipelined = True
     feeds_argmax = True
+    # Prompts up to this long go through the shared decode steps, a token per step, instead of a prefill:
+    # a prefill is ~20 launches per layer from the host (about 14 ms at 110M, whatever the prompt's
+    # length up to a few hundred tokens), and it stalls every other row while it runs.
+    feed_max = 64
     RESET_EVERY = 64          # steps between resets of idle rows' cache lengths (they grow each step)
 
     def __init__(self, cfg, state: dict, slots: int, max_len: int | None = None):
@@ -155,12 +169,23 @@ class FastStepper:
     def _where(self, slot: int):
         return self.groups[slot // self.rows], slot % self.rows
 
-    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
-        dec, row = self._where(slot)
+    def _check(self, ids):
         if not 0 < len(ids) < self.max_len:
             raise LlamacError(f"prompt of {len(ids)} tokens does not fit a context of {self.max_len}")
         if max(ids) >= self.V or min(ids) < 0:
             raise LlamacError(f"prompt token id out of range for vocab_size {self.V}")
+
+    def begin(self, slot: int, ids: list[int]):
+        self._check(ids)
+        dec, row = self._where(slot)
+        with dec.stream:
+            dec.lens[row] = 0
+            dec.steps[row] = 0
+        self.live[slot // self.rows].add(row)
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        dec, row = self._where(slot)
+        self._check(ids)
         with dec.stream:
             dec._prefill_row(list(ids), row)
             dec.lens[row] = len(ids)
