@@ -11,6 +11,7 @@ slot at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import secrets
@@ -41,10 +42,38 @@ def _error(status: int, message: str, kind="invalid_request_error", param=None, 
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
+class Dispatcher:
+    """Events from the engine thread to the event loop: queued as they come, handed over once per step
+    (one wake-up of the loop per step, not one per token)."""
+
+    def __init__(self):
+        self.loop = None
+        self.pending: collections.deque = collections.deque()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, event):
+        self.pending.append((queue, event))
+
+    def wake(self):
+        """Engine thread, after a step."""
+        if self.pending and not self.scheduled and self.loop is not None:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:            # the loop has closed: nobody is listening any more
+                self.pending.clear()
+
+    def _drain(self):
+        self.scheduled = False              # before the pops: an event posted meanwhile gets its own wake-up
+        while self.pending:
+            queue, event = self.pending.popleft()
+            queue.put_nowait(event)
+
+
 class Choices:
     """The n scheduler requests of one API request, their events merged on the event loop's side."""
 
-    def __init__(self, job: Job, served: Served, scheduler: Scheduler, loop):
+    def __init__(self, job: Job, served: Served, scheduler: Scheduler, dispatcher: Dispatcher):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.texts = [TextStream(served.tokenizer, job.prompt_ids, job.stop) for _ in range(job.n)]
         self.finish = [None] * job.n
@@ -54,8 +83,8 @@ class Choices:
             sampling = job.sampling
             if job.n > 1 and sampling.seed is not None:
                 sampling = type(sampling)(sampling.temperature, sampling.top_p, sampling.seed + i)
-            self.requests.append(Request(job.prompt_ids, job.max_tokens, sampling, job.stop_ids,
-                                         self._listener(loop, i)))
+            on_event = (lambda i: lambda token, finish: dispatcher.post(self.queue, (i, token, finish)))(i)
+            self.requests.append(Request(job.prompt_ids, job.max_tokens, sampling, job.stop_ids, on_event))
         try:
             for r in self.requests:
                 scheduler.submit(r)
@@ -63,76 +92,95 @@ class Choices:
             self.cancel()
             raise
 
-    def _listener(self, loop, index):
-        def on_event(token, finish):
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, (index, token, finish))
-            except RuntimeError:            # the event loop has closed: nobody is listening
-                self.requests[index].cancel()
-        return on_event
-
     def cancel(self):
         for r in self.requests:
-            self.scheduler.cancel(r)
+            if r.finish_reason is None:
+                self.scheduler.cancel(r)
 
     @property
     def completion_tokens(self) -> int:
         return sum(len(r.tokens) for r in self.requests)
 
+    def _apply(self, index, token, finish):
+        """(text, finish_reason or None) of one engine event."""
+        text = self.texts[index]
+        if token is not None:
+            out, stopped = text.push(token)
+            if stopped:
+                self.scheduler.cancel(self.requests[index])
+                self.finish[index] = "stop"
+                return out, "stop"
+            return out, None
+        if finish in (FINISH_CANCELLED, FINISH_ERROR):
+            raise ApiError(503 if finish == FINISH_CANCELLED else 500,
+                           "the server is shutting down" if finish == FINISH_CANCELLED
+                           else "generation failed on the server", None, None, "server_error")
+        self.finish[index] = finish
+        return text.finish(), finish
+
     async def events(self, is_disconnected):
-        """Yield (index, text, finish_reason or None) until every choice has finished."""
+        """Yield (index, text, finish_reason or None) until every choice has finished. Events already
+        waiting are merged into one piece of text per choice: a reader that falls behind catches up."""
         while not all(self.finish):
-            try:
-                index, token, finish = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await is_disconnected():
-                    self.cancel()
-                    return
-                continue
-            if self.finish[index]:
-                continue
-            text = self.texts[index]
-            if token is not None:
-                out, stopped = text.push(token)
-                if stopped:
-                    self.scheduler.cancel(self.requests[index])
-                    self.finish[index] = "stop"
-                    yield index, out, "stop"
-                elif out:
-                    yield index, out, None
-                continue
-            if finish in (FINISH_CANCELLED, FINISH_ERROR):
-                raise ApiError(503 if finish == FINISH_CANCELLED else 500,
-                               "the server is shutting down" if finish == FINISH_CANCELLED
-                               else "generation failed on the server", None, None,
-                               "server_error")
-            self.finish[index] = finish
-            yield index, text.finish(), finish
+            if self.queue.empty():
+                try:
+                    first = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await is_disconnected():
+                        self.cancel()
+                        return
+                    continue
+            else:
+                first = self.queue.get_nowait()
+            batch = [first]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            merged: dict = {}
+            for index, token, finish in batch:
+                if self.finish[index]:
+                    continue
+                out, reason = self._apply(index, token, finish)
+                entry = merged.setdefault(index, ["", None])
+                entry[0] += out
+                entry[1] = reason or entry[1]
+            for index, (text, reason) in merged.items():
+                if text or reason:
+                    yield index, text, reason
+
+
+class Guard:
+    """ASGI middleware: the API key and the body size limit, checked before a route runs (plain ASGI, so
+    streamed responses pass through it untouched)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            refusal = None
+            if self.expected is not None and not secrets.compare_digest(headers.get(b"authorization", b""),
+                                                                        self.expected):
+                refusal = _error(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                 code="invalid_api_key")
+            length = headers.get(b"content-length")
+            if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                refusal = _error(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(served: Served, scheduler: Scheduler, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app over a started scheduler; it takes the scheduler's on_step hook."""
     app = FastAPI(title="llamac", docs_url=None, redoc_url=None, openapi_url=None)
+    dispatcher = Dispatcher()
+    scheduler.on_step = dispatcher.wake
 
-    @app.middleware("http")
-    async def guard(request, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                              code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return _error(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
-        try:
-            return await call_next(request)
-        except ApiError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
-        except LlamacError as exc:        # the request's content, found wrong below the checks
-            return _error(400, str(exc))
-        except Exception:
-            log.exception("request failed")
-            return _error(500, "internal server error", kind="server_error")
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -178,8 +226,9 @@ def create_app(served: Served, scheduler: Scheduler, api_key: str | None = None,
         return models_list(served)["data"][0]
 
     async def run(request, job: Job, chat: bool):
+        dispatcher.loop = asyncio.get_running_loop()
         try:
-            choices = Choices(job, served, scheduler, asyncio.get_running_loop())
+            choices = Choices(job, served, scheduler, dispatcher)
         except Busy as exc:
             raise ApiError(429, f"the server is busy: {exc}", None, "rate_limit_exceeded", "rate_limit_error")
         rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())

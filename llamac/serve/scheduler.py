@@ -245,8 +245,6 @@ class Scheduler:
                         ahead = self._launch() if self._can_look_ahead() else None
                         self._collect(inflight)
                         inflight = ahead
-                    if self.on_step is not None:
-                        self.on_step()
                 except Exception as exc:   # the engine keeps serving: the requests in flight end with an error
                     log.exception("decode step failed")
                     inflight = None
@@ -255,6 +253,8 @@ class Scheduler:
                             self._release(slot, FINISH_ERROR)
                     if isinstance(exc, MemoryError):
                         raise
+                finally:
+                    self._stepped()
         finally:
             with self._cv:
                 self._stopping = True
@@ -262,3 +262,11 @@ class Scheduler:
                     self._release(slot, FINISH_CANCELLED)
                 while self._waiting:
                     self._finish(self._waiting.popleft(), FINISH_CANCELLED)
+            self._stepped()
+
+    def _stepped(self):
+        if self.on_step is not None:
+            try:
+                self.on_step()
+            except Exception:
+                log.exception("on_step failed")
