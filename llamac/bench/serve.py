@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import sys
 import time
 
 import numpy as np
@@ -150,7 +151,7 @@ def generate_batch1(cfg, state, prompt, n_new: int, reps: int = 3) -> float:
 
 def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len: int = PROMPT_LEN) -> list[dict]:
     from llamac.infer.decode import random_state
-    from llamac.serve.server import ServerThread, build_for
+    from llamac.serve.server import ServerThread, build_for, engine_friendly_switching
     from llamac.serve.steppers import FastStepper
     cp = backend.cupy_module()
     cfg = shape_config(name)
@@ -162,6 +163,7 @@ def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len
     stepper = FastStepper(cfg, state, slots=max(clients), max_len=CACHE_LEN)
     app, scheduler = build_for(stepper, IdTokenizer(cfg.vocab_size), MODEL, max_queue=0)
     server = ServerThread(app).start()
+    switching = engine_friendly_switching()
     try:
         def bodies(n, tokens):
             return [{"model": MODEL, "prompt": p, "max_tokens": tokens, "temperature": 0, "stream": True,
@@ -179,6 +181,7 @@ def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len
                 row["vs_one_client"] = round(row["tokens_per_s"] / one, 2)
             rows.append(row)
     finally:
+        sys.setswitchinterval(switching)
         server.stop()
         scheduler.stop()
     return rows
@@ -196,6 +199,5 @@ def bench_serve(shapes=None, clients=CLIENTS, n_new: int = N_NEW) -> list[dict]:
 
 
 if __name__ == "__main__":   # python -m llamac.bench.serve [shapes]: the rows as JSON lines
-    import sys
     for r in bench_serve(sys.argv[1].split(",") if len(sys.argv) > 1 else None):
         print(json.dumps(r), flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,17 @@ OPTION_RANGES = {
     "--max-queue": Range(ge=0),
 }
 GRACEFUL_SHUTDOWN_S = 10       # Ctrl-C: requests in flight get this long to finish, then are cancelled
+# The engine thread waits on the GPU without the GIL; when the step is done it must get the GIL back
+# from the event loop thread, which Python forces only every switch interval (5 ms by default, ten
+# decode steps of a small model): a shorter one keeps the GPU fed while the loop writes many streams.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def engine_friendly_switching():
+    """Set the interpreter's switch interval for serving; returns the previous one."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    return previous
 
 
 def build(model, tokenizer, name: str, max_batch: int = 16, max_tokens: int | None = None, max_queue: int = 64,
@@ -62,6 +74,7 @@ def serve_command(checkpoint, host="127.0.0.1", port=8000, device="auto", api_ke
           f"{'GPU decoder' if scheduler.stepper.pipelined else 'plain path'}) on http://{host}:{port}/v1", flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    engine_friendly_switching()
     try:
         uvicorn.Server(config).run()
     finally:

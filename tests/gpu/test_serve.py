@@ -50,15 +50,28 @@ def test_the_server_takes_the_gpu_decoder(model):
     assert isinstance(make_stepper(model, 4), FastStepper)
 
 
-def test_greedy_answer_is_the_same_alone_in_any_slot_and_among_others(model):
+def test_a_prefilled_answer_is_fastdecoder_generates(model):
+    """With the prompt prefilled (feed_max 0), a slot computes what FastDecoder.generate does."""
     target = [7, 100, 3, 55, 21]
-    n = 40
     dec = decode.FastDecoder.from_model(model, batch=decode.MAX_BATCH, max_len=256)
-    reference = [int(r[0]) for r in dec.generate([target], n, temperature=0.0)]
+    reference = [int(r[0]) for r in dec.generate([target], 40, temperature=0.0)]
+    stepper = FastStepper(model.config, model.state_dict(), 16, 256)
+    stepper.feed_max = 0
+    sched = Scheduler(stepper).start()
+    try:
+        assert collect(sched, Request(target, 40))[0] == reference
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize("feed_max", [FastStepper.feed_max, 0])
+def test_greedy_answer_is_the_same_alone_in_any_slot_and_among_others(model, feed_max):
+    target = [7, 100, 3, 55, 21]
     stepper = FastStepper(model.config, model.state_dict(), SLOTS, 256)
+    stepper.feed_max = feed_max
     sched = Scheduler(stepper, max_waiting=64).start()
     try:
-        assert collect(sched, Request(target, n))[0] == reference
+        reference = collect(sched, Request(target, 40))[0]
         ps = prompts(SLOTS - 1)
         lengths = [int(k) for k in np.random.default_rng(2).integers(5, 60, SLOTS - 1)]
         alone = [collect(sched, Request(p, k))[0] for p, k in zip(ps, lengths)]
@@ -67,7 +80,7 @@ def test_greedy_answer_is_the_same_alone_in_any_slot_and_among_others(model):
             others = [threading.Thread(target=lambda i=i: out.__setitem__(i, collect(sched, Request(ps[i], lengths[i]))[0]))
                       for i in range(SLOTS - 1)]
             order = others[:position] + [threading.Thread(
-                target=lambda: out.__setitem__("target", collect(sched, Request(target, n))[0]))] + others[position:]
+                target=lambda: out.__setitem__("target", collect(sched, Request(target, 40))[0]))] + others[position:]
             for t in order:
                 t.start()
             for t in order:
