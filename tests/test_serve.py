@@ -162,7 +162,7 @@ def stream_text(url, prompt, max_tokens):
         model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True))
 
 
-def test_sixteen_concurrent_clients_get_their_lone_answers_and_a_dropped_one_harms_none(server, client):
+def test_sixteen_concurrent_clients_get_their_lone_answers_and_a_dropped_one_harms_none(server, client, loaded):
     lengths = [12 + 3 * (i % 5) for i in range(16)]
     alone = [client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}], max_tokens=n,
                                             temperature=0).choices[0].message.content
@@ -182,9 +182,17 @@ def test_sixteen_concurrent_clients_get_their_lone_answers_and_a_dropped_one_har
     def worker(i):
         results[i] = stream_text(server.url, PROMPTS[i], lengths[i])
 
+    # the engine is held inside one request's first token until all 17 requests wait: they then decode together
+    gate, held = threading.Event(), threading.Event()
+    server.scheduler.submit(Request(loaded[1].encode("x"), 2, on_event=lambda t, f: held.set() or gate.wait(TIMEOUT)))
+    assert held.wait(TIMEOUT)
     threads = [threading.Thread(target=dropper)] + [threading.Thread(target=worker, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
+    deadline = time.time() + TIMEOUT
+    while server.scheduler.load()[1] < 17 and time.time() < deadline:
+        time.sleep(0.01)
+    gate.set()
     for t in threads:
         t.join(TIMEOUT)
     assert dropped.is_set()
@@ -375,3 +383,20 @@ def test_the_serve_bench_clients_count_every_token(loaded):
     figures = summarise(results)
     assert figures["tokens"] == figures["usage_tokens"] == 18
     assert all(math.isfinite(v) for v in figures.values())
+
+
+def test_a_hugging_face_folder_serves_the_same_answers(tmp_path, checkpoint, client):
+    from llamac.formats.export import export
+    folder = export(checkpoint, format="hf", out=tmp_path / "hf")
+    model, tokenizer, _ = load_model(folder)
+    app, scheduler = build(model, tokenizer, NAME, max_batch=SLOTS)
+    srv = ServerThread(app).start()
+    try:
+        hf = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        args = dict(model=NAME, messages=[{"role": "user", "content": "Who is the king?"}], max_tokens=16,
+                    temperature=0)
+        assert hf.chat.completions.create(**args).choices[0].message.content == \
+            client.chat.completions.create(**args).choices[0].message.content
+    finally:
+        srv.stop()
+        scheduler.stop()

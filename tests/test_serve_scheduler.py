@@ -262,3 +262,11 @@ def test_text_stream_matches_the_whole_decode():
     ts = TextStream(tok, prompt)
     shown = "".join(ts.push(t)[0] for t in completion) + ts.finish()
     assert shown == tok.decode(prompt + completion)[len(tok.decode(prompt)):]
+
+
+def test_without_the_serve_extra_the_error_says_what_to_install(monkeypatch):
+    import sys
+    from llamac.serve import require_web_stack
+    monkeypatch.setitem(sys.modules, "fastapi", None)        # an import of it now fails
+    with pytest.raises(LlamacError, match=r"pip install 'llamac\[serve\]'"):
+        require_web_stack()

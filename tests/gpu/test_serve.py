@@ -1,7 +1,6 @@
 """The serving engine on the GPU decoder: a greedy answer is the same in any slot, alone or among 31 others
 (two groups of 16 rows), and equals FastDecoder.generate's; the look-ahead step; over HTTP when the serve
 extra is installed."""
-import queue
 import threading
 
 import numpy as np
@@ -13,8 +12,9 @@ from llamac.infer import decode
 from llamac.model.llama import Llama
 from llamac.serve.scheduler import Request, Sampling, Scheduler
 from llamac.serve.steppers import FastStepper, make_stepper
+from tests.test_serve_scheduler import collect
 
-TIMEOUT = 120
+TIMEOUT = 120      # per thread join
 SLOTS = 32
 
 
@@ -32,18 +32,6 @@ def model():
 def prompts(n, seed=1):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 300, int(rng.integers(2, 30))).tolist() for _ in range(n)]
-
-
-def collect(scheduler, request):
-    events = queue.Queue()
-    request.on_event = lambda token, finish: events.put((token, finish))
-    scheduler.submit(request)
-    tokens = []
-    while True:
-        token, finish = events.get(timeout=TIMEOUT)
-        if token is None:
-            return tokens, finish
-        tokens.append(token)
 
 
 def test_the_server_takes_the_gpu_decoder(model):
