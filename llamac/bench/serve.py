@@ -137,6 +137,13 @@ def summarise(results) -> dict:
             "itl_ms_p50": _pct(itl, 50), "itl_ms_p99": _pct(itl, 99)}
 
 
+def web_stack() -> str:
+    """uvicorn's event loop and HTTP parser in this environment (it takes uvloop and httptools when present)."""
+    import importlib.util
+    found = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is not None]
+    return "uvicorn + " + (" + ".join(found) if found else "asyncio + h11")
+
+
 def generate_batch1(cfg, state, prompt, n_new: int, reps: int = 3) -> float:
     """`llamac generate`'s GPU path at batch 1 (FastDecoder.generate): tokens/s from call to last token."""
     from llamac.infer.decode import FastDecoder
@@ -170,10 +177,11 @@ def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len
                      "stream_options": {"include_usage": True}} for p in prompts[:n]]
 
         drive(server.host, server.port, bodies(max(clients), 8))          # warm-up: every path once
+        stack = web_stack()
         one = None
         for c in clients:
             row = {"section": "serve", "shape": name, "impl": "llamac serve", "case": f"{c} clients",
-                   "clients": c, **summarise(drive(server.host, server.port, bodies(c, n_new)))}
+                   "clients": c, "web_stack": stack, **summarise(drive(server.host, server.port, bodies(c, n_new)))}
             if c == 1:
                 one = row["tokens_per_s"]
                 row["vs_generate"] = round(one / rows[0]["tokens_per_s"], 3)

@@ -144,6 +144,11 @@ class FastStepper:
         # every group has all 16 rows: the same kernels, whatever the number of slots
         self.groups = [FastDecoder(self.cfg, state, batch=self.rows, max_len=self.max_len) for _ in range(n_groups)]
         self.cp = self.groups[0].cp
+        # one stream for every group: a step is read back after a single wait, and each group's graphs
+        # (memory-bound GEMVs that fill the GPU on their own) run one after the other anyway
+        self.stream = self.groups[0].stream
+        for g in self.groups[1:]:
+            g.stream = self.stream
         self.V = self.cfg.vocab_size
         self.greedy = (0.0, 0, 0.0, 0)
         self.live = [set() for _ in self.groups]
@@ -221,15 +226,15 @@ class FastStepper:
                         dec.lens[cp.asarray(idle, dtype=np.int64)] = 0
             dec.step(self.greedy)
             host = self._host[parity][gi]
-            dec.tokens.get(stream=dec.stream, out=host, blocking=False)
-            launched.append((gi, dec.stream.record(), host))
-        return launched, set(inputs), set(want_logits)
+            dec.tokens.get(stream=self.stream, out=host, blocking=False)
+            launched.append((gi, host))
+        return launched, self.stream.record(), set(inputs), set(want_logits)
 
     def collect(self, handle):
-        launched, slots, want = handle
+        launched, done, slots, want = handle
+        done.synchronize()
         argmax, logits = {}, {}
-        for gi, event, host in launched:
-            event.synchronize()
+        for gi, host in launched:
             base = gi * self.rows
             for s in slots:
                 if s // self.rows == gi:
