@@ -120,10 +120,11 @@ class PlainStepper:
 
 
 class FastStepper:
-    """The GPU decoder (llamac.infer.decode.FastDecoder), groups of 16 rows, each group's step its
-    CUDA graph. The graph samples greedily on the device and feeds each row its argmax, so a greedy
-    request needs the host only to read its token back; a sampled one's token is drawn on the host
-    from its logits row and written into the next step's input."""
+    """The GPU decoder (llamac.infer.decode.FastDecoder), groups of 16 rows, each group's step a CUDA
+    graph over its rows up to the highest live one (the scheduler fills the lowest free slot first). The
+    graph samples greedily on the device and feeds each row its argmax, so a greedy request needs the
+    host only to read its token back; a sampled one's token is drawn on the host from its logits row and
+    written into the next step's input."""
 
     pipelined = True
     feeds_argmax = True
@@ -154,8 +155,21 @@ class FastStepper:
         self.live = [set() for _ in self.groups]
         self._launches = 0
         self._host = [[self._pinned(self.rows) for _ in self.groups] for _ in range(2)]
-        for g in self.groups:       # capture each group's graph now, not under the first request
-            g._graph(self.greedy)
+        self.graphs = [self._graphs_by_rows(g) for g in self.groups]   # captured now, not under a request
+
+    def _graphs_by_rows(self, dec) -> dict:
+        """{m: the step's graph over the group's first m rows}. A row's arithmetic is the same whatever m
+        (tests/gpu/test_decode.py: rows of a batch equal the same prompts alone), so a step costs what the
+        highest live row needs: one request alone runs at the batch-1 decoder's speed."""
+        full, cached = dec.M, dec._graphs
+        graphs = {}
+        try:
+            for m in range(1, full + 1):
+                dec.M, dec._graphs = m, {}       # FastDecoder launches over dec.M rows of its full-size buffers
+                graphs[m] = dec._graph(self.greedy)
+        finally:
+            dec.M, dec._graphs = full, cached
+        return graphs
 
     @classmethod
     def for_model(cls, model, slots: int, max_len: int | None = None):
@@ -224,7 +238,7 @@ class FastStepper:
                     idle = [r for r in range(self.rows) if r not in self.live[gi]]
                     if idle:
                         dec.lens[cp.asarray(idle, dtype=np.int64)] = 0
-            dec.step(self.greedy)
+            self.graphs[gi][max(mine) + 1].launch(self.stream)
             host = self._host[parity][gi]
             dec.tokens.get(stream=self.stream, out=host, blocking=False)
             launched.append((gi, host))
