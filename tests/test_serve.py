@@ -205,6 +205,24 @@ def test_sixteen_concurrent_clients_get_their_lone_answers_and_a_dropped_one_har
     assert server.scheduler.finished["cancelled"] == cancelled_before + 1    # the hang-up ended its request
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_request(server, loaded):
+    gate, held = threading.Event(), threading.Event()
+    server.scheduler.submit(Request(loaded[1].encode("x"), 2, on_event=lambda t, f: held.set() or gate.wait(TIMEOUT)))
+    assert held.wait(TIMEOUT)
+    before = server.scheduler.finished["cancelled"]
+    body = {"model": NAME, "prompt": "The king", "max_tokens": 50, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):          # the engine is held: no answer comes in time
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    deadline = time.time() + TIMEOUT
+    waiting = list(server.scheduler._waiting)
+    while not all(r.cancelled for r in waiting) and time.time() < deadline:
+        time.sleep(0.05)                                 # the server notices the hang-up while it waits
+    gate.set()
+    while server.scheduler.load() != (0, 0) and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(waiting) == 1 and server.scheduler.finished["cancelled"] == before + 1
+
+
 CHAT = "/v1/chat/completions"
 COMPLETE = "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]

@@ -36,6 +36,7 @@ log = logging.getLogger("llamac.serve")
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.5
+GONE = object()           # queued when the client has disconnected
 
 
 def _error(status: int, message: str, kind="invalid_request_error", param=None, code=None) -> JSONResponse:
@@ -118,34 +119,39 @@ class Choices:
         self.finish[index] = finish
         return text.finish(), finish
 
+    async def _watch(self, is_disconnected):
+        """Poll for a client that has gone (one task per request, not a timer per token)."""
+        while True:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if await is_disconnected():
+                self.cancel()
+                self.queue.put_nowait(GONE)
+                return
+
     async def events(self, is_disconnected):
         """Yield (index, text, finish_reason or None) until every choice has finished. Events already
         waiting are merged into one piece of text per choice: a reader that falls behind catches up."""
-        while not all(self.finish):
-            if self.queue.empty():
-                try:
-                    first = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await is_disconnected():
-                        self.cancel()
-                        return
-                    continue
-            else:
-                first = self.queue.get_nowait()
-            batch = [first]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            merged: dict = {}
-            for index, token, finish in batch:
-                if self.finish[index]:
-                    continue
-                out, reason = self._apply(index, token, finish)
-                entry = merged.setdefault(index, ["", None])
-                entry[0] += out
-                entry[1] = reason or entry[1]
-            for index, (text, reason) in merged.items():
-                if text or reason:
-                    yield index, text, reason
+        watcher = asyncio.ensure_future(self._watch(is_disconnected))
+        try:
+            while not all(self.finish):
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                if GONE in batch:
+                    return
+                merged: dict = {}
+                for index, token, finish in batch:
+                    if self.finish[index]:
+                        continue
+                    out, reason = self._apply(index, token, finish)
+                    entry = merged.setdefault(index, ["", None])
+                    entry[0] += out
+                    entry[1] = reason or entry[1]
+                for index, (text, reason) in merged.items():
+                    if text or reason:
+                        yield index, text, reason
+        finally:
+            watcher.cancel()
 
 
 class Guard:
