@@ -2,6 +2,7 @@
 (two groups of 16 rows), and equals FastDecoder.generate's; the look-ahead step; over HTTP when the serve
 extra is installed."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from llamac.serve.scheduler import Request, Sampling, Scheduler
 from llamac.serve.steppers import FastStepper, make_stepper
 from tests.test_serve_scheduler import collect
 
-TIMEOUT = 120      # per thread join
+TIMEOUT = 120
 SLOTS = 32
 
 
@@ -69,13 +70,20 @@ def test_greedy_answer_is_the_same_alone_in_any_slot_and_among_others(model, fee
                       for i in range(SLOTS - 1)]
             order = others[:position] + [threading.Thread(
                 target=lambda: out.__setitem__("target", collect(sched, Request(target, 40))[0]))] + others[position:]
+            gate, held = threading.Event(), threading.Event()     # the engine waits until all 32 are queued
+            sched.submit(Request([1, 2], 2, on_event=lambda t, f: held.set() or gate.wait(TIMEOUT)))
+            assert held.wait(TIMEOUT)
             for t in order:
                 t.start()
+            deadline = time.time() + TIMEOUT
+            while sched.load()[1] < SLOTS and time.time() < deadline:
+                time.sleep(0.01)
+            gate.set()
             for t in order:
                 t.join(TIMEOUT)
             assert out["target"] == reference
             assert [out[i] for i in range(SLOTS - 1)] == alone
-        assert sched.peak > decode.MAX_BATCH
+        assert sched.peak == SLOTS              # both groups of 16 rows full
     finally:
         sched.stop()
 
