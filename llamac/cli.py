@@ -98,8 +98,26 @@ def generate(
 
 
 @app.command()
+def serve(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="llamac checkpoint (or a run's out_dir) or Hugging Face Llama folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 serves other machines too)."),
+    port: int = typer.Option(8000, "--port"),
+    device: str = typer.Option("auto", "--device"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require Authorization: Bearer KEY on every request."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together (slots)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens one completion may ask for (default: the context)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a slot; beyond them: 429."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients name (default: the folder's name)."),
+):
+    """Serve a model over the OpenAI HTTP API (chat, completions, streaming), continuously batched."""
+    from llamac.serve.server import serve_command
+    serve_command(checkpoint, host=host, port=port, device=device, api_key=api_key, max_batch=max_batch,
+                  max_tokens=max_tokens, max_queue=max_queue, model_name=model_name)
+
+
+@app.command()
 def bench(
-    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF)."),
+    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'torch' to run the same shapes in PyTorch; 'torch-compile' for torch.compile alone (train); 'none'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers to this JSON file."),
     device: str = typer.Option("auto", "--device"),

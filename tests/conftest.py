@@ -1,5 +1,20 @@
-"""Shared pytest hooks: tests marked `cuda` skip, with the reason, where no CUDA GPU with CuPy is usable."""
+"""Shared pytest hooks: tests marked `cuda` skip, with the reason, where no CUDA GPU with CuPy is usable;
+and the fixtures several test modules share."""
+from pathlib import Path
+
 import pytest
+
+DEBUG_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pretrain" / "debug.yaml"
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory):
+    """Tokenizer and shards of the debug recipe, made once for the whole session."""
+    from llamac.config import load_recipe
+    from llamac.data.pipeline import prepare_data
+    path = tmp_path_factory.mktemp("debug_data")
+    prepare_data(load_recipe(DEBUG_RECIPE, [f"data.shard_dir={path}", f"out_dir={path}"]), verbose=False)
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,15 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEBUG = ROOT / "recipes" / "pretrain" / "debug.yaml"
 
 
-@pytest.fixture(scope="session")
-def shard_dir(tmp_path_factory):
-    """Tokenizer and shards of the debug recipe, made once for the whole session."""
-    from llamac.data.pipeline import prepare_data
-    path = tmp_path_factory.mktemp("debug_data")
-    prepare_data(load_recipe(DEBUG, [f"data.shard_dir={path}", f"out_dir={path}"]), verbose=False)
-    return path
-
-
 def debug_recipe(tmp_path, shard_dir, *overrides):
     return load_recipe(DEBUG, [f"out_dir={tmp_path / 'run'}", f"data.shard_dir={shard_dir}", *overrides])
 

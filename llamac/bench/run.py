@@ -319,7 +319,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 
     device = backend.resolve_device(device)
     sections = [w.strip() for w in what.split(",") if w.strip()]
-    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode"}
+    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode", "serve"}
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
@@ -358,6 +358,11 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
                 raise LlamacError("bench --what decode needs a CUDA GPU (--device cuda)")
             from llamac.bench.decode import bench_decode
             rows = bench_decode(compare=compare != "none")
+        elif section == "serve":
+            if device != "cuda":
+                raise LlamacError("bench --what serve needs a CUDA GPU (--device cuda)")
+            from llamac.bench.serve import bench_serve
+            rows = bench_serve()
         results[section] = rows
         _print_table(Console(), Table, section, rows)
     if json_out is not None:
@@ -369,7 +374,8 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 # reference, so that it reads at 80 columns; every other field is in --json.
 HEADLINES = (("decode_tok_s", "tok/s"), ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ms", "ms"),
              ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
-RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "torch_over_ours", "vs_hf", "vs_batch1")
+RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "torch_over_ours", "vs_hf", "vs_batch1",
+          "vs_one_client", "vs_generate")
 
 
 def summary_row(row: dict) -> tuple[str, str, str, str]:
