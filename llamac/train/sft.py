@@ -20,7 +20,8 @@ import numpy as np
 from llamac.config import Recipe
 from llamac.engine import backend
 from llamac.errors import LlamacError
-from llamac.infer.chat import END_OF_TURN, JINJA_TEMPLATE, encode_chat
+from llamac.eval.skills import exact_match
+from llamac.infer.chat import JINJA_TEMPLATE, encode_chat
 
 IGNORE = -100
 
@@ -148,38 +149,6 @@ def batch_arrays(packed: Packed, rows: np.ndarray):
     y[~keep] = IGNORE
     segments = np.where(seg[:, :-1] >= 0, seg[:, :-1], seg.max(initial=0) + 1)  # padding: its own document
     return x, y, segments
-
-
-# ---------------------------------------------------------------- evaluation
-
-def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 24) -> dict:
-    """Greedy answers to held-out skill prompts: exact-match accuracy and how many ended their turn."""
-    from llamac.infer.generate import generate_ids
-    end_id = tokenizer.piece_to_id(END_OF_TURN)
-    correct = ended = 0
-    per_task: dict = {}
-    for ex in examples:
-        prompt = [m for m in ex["messages"] if m["role"] != "assistant"]
-        want = ex["messages"][-1]["content"]
-        ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
-        room = min(max_new_tokens, model.config.max_seq_len - len(ids))
-        out = []
-        finished = False
-        for tok in generate_ids(model, ids, room, temperature=0, eos_id=None):
-            if tok == end_id:
-                finished = True
-                break
-            out.append(tok)
-        answer = tokenizer.decode(out).strip()
-        hit = answer == want
-        correct += hit
-        ended += finished
-        task = per_task.setdefault(ex["task"], [0, 0])
-        task[0] += hit
-        task[1] += 1
-    n = max(len(examples), 1)
-    return {"exact_match": correct / n, "ended_turn": ended / n, "n": len(examples),
-            "per_task": {k: round(v[0] / v[1], 3) for k, v in per_task.items()}}
 
 
 # ---------------------------------------------------------------- the command
