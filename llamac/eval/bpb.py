@@ -40,7 +40,6 @@ def bits_per_byte(model, tokenizer, texts, batch_tokens=None, progress=None) -> 
 def validation_texts(checkpoint) -> list[str]:
     """The documents a llamac run held out for validation, re-made from the recipe in its checkpoint
     (data.sources, data.val_fraction and seed split them as `llamac pretrain` did)."""
-    from llamac.data.pipeline import load_documents, split_documents
     from llamac.config import recipe_from_dict
     from llamac.train import checkpoint as ckpt_io
 
@@ -56,9 +55,15 @@ def validation_texts(checkpoint) -> list[str]:
             raise LlamacError(f"bpb: {path} was chat-tuned from {base}, which is not here to take a validation "
                               "split from: give the text with bpb:PATH")
         return validation_texts(ckpt_io.resolve_checkpoint(base))
+    return recipe_validation_texts(recipe, where=f"the recipe in {path}")
+
+
+def recipe_validation_texts(recipe, where: str = "the recipe") -> list[str]:
+    """The documents `llamac pretrain` holds out for validation under this recipe."""
+    from llamac.data.pipeline import load_documents, split_documents
     _, val = split_documents(load_documents(recipe.data.sources, recipe.data), recipe.data.val_fraction, recipe.seed)
     if not val:
-        raise LlamacError(f"bpb: the recipe in {path} holds out no validation text (data.val_fraction 0)")
+        raise LlamacError(f"bpb: {where} holds out no validation text (data.val_fraction 0)")
     return [text for _, text in val]
 
 

@@ -44,16 +44,17 @@ class Score:
     n_tokens: int
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> Pair:
-    """Token ids of (context, continuation) as lm-evaluation-harness makes them for a causal model."""
+def encode_pair(tokenizer, context: str, continuation: str, special: bool = False) -> Pair:
+    """Token ids of (context, continuation) as lm-evaluation-harness makes them for a causal model.
+    special: chat tokens written in the text become their ids (a chat-templated prompt)."""
     stripped = context.rstrip()
     if stripped != context:
         continuation = context[len(stripped):] + continuation
         context = stripped
     if not context:
-        return Pair((tokenizer.bos_id,), tuple(tokenizer.encode(continuation, bos=False)))
-    whole = tokenizer.encode(context + continuation, bos=True)
-    context_ids = tokenizer.encode(context, bos=True)
+        return Pair((tokenizer.bos_id,), tuple(tokenizer.encode(continuation, bos=False, special=special)))
+    whole = tokenizer.encode(context + continuation, bos=True, special=special)
+    context_ids = tokenizer.encode(context, bos=True, special=special)
     return Pair(tuple(context_ids), tuple(whole[len(context_ids):]))
 
 

@@ -1,6 +1,7 @@
 """`llamac eval`: run tasks on a checkpoint, print a table, write JSON; the tasks training runs at each eval."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -143,14 +144,15 @@ def _recipe_seed(ckpt) -> int:
         return 1337
 
 
-def training_evaluator(task_names, limit: int | None, seed: int, validation):
-    """A function model -> flat metrics that Trainer's eval_fn adds to its validation loss; None
-    when train.eval_tasks is empty."""
-    if not task_names:
+def training_evaluator(recipe, tokenizer, validation):
+    """model -> the headline numbers of recipe.train.eval_tasks, which Trainer's eval_fn logs beside
+    the validation loss; None when the recipe names no task."""
+    if not recipe.train.eval_tasks:
         return None
-    specs = parse_tasks(task_names)
+    specs = parse_tasks(recipe.train.eval_tasks)
+    validation = functools.lru_cache(maxsize=1)(validation)      # the split is made once per run
 
-    def evaluate(model, tokenizer):
-        return flat_metrics(run_tasks(model, tokenizer, specs, validation=validation, limit=limit,
-                                      skills_seed=seed), specs)
+    def evaluate(model):
+        return flat_metrics(run_tasks(model, tokenizer, specs, validation=validation, limit=recipe.train.eval_limit,
+                                      skills_seed=recipe.seed), specs)
     return evaluate

@@ -195,6 +195,11 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         x, y, s = batch_arrays(train_packed, rows)
         return (backend.to_device(x, device), backend.to_device(y, device), backend.to_device(s, device))
 
+    from llamac.eval.bpb import validation_texts
+    from llamac.eval.runner import training_evaluator
+    from llamac.train.checkpoint import resolve_checkpoint
+    tasks = training_evaluator(recipe, tokenizer, lambda: validation_texts(resolve_checkpoint(ckpt)))
+
     def eval_fn(m):
         losses, weights = [], []
         for start in range(0, len(val_packed.tokens), B):
@@ -204,7 +209,7 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
                 losses.append(float(m(backend.to_device(x, device), backend.to_device(y, device),
                                       segment_ids=backend.to_device(s, device))[1].item()) * n)
                 weights.append(n)
-        return {"val_loss": sum(losses) / max(sum(weights), 1)}
+        return {"val_loss": sum(losses) / max(sum(weights), 1), **(tasks(m) if tasks else {})}
 
     tokens_per_step = B * recipe.train.grad_accum * seq_len
     trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=tokenizer.path,
