@@ -116,46 +116,68 @@ def log_softmax_at(logits, targets):
     return picked - lse, picked >= top[:, 0]
 
 
+@dataclass
+class Batch:
+    """One forward's worth of pairs: right-padded ids and where their continuation tokens are."""
+    ids: np.ndarray         # (rows, width) int64
+    rows: np.ndarray        # (N,) row of each scored position
+    cols: np.ndarray        # (N,) its column: the position whose logits predict the target
+    targets: np.ndarray     # (N,) the continuation token predicted there
+    pair: np.ndarray        # (N,) index of the pair (in the caller's list) the position belongs to
+
+
+def plan_batches(pairs: Sequence[Pair], max_len: int, batch_tokens: int) -> list[Batch]:
+    """The batches score_pairs runs: pieces that fit the context, longest first, about batch_tokens each."""
+    pieces = [(k, piece) for k, pair in enumerate(pairs) for piece in split_long(pair, max_len)]
+    windows = [_window(piece, max_len) for _, piece in pieces]
+    lengths = [len(tokens) - 1 for tokens, _ in windows]            # inputs: all but the last token
+    order = sorted(range(len(windows)), key=lambda i: (-lengths[i], i))
+    batches = []
+    for members in _batches(lengths, order, batch_tokens):
+        ids = np.zeros((len(members), lengths[members[0]]), np.int64)
+        rows, cols, targets, owner = [], [], [], []
+        for r, i in enumerate(members):
+            tokens, n = windows[i]
+            ids[r, :lengths[i]] = tokens[:-1]
+            rows += [r] * n
+            cols += range(lengths[i] - n, lengths[i])
+            targets += tokens[len(tokens) - n:]
+            owner += [pieces[i][0]] * n
+        batches.append(Batch(ids, np.array(rows, np.int64), np.array(cols, np.int64), np.array(targets, np.int64),
+                             np.array(owner, np.int64)))
+    return batches
+
+
+def combine(n_pairs: int, batches: Sequence[Batch], results) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pair (sum of log-probabilities, every token greedy) from each batch's per-position results."""
+    logprob, missed = np.zeros(n_pairs), np.zeros(n_pairs)
+    for batch, (lp, greedy) in zip(batches, results):
+        if len(batch.pair):
+            logprob += np.bincount(batch.pair, weights=lp, minlength=n_pairs)
+            missed += np.bincount(batch.pair, weights=~greedy, minlength=n_pairs)
+    return logprob, missed == 0
+
+
 @no_grad()
 def score_pairs(model, pairs: Sequence[Pair], batch_tokens: Optional[int] = None,
                 progress: Optional[Callable[[int], None]] = None) -> list[Score]:
-    """The Score of every pair, in the order given. `progress(n)` is told after each batch of n pairs."""
-    max_len = model.config.max_seq_len
-    pieces = [(k, piece) for k, pair in enumerate(pairs) for piece in split_long(pair, max_len)]
-    windows = [_window(piece, max_len) for _, piece in pieces]
+    """The Score of every pair, in the order given. `progress(n)` is told after each batch of n rows."""
     weight = model.head_weight
     xp, device = weight.xp, weight.device
-    budget = batch_tokens or BATCH_TOKENS.get(device, 4096)
-    lengths = [len(tokens) - 1 for tokens, _ in windows]            # inputs: all but the last token
-    order = sorted(range(len(windows)), key=lambda i: (-lengths[i], i))
-    logprob, missed = np.zeros(len(pairs)), np.zeros(len(pairs), np.int64)
+    batches = plan_batches(pairs, model.config.max_seq_len, batch_tokens or BATCH_TOKENS.get(device, 4096))
+    results = []
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(lengths, order, budget):
-            width = lengths[batch[0]]
-            ids = np.zeros((len(batch), width), np.int64)
-            rows, cols, targets, owner = [], [], [], []
-            for r, i in enumerate(batch):
-                tokens, n = windows[i]
-                ids[r, :lengths[i]] = tokens[:-1]
-                rows += [r] * n
-                cols += range(lengths[i] - n, lengths[i])
-                targets += tokens[-n:] if n else []
-                owner += [r] * n
-            logprobs, greedy = _score_positions(model, weight, backend.to_device(ids, device),
-                                                xp.asarray(rows), xp.asarray(cols), targets, xp)
-            owner = np.asarray(owner, np.int64)
-            sums = np.bincount(owner, weights=logprobs, minlength=len(batch)) if len(owner) else np.zeros(len(batch))
-            misses = np.bincount(owner, weights=~greedy, minlength=len(batch)) if len(owner) else np.zeros(len(batch))
-            for r, i in enumerate(batch):
-                logprob[pieces[i][0]] += sums[r]
-                missed[pieces[i][0]] += int(misses[r])
+        for batch in batches:
+            results.append(_score_positions(model, weight, backend.to_device(batch.ids, device), xp.asarray(batch.rows),
+                                            xp.asarray(batch.cols), batch.targets, xp))
             if progress is not None:
-                progress(len(batch))
+                progress(len(batch.ids))
     finally:
         model.train(was_training)
-    return [Score(float(logprob[k]), bool(missed[k] == 0), len(pair.continuation)) for k, pair in enumerate(pairs)]
+    logprob, greedy = combine(len(pairs), batches, results)
+    return [Score(float(logprob[k]), bool(greedy[k]), len(pair.continuation)) for k, pair in enumerate(pairs)]
 
 
 def _score_positions(model, weight, ids, rows, cols, targets, xp):

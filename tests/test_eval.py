@@ -1,0 +1,264 @@
+"""`llamac eval`: the batched scorer against unbatched and direct computations and transformers, bits per
+byte against the validation loss, the JSONL shapes and their errors, the built-in set, the tasks in training."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llamac
+from llamac.cli import main
+from llamac.config import load_recipe
+from llamac.errors import LlamacError
+from llamac.eval.bpb import bits_per_byte
+from llamac.eval.choice import choice_pairs, item_from_row, read_items, score_items
+from llamac.eval.loglik import Pair, encode_pair, score_pairs
+from llamac.eval.tasks import parse_tasks
+from llamac.train.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DEBUG = ROOT / "recipes" / "pretrain" / "debug.yaml"
+TEXTS = ["The king walked into the garden, and the queen followed him.\n",
+         "Enter HAMLET. To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+         "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. " * 3,
+         "A short line — with a dash, and café."]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The debug recipe trained for 30 steps (2 layers, dim 64, context 64): a llamac checkpoint."""
+    from llamac.train.loop import pretrain
+    out = tmp_path_factory.mktemp("eval") / "run"
+    pretrain(load_recipe(DEBUG, [f"out_dir={out}", "train.max_steps=30", "train.eval_every=0", "train.ckpt_every=0",
+                                 "train.sample_tokens=0", "train.log_every=10"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    model, tokenizer, ckpt = load_model(run)
+    return model.eval(), tokenizer, ckpt
+
+
+def _direct_logprob(model, pair: Pair) -> float:
+    """log p(continuation | context) from one plain forward over the whole (fitting) sequence."""
+    ids = list(pair.context) + list(pair.continuation)
+    with llamac.no_grad():
+        logits = model(np.array([ids[:-1]]))[0].numpy()[0].astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    n = len(pair.continuation)
+    return float(sum(logp[len(ids) - 1 - n + j, t] for j, t in enumerate(pair.continuation)))
+
+
+def _pairs(tokenizer):
+    texts = [("The king", " walked into the garden."), ("", "Hamlet"), ("To be, or not to be, ", "that is it"),
+             (TEXTS[1][:200], " the end"), ("a", " b c d e f g h i j k l m n o p q r s t u v w x y z " * 3)]
+    return [encode_pair(tokenizer, c, x) for c, x in texts]
+
+
+def test_batched_scores_equal_unbatched_and_direct(loaded):
+    model, tokenizer, _ = loaded
+    pairs = _pairs(tokenizer)
+    assert len(pairs[3].context) + len(pairs[3].continuation) > 65     # cut from the left
+    assert len(pairs[4].continuation) > 64                             # scored in pieces
+    together = score_pairs(model, pairs, batch_tokens=100_000)
+    small = score_pairs(model, pairs, batch_tokens=48)
+    alone = [score_pairs(model, [p])[0] for p in pairs]
+    for a, b, c in zip(together, small, alone):
+        assert a.n_tokens == b.n_tokens == c.n_tokens
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5) == pytest.approx(c.logprob, rel=1e-5)
+        assert a.greedy == b.greedy == c.greedy
+    for pair, score in list(zip(pairs, together))[:3]:                  # the ones that fit
+        assert score.logprob == pytest.approx(_direct_logprob(model, pair), rel=1e-5)
+    assert all(s.logprob < 0 for s in together)
+
+
+def test_encode_pair_moves_trailing_spaces_and_handles_an_empty_context(loaded):
+    _, tokenizer, _ = loaded
+    pair = encode_pair(tokenizer, "The king ", "walked")
+    assert pair == encode_pair(tokenizer, "The king", " walked")
+    assert list(pair.context) == tokenizer.encode("The king", bos=True)
+    assert encode_pair(tokenizer, "", "The").context == (tokenizer.bos_id,)
+
+
+def test_bpb_is_the_validation_loss_in_bits_per_byte(loaded):
+    """bpb == mean loss (nats/token) x tokens / (bytes x ln 2), the loss from the model's own
+    cross-entropy over windows of the text built here."""
+    model, tokenizer, _ = loaded
+    result = bits_per_byte(model, tokenizer, TEXTS)
+    L = model.config.max_seq_len
+    total, count = 0.0, 0
+    for text in TEXTS:
+        tokens = tokenizer.encode(text, bos=False)
+        for start in range(0, len(tokens), L):
+            y = tokens[start:start + L]
+            x = ([tokenizer.bos_id] + tokens[:L - 1]) if start == 0 else tokens[start - 1:start - 1 + len(y)]
+            with llamac.no_grad():
+                loss = float(model(np.array([x[:len(y)]]), np.array([y]))[1].item())
+            total += loss * len(y)
+            count += len(y)
+    n_bytes = sum(len(t.encode("utf-8")) for t in TEXTS)
+    assert result["tokens"] == count and result["bytes"] == n_bytes
+    assert result["bpb"] == pytest.approx((total / count) * count / (n_bytes * math.log(2)), rel=1e-6)
+    assert result["loss"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_transformers_gives_the_same_log_likelihoods(tmp_path, loaded, run):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llamac.formats.export import export
+    model, tokenizer, _ = loaded
+    hf = export(run, format="hf", out=tmp_path / "hf")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    pairs = _pairs(tokenizer)[:4]
+    ours = score_pairs(model, pairs)
+    L = model.config.max_seq_len
+    for pair, score in zip(pairs, ours):
+        ids = (list(pair.context) + list(pair.continuation))[-(L + 1):]
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([ids[:-1]])).logits[0].double(), -1)
+        n = len(pair.continuation)
+        theirs = sum(float(logp[len(ids) - 1 - n + j, t]) for j, t in enumerate(ids[-n:]))
+        assert abs(score.logprob - theirs) <= 1e-4 * abs(theirs)
+
+
+def test_multiple_choice_accuracy_follows_the_log_likelihoods(loaded):
+    model, tokenizer, _ = loaded
+    items = [item_from_row({"context": "To be, or not to be,", "choices": ["that is the question", "xq zz", "of"],
+                            "label": i % 3}, f"row {i}") for i in range(3)]
+    result = score_items(model, tokenizer, items)
+    lls = np.array(result["loglikelihoods"])
+    assert result["acc"] == pytest.approx(np.mean([np.argmax(ll) == it.label for ll, it in zip(lls, items)]))
+    chars = np.array([len(c) for c in items[0].choices])
+    assert result["acc_norm"] == pytest.approx(np.mean([np.argmax(ll / chars) == it.label for ll, it in zip(lls, items)]))
+    pairs = choice_pairs(tokenizer, items[:1])
+    assert [p.continuation for p in pairs] == [encode_pair(tokenizer, items[0].context, " " + c).continuation
+                                               for c in items[0].choices]
+
+
+def test_the_common_jsonl_shapes(tmp_path):
+    rows = [
+        {"ctx_a": "A man is sitting on a roof.", "ctx_b": "he", "activity_label": "Roof shingle removal",
+         "endings": ["is using wrap to wrap a pair of skis.", "starts pulling up roofing [title] on a roof."],
+         "label": "1"},
+        {"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]},
+         "answerKey": "B"},
+        {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+        {"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 1},
+        {"context": "Roses are", "choices": ["red", "loud"], "label": 0},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    hella, arc, piqa, mmlu, generic = read_items(path)
+    assert hella.context == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hella.choices[1] == "starts pulling up roofing. on a roof." and hella.label == 1
+    assert arc.context == "Question: Which is a gas?\nAnswer:" and arc.choices == ("ice", "steam", "rock")
+    assert arc.label == 1
+    assert piqa.context == "Question: Open a jar\nAnswer:" and piqa.choices == ("twist the lid", "eat the lid")
+    assert mmlu.context == "2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:" and mmlu.choices == ("A", "B", "C", "D")
+    assert mmlu.label == 1 and generic.label == 0
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"context": "x", "label": 0}\n', ":1: no choices"),
+    ('{"context": "x", "choices": ["a", "b"], "label": 0}\n{"context": "x", "choices": ["a", "b"], "label": 2}\n',
+     ":2: label 2 out of range for 2 choices"),
+    ('{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"}\n', ":1: label 'E'"),
+    ("", ": empty file"),
+    ("\n\n", ": empty file"),
+    ('{"text": "just text"}\n', ":1: no choices: not a multiple-choice row"),
+    ('{"context": "x", "choices": ["a", "b"], "label": 0}\nnot json\n', ":2: not valid JSON"),
+])
+def test_bad_multiple_choice_files_are_one_line_errors(tmp_path, capsys, run, content, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(LlamacError, match=None) as info:
+        read_items(path)
+    assert f"{path}{needle}" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SystemExit):
+        main(["eval", "-c", str(run), "--tasks", f"mc:{path}", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
+def test_unknown_task_and_missing_file_are_one_line_errors(tmp_path, capsys, run):
+    with pytest.raises(LlamacError, match="unknown eval task 'hellaswag'; choose from bpb"):
+        parse_tasks("bpb,hellaswag")
+    for tasks, needle in (("nope", "unknown eval task 'nope'"), (f"mc:{tmp_path}/missing.jsonl", "file not found")):
+        with pytest.raises(SystemExit):
+            main(["eval", "-c", str(run), "--tasks", tasks, "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
+def test_eval_command_table_and_json(tmp_path, capsys, run):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"context": "The king", "choices": [" said", " xq"], "label": 0}) + "\n"
+                             for _ in range(3)))
+    out = tmp_path / "results.json"
+    main(["eval", "-c", str(run), "--tasks", f"bpb,next_sentence,skills,{items}", "--limit", "8", "--json", str(out),
+          "--device", "cpu"])
+    table = capsys.readouterr().out
+    assert "next_sentence" in table and "bpb" in table and "exact_match" in table
+    results = json.loads(out.read_text())["tasks"]
+    assert set(results) == {"bpb", "next_sentence", "skills", "items"}
+    assert 0 < results["bpb"]["bpb"] < 10 and results["bpb"]["documents"] <= 8
+    assert results["next_sentence"]["n"] == 8 and 0 <= results["next_sentence"]["acc"] <= 1
+    assert results["skills"]["n"] == 8 and results["items"]["n"] == 3
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_bpb_default_text_is_the_runs_validation_split(loaded, run):
+    from llamac.data.pipeline import load_documents, split_documents
+    from llamac.eval.bpb import validation_texts
+    recipe = load_recipe(DEBUG)
+    train, val = split_documents(load_documents(recipe.data.sources, recipe.data), recipe.data.val_fraction,
+                                 recipe.seed)
+    _, _, ckpt = loaded
+    assert validation_texts(ckpt) == [t for _, t in val] and val
+
+
+def test_next_sentence_is_fixed_held_out_and_well_formed():
+    from llamac.eval.builtin import heldout_documents, next_sentence_items
+    items = next_sentence_items()
+    assert len(items) == 500 and all(len(i.choices) == 4 and len(set(i.choices)) == 4 for i in items)
+    labels = np.bincount([i.label for i in items], minlength=4)
+    assert labels.min() > 80                                           # the answer's place is drawn
+    from llamac.eval.builtin import sentences
+    docs = [sentences(text) for _, text in heldout_documents()]
+    follows = {(" ".join(s[i - 2:i]), s[i]) for s in docs for i in range(2, len(s))}
+    assert all((i.context, i.choices[i.label]) in follows for i in items)     # the true next sentence
+    assert not any((i.context, c) in follows for i in items for k, c in enumerate(i.choices) if k != i.label)
+    next_sentence_items.cache_clear()
+    assert next_sentence_items() == items
+
+
+def test_train_eval_tasks_are_checked_logged_and_plotted(tmp_path):
+    from llamac.train.loop import pretrain
+    with pytest.raises(LlamacError, match="recipe key 'train.eval_tasks': unknown eval task 'hellaswag'"):
+        load_recipe(DEBUG, ["train.eval_tasks=[bpb, hellaswag]"])
+    with pytest.raises(LlamacError, match="train.eval_limit' must be >= 1"):
+        load_recipe(DEBUG, ["train.eval_limit=0"])
+    out = tmp_path / "run"
+    recipe = load_recipe(DEBUG, [f"out_dir={out}", "train.max_steps=10", "train.eval_every=5", "train.ckpt_every=0",
+                                 "train.sample_tokens=0", "train.eval_tasks=[bpb, next_sentence]",
+                                 "train.eval_limit=4", "train.warmup_steps=2"])
+    pretrain(recipe)
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    assert all(0 < r["bpb"] < 10 and 0 <= r["next_sentence/acc"] <= 1 and "next_sentence/acc_norm" in r
+               for r in evals)
+    from llamac.train.plot import task_series
+    assert set(task_series(evals)) == {"bpb", "next_sentence/acc", "next_sentence/acc_norm"}
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_eval_bench_scores_the_same_as_pytorch_on_the_cpu():
+    pytest.importorskip("torch")
+    from llamac.bench.eval import bench_eval
+    ours, theirs = bench_eval("tiny", n_items=6, device="cpu", dtype="fp32", max_seq_len=256)
+    assert ours["pairs"] == theirs["pairs"] == 24
+    assert ours["max_rel_diff_vs_torch"] < 1e-5
+    assert math.isfinite(ours["seconds"]) and math.isfinite(ours["vs_torch_eager"])
