@@ -262,3 +262,85 @@ def test_eval_bench_scores_the_same_as_pytorch_on_the_cpu():
     assert ours["pairs"] == theirs["pairs"] == 24
     assert ours["max_rel_diff_vs_torch"] < 1e-5
     assert math.isfinite(ours["seconds"]) and math.isfinite(ours["vs_torch_eager"])
+
+
+# ------------------------------------------------------------------ lm-evaluation-harness
+
+TASK_YAMLS = {
+    "llamac_test_mc": "output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\n"
+                      "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+    "llamac_test_rolling": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: text\n",
+    "llamac_test_generate": "output_type: generate_until\ndoc_to_text: context\ndoc_to_target: answer\n"
+                            "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n"
+                            "metric_list:\n  - metric: exact_match\n",
+}
+
+
+def _local_task(folder: Path, name: str, rows: list) -> None:
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                         f"    test: {data}\ntest_split: test\n{TASK_YAMLS[name]}")
+
+
+def _greedy_until(model, tokenizer, context: str, stop: str, n: int) -> str:
+    from llamac.infer.chat import END_OF_TURN
+    from llamac.infer.generate import generate_ids
+    ids = tokenizer.encode(context, bos=True)
+    made, text = [], ""
+    for token in generate_ids(model, ids, n, temperature=0, eos_id=tokenizer.eos_id,
+                              stop_ids=(tokenizer.piece_to_id(END_OF_TURN),)):
+        made.append(token)
+        text = tokenizer.decode(ids + made)[len(tokenizer.decode(ids)):]
+        if stop in text:
+            return text[:text.find(stop)]
+    return text
+
+
+def test_lm_evaluation_harness_through_the_adapter_agrees_with_llamac(tmp_path, loaded, run):
+    """lm-eval itself (its CLI, offline, on tasks defined over local JSONL files) runs the three request
+    types on llamac's engine: multiple choice gives llamac's own accuracy, rolling log-likelihood its
+    bits per byte, generation its greedy text."""
+    pytest.importorskip("lm_eval")
+    import os
+    import subprocess
+    import sys
+    from llamac.eval.builtin import next_sentence_items
+    model, tokenizer, _ = loaded
+    items = list(next_sentence_items())[:40]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _local_task(tasks, "llamac_test_mc", [{"context": i.context, "choices": list(i.choices), "label": i.label}
+                                          for i in items])
+    _local_task(tasks, "llamac_test_rolling", [{"text": t} for t in TEXTS])
+    prompts = ["The king said", "To be, or not", "Enter HAMLET"]
+    _local_task(tasks, "llamac_test_generate", [{"context": p, "answer": "x"} for p in prompts])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hfd")}
+    done = subprocess.run([sys.executable, "-m", "llamac.eval.harness", "--model", "llamac", "--model_args",
+                           f"checkpoint={run}", "--device", "cpu", "--tasks",
+                           "llamac_test_mc,llamac_test_rolling,llamac_test_generate", "--include_path", str(tasks),
+                           "--output_path", str(tmp_path / "out"), "--log_samples"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    ours = score_items(model, tokenizer, items)
+    assert results["llamac_test_mc"]["acc,none"] == pytest.approx(ours["acc"])
+    assert results["llamac_test_mc"]["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert 0 < ours["acc"] < 1
+    bpb = bits_per_byte(model, tokenizer, TEXTS)["bpb"]
+    assert results["llamac_test_rolling"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-6)
+    samples = [json.loads(ln) for ln in next((tmp_path / "out").rglob("samples_llamac_test_generate_*.jsonl"))
+               .read_text().splitlines()]
+    got = {s["doc"]["context"]: s["filtered_resps"][0] for s in samples}
+    assert got == {p: _greedy_until(model, tokenizer, p, ".", 8) for p in prompts}
+
+
+def test_importing_the_adapter_registers_the_model_type():
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    from llamac.eval.harness import LlamacLM
+    assert get_model("llamac") is LlamacLM
+    with pytest.raises(LlamacError, match="checkpoint=PATH"):
+        LlamacLM()
