@@ -90,9 +90,12 @@ def bench_eval(name: str = "110M", n_items: int = 10000, device: str = "cuda", d
     import llamac
     from llamac.eval.loglik import BATCH_TOKENS, combine, plan_batches, score_pairs
     from llamac.model.llama import Llama
+    from llamac.train.fusions import fuse
     cfg = _config(name, max_seq_len)
     llamac.manual_seed(0)
     model = Llama(cfg).to(device, "bfloat16" if dtype == "bf16" else None).eval()
+    if device == "cuda":
+        fuse(model)                     # as `llamac eval` scores on the GPU (eval.runner.load_scoring_model)
     pairs = synthetic_pairs(n_items, cfg.vocab_size)
     budget = batch_tokens or BATCH_TOKENS.get(device, 4096)
     tokens = sum(len(p.context) + len(p.continuation) - 1 for p in pairs)

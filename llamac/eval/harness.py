@@ -29,23 +29,19 @@ from tqdm.auto import tqdm
 from llamac.engine import backend
 from llamac.errors import LlamacError
 from llamac.eval.loglik import encode_pair, rolling_pairs, score_pairs
-from llamac.eval.runner import resolve_dtype
+from llamac.eval.runner import load_scoring_model
 
 
 class LlamacLM(LM):
     def __init__(self, checkpoint=None, device=None, dtype: str = "auto", batch_tokens=None,
                  max_gen_toks: int = 256, **_ignored):
         super().__init__()
-        from llamac.train.checkpoint import load_model
         if checkpoint is None:
             raise LlamacError("--model_args needs checkpoint=PATH (a llamac checkpoint or Hugging Face Llama folder)")
         # lm_eval passes --device as given (cuda:0, cpu, ...) and its own batch-size options, which
         # mean nothing here: batches are made by padded tokens.
         device = backend.resolve_device(str(device).split(":")[0] if device else "auto")
-        self.model, self.tok, _ = load_model(str(checkpoint), device=device, dtype=resolve_dtype(str(dtype), device))
-        if self.tok is None:
-            raise LlamacError(f"{checkpoint} has no tokenizer.model")
-        self.model.eval()
+        self.model, self.tok, _ = load_scoring_model(str(checkpoint), device, str(dtype))
         self.batch_tokens = int(batch_tokens) if batch_tokens else None
         self.max_gen_toks = int(max_gen_toks)
         self._device = device

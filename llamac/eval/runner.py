@@ -102,10 +102,22 @@ def resolve_dtype(dtype: str, device: str):
     return names[dtype]
 
 
+def load_scoring_model(checkpoint, device: str, dtype: str = "auto"):
+    """(model, tokenizer, checkpoint path) ready to score: on the GPU with the training step's fused
+    forward (q | k | v in one GEMM, residual adds inside the RMSNorms), as evaluations in training run."""
+    from llamac.train.checkpoint import load_model
+    from llamac.train.fusions import fuse
+    model, tokenizer, ckpt = load_model(checkpoint, device=device, dtype=resolve_dtype(dtype, device))
+    if tokenizer is None:
+        raise LlamacError(f"{ckpt} has no tokenizer.model")
+    if device == "cuda":
+        fuse(model)
+    return model.eval(), tokenizer, ckpt
+
+
 def eval_command(checkpoint, tasks: str = "bpb,next_sentence", json_out=None, limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", batch_tokens: int | None = None) -> dict:
     """`llamac eval`: load a llamac checkpoint or HF Llama folder, run the tasks, print and save results."""
-    from llamac.train.checkpoint import load_model
     specs = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise LlamacError(f"--limit must be >= 1, got {limit}")
@@ -115,10 +127,7 @@ def eval_command(checkpoint, tasks: str = "bpb,next_sentence", json_out=None, li
         if task.path is not None and not Path(task.path).exists():
             raise LlamacError(f"eval task {task.name}: file not found: {task.path}")
     device = backend.resolve_device(device)
-    model, tokenizer, ckpt = load_model(checkpoint, device=device, dtype=resolve_dtype(dtype, device))
-    if tokenizer is None:
-        raise LlamacError(f"{ckpt} has no tokenizer.model")
-    model.eval()
+    model, tokenizer, ckpt = load_scoring_model(checkpoint, device, dtype)
     seed = _recipe_seed(ckpt)
 
     def validation():
