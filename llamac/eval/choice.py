@@ -19,7 +19,6 @@ Every problem with a file is one line naming the file and row.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,19 +46,8 @@ def read_items(path) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise LlamacError(f"multiple-choice file not found: {path}")
-    items = []
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw)
-            except UnicodeDecodeError:
-                raise LlamacError(f"{where}: not valid UTF-8") from None
-            except json.JSONDecodeError as exc:
-                raise LlamacError(f"{where}: not valid JSON ({exc.msg})") from None
-            items.append(item_from_row(row, where))
+    from llamac.data.sources import iter_json_lines
+    items = [item_from_row(row, where) for where, row in iter_json_lines(path)]
     if not items:
         raise LlamacError(f"{path}: empty file (no multiple-choice items)")
     return items

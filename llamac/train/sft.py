@@ -33,16 +33,8 @@ def read_sft_file(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise LlamacError(f"SFT data file not found: {path}")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LlamacError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            examples.append(_to_chat(row, f"{path}:{lineno}"))
+    from llamac.data.sources import iter_json_lines
+    examples = [_to_chat(row, where) for where, row in iter_json_lines(path)]
     if not examples:
         raise LlamacError(f"{path}: empty file (no examples)")
     return examples
