@@ -193,6 +193,20 @@ def test_unknown_task_and_missing_file_are_one_line_errors(tmp_path, capsys, run
         assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
 
 
+def test_bpb_without_text_is_a_one_line_error(tmp_path, capsys, run):
+    from llamac.formats.export import export
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    hf = export(run, format="hf", out=tmp_path / "hf")
+    capsys.readouterr()
+    for checkpoint, tasks, needle in ((run, f"bpb:{empty}", f"bpb: {empty}: empty"),
+                                      (hf, "bpb", "has no run recipe to take the validation split from")):
+        with pytest.raises(SystemExit):
+            main(["eval", "-c", str(checkpoint), "--tasks", tasks, "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
 def test_eval_command_table_and_json(tmp_path, capsys, run):
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"context": "The king", "choices": [" said", " xq"], "label": 0}) + "\n"

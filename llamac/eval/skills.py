@@ -19,8 +19,9 @@ def heldout_skills(seed: int = 1337, limit: int | None = None) -> list[dict]:
     return heldout[:limit] if limit is not None else heldout
 
 
-def _answers_batched(model, prompts: list[list[int]], room: int, end_id: int):
-    """Greedy answers from the GPU decoder, 16 prompts at a time; None where it can't take the model."""
+def greedy_batched(model, prompts: list[list[int]], room: int, stop_ids) -> list | None:
+    """[(new tokens, whether a stop id ended them)] of greedy decoding on the GPU decoder, 16 prompts
+    at a time; None where the decoder can't take the model or the prompts."""
     from llamac.infer.decode import MAX_BATCH
     from llamac.infer.generate import fast_decoder_for
     out = []
@@ -34,7 +35,7 @@ def _answers_batched(model, prompts: list[list[int]], room: int, end_id: int):
         for row in decoder.generate(group, room, temperature=0.0):
             for r, token in enumerate(row.tolist()):
                 if not ended[r]:
-                    if token == end_id:
+                    if token in stop_ids:
                         ended[r] = True
                     else:
                         made[r].append(token)
@@ -67,7 +68,7 @@ def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = MA
     room = max_new_tokens
     fits = all(len(p) + room <= model.config.max_seq_len for p in prompts)
     on_gpu = model.tok_embeddings.weight.device == "cuda"
-    answers = _answers_batched(model, prompts, room, end_id) if on_gpu and fits and prompts else None
+    answers = greedy_batched(model, prompts, room, {end_id}) if on_gpu and fits and prompts else None
     if answers is None:
         answers = _answers_one_by_one(model, prompts, room, end_id)
     correct = ended = 0
