@@ -358,3 +358,11 @@ def test_importing_the_adapter_registers_the_model_type():
     assert get_model("llamac") is LlamacLM
     with pytest.raises(LlamacError, match="checkpoint=PATH"):
         LlamacLM()
+
+
+def test_skills_subsets_cover_every_task_and_the_whole_set_is_sfts():
+    from llamac.data.instruct import SKILLS, skill_split
+    from llamac.eval.skills import heldout_skills
+    assert {ex["task"] for ex in heldout_skills(1337, len(SKILLS))} == set(SKILLS)
+    whole = heldout_skills(1337)
+    assert sorted(map(repr, whole)) == sorted(map(repr, skill_split(seed=1337)[1]))

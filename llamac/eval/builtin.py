@@ -52,7 +52,7 @@ def heldout_documents() -> list[tuple[str, str]]:
 @lru_cache(maxsize=2)
 def next_sentence_items(n_items: int = N_ITEMS, seed: int = 0) -> tuple:
     """The items, in a fixed order. Passages are taken from the documents in turn (so one long book
-    does not make up the set); distractors come from elsewhere in the same document where it has
+    does not make up the set, and the first N items are spread over the documents too); distractors come from elsewhere in the same document where it has
     enough sentences (on topic: only the order of ideas gives the answer away), else from others."""
     docs = [sentences(text) for _, text in heldout_documents()]
     rng = np.random.default_rng(seed)
@@ -67,7 +67,7 @@ def next_sentence_items(n_items: int = N_ITEMS, seed: int = 0) -> tuple:
     pool = [(d, s) for d, sents in enumerate(docs) for s in sents]
     lengths = np.array([len(s) for _, s in pool])
     items = []
-    for d, i in sorted(positions):
+    for d, i in positions:
         answer = docs[d][i]
         nearby = set(docs[d][i - CONTEXT_SENTENCES:i + 2])
         same = [s for s in dict.fromkeys(docs[d]) if s not in nearby]

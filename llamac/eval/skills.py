@@ -13,10 +13,15 @@ MAX_NEW_TOKENS = 24
 
 def heldout_skills(seed: int = 1337, limit: int | None = None) -> list[dict]:
     """The held-out skill prompts `builtin:instruct` keeps out of SFT under this seed (sft uses the
-    recipe's seed), the first `limit` of them."""
+    recipe's seed), taken from each task in turn, so the first `limit` cover every task."""
     from llamac.data.instruct import skill_split
     _, heldout = skill_split(seed=seed)
-    return heldout[:limit] if limit is not None else heldout
+    by_task: dict = {}
+    for example in heldout:
+        by_task.setdefault(example["task"], []).append(example)
+    turns = [ex for group in zip(*by_task.values()) for ex in group]
+    turns += [ex for ex in heldout if ex not in turns]
+    return turns[:limit] if limit is not None else turns
 
 
 def greedy_batched(model, prompts: list[list[int]], room: int, stop_ids) -> list | None:
