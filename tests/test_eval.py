@@ -75,6 +75,20 @@ def test_batched_scores_equal_unbatched_and_direct(loaded):
     assert all(s.logprob < 0 for s in together)
 
 
+def test_the_gpus_rounded_batch_widths_and_head_chunks_change_no_score(loaded, monkeypatch):
+    from llamac.eval import loglik
+    model, tokenizer, _ = loaded
+    pairs = _pairs(tokenizer)
+    plain = score_pairs(model, pairs, batch_tokens=96)
+    monkeypatch.setitem(loglik.WIDTH_MULTIPLE, "cpu", 32)
+    monkeypatch.setitem(loglik.HEAD_MULTIPLE, "cpu", 512)
+    monkeypatch.setattr(loglik, "HEAD_ROWS", 1024)
+    assert {b.ids.shape[1] % 32 for b in loglik.plan_batches(pairs, 64, 96, 32)} == {0}
+    rounded = score_pairs(model, pairs, batch_tokens=96)
+    for a, b in zip(plain, rounded):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5) and a.greedy == b.greedy
+
+
 def test_encode_pair_moves_trailing_spaces_and_handles_an_empty_context(loaded):
     _, tokenizer, _ = loaded
     pair = encode_pair(tokenizer, "The king ", "walked")

@@ -29,6 +29,10 @@ from llamac.ops import linear
 
 HEAD_ROWS = 4096            # scored positions per LM-head GEMM: bounds the (rows, vocab) logits in memory
 BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
+# On the GPU each new GEMM shape is timed over cuBLASLt's candidates once (engine/cublaslt.py): batch
+# widths rounded up to a multiple of 32 and head chunks to one of 512 rows keep the shapes few.
+WIDTH_MULTIPLE = {"cpu": 1, "cuda": 32}
+HEAD_MULTIPLE = {"cpu": 1, "cuda": 512}
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,15 @@ def _window(pair: Pair, max_len: int) -> tuple[list[int], int]:
     return tokens, len(pair.continuation)
 
 
-def _batches(lengths: list[int], order: list[int], batch_tokens: int):
+def _width(length: int, multiple: int, max_len: int) -> int:
+    return min(-(-length // multiple) * multiple, max_len)
+
+
+def _batches(lengths: list[int], order: list[int], batch_tokens: int, multiple: int, max_len: int):
     """Consecutive runs of `order` (longest first) whose padded size stays within batch_tokens."""
     batch: list[int] = []
     for i in order:
-        width = lengths[batch[0]] if batch else lengths[i]
+        width = _width(lengths[batch[0]] if batch else lengths[i], multiple, max_len)
         if batch and (len(batch) + 1) * width > batch_tokens:
             yield batch
             batch = []
@@ -126,15 +134,16 @@ class Batch:
     pair: np.ndarray        # (N,) index of the pair (in the caller's list) the position belongs to
 
 
-def plan_batches(pairs: Sequence[Pair], max_len: int, batch_tokens: int) -> list[Batch]:
-    """The batches score_pairs runs: pieces that fit the context, longest first, about batch_tokens each."""
+def plan_batches(pairs: Sequence[Pair], max_len: int, batch_tokens: int, width_multiple: int = 1) -> list[Batch]:
+    """The batches score_pairs runs: pieces that fit the context, longest first, about batch_tokens
+    each, each batch padded to its longest row rounded up to width_multiple."""
     pieces = [(k, piece) for k, pair in enumerate(pairs) for piece in split_long(pair, max_len)]
     windows = [_window(piece, max_len) for _, piece in pieces]
     lengths = [len(tokens) - 1 for tokens, _ in windows]            # inputs: all but the last token
     order = sorted(range(len(windows)), key=lambda i: (-lengths[i], i))
     batches = []
-    for members in _batches(lengths, order, batch_tokens):
-        ids = np.zeros((len(members), lengths[members[0]]), np.int64)
+    for members in _batches(lengths, order, batch_tokens, width_multiple, max_len):
+        ids = np.zeros((len(members), _width(lengths[members[0]], width_multiple, max_len)), np.int64)
         rows, cols, targets, owner = [], [], [], []
         for r, i in enumerate(members):
             tokens, n = windows[i]
@@ -164,7 +173,8 @@ def score_pairs(model, pairs: Sequence[Pair], batch_tokens: Optional[int] = None
     """The Score of every pair, in the order given. `progress(n)` is told after each batch of n rows."""
     weight = model.head_weight
     xp, device = weight.xp, weight.device
-    batches = plan_batches(pairs, model.config.max_seq_len, batch_tokens or BATCH_TOKENS.get(device, 4096))
+    batches = plan_batches(pairs, model.config.max_seq_len, batch_tokens or BATCH_TOKENS.get(device, 4096),
+                           WIDTH_MULTIPLE.get(device, 1))
     results = []
     was_training = model.training
     model.eval()
@@ -185,14 +195,18 @@ def _score_positions(model, weight, ids, rows, cols, targets, xp):
     if len(targets) == 0:
         return np.zeros(0), np.zeros(0, bool)
     hidden = model.hidden_states(ids).data                           # (B, T, C)
-    picked = hidden[rows, cols]                                      # (N, C)
+    multiple = HEAD_MULTIPLE.get(backend.device_of(hidden), 1)
     targets = xp.asarray(np.asarray(targets, np.int64))
     logprobs, greedy = [], []
     for start in range(0, len(targets), HEAD_ROWS):
-        logits = linear.linear(Tensor(picked[start:start + HEAD_ROWS]), weight).data
-        lp, top = log_softmax_at(logits, targets[start:start + HEAD_ROWS])
-        logprobs.append(backend.to_numpy(lp).astype(np.float64))
-        greedy.append(backend.to_numpy(top))
+        n = min(HEAD_ROWS, len(targets) - start)
+        padded = _width(n, multiple, HEAD_ROWS)                      # extra rows repeat the first
+        take = xp.concatenate([xp.arange(start, start + n), xp.full(padded - n, start)]) if padded > n \
+            else xp.arange(start, start + n)
+        logits = linear.linear(Tensor(hidden[rows[take], cols[take]]), weight).data
+        lp, top = log_softmax_at(logits, targets[take])
+        logprobs.append(backend.to_numpy(lp[:n]).astype(np.float64))
+        greedy.append(backend.to_numpy(top[:n]))
     return np.concatenate(logprobs), np.concatenate(greedy)
 
 
