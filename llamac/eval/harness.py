@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import sys
 
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from llamac.engine import backend
 from llamac.errors import LlamacError
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError:
+    raise LlamacError("the lm-evaluation-harness adapter needs lm-eval: pip install 'llamac[eval]'") from None
 from llamac.eval.loglik import encode_pair, rolling_pairs, score_pairs
 from llamac.eval.runner import load_scoring_model
 
