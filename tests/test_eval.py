@@ -328,7 +328,8 @@ def _greedy_until(model, tokenizer, context: str, stop: str, n: int) -> str:
 def test_lm_evaluation_harness_through_the_adapter_agrees_with_llamac(tmp_path, loaded, run):
     """lm-eval itself (its CLI, offline, on tasks defined over local JSONL files) runs the three request
     types on llamac's engine: multiple choice gives llamac's own accuracy, rolling log-likelihood its
-    bits per byte, generation its greedy text."""
+    bits per byte, generation its greedy text; and lm-eval's Hugging Face model on the transformers
+    export gives llamac's log-likelihoods."""
     pytest.importorskip("lm_eval")
     import os
     import subprocess
@@ -362,6 +363,27 @@ def test_lm_evaluation_harness_through_the_adapter_agrees_with_llamac(tmp_path, 
                .read_text().splitlines()]
     got = {s["doc"]["context"]: s["filtered_resps"][0] for s in samples}
     assert got == {p: _greedy_until(model, tokenizer, p, ".", 8) for p in prompts}
+
+    # lm-eval's own Hugging Face model on the transformers export scores the same choices alike (short
+    # items: its model asserts that a choice fits the context)
+    from llamac.formats.export import export
+    short = [{"context": c, "choices": [" " + w for w in ("the king", "a queen", "and so", "xq zy")], "label": 0}
+             for c in ("The king said to", "To be, or not to be,", "Enter HAMLET", "O Romeo, Romeo,", "And the")]
+    (tasks / "llamac_test_mc.yaml").unlink()
+    _local_task(tasks, "llamac_test_mc", short)
+    hf = export(run, format="hf", out=tmp_path / "hf")
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={hf},dtype=float32", "--device", "cpu", "--tasks", "llamac_test_mc",
+                           "--include_path", str(tasks), "--output_path", str(tmp_path / "out_hf"), "--log_samples"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [json.loads(ln) for ln in next((tmp_path / "out_hf").rglob("samples_llamac_test_mc_*.jsonl"))
+               .read_text().splitlines()]
+    theirs = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in samples}
+    ours = score_items(model, tokenizer, [item_from_row(r, "short") for r in short])
+    assert len(theirs) == len(short)
+    for k, lls in enumerate(ours["loglikelihoods"]):
+        assert np.allclose(lls, theirs[k], rtol=1e-4, atol=0), k
 
 
 def test_importing_the_adapter_registers_the_model_type():
