@@ -375,10 +375,10 @@ def validate(recipe: Recipe) -> None:
                           "(RoPE rotates pairs of dimensions), or set model.head_dim")
     if t.recompute and m.dropout > 0:
         raise LlamacError("train.recompute needs model.dropout 0 (a recomputed layer would draw new dropout masks)")
-    for name in t.eval_tasks:
-        from llamac.eval.tasks import parse_task
+    if t.eval_tasks:
+        from llamac.eval.tasks import parse_tasks
         try:
-            parse_task(name)
+            parse_tasks(t.eval_tasks)
         except LlamacError as exc:
             raise LlamacError(f"recipe key 'train.eval_tasks': {exc}") from None
     if t.dtype not in ("fp32", "bf16"):

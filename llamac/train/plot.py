@@ -46,7 +46,6 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     return True
 
 
-
 def task_series(records: list[dict]) -> dict:
     """{metric: [(step, value)]} of the train.eval_tasks numbers in evaluation records (every key
     beside the step, the losses and the perplexity)."""
