@@ -408,7 +408,7 @@ def test_the_harness_script_without_lm_eval_says_how_to_get_it():
     import subprocess
     import sys
     code = ("import sys; sys.modules['lm_eval'] = None; sys.modules['lm_eval.api'] = None\n"
-            "from llamac.eval.runner import harness_main; harness_main()")
+            "from llamac.eval.launch import harness_main; harness_main()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip() == "error: the lm-evaluation-harness adapter needs lm-eval: pip install 'llamac[eval]'"

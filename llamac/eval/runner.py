@@ -166,13 +166,3 @@ def training_evaluator(recipe, tokenizer, validation):
                                       skills_seed=recipe.seed), specs)
     return evaluate
 
-
-def harness_main() -> None:
-    """`llamac-lm-eval`: lm_eval's command line with the llamac model type (llamac.eval.harness);
-    without lm-eval installed, one line saying how to get it."""
-    try:
-        from llamac.eval.harness import main
-    except LlamacError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    main()
