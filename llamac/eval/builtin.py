@@ -3,8 +3,8 @@
 The passages are the documents the default recipe holds out for validation (`builtin:classics`
 split by `data.val_fraction` 0.01 with seed 1337, as `llamac pretrain` splits it), so a model
 trained by the shipped recipes has never seen them. An item is two consecutive sentences of a
-passage, the sentence that follows them, and three sentences of about its length from other
-passages; the model should find the true one most likely. Chance is 25%. The set is the same on
+passage, the sentence that follows them, a sentence from elsewhere in the same document and two of
+about its length from other documents; the model should find the true one most likely. Chance is 25%. The set is the same on
 every machine: the split and the draws are seeded.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from llamac.eval.choice import Item
 
 N_ITEMS = 500
 N_CHOICES = 4
+SAME_DOCUMENT = 1           # distractors from the passage's own document; the others from other documents
 CONTEXT_SENTENCES = 2
 SENTENCE_CHARS = (20, 240)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
@@ -52,8 +53,9 @@ def heldout_documents() -> list[tuple[str, str]]:
 @lru_cache(maxsize=2)
 def next_sentence_items(n_items: int = N_ITEMS, seed: int = 0) -> tuple:
     """The items, in a fixed order. Passages are taken from the documents in turn (so one long book
-    does not make up the set, and the first N items are spread over the documents too); distractors come from elsewhere in the same document where it has
-    enough sentences (on topic: only the order of ideas gives the answer away), else from others."""
+    does not make up the set, and the first N items are spread over the documents too). One distractor
+    comes from elsewhere in the same document (on topic: only the order of ideas tells it from the
+    answer), the others from other documents, of about the answer's length."""
     docs = [sentences(text) for _, text in heldout_documents()]
     rng = np.random.default_rng(seed)
     queues = [list(rng.permutation(np.arange(CONTEXT_SENTENCES, len(s)))) for s in docs]
@@ -71,7 +73,7 @@ def next_sentence_items(n_items: int = N_ITEMS, seed: int = 0) -> tuple:
         answer = docs[d][i]
         nearby = set(docs[d][i - CONTEXT_SENTENCES:i + 2])
         same = [s for s in dict.fromkeys(docs[d]) if s not in nearby]
-        picked = [same[j] for j in rng.permutation(len(same))[:N_CHOICES - 1]]
+        picked = [same[j] for j in rng.permutation(len(same))[:SAME_DOCUMENT]]
         if len(picked) < N_CHOICES - 1:
             similar = [j for j in np.flatnonzero((lengths >= len(answer) / 2) & (lengths <= 2 * len(answer)))
                        if pool[j][0] != d]
