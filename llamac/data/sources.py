@@ -101,6 +101,17 @@ def iter_json_lines(path: Path) -> Iterator[tuple[str, object]]:
                 raise LlamacError(f"{where}: not valid JSON ({exc.msg})") from None
 
 
+def read_json_rows(path, convert, kind: str, rows_are: str) -> list:
+    """convert(row, 'file:line') of every line of a JSONL file that must exist and hold at least one."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamacError(f"{kind} not found: {path}")
+    rows = [convert(row, where) for where, row in iter_json_lines(path)]
+    if not rows:
+        raise LlamacError(f"{path}: empty file (no {rows_are})")
+    return rows
+
+
 def iter_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     """One document per line: the `text_field` string of a JSON object; blank lines are skipped."""
     for where, record in iter_json_lines(path):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -43,14 +42,8 @@ class Item:
 
 def read_items(path) -> list[Item]:
     """The items of a JSONL file (blank lines skipped), each row in one of the shapes above."""
-    path = Path(path)
-    if not path.is_file():
-        raise LlamacError(f"multiple-choice file not found: {path}")
-    from llamac.data.sources import iter_json_lines
-    items = [item_from_row(row, where) for where, row in iter_json_lines(path)]
-    if not items:
-        raise LlamacError(f"{path}: empty file (no multiple-choice items)")
-    return items
+    from llamac.data.sources import read_json_rows
+    return read_json_rows(path, item_from_row, "multiple-choice file", "multiple-choice items")
 
 
 def item_from_row(row, where: str) -> Item:

@@ -30,14 +30,8 @@ IGNORE = -100
 
 def read_sft_file(path: Path) -> list[dict]:
     """Chat examples from a JSONL file: Alpaca rows (instruction, input, output) or chat rows (messages)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LlamacError(f"SFT data file not found: {path}")
-    from llamac.data.sources import iter_json_lines
-    examples = [_to_chat(row, where) for where, row in iter_json_lines(path)]
-    if not examples:
-        raise LlamacError(f"{path}: empty file (no examples)")
-    return examples
+    from llamac.data.sources import read_json_rows
+    return read_json_rows(path, _to_chat, "SFT data file", "examples")
 
 
 def _to_chat(row, where: str) -> dict:
