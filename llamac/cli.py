@@ -97,6 +97,22 @@ def generate(
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat, device=device)
 
 
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="llamac checkpoint, run out_dir or Hugging Face Llama folder."),
+    tasks: str = typer.Option("bpb,next_sentence", "--tasks", help="Comma list: bpb, bpb:PATH, skills, next_sentence, mc:PATH (JSONL: HellaSwag, ARC, PIQA, MMLU or context/choices/label rows)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N items (documents for bpb) of each task."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Padded tokens per forward (default: 4096 on the CPU, 65536 on the GPU)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on the GPU, fp32 on the CPU), fp32 or bf16."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Evaluate a model: bits per byte, multiple choice by log-likelihood, the built-in skill tasks."""
+    from llamac.eval.runner import eval_command
+    eval_command(checkpoint, tasks=tasks, json_out=json_out, limit=limit, device=device, dtype=dtype,
+                 batch_tokens=batch_tokens)
+
+
 @app.command()
 def serve(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="llamac checkpoint (or a run's out_dir) or Hugging Face Llama folder."),
@@ -117,7 +133,7 @@ def serve(
 
 @app.command()
 def bench(
-    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients)."),
+    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients), eval (multiple-choice log-likelihoods vs PyTorch)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'torch' to run the same shapes in PyTorch; 'torch-compile' for torch.compile alone (train); 'none'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers to this JSON file."),
     device: str = typer.Option("auto", "--device"),

@@ -163,6 +163,9 @@ class TrainConfig:
     sample_prompt: str = "The"
     # with the tokenized prompt, within model.max_seq_len: pretrain checks that before training
     sample_tokens: int = bounded(64, ge=0, note="0: no sample")
+    # `llamac eval` tasks scored at every evaluation beside the validation loss (llamac.eval.tasks)
+    eval_tasks: list = field(default_factory=list)
+    eval_limit: int = bounded(100, ge=1)      # items (bpb: documents) of each of them per evaluation
 
 
 @dataclass
@@ -372,6 +375,12 @@ def validate(recipe: Recipe) -> None:
                           "(RoPE rotates pairs of dimensions), or set model.head_dim")
     if t.recompute and m.dropout > 0:
         raise LlamacError("train.recompute needs model.dropout 0 (a recomputed layer would draw new dropout masks)")
+    if t.eval_tasks:
+        from llamac.eval.tasks import parse_tasks
+        try:
+            parse_tasks(t.eval_tasks)
+        except LlamacError as exc:
+            raise LlamacError(f"recipe key 'train.eval_tasks': {exc}") from None
     if t.dtype not in ("fp32", "bf16"):
         raise LlamacError(f"train.dtype must be fp32 or bf16, got {t.dtype!r}")
     if m.rope_scaling is not None:

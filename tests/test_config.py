@@ -75,6 +75,7 @@ RANGES = [
     ("train.keep_checkpoints", "-1", "'train.keep_checkpoints' must be >= 0 (0: keep every checkpoint)", "0"),
     ("train.sample_every", "-1", "'train.sample_every' must be >= 0", "0"),
     ("train.sample_tokens", "-1", "'train.sample_tokens' must be >= 0", "0"),
+    ("train.eval_limit", "0", "'train.eval_limit' must be >= 1", "1"),
     ("sft.eval_tasks", "-1", "'sft.eval_tasks' must be >= 0", "0"),
 ]
 
@@ -181,6 +182,8 @@ def test_recipe_range_error_through_the_cli(tmp_path, capsys):
     (["export", "x", "-f", "gguf", "-o", "y", "--dtype", "q4"], "--dtype q4 is not available"),
     (["export", "x", "-f", "onnx", "-o", "y"], "unsupported export format 'onnx'"),
     (["bench", "--what", "nothing"], "unknown bench section 'nothing'"),
+    (["eval", "-c", "x", "--tasks", "hellaswag"], "unknown eval task 'hellaswag'"),
+    (["pretrain", "--set", "train.eval_tasks=[bpb, lambada]"], "'train.eval_tasks': unknown eval task 'lambada'"),
 ])
 def test_unknown_choices_are_one_line_errors(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -161,9 +161,12 @@ def test_sft_end_to_end_on_the_debug_recipes(tmp_path):
                   "--set", "train.sample_tokens=0")
     assert pre.returncode == 0, pre.stderr
     out = tmp_path / "sft"
-    res = run_cli("sft", ROOT / "recipes" / "sft" / "debug.yaml", "--from", base, "--set", f"out_dir={out}")
+    res = run_cli("sft", ROOT / "recipes" / "sft" / "debug.yaml", "--from", base, "--set", f"out_dir={out}",
+                  "--set", "train.eval_tasks=[bpb, skills]", "--set", "train.eval_limit=4")
     assert res.returncode == 0, res.stderr
     assert "base model: exact match" in res.stderr and "after SFT: exact match" in res.stderr
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 20 and 0 < final["bpb"] < 10 and 0 <= final["skills/exact_match"] <= 1
     report = json.loads((out / "sft_eval.json").read_text())
     assert report["before"]["n"] == 16 and 0 <= report["after"]["exact_match"] <= 1
     from llamac.infer.chat import JINJA_TEMPLATE

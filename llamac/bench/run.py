@@ -1,4 +1,4 @@
-"""`llamac bench`: engine overhead, tokenizer speed, kernels, CPU training against PyTorch.
+"""`llamac bench`: engine overhead, tokenizer speed, kernels, CPU training against PyTorch, eval scoring.
 
 Each section returns plain dicts; the command prints them as tables and `--json` writes them all.
 """
@@ -319,7 +319,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 
     device = backend.resolve_device(device)
     sections = [w.strip() for w in what.split(",") if w.strip()]
-    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode", "serve"}
+    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode", "serve", "eval"}
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
@@ -363,6 +363,11 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
                 raise LlamacError("bench --what serve needs a CUDA GPU (--device cuda)")
             from llamac.bench.serve import bench_serve
             rows = bench_serve()
+        elif section == "eval":
+            from llamac.bench.eval import bench_eval
+            gpu = device == "cuda"
+            rows = bench_eval("110M" if gpu else "tiny", n_items=10000 if gpu else 200, device=device,
+                              dtype="bf16" if gpu else "fp32", compare_torch=compare != "none")
         results[section] = rows
         _print_table(Console(), Table, section, rows)
     if json_out is not None:

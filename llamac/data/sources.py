@@ -86,25 +86,41 @@ def read_text(path: Path) -> str:
         raise LlamacError(f"{path}:{line}: not valid UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
-def iter_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    """One document per line: the `text_field` string of a JSON object; blank lines are skipped."""
+def iter_json_lines(path: Path) -> Iterator[tuple[str, object]]:
+    """('file:line', parsed value) of every non-blank line of a JSONL file; bad lines are one-line errors."""
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(raw)
+                yield where, json.loads(raw)
             except UnicodeDecodeError:
                 raise LlamacError(f"{where}: not valid UTF-8") from None
             except json.JSONDecodeError as exc:
                 raise LlamacError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise LlamacError(f"{where}: no field {text_field!r} (data.text_field) in this JSON line")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise LlamacError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-            yield where, text
+
+
+def read_json_rows(path, convert, kind: str, rows_are: str) -> list:
+    """convert(row, 'file:line') of every line of a JSONL file that must exist and hold at least one."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamacError(f"{kind} not found: {path}")
+    rows = [convert(row, where) for where, row in iter_json_lines(path)]
+    if not rows:
+        raise LlamacError(f"{path}: empty file (no {rows_are})")
+    return rows
+
+
+def iter_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    """One document per line: the `text_field` string of a JSON object; blank lines are skipped."""
+    for where, record in iter_json_lines(path):
+        if not isinstance(record, dict) or text_field not in record:
+            raise LlamacError(f"{where}: no field {text_field!r} (data.text_field) in this JSON line")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise LlamacError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        yield where, text
 
 
 # ---------------------------------------------------------------- cleaning

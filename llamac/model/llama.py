@@ -147,6 +147,16 @@ class Llama(nn.Module):
 
     def forward(self, idx, targets=None, segment_ids=None, cache: KVCache | None = None):
         """idx (B, T) int -> (logits (B, T, V), loss or None). With a cache, positions continue from it."""
+        x = self.hidden_states(idx, segment_ids, cache)
+        return self.head(x, self.head_weight, targets)
+
+    @property
+    def head_weight(self):
+        """The LM head's (V, C) weight: the embedding itself when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def hidden_states(self, idx, segment_ids=None, cache: KVCache | None = None):
+        """idx (B, T) int -> the final RMSNorm's output (B, T, C), which the LM head reads."""
         idx = idx if isinstance(idx, Tensor) else Tensor(idx)
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -161,8 +171,7 @@ class Llama(nn.Module):
         x = self.run_layers(x, cos, sin, mask, cache)                   # (B, T, C), normed
         if cache is not None:
             cache.length += T
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return self.head(x, head, targets)
+        return x
 
     def run_layers(self, x, cos, sin, mask: dict, cache=None):
         for i, layer in enumerate(self.layers):

@@ -475,9 +475,13 @@ def pretrain(recipe: Recipe, resume: bool = True) -> dict:
         x, y = train_loader.get_batch(step, micro)
         return x, y, document_segments(x, bos)
 
+    from llamac.eval.bpb import recipe_validation_texts
+    from llamac.eval.runner import training_evaluator
+    tasks = training_evaluator(recipe, tokenizer, lambda: recipe_validation_texts(recipe))
+
     def eval_fn(model):
         losses = [model(x, y, segment_ids=document_segments(x, bos))[1].data for x, y in val_batches]
-        return {"val_loss": float(sum(float(v) for v in losses) / len(losses))}
+        return {"val_loss": float(sum(float(v) for v in losses) / len(losses)), **(tasks(model) if tasks else {})}
 
     trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=info.tokenizer_path)
     summary = trainer.run(resume=resume)

@@ -1,4 +1,4 @@
-"""loss.png: the training and validation loss curves of a run, from its metrics.jsonl."""
+"""loss.png: the training and validation loss curves of a run, and its train.eval_tasks numbers, from metrics.jsonl."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,9 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    tasks = task_series(records)
+    fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(12 if tasks else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if val:
@@ -28,6 +30,14 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if tasks:
+        ax = axes[0][1]
+        for name, points in tasks.items():
+            ax.plot(*zip(*points), "o-", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval tasks (accuracy; bpb in bits per byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = png_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -36,4 +46,15 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- pretraining
+def task_series(records: list[dict]) -> dict:
+    """{metric: [(step, value)]} of the train.eval_tasks numbers in evaluation records (every key
+    beside the step, the losses and the perplexity)."""
+    skip = {"step", "loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "grad_norm", "mfu"}
+    series: dict = {}
+    for r in records:
+        if "loss" in r:
+            continue
+        for key, value in r.items():
+            if key not in skip and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((r["step"], value))
+    return series

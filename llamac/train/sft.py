@@ -20,7 +20,8 @@ import numpy as np
 from llamac.config import Recipe
 from llamac.engine import backend
 from llamac.errors import LlamacError
-from llamac.infer.chat import END_OF_TURN, JINJA_TEMPLATE, encode_chat
+from llamac.eval.skills import exact_match
+from llamac.infer.chat import JINJA_TEMPLATE, encode_chat
 
 IGNORE = -100
 
@@ -29,22 +30,8 @@ IGNORE = -100
 
 def read_sft_file(path: Path) -> list[dict]:
     """Chat examples from a JSONL file: Alpaca rows (instruction, input, output) or chat rows (messages)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LlamacError(f"SFT data file not found: {path}")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LlamacError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            examples.append(_to_chat(row, f"{path}:{lineno}"))
-    if not examples:
-        raise LlamacError(f"{path}: empty file (no examples)")
-    return examples
+    from llamac.data.sources import read_json_rows
+    return read_json_rows(path, _to_chat, "SFT data file", "examples")
 
 
 def _to_chat(row, where: str) -> dict:
@@ -150,38 +137,6 @@ def batch_arrays(packed: Packed, rows: np.ndarray):
     return x, y, segments
 
 
-# ---------------------------------------------------------------- evaluation
-
-def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 24) -> dict:
-    """Greedy answers to held-out skill prompts: exact-match accuracy and how many ended their turn."""
-    from llamac.infer.generate import generate_ids
-    end_id = tokenizer.piece_to_id(END_OF_TURN)
-    correct = ended = 0
-    per_task: dict = {}
-    for ex in examples:
-        prompt = [m for m in ex["messages"] if m["role"] != "assistant"]
-        want = ex["messages"][-1]["content"]
-        ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
-        room = min(max_new_tokens, model.config.max_seq_len - len(ids))
-        out = []
-        finished = False
-        for tok in generate_ids(model, ids, room, temperature=0, eos_id=None):
-            if tok == end_id:
-                finished = True
-                break
-            out.append(tok)
-        answer = tokenizer.decode(out).strip()
-        hit = answer == want
-        correct += hit
-        ended += finished
-        task = per_task.setdefault(ex["task"], [0, 0])
-        task[0] += hit
-        task[1] += 1
-    n = max(len(examples), 1)
-    return {"exact_match": correct / n, "ended_turn": ended / n, "n": len(examples),
-            "per_task": {k: round(v[0] / v[1], 3) for k, v in per_task.items()}}
-
-
 # ---------------------------------------------------------------- the command
 
 def finetune(recipe: Recipe, resume: bool = True) -> dict:
@@ -226,6 +181,11 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         x, y, s = batch_arrays(train_packed, rows)
         return (backend.to_device(x, device), backend.to_device(y, device), backend.to_device(s, device))
 
+    from llamac.eval.bpb import validation_texts
+    from llamac.eval.runner import training_evaluator
+    from llamac.train.checkpoint import resolve_checkpoint
+    tasks = training_evaluator(recipe, tokenizer, lambda: validation_texts(resolve_checkpoint(ckpt)))
+
     def eval_fn(m):
         losses, weights = [], []
         for start in range(0, len(val_packed.tokens), B):
@@ -235,7 +195,7 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
                 losses.append(float(m(backend.to_device(x, device), backend.to_device(y, device),
                                       segment_ids=backend.to_device(s, device))[1].item()) * n)
                 weights.append(n)
-        return {"val_loss": sum(losses) / max(sum(weights), 1)}
+        return {"val_loss": sum(losses) / max(sum(weights), 1), **(tasks(m) if tasks else {})}
 
     tokens_per_step = B * recipe.train.grad_accum * seq_len
     trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=tokenizer.path,
