@@ -112,12 +112,12 @@ def bench(
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="llamac checkpoint (or Hugging Face Llama folder)."),
-    format: str = typer.Option(..., "--format", "-f", help="hf, gguf or llamac."),
+    format: str = typer.Option(..., "--format", "-f", help="hf, gguf, llamac (a LoRA run: merged) or peft (its adapters)."),
     out: Path = typer.Option(..., "--out", "-o"),
     dtype: str = typer.Option("f32", "--dtype", help="hf: f32, bf16 or f16; gguf: f32, f16 or q8_0."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
-    """Export a model to Hugging Face, GGUF (llama.cpp) or native llamac files."""
+    """Export a model to Hugging Face, GGUF (llama.cpp) or native llamac files, or a LoRA run's adapters for PEFT."""
     from llamac.formats.export import export as run
     run(checkpoint, format=format, out=out, dtype=dtype, force=force)
 

@@ -192,12 +192,15 @@ def check_same_run(out_dir: Path, adapters: dict | None):
     if found is None:
         return
     saved = checkpoint.read_state(found).get("lora")
-    kind = lambda a: "full fine-tuning" if a is None else "LoRA " + ", ".join(  # noqa: E731
-        f"{k} {a[k]}" for k in ("rank", "alpha", "dropout", "targets"))
-    if (saved is None) != (adapters is None) or (saved and any(saved[k] != adapters[k] for k in
-                                                              ("rank", "alpha", "dropout", "targets"))):
-        raise LlamacError(f"checkpoint {found} is a {kind(saved)} run; the recipe asks for {kind(adapters)}: "
+    keys = ("rank", "alpha", "dropout", "targets")
+    if (saved is None) != (adapters is None):
+        kinds = ["full fine-tuning" if a is None else "LoRA" for a in (saved, adapters)]
+        raise LlamacError(f"checkpoint {found} is a {kinds[0]} run; the recipe asks for {kinds[1]}: "
                           "use --no-resume or another out_dir")
+    differ = [k for k in keys if saved is not None and saved[k] != adapters[k]]
+    if differ:
+        raise LlamacError(f"checkpoint {found} has LoRA {', '.join(f'{k} {saved[k]}' for k in differ)}; the recipe "
+                          f"asks for {', '.join(f'{k} {adapters[k]}' for k in differ)}: use --no-resume or another out_dir")
     if saved is not None and saved["base_hash"] != adapters["base_hash"]:
         raise LlamacError(f"checkpoint {found} was trained on another base ({saved['base']}, weights hash "
                           f"{saved['base_hash'][:19]}...) than sft.from_checkpoint ({adapters['base']}, "
