@@ -127,6 +127,13 @@ def test_peft_gives_llamacs_logits_and_the_merged_exports(tmp_path, lora_run):
         assert np.abs(base_logits - want).max() / scale > 1e-2       # the adapters change the model
     print(f"max relative logit difference PEFT vs llamac {worst_peft:.2e}, merged HF vs PEFT {worst_merged:.2e}")
     assert worst_peft <= 1e-4 and worst_merged <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(adapter)       # the run's tokenizer, with the template
+    for chat, answer in zip(NEW, _answers(ours, tokenizer)):
+        prompt = hf_tok.apply_chat_template(chat[:-1], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        with torch.no_grad():
+            got = ref.generate(**prompt, do_sample=False, max_new_tokens=12)[0, prompt["input_ids"].shape[1]:]
+        assert hf_tok.decode(got, skip_special_tokens=True) == answer == chat[-1]["content"]
 
 
 def test_the_merged_gguf_gives_llamacs_greedy_tokens(tmp_path, lora_run):

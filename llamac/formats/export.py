@@ -157,6 +157,14 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     if vocab is None:
         print(f"warning: {src.path} has no tokenizer.model; the export has weights but no tokenizer", file=sys.stderr)
         return
+    write_tokenizer(src, vocab, pad, folder)
+
+
+def write_tokenizer(src: Source, vocab: SpmVocab, pad, folder: Path):
+    """tokenizer.model, tokenizer.json, special_tokens_map.json and tokenizer_config.json (with the chat
+    template) of `src`, into `folder`."""
+    cfg = src.config
+    bos = vocab.bos_id
     shutil.copyfile(src.tokenizer_path, folder / "tokenizer.model")
     tok_json = tokenizer_json(vocab)
     _write_json(folder / "tokenizer.json", tok_json)
@@ -194,9 +202,13 @@ def _numpy_dtype(torch_dtype: str):
 
 
 def write_peft(src: Source, folder: Path, torch_dtype: str):
-    """A LoRA run's adapters as a PEFT adapter folder (llamac.formats.peft), into `folder` (new)."""
+    """A LoRA run's adapters as a PEFT adapter folder (llamac.formats.peft), into `folder` (new), with the
+    run's tokenizer files (its chat template included), as PEFT's own adapter folders carry them."""
     from llamac.formats import peft
     folder.mkdir()
+    if src.tokenizer_path is not None:
+        vocab = SpmVocab.read(src.tokenizer_path)
+        write_tokenizer(src, vocab, vocab.pad_id if vocab.pad_id >= 0 else _piece_id(vocab, "<|pad|>"), folder)
     _write_json(folder / "adapter_config.json", peft.adapter_config(src.lora["state"]))
     tensors = {k: np.asarray(v, np.float32) for k, v in src.lora["tensors"].items()}
     write_safetensors(folder / "adapter_model.safetensors", peft.peft_tensors(tensors, src.config),

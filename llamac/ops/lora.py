@@ -65,9 +65,13 @@ class _Adapters:
         gb_full = matmul(g2.T, us)                                      # (out, k r)
         gu = gus * gus.dtype.type(self.scale)
         ga_full = matmul(gu.T, xd2)                                     # (k r, in)
+        if len(self.ranks) == 1 and self.b.shape[0] == self.rows[0][1] - self.rows[0][0]:
+            return gu, [ga_full, gb_full]
         out, col = [], 0
+        xp = backend.get_array_module(g2)
         for (start, stop), r in zip(self.rows, self.ranks):
-            out += [ga_full[col:col + r], gb_full[start:stop, col:col + r]]
+            # contiguous: the fused AdamW (and its CUDA graph) take a gradient as one flat run
+            out += [ga_full[col:col + r], xp.ascontiguousarray(gb_full[start:stop, col:col + r])]
             col += r
         return gu, out
 
