@@ -19,7 +19,7 @@ from llamac.train.sft import finetune
 from llamac.infer.chat import END_OF_TURN, encode_chat
 from llamac.infer.generate import generate_ids
 from tests.test_export import GQA, PROMPTS, _checkpoint, _cpp_greedy, _greedy, _llama_cpp, _logits, _margins, \
-    _tokenizer, _tune, corpus  # noqa: F401 - corpus is a fixture
+    _tokenizer, _tune, train_corpus
 from tests.test_train import ROOT
 
 LORA = LoRAConfig(rank=16, alpha=32.0)
@@ -59,7 +59,13 @@ def adapted(run) -> Llama:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, corpus):  # noqa: F811
+def corpus(tmp_path_factory):
+    """test_export's tokenizer (chat tokens at ids 3..10) and validation text."""
+    return train_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, corpus):
     """(base run, LoRA run, tokenizer): the untied GQA llama3-RoPE test model tuned on test_export's chats
     (the base), then `llamac sft` with rank-16 adapters on every projection, on NEW's answers."""
     root = tmp_path_factory.mktemp("lora")
@@ -158,6 +164,21 @@ def test_generate_on_a_lora_run_is_base_plus_adapters(lora_run, capsys):
     assert plain != expected
 
 
+def test_lora_on_a_hugging_face_folder(tmp_path, lora_run):
+    base, _, tokenizer = lora_run
+    base_hf = export(base, format="hf", out=tmp_path / "base-hf")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in NEW))
+    finetune(_sft_recipe(tmp_path / "run", base_hf, data, max_steps=10, ckpt_every=0))
+    state = checkpoint.read_state(checkpoint.latest(tmp_path / "run"))["lora"]
+    assert state["base"] == str(base_hf.resolve()) and state["base_hash"] == lora.weights_hash(
+        checkpoint.base_weights(base))                    # the folder's weights are the checkpoint's
+    ids = tokenizer.encode(PROMPTS[0], bos=True)
+    merged, _, _ = checkpoint.load_model(tmp_path / "run")
+    want = _logits(adapted(tmp_path / "run"), ids)
+    assert np.abs(_logits(merged, ids) - want).max() / np.abs(want).max() < 1e-5
+
+
 def test_adapter_gradients_match_float64_finite_differences():
     llamac.manual_seed(3)
     cfg = ModelConfig(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24, vocab_size=40, max_seq_len=8)
@@ -236,7 +257,7 @@ def test_a_rank_above_a_projections_dimension_is_a_one_line_error(tmp_path, lora
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_lora_run_without_its_base_is_a_one_line_error(tmp_path, lora_run, capsys, corpus):  # noqa: F811
+def test_a_lora_run_without_its_base_is_a_one_line_error(tmp_path, lora_run, capsys, corpus):
     _, run, _ = lora_run
     moved = tmp_path / "run"
     shutil.copytree(run, moved)
