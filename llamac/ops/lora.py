@@ -60,7 +60,8 @@ class _Adapters:
         matmul(us, self.b.T, out=out2, beta=1.0)
 
     def grads(self, g2, us, xd2):
-        """(d us (N, k r) = g B, the gradients of A and B per adapter, interleaved as inputs)."""
+        """(the gradient of dropout(x) A^T (N, k r), [A's, B's gradient] per adapter in input order);
+        g2 is the output's gradient (N, out), us what `down` returned, xd2 the adapters' input."""
         gus = matmul(g2, self.b)                                        # (N, k r)
         gb_full = matmul(g2.T, us)                                      # (out, k r)
         gu = gus * gus.dtype.type(self.scale)
