@@ -133,7 +133,7 @@ def serve(
 
 @app.command()
 def bench(
-    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients), eval (multiple-choice log-likelihoods vs PyTorch)."),
+    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients), eval (multiple-choice log-likelihoods vs PyTorch), lora (full SFT vs LoRA: GPU memory and step time)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'torch' to run the same shapes in PyTorch; 'torch-compile' for torch.compile alone (train); 'none'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers to this JSON file."),
     device: str = typer.Option("auto", "--device"),
@@ -146,12 +146,12 @@ def bench(
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="llamac checkpoint (or Hugging Face Llama folder)."),
-    format: str = typer.Option(..., "--format", "-f", help="hf, gguf or llamac."),
+    format: str = typer.Option(..., "--format", "-f", help="hf, gguf, llamac (a LoRA run: merged) or peft (its adapters)."),
     out: Path = typer.Option(..., "--out", "-o"),
     dtype: str = typer.Option("f32", "--dtype", help="hf: f32, bf16 or f16; gguf: f32, f16 or q8_0."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
-    """Export a model to Hugging Face, GGUF (llama.cpp) or native llamac files."""
+    """Export a model to Hugging Face, GGUF (llama.cpp) or native llamac files, or a LoRA run's adapters for PEFT."""
     from llamac.formats.export import export as run
     run(checkpoint, format=format, out=out, dtype=dtype, force=force)
 

@@ -168,10 +168,23 @@ class TrainConfig:
     eval_limit: int = bounded(100, ge=1)      # items (bpb: documents) of each of them per evaluation
 
 
+# The projections LoRA may adapt, by their Hugging Face (and PEFT) names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = bounded(16, ge=1)           # at most the smaller side of every target projection
+    alpha: float = bounded(32.0, gt=0)      # the adapter's product is scaled by alpha / rank
+    dropout: float = bounded(0.0, ge=0, lt=1)   # on the adapter's input only
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class SFTConfig:
     from_checkpoint: Optional[str] = None    # llamac checkpoint or Hugging Face Llama folder
     eval_tasks: int = bounded(200, ge=0)    # held-out skill prompts scored before and after
+    lora: Optional[LoRAConfig] = None       # low-rank adapters on a frozen base; None: full fine-tuning
 
 
 @dataclass
@@ -239,14 +252,25 @@ def _build(cls, data, where: str):
     for key, value in data.items():
         tp = hints[key]
         path = f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path)
+        section = _section_type(tp)
+        if section is not None and (value is not None or section is tp):
+            kwargs[key] = _build(section, value, path)
             continue
         ok, conv = _type_ok(value, tp)
         if not ok:
             raise LlamacError(f"recipe key '{path}' should be {_type_name(tp)}, got {value!r}")
         kwargs[key] = conv
     return cls(**kwargs)
+
+
+def _section_type(tp):
+    """The dataclass of a section key (`model`), or of an optional one (`sft.lora`, None: off)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return sections[0] if sections else None
+    return None
 
 
 def _type_name(tp) -> str:
@@ -383,6 +407,14 @@ def validate(recipe: Recipe) -> None:
             raise LlamacError(f"recipe key 'train.eval_tasks': {exc}") from None
     if t.dtype not in ("fp32", "bf16"):
         raise LlamacError(f"train.dtype must be fp32 or bf16, got {t.dtype!r}")
+    if recipe.sft.lora is not None:
+        targets = recipe.sft.lora.targets
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise LlamacError(f"recipe key 'sft.lora.targets' has {'unknown target ' + repr(unknown[0]) if unknown else 'no target'}"
+                              f" (choose among {', '.join(LORA_TARGETS)})")
+        if len(set(targets)) != len(targets):
+            raise LlamacError(f"recipe key 'sft.lora.targets' names a target twice: {targets}")
     if m.rope_scaling is not None:
         kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type"))
         if kind not in ("linear", "dynamic", "llama3"):

@@ -37,7 +37,7 @@ import pytest
 import llamac
 from llamac.engine import backend
 from llamac.engine.gradcheck import check_grad
-from llamac.ops import attention, embedding, linear, rmsnorm, rope, swiglu
+from llamac.ops import attention, embedding, linear, lora, rmsnorm, rope, swiglu
 from llamac.train.optim import AdamW
 
 BF16 = backend.bfloat16
@@ -347,7 +347,87 @@ ATTENTION = [
                 {"bfloat16": FLASH_BF16_TOL}),
 ]
 
-OP_CASES = LINEAR + EMBEDDING + RMSNORM + ROPE + SWIGLU + CROSS_ENTROPY + ATTENTION
+
+def _lora_linear(rows, scale, p=0.0, seed=None):
+    """LoRALinear with adapters (A, B) on the given row blocks, as packed q | k | v has them."""
+    def fn(x, w, *adapters):
+        return lora.LoRALinear.apply(x, w, *adapters, rows=rows, scale=scale, p=p, seed=seed)
+    return fn
+
+
+def _lora_linear64(rows, scale, p=0.0, seed=None):
+    def forward(x, w, *adapters):
+        keep = lora._dropout_scale(np, x.shape, np.float64, p, seed) if p else 1.0
+        out = x @ w.T
+        for (a, b), (start, stop) in zip(zip(adapters[0::2], adapters[1::2]), rows):
+            out[..., start:stop] += scale * ((x * keep) @ a.T) @ b.T
+        return out
+    return forward
+
+
+def _lora_linear_inputs(rows, rank, C=8, O=12):
+    def inputs(rng, dt):
+        arrays = [normal(rng, 2, 3, C), normal(rng, O, C, scale=0.3)]
+        for start, stop in rows:
+            arrays += [normal(rng, rank, C, scale=0.3), normal(rng, stop - start, rank, scale=0.3)]
+        return arrays, {}
+    return inputs
+
+
+def _lora_swiglu(present, scale, p=0.0, seeds=(None, None, None)):
+    def fn(x, w1, w3, w2, *adapters):
+        return lora.LoRASwiGLU.apply(x, w1, w3, w2, *adapters, present=present, scale=scale, p=p, seeds=seeds)
+    return fn
+
+
+def _lora_swiglu64(present, scale, p=0.0, seeds=(None, None, None)):
+    def forward(x, w1, w3, w2, *adapters):
+        pairs = iter(zip(adapters[0::2], adapters[1::2]))
+        ab = [next(pairs) if on else None for on in present]
+
+        def project(v, w, i):
+            out = v @ w.T
+            if ab[i] is not None:
+                keep = lora._dropout_scale(np, v.shape, np.float64, p, seeds[i]) if p else 1.0
+                out += scale * ((v * keep) @ ab[i][0].T) @ ab[i][1].T
+            return out
+        gate, up = project(x, w1, 0), project(x, w3, 1)
+        return project(gate * sigmoid64(gate) * up, w2, 2)
+    return forward
+
+
+def _lora_swiglu_inputs(present, rank, C=6, H=10):
+    def inputs(rng, dt):
+        arrays = [normal(rng, 2, 3, C), normal(rng, H, C, scale=0.5), normal(rng, H, C, scale=0.5),
+                  normal(rng, C, H, scale=0.5)]
+        for on, (out_f, in_f) in zip(present, ((H, C), (H, C), (C, H))):
+            if on:
+                arrays += [normal(rng, rank, in_f, scale=0.5), normal(rng, out_f, rank, scale=0.5)]
+        return arrays, {}
+    return inputs
+
+
+QKV_BLOCKS = ((0, 6), (9, 12))          # adapters on q and v of a q | k | v of 6 | 3 | 3 rows, none on k
+ALL_THREE = (True, True, True)
+LORA = [   # every input differentiable: the frozen base's gradient (unused by LoRA runs) is checked too
+    OpCase("lora_linear", _lora_linear(((0, 12),), 2.0), _lora_linear_inputs(((0, 12),), 3),
+           _lora_linear64(((0, 12),), 2.0)),
+    OpCase("lora_linear_row_blocks", _lora_linear(QKV_BLOCKS, 0.5), _lora_linear_inputs(QKV_BLOCKS, 2),
+           _lora_linear64(QKV_BLOCKS, 0.5)),
+    # dropout draws its mask from a seed, on NumPy here (CuPy's generator draws other masks: CPU only)
+    OpCase("lora_linear_dropout", _lora_linear(QKV_BLOCKS, 1.5, 0.3, 7), _lora_linear_inputs(QKV_BLOCKS, 2),
+           _lora_linear64(QKV_BLOCKS, 1.5, 0.3, 7), dtypes=("float64", "float32"), gpu_dtypes=()),
+    OpCase("lora_swiglu", _lora_swiglu(ALL_THREE, 2.0), _lora_swiglu_inputs(ALL_THREE, 2),
+           _lora_swiglu64(ALL_THREE, 2.0)),
+    OpCase("lora_swiglu_gate_and_down", _lora_swiglu((True, False, True), 0.5),
+           _lora_swiglu_inputs((True, False, True), 3), _lora_swiglu64((True, False, True), 0.5)),
+    OpCase("lora_swiglu_no_adapters", _lora_swiglu((False, False, False), 1.0),
+           _lora_swiglu_inputs((False, False, False), 1), _lora_swiglu64((False, False, False), 1.0)),
+    OpCase("lora_swiglu_dropout", _lora_swiglu(ALL_THREE, 1.0, 0.25, (1, 2, 3)), _lora_swiglu_inputs(ALL_THREE, 2),
+           _lora_swiglu64(ALL_THREE, 1.0, 0.25, (1, 2, 3)), dtypes=("float64", "float32"), gpu_dtypes=()),
+]
+
+OP_CASES = LINEAR + EMBEDDING + RMSNORM + ROPE + SWIGLU + CROSS_ENTROPY + ATTENTION + LORA
 
 
 # ================================================================ SwiGLU's NumPy/CuPy references

@@ -84,3 +84,15 @@ def test_the_printed_table_reads_at_80_columns():
     assert max(len(line) for line in text.splitlines()) <= 80
     for cell in (*summary_row(rows[0]), *summary_row(rows[1])):
         assert cell in text, cell
+
+
+def test_lora_bench_runs_full_sft_then_lora_on_the_cpu():
+    # The code of `bench --what lora --device cuda` (memory figures are the GPU's: none here).
+    from llamac.bench.lora import bench_lora
+    shape = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=64, seq_len=16, batch_size=2)
+    full, adapted = bench_lora("tiny", shape, rank=4, steps=2, warmup=1, device="cpu")
+    assert "status" not in full and "status" not in adapted, (full, adapted)
+    assert full["impl"].startswith("llamac full SFT") and adapted["impl"].startswith("llamac LoRA r4")
+    assert adapted["trainable_M"] < full["trainable_M"]
+    assert math.isfinite(adapted["step_ms"]) and math.isfinite(adapted["step_vs_full"])
+    assert abs(full["loss"] - adapted["loss"]) < 0.5    # the same model and tokens: near log(64) = 4.16

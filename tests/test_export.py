@@ -54,8 +54,12 @@ def _text(seed: int, sentences: int) -> str:
 def corpus(tmp_path_factory):
     """A tokenizer trained like llamac's (BPE, byte fallback, split digits, identity normalization,
     whitespace kept, chat tokens at ids 3..10) and a held-out validation text."""
+    return train_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train_corpus(root):
+    """(the tokenizer `corpus` trains into root, its validation text)."""
     spm = pytest.importorskip("sentencepiece")
-    root = tmp_path_factory.mktemp("corpus")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_text(0, 3000).split("\n")), model_prefix=str(root / "tok"), model_type="bpe",
         vocab_size=400, byte_fallback=True, split_digits=True, normalization_rule_name="identity",

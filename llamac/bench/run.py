@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llamac.engine import backend
+from llamac.bench.timing import error_row
 from llamac.errors import LlamacError
 from llamac.train import fusions
 
@@ -161,16 +162,6 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
 
 # ---------------------------------------------------------------- GPU training vs PyTorch
 
-def _is_oom(exc) -> bool:
-    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
-
-
-def _error_row(row: dict, exc) -> dict:
-    import traceback
-    traceback.print_exc()
-    return {**row, "status": "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:120]}"}
-
-
 def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager", "compile"),
                     cuda_graph: bool = True, warmup: int = 4, device: str = "cuda",
                     optimizer_in_graph: bool = True, recompute: bool = False) -> list[dict]:
@@ -250,7 +241,7 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
                          "peak_reserved_GB": round(torch.cuda.max_memory_reserved() / 1e9, 2) if gpu else None,
                          "loss": round(float(tloss.detach()), 4)})
         except Exception as exc:
-            trow = _error_row(trow, exc)
+            trow = error_row(trow, exc)
         rows.append(trow)
         tm = topt = fwd = tx = ty = None  # noqa: F841
         gc.collect()
@@ -298,7 +289,7 @@ def bench_train_gpu(name: str, shape: dict, steps: int = 10, torch_modes=("eager
                     "loss": round(float(loss), 4), "graph": runner.captured,
                     **({"graph_error": runner.graph_error} if runner.graph_error else {})})
     except Exception as exc:   # OOM at 350M without flash attention: a row, not a crash
-        row = _error_row(row, exc)
+        row = error_row(row, exc)
     rows.insert(0, row)
     if runner is not None:
         runner.release()
@@ -319,7 +310,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 
     device = backend.resolve_device(device)
     sections = [w.strip() for w in what.split(",") if w.strip()]
-    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode", "serve", "eval"}
+    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode", "serve", "eval", "lora"}
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
@@ -353,6 +344,11 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             rows += [{"section": "kernels", **r} for r in bench_training_kernels()]
             from llamac.bench.kernels import bench_attention_kernels
             rows += [{"section": "kernels", **r} for r in bench_attention_kernels(torch_compare=compare in ("torch", "torch-compile"))]
+        elif section == "lora":
+            if device != "cuda":
+                raise LlamacError("bench --what lora measures GPU memory and step time (--device cuda)")
+            from llamac.bench.lora import LORA_SHAPES, bench_lora
+            rows = [r for name, shape in LORA_SHAPES.items() for r in bench_lora(name, shape)]
         elif section == "decode":
             if device != "cuda":
                 raise LlamacError("bench --what decode needs a CUDA GPU (--device cuda)")
@@ -380,7 +376,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 HEADLINES = (("decode_tok_s", "tok/s"), ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ms", "ms"),
              ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
 RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "torch_over_ours", "vs_hf", "vs_batch1",
-          "vs_one_client", "vs_generate")
+          "vs_one_client", "vs_generate", "peak_vs_full")
 
 
 def summary_row(row: dict) -> tuple[str, str, str, str]:

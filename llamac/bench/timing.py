@@ -1,4 +1,4 @@
-"""GPU timers shared by the benchmarks: CUDA events around each call, medians."""
+"""GPU timers shared by the benchmarks (CUDA events around each call, medians) and their failed rows."""
 from __future__ import annotations
 
 import statistics
@@ -42,3 +42,14 @@ def torch_time_ms(torch, fn, reps: int, warmup: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def is_oom(exc) -> bool:
+    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+
+
+def error_row(row: dict, exc) -> dict:
+    """A benchmark row that failed, with its traceback printed: OOM, or the error in a few words."""
+    import traceback
+    traceback.print_exc()
+    return {**row, "status": "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:120]}"}

@@ -1,5 +1,5 @@
 """`llamac export`: a checkpoint (llamac or Hugging Face folder) to a Hugging Face folder, a GGUF
-file for llama.cpp, or a native llamac checkpoint.
+file for llama.cpp, a native llamac checkpoint, or (a LoRA run) a PEFT adapter folder.
 
 Every output is written under a hidden temporary name beside the target and renamed into place
 only once complete, so an interrupted export never leaves a half-written file under the target name.
@@ -32,19 +32,20 @@ from llamac.formats.hf_import import Source, is_hf_folder, read_hf_folder
 from llamac.formats.spm import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SpmVocab, _piece_id, progress
 from llamac.train import checkpoint
 
-FORMATS = ("hf", "gguf", "llamac")
+FORMATS = ("hf", "gguf", "llamac", "peft")
 HF_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 TORCH_DTYPE_NAMES = {torch: short for short, torch in HF_DTYPES.items()}   # --dtype bfloat16 works too
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
 
 def export(checkpoint, format: str, out, dtype: str = "f32", force: bool = False) -> Path:
-    """Write `checkpoint` as `format` ("hf", "gguf" or "llamac") to `out`; returns `out`."""
+    """Write `checkpoint` as `format` ("hf", "gguf", "llamac" or "peft") to `out`; returns `out`.
+    A LoRA run exports merged (base + adapters) as hf, gguf and llamac, and as its adapters alone as peft."""
     format, dtype, out = format.lower(), dtype.lower(), Path(out)
-    dtype = TORCH_DTYPE_NAMES.get(dtype, dtype) if format == "hf" else dtype
+    dtype = TORCH_DTYPE_NAMES.get(dtype, dtype) if format in ("hf", "peft") else dtype
     if format not in FORMATS:
-        raise LlamacError(f"unsupported export format {format!r} (choose hf, gguf or llamac)")
-    allowed = {"hf": HF_DTYPES, "gguf": GGUF_DTYPES, "llamac": ("f32", "float32")}[format]
+        raise LlamacError(f"unsupported export format {format!r} (choose hf, gguf, llamac or peft)")
+    allowed = {"hf": HF_DTYPES, "peft": HF_DTYPES, "gguf": GGUF_DTYPES, "llamac": ("f32", "float32")}[format]
     if dtype not in allowed:
         raise LlamacError(f"--dtype {dtype} is not available for --format {format} (choose {', '.join(allowed)})")
     if out.exists() and not force:
@@ -55,7 +56,13 @@ def export(checkpoint, format: str, out, dtype: str = "f32", force: bool = False
     source = Path(src.path).resolve()
     if out.exists() and (source == out.resolve() or out.resolve() in source.parents):
         raise LlamacError(f"--out {out} holds the checkpoint being exported; choose another output")
-    if format == "gguf":
+    if format == "peft":
+        if src.lora is None:
+            raise LlamacError(f"{src.path} has no LoRA adapters (a full model): --format peft exports the "
+                              "adapters of a run trained with sft.lora; use --format hf for a full model")
+        with atomic_output(out) as tmp:
+            write_peft(src, tmp, HF_DTYPES[dtype])
+    elif format == "gguf":
         from llamac.formats.gguf import write_gguf
         if src.tokenizer_path is None:
             raise LlamacError(f"{src.path} has no tokenizer.model, which a GGUF file needs for its vocabulary")
@@ -79,11 +86,15 @@ def read_source(path) -> Source:
     from llamac.train import checkpoint
     ckpt = checkpoint.resolve_checkpoint(path)
     state = checkpoint.read_state(ckpt)
-    weights, _ = checkpoint.load_safetensors(ckpt / "model.safetensors")
+    weights = checkpoint.model_weights(ckpt, state)      # a LoRA run: its base with the adapters merged
+    adapters = None
+    if "lora" in state:
+        tensors, _ = checkpoint.load_safetensors(ckpt / "model.safetensors")
+        adapters = {"state": state["lora"], "tensors": tensors}
     tokenizer = ckpt / "tokenizer.model"
     extra = {k: state[k] for k in ("step", "recipe") if k in state}
     return Source(checkpoint.model_config_of(ckpt), {k: np.asarray(v, np.float32) for k, v in weights.items()},
-                  ckpt, tokenizer if tokenizer.is_file() else None, state.get("chat_template"), extra)
+                  ckpt, tokenizer if tokenizer.is_file() else None, state.get("chat_template"), extra, adapters)
 
 
 @contextmanager
@@ -135,10 +146,7 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
         generation["pad_token_id"] = pad
     _write_json(folder / "generation_config.json", generation)
 
-    np_dtype = {"float32": np.float32, "float16": np.float16}.get(torch_dtype)
-    if np_dtype is None:
-        import ml_dtypes
-        np_dtype = ml_dtypes.bfloat16
+    np_dtype = _numpy_dtype(torch_dtype)
     # q/k rows go from llamac's interleaved RoPE pairs to transformers' rotate-half layout, one tensor at a time
     tensors = {}
     for name, w in src.state.items():
@@ -149,6 +157,14 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     if vocab is None:
         print(f"warning: {src.path} has no tokenizer.model; the export has weights but no tokenizer", file=sys.stderr)
         return
+    write_tokenizer(src, vocab, pad, folder)
+
+
+def write_tokenizer(src: Source, vocab: SpmVocab, pad, folder: Path):
+    """tokenizer.model, tokenizer.json, special_tokens_map.json and tokenizer_config.json (with the chat
+    template) of `src`, into `folder`."""
+    cfg = src.config
+    bos = vocab.bos_id
     shutil.copyfile(src.tokenizer_path, folder / "tokenizer.model")
     tok_json = tokenizer_json(vocab)
     _write_json(folder / "tokenizer.json", tok_json)
@@ -176,6 +192,27 @@ def write_hf(src: Source, folder: Path, torch_dtype: str):
     if src.chat_template:
         tok_config["chat_template"] = src.chat_template
     _write_json(folder / "tokenizer_config.json", tok_config)
+
+
+def _numpy_dtype(torch_dtype: str):
+    if torch_dtype == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return {"float32": np.float32, "float16": np.float16}[torch_dtype]
+
+
+def write_peft(src: Source, folder: Path, torch_dtype: str):
+    """A LoRA run's adapters as a PEFT adapter folder (llamac.formats.peft), into `folder` (new), with the
+    run's tokenizer files (its chat template included), as PEFT's own adapter folders carry them."""
+    from llamac.formats import peft
+    folder.mkdir()
+    if src.tokenizer_path is not None:
+        vocab = SpmVocab.read(src.tokenizer_path)
+        write_tokenizer(src, vocab, vocab.pad_id if vocab.pad_id >= 0 else _piece_id(vocab, "<|pad|>"), folder)
+    _write_json(folder / "adapter_config.json", peft.adapter_config(src.lora["state"]))
+    tensors = {k: np.asarray(v, np.float32) for k, v in src.lora["tensors"].items()}
+    write_safetensors(folder / "adapter_model.safetensors", peft.peft_tensors(tensors, src.config),
+                      _numpy_dtype(torch_dtype), {"format": "pt"})
 
 
 def _added(content: str, special: bool | None = None) -> dict:

@@ -30,6 +30,9 @@ class Source:
     tokenizer_path: Path | None = None
     chat_template: str | None = None
     extra: dict = field(default_factory=dict)   # state.json keys worth carrying over (llamac sources)
+    # a LoRA run's adapters: {"state": its state.json 'lora' entry, "tensors": lora_a / lora_b by name};
+    # `state` then holds the base with them merged
+    lora: dict | None = None
 
 
 def is_hf_folder(path) -> bool:

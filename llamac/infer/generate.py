@@ -49,8 +49,8 @@ def fast_decoder_for(model, batch: int = 1, max_len: int | None = None):
     """A llamac.infer.decode.FastDecoder when the model is on the GPU and the fast path takes its shape, else None.
     bf16 models decode as they are; fp32 and fp16 ones are converted to bf16 for it."""
     p = model.tok_embeddings.weight
-    if p.device != "cuda":
-        return None
+    if p.device != "cuda" or getattr(model, "lora", None) is not None:
+        return None     # LoRA adapters (train.lora) live outside the weights the fast decoder reads
     from llamac.infer.decode import FastDecoder
     try:
         return FastDecoder.from_model(model, batch=batch, max_len=max_len)

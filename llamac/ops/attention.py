@@ -148,13 +148,23 @@ def use_packed_attention(x: Tensor, head_dim: int) -> bool:
     return runtime.options().packed_qkv and use_flash(x, head_dim)
 
 
+def stacked_weight(weights) -> Tensor:
+    """wq | wk | wv as one (rows stacked) weight: the model's one array when they are its row
+    blocks (FusedAttention.after_move), else a small copy each call."""
+    return (StackedRows if StackedRows.adjacent([t.data for t in weights]) else Concatenate).apply(*weights, axis=0)
+
+
 def packed_attention(x: Tensor, weights, cos, sin, n_heads: int, n_kv_heads: int, segments=None,
                      causal: bool = True) -> Tensor:
     """attention(rope(x wq^T), rope(x wk^T), x wv^T) through one GEMM with the stacked weights
-    (rows wq | wk | wv: the model's one array when they are its row blocks, else a small copy
-    each call) and RoPEFlashAttention. -> (B, T, H, hs)."""
-    w = (StackedRows if StackedRows.adjacent([t.data for t in weights]) else Concatenate).apply(*weights, axis=0)
-    qkv = linear(x, w)                                                  # (B, T, (H + 2 Hkv) hs)
+    and RoPEFlashAttention. -> (B, T, H, hs)."""
+    qkv = linear(x, stacked_weight(weights))                            # (B, T, (H + 2 Hkv) hs)
+    return packed_qkv_attention(qkv, cos, sin, n_heads, n_kv_heads, segments, causal)
+
+
+def packed_qkv_attention(qkv: Tensor, cos, sin, n_heads: int, n_kv_heads: int, segments=None,
+                         causal: bool = True) -> Tensor:
+    """RoPEFlashAttention on a packed q | k | v projection (B, T, (H + 2 Hkv) hs). -> (B, T, H, hs)."""
     cos = cos if isinstance(cos, Tensor) else Tensor(cos)
     sin = sin if isinstance(sin, Tensor) else Tensor(sin)
     seg = segments.data if isinstance(segments, Tensor) else segments

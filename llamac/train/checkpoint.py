@@ -1,7 +1,8 @@
 """Checkpoints: a folder per step, written under a temporary name and renamed into place.
 
     <out_dir>/checkpoints/step_00000200/
-        model.safetensors       weights (fp32), the model config in the metadata
+        model.safetensors       weights (fp32), the model config in the metadata; a LoRA run's
+                                adapters only (state.json names its base and the base's hash)
         optimizer.safetensors   AdamW moments (absent in exports)
         state.json              step, RNG state, data position, the resolved recipe
         tokenizer.model         the SentencePiece model the ids belong to
@@ -124,7 +125,8 @@ def model_config_of(ckpt: Path) -> ModelConfig:
 
 
 def load_model(path, device: str = "cpu", dtype=None):
-    """(model, tokenizer or None, checkpoint path) from a llamac checkpoint or a Hugging Face Llama folder."""
+    """(model, tokenizer or None, checkpoint path) from a llamac checkpoint or a Hugging Face Llama folder.
+    A LoRA checkpoint gives its base with the adapters merged (its base is checked by hash first)."""
     from llamac.model.llama import Llama
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and not (path / STATE).is_file():
@@ -132,7 +134,7 @@ def load_model(path, device: str = "cpu", dtype=None):
         return load_hf_folder(path, device=device, dtype=dtype)
     ckpt = resolve_checkpoint(path)
     cfg = model_config_of(ckpt)
-    weights, _ = load_safetensors(ckpt / "model.safetensors")
+    weights = model_weights(ckpt, read_state(ckpt))     # a LoRA run: base + adapters, merged in memory
     model = Llama(cfg)
     model.load_state_dict(weights)
     model.to(device, dtype)
@@ -151,3 +153,55 @@ def check_compatible(ckpt: Path, cfg: ModelConfig):
                  for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)]
         raise LlamacError(f"checkpoint {ckpt} is from an incompatible config: {'; '.join(diffs[:3])}; "
                           "use --no-resume or another out_dir")
+
+
+def trainable_parameters(model) -> list:
+    """(name, parameter) of every parameter that takes a gradient."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def load_trainable(model, weights: dict, ckpt):
+    """A checkpoint's weights into the parameters that train (all of them, or a LoRA run's adapters);
+    any other set of names is a checkpoint of another kind of run."""
+    names = {n for n, _ in trainable_parameters(model)}
+    if set(weights) != names:
+        parts = [f"{what} {', '.join(sorted(which)[:3])}" for what, which in
+                 (("missing", names - set(weights)), ("unexpected", set(weights) - names)) if which]
+        raise LlamacError(f"checkpoint {ckpt} does not hold what this run trains ({'; '.join(parts)}); "
+                          "use --no-resume or another out_dir")
+    model.load_state_dict(weights, strict=False)
+
+
+# ---------------------------------------------------------------- LoRA checkpoints: adapters on a base
+
+def model_weights(ckpt: Path, state: dict) -> dict:
+    """A checkpoint's full model weights: its own, or (a LoRA run) its base's with the adapters merged."""
+    weights, _ = load_safetensors(ckpt / "model.safetensors")
+    if "lora" not in state:
+        return weights
+    from llamac.train import lora
+    return lora.merge_adapters(lora_base_weights(ckpt, state["lora"]), weights, state["lora"])
+
+
+def lora_base_weights(ckpt: Path, lora_state: dict) -> dict:
+    """The base a LoRA checkpoint was trained on, as float32 weights, checked against its stored hash."""
+    from llamac.train import lora
+    base = Path(lora_state["base"])
+    if not base.exists():
+        raise LlamacError(f"LoRA checkpoint {ckpt}: its base model {base} is missing")
+    weights = base_weights(base)
+    found = lora.weights_hash(weights)
+    if found != lora_state["base_hash"]:
+        raise LlamacError(f"LoRA checkpoint {ckpt}: its base {base} is not the model it was trained on "
+                          f"(weights hash {found[:19]}..., the checkpoint's {lora_state['base_hash'][:19]}...)")
+    return weights
+
+
+def base_weights(path) -> dict:
+    """float32 weights in llamac's layout of a model folder: a llamac checkpoint or a Hugging Face Llama."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / STATE).is_file():
+        from llamac.formats.hf_import import read_hf_folder
+        return read_hf_folder(path).state
+    ckpt = resolve_checkpoint(path)
+    return {k: np.asarray(v, np.float32) for k, v in model_weights(ckpt, read_state(ckpt)).items()}

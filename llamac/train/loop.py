@@ -48,9 +48,11 @@ class TrainStep:
                  cuda_graph: bool = True, warmup: int = 2, optimizer_in_graph: bool = True):
         self.model, self.optimizer = (fusions.fuse(model) if isinstance(model, Llama) else model), optimizer
         self.grad_accum, self.grad_clip, self.warmup = grad_accum, grad_clip, warmup
-        self.params = [p for _, p in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters() if p.requires_grad]   # frozen ones: no gradient
         self.device = self.params[0].device if self.params else "cpu"
-        dropout = getattr(getattr(model, "config", None), "dropout", 0.0) or 0.0
+        # a graph would replay one dropout mask: the model's, or the adapters' (train.lora)
+        dropout = max(getattr(getattr(model, "config", None), "dropout", 0.0) or 0.0,
+                      getattr(getattr(model, "lora", None), "dropout", 0.0))
         self.use_graph = bool(cuda_graph) and self.device == "cuda" and dropout == 0.0
         self.eager_steps = 0
         self.graphs = None          # [first micro-step graph, accumulating graph or None]
@@ -209,7 +211,8 @@ class Trainer:
         self.out_dir = Path(recipe.out_dir)
         self.tokens_per_step = tokens_per_step or self.cfg.batch_size * self.cfg.grad_accum * recipe.data.seq_len
         fusions.fuse(model, recompute=self.cfg.recompute)    # before AdamW: it may re-lay wq | wk | wv
-        self.optimizer = AdamW(model.named_parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+        # Frozen parameters (a LoRA run's base) get no optimizer state: only what trains is updated and saved.
+        self.optimizer = AdamW(checkpoint.trainable_parameters(model), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
         self.stepper = TrainStep(model, self.optimizer, self.cfg.grad_accum, self.cfg.grad_clip,
                                  cuda_graph=self.cfg.cuda_graph)
@@ -237,7 +240,7 @@ class Trainer:
         checkpoint.check_compatible(found, self.model.config)
         state = checkpoint.read_state(found)
         weights, _ = checkpoint.load_safetensors(found / "model.safetensors")
-        self.model.load_state_dict(weights)
+        checkpoint.load_trainable(self.model, weights, found)
         self.optimizer.load_master_weights(weights)
         moments, _ = checkpoint.load_safetensors(found / "optimizer.safetensors")
         self.optimizer.load_state_dict(moments, state["optimizer_t"])

@@ -139,6 +139,29 @@ def batch_arrays(packed: Packed, rows: np.ndarray):
 
 # ---------------------------------------------------------------- the command
 
+def check_same_run(out_dir: Path, adapters: dict | None):
+    """A run resumes only as the kind of run it is: full fine-tuning, or LoRA with the same
+    settings on the same base (by its weights hash)."""
+    from llamac.train import checkpoint
+    found = checkpoint.latest(out_dir)
+    if found is None:
+        return
+    saved = checkpoint.read_state(found).get("lora")
+    keys = ("rank", "alpha", "dropout", "targets")
+    if (saved is None) != (adapters is None):
+        kinds = ["full fine-tuning" if a is None else "LoRA" for a in (saved, adapters)]
+        raise LlamacError(f"checkpoint {found} is a {kinds[0]} run; the recipe asks for {kinds[1]}: "
+                          "use --no-resume or another out_dir")
+    differ = [k for k in keys if saved is not None and saved[k] != adapters[k]]
+    if differ:
+        raise LlamacError(f"checkpoint {found} has LoRA {', '.join(f'{k} {saved[k]}' for k in differ)}; the recipe "
+                          f"asks for {', '.join(f'{k} {adapters[k]}' for k in differ)}: use --no-resume or another out_dir")
+    if saved is not None and saved["base_hash"] != adapters["base_hash"]:
+        raise LlamacError(f"checkpoint {found} was trained on another base ({saved['base']}, weights hash "
+                          f"{saved['base_hash'][:19]}...) than sft.from_checkpoint ({adapters['base']}, "
+                          f"{adapters['base_hash'][:19]}...): use --no-resume or another out_dir")
+
+
 def finetune(recipe: Recipe, resume: bool = True) -> dict:
     """`llamac sft`: load the base model, pack the data, evaluate, train, evaluate again."""
     from llamac.train.checkpoint import load_model
@@ -155,7 +178,19 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
             raise LlamacError(f"the tokenizer of {ckpt} has no {token} token: train it with llamac's reserved tokens")
     recipe = replace(recipe, model=model.config)   # a copy: the caller's recipe is not changed
     from llamac.train.loop import compute_precision
+    adapters = None
+    if recipe.sft.lora is not None:
+        from llamac.train import lora
+        lora.check_rank(model, recipe.sft.lora)
+        # the base's hash from its float32 weights, before any cast: what loading the checkpoint checks
+        adapters = lora.describe(recipe.sft.lora, base=str(Path(ckpt).resolve()),
+                                 base_hash=lora.weights_hash(model.state_dict()))
     compute_precision(model, recipe, device)
+    if adapters is not None:
+        lora.apply_lora(model, recipe.sft.lora)
+        log(f"LoRA: rank {recipe.sft.lora.rank} on {', '.join(recipe.sft.lora.targets)}: "
+            f"{sum(p.size for p in model.parameters() if p.requires_grad):,} trainable parameters of "
+            f"{model.num_params():,}; the base is frozen")
     seq_len = min(recipe.data.seq_len, model.config.max_seq_len)
     train_examples, heldout = load_sources(recipe.data.sources, recipe.seed)
     heldout = heldout[: recipe.sft.eval_tasks]
@@ -198,8 +233,11 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         return {"val_loss": sum(losses) / max(sum(weights), 1), **(tasks(m) if tasks else {})}
 
     tokens_per_step = B * recipe.train.grad_accum * seq_len
+    extra = {"chat_template": JINJA_TEMPLATE, **({"lora": adapters} if adapters is not None else {})}
     trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=tokenizer.path,
-                      tokens_per_step=tokens_per_step, extra_state={"chat_template": JINJA_TEMPLATE})
+                      tokens_per_step=tokens_per_step, extra_state=extra)
+    if resume:
+        check_same_run(Path(recipe.out_dir), adapters)
     eval_path = Path(recipe.out_dir) / "sft_eval.json"
     if trainer.finished(resume) is not None:
         # A finished run is left as it is on disk: no second scoring, no rewritten sft_eval.json.
