@@ -2,7 +2,8 @@
 environment variables llamac reads, as one typed, documented set of settings.
 
 They change speed or memory, never results beyond rounding, so they are not recipe keys: the
-defaults are the fast paths, tests and benchmarks turn them off to compare. Read them with
+defaults are the fast paths, tests and benchmarks turn them off to compare. cpu_bf16_products is
+the one that a recipe sets (train.dtype bf16 on the CPU: the trainer turns it on for its steps). Read them with
 `options()`; change them for a block with `override(...)`:
 
     with runtime.override(flash_attention=False):
@@ -55,6 +56,9 @@ class Options:
     swiglu_recompute: bool = True
     # GPU RMSNorm: each lane keeps its share of a row in registers between the kernel's passes.
     rmsnorm_register_cache: bool = True
+    # CPU: matrix products (projections, attention's) multiply in bf16 and accumulate in fp32
+    # (llamac.engine.onednn) where the processor and oneDNN can; fp32 NumPy/OpenBLAS otherwise.
+    cpu_bf16_products: bool = False
     gemm_autotune: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_GEMM_AUTOTUNE", True))
     cpu_threads: Optional[int] = dataclasses.field(default_factory=lambda: _env_int("LLAMAC_CPU_THREADS"))
     cpu_malloc_tuning: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_CPU_MALLOC", True))

@@ -1,0 +1,265 @@
+"""bf16 matrix products on the CPU: oneDNN's matmul through ctypes (the `cpu-bf16` extra).
+
+Products take fp32 (or bf16) operands, multiply them in bf16 and accumulate and write fp32:
+oneDNN's "bf16 fpmath mode", where the operands are rounded to bf16 as they are packed into the
+AVX512-BF16 / AMX tiles, so no bf16 copy of an activation is ever written. Operands are read
+in place through their strides (transposed views, attention's head layouts, a batch dimension of
+1 broadcast). One primitive per (shapes, strides, dtypes, beta) and thread, created on first use.
+
+Only where the processor multiplies bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo)
+and the library loads; `unavailable()` says why not otherwise."""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+import threading
+
+import numpy as np
+
+from llamac import runtime
+from llamac.engine import backend, cpu
+
+_MAX_NDIMS = 12
+_F32, _BF16 = 3, 2                      # dnnl_data_type_t
+_CPU = 1                                # dnnl_engine_kind_t
+_FPMATH_BF16 = 1
+_ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
+_Dims = ctypes.c_int64 * _MAX_NDIMS
+
+
+class _ExecArg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_int), ("memory", ctypes.c_void_p)]
+
+
+_state = None                           # (lib, engine, stream) once loaded; a reason string when not
+_local = threading.local()              # each thread's primitives: never executed by two threads at once
+_NATIVE_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_flags() -> list[str]:
+    """The processor's bf16 multiply instructions named in /proc/cpuinfo ([] where none or unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in _NATIVE_FLAGS if name in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _library_paths():
+    here = os.environ.get("LLAMAC_ONEDNN_LIBRARY")
+    if here:
+        return [here]
+    roots = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable))}
+    return [p for r in sorted(roots) for p in sorted(glob.glob(os.path.join(r, "lib", "libdnnl.so*")))] + ["libdnnl.so.3"]
+
+
+def _load():
+    global _state
+    if _state is not None:
+        return _state
+    if not native_bf16_flags():
+        _state = "this CPU has no native bf16 multiply (avx512_bf16 or amx_bf16)"
+        return _state
+    lib = None
+    for path in _library_paths():
+        try:
+            lib = ctypes.CDLL(path)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        _state = "oneDNN is not installed (pip install 'llamac[cpu-bf16]')"
+        return _state
+    p = ctypes.c_void_p
+    for name, args in (("dnnl_engine_create", [ctypes.POINTER(p), ctypes.c_int, ctypes.c_size_t]),
+                       ("dnnl_stream_create", [ctypes.POINTER(p), p, ctypes.c_uint]),
+                       ("dnnl_stream_wait", [p]),
+                       ("dnnl_memory_desc_create_with_strides", [ctypes.POINTER(p), ctypes.c_int, _Dims, ctypes.c_int,
+                                                                 _Dims]),
+                       ("dnnl_memory_desc_destroy", [p]),
+                       ("dnnl_primitive_attr_create", [ctypes.POINTER(p)]),
+                       ("dnnl_primitive_attr_destroy", [p]),
+                       ("dnnl_primitive_attr_set_fpmath_mode", [p, ctypes.c_int]),
+                       ("dnnl_primitive_attr_set_post_ops", [p, p]),
+                       ("dnnl_post_ops_create", [ctypes.POINTER(p)]),
+                       ("dnnl_post_ops_destroy", [p]),
+                       ("dnnl_post_ops_append_sum", [p, ctypes.c_float, ctypes.c_int32, ctypes.c_int]),
+                       ("dnnl_matmul_primitive_desc_create", [ctypes.POINTER(p), p, p, p, p, p, p]),
+                       ("dnnl_primitive_desc_destroy", [p]),
+                       ("dnnl_primitive_create", [ctypes.POINTER(p), p]),
+                       ("dnnl_memory_create", [ctypes.POINTER(p), p, p, p]),
+                       ("dnnl_memory_set_data_handle", [p, p]),
+                       ("dnnl_primitive_execute", [p, p, ctypes.c_int, ctypes.POINTER(_ExecArg)])):
+        fn = getattr(lib, name, None)
+        if fn is None:
+            _state = f"the oneDNN library found has no {name} (oneDNN 3 is needed)"
+            return _state
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    try:
+        # the OpenMP runtime oneDNN runs on (loaded with it: this is the same library)
+        set_threads = ctypes.CDLL("libgomp.so.1").omp_set_num_threads
+        set_threads.argtypes, set_threads.restype = [ctypes.c_int], None
+    except (OSError, AttributeError):
+        set_threads = None
+    engine, stream = p(), p()
+    if lib.dnnl_engine_create(ctypes.byref(engine), _CPU, 0) or lib.dnnl_stream_create(ctypes.byref(stream), engine, 1):
+        _state = "oneDNN could not create a CPU engine"
+        return _state
+    _state = (lib, engine, stream, set_threads)
+    return _state
+
+
+def unavailable() -> str | None:
+    """None when bf16 products can run here, else the reason they cannot (one line)."""
+    state = _load()
+    return state if isinstance(state, str) else None
+
+
+def available() -> bool:
+    return unavailable() is None
+
+
+def bf16_products() -> bool:
+    """Whether the CPU's products run here in bf16 now (runtime option cpu_bf16_products, and available())."""
+    return runtime.options().cpu_bf16_products and available()
+
+
+def takes(a, b, out=None) -> bool:
+    """Whether matmul can run a @ b into out: fp32 or bf16 matrices (or stacks of them, batch
+    dimensions equal or 1) with no empty dimension, and an fp32 out of the result's shape."""
+    if not (a.dtype in (np.float32, backend.bfloat16) and b.dtype in (np.float32, backend.bfloat16)
+            and 2 <= a.ndim == b.ndim <= _MAX_NDIMS and a.size and b.size and a.shape[-1] == b.shape[-2]):
+        return False
+    if any(x != y and 1 not in (x, y) for x, y in zip(a.shape[:-2], b.shape[:-2])):
+        return False
+    shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    return out is None or (out.dtype == np.float32 and out.shape == shape)
+
+
+def _dtype_code(dtype) -> int:
+    if dtype == np.float32:
+        return _F32
+    if dtype == backend.bfloat16:
+        return _BF16
+    raise TypeError(f"oneDNN matmul: unsupported dtype {dtype}")
+
+
+def _check(status: int, what: str):
+    if status:
+        raise RuntimeError(f"oneDNN {what} failed (status {status})")
+
+
+class _Product:
+    """One matmul primitive and its three memory objects, whose data handles change per call."""
+
+    def __init__(self, lib, engine, a, b, out, beta):
+        p = ctypes.c_void_p
+        descs = []
+        for arr in (a, b, out):
+            md = p()
+            n = arr.ndim
+            _check(lib.dnnl_memory_desc_create_with_strides(
+                ctypes.byref(md), n, _Dims(*arr.shape), _dtype_code(arr.dtype), _Dims(*_strides(arr))), "memory_desc")
+            descs.append(md)
+        attr = p()
+        _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attr")
+        post = None
+        try:
+            if a.dtype == np.float32 or b.dtype == np.float32:
+                _check(lib.dnnl_primitive_attr_set_fpmath_mode(attr, _FPMATH_BF16), "fpmath mode")
+            if beta:
+                post = p()
+                _check(lib.dnnl_post_ops_create(ctypes.byref(post)), "post_ops")
+                _check(lib.dnnl_post_ops_append_sum(post, float(beta), 0, 0), "sum post-op")
+                _check(lib.dnnl_primitive_attr_set_post_ops(attr, post), "post_ops")
+            pd, prim = p(), p()
+            _check(lib.dnnl_matmul_primitive_desc_create(ctypes.byref(pd), engine, descs[0], descs[1], None,
+                                                         descs[2], attr), "matmul descriptor")
+            try:
+                _check(lib.dnnl_primitive_create(ctypes.byref(prim), pd), "matmul primitive")
+            finally:
+                lib.dnnl_primitive_desc_destroy(pd)
+            self.memories = []
+            for md in descs:
+                mem = p()
+                _check(lib.dnnl_memory_create(ctypes.byref(mem), md, engine, None), "memory")
+                self.memories.append(mem)
+        finally:
+            if post is not None:
+                lib.dnnl_post_ops_destroy(post)
+            lib.dnnl_primitive_attr_destroy(attr)
+            for md in descs:
+                lib.dnnl_memory_desc_destroy(md)
+        self.primitive = prim
+        self.args = (_ExecArg * 3)(*(_ExecArg(k, m) for k, m in zip((_ARG_SRC, _ARG_WEIGHTS, _ARG_DST),
+                                                                     self.memories)))
+
+    def __call__(self, lib, stream, a, b, out):
+        for mem, arr in zip(self.memories, (a, b, out)):
+            lib.dnnl_memory_set_data_handle(mem, arr.ctypes.data)
+        _check(lib.dnnl_primitive_execute(self.primitive, stream, 3, self.args), "matmul")
+        lib.dnnl_stream_wait(stream)
+
+
+def _strides(arr):
+    """Strides in elements; a dimension of one (a NumPy new axis has stride 0) gets the extent of
+    the dimensions inside it, so that a plain layout still reads as plain."""
+    out = [s // arr.itemsize for s in arr.strides]
+    for d in range(arr.ndim - 1, -1, -1):
+        if arr.shape[d] == 1:
+            out[d] = max([out[k] * arr.shape[k] for k in range(d + 1, arr.ndim)] or [1])
+    return out
+
+
+def _plain(arr) -> bool:
+    """Whether the batch dimensions lie outermost-first, each matrix row- or column-major: the
+    layouts oneDNN's AMX / AVX512-BF16 kernels read (others fall to an fp32 GEMM)."""
+    st = _strides(arr)
+    inner = sorted(st[-2:])
+    if inner[0] != 1 or inner[1] < (arr.shape[-1] if st[-1] == 1 else arr.shape[-2]):
+        return False
+    extent = max(st[-2] * arr.shape[-2], st[-1] * arr.shape[-1])
+    for d in range(arr.ndim - 3, -1, -1):
+        if st[d] < extent:
+            return False
+        extent = st[d] * arr.shape[d]
+    return True
+
+
+def _key(arr):
+    return arr.shape, arr.strides, arr.dtype.char if arr.dtype == np.float32 else "b"
+
+
+def matmul(a, b, out, beta: float = 0.0):
+    """out = a @ b (+ beta * out), multiplied in bf16 and accumulated in fp32 (check available()
+    first). a (..., M, K), b (..., K, N), out (..., M, N) fp32, all with the same number of
+    dimensions; a batch dimension of a or b may be 1 (broadcast). Any strides."""
+    lib, engine, stream, set_threads = _state
+    cache = getattr(_local, "products", None)
+    if cache is None:
+        cache = _local.products = {}
+        _local.threads = None
+    # One OpenMP thread inside a row block (the blocks already run on every core), all of them
+    # elsewhere. oneDNN fixes a primitive's thread count when it makes it: one primitive per count.
+    threads = 1 if cpu.in_block() else cpu.n_threads()
+    if threads != _local.threads and set_threads is not None:
+        set_threads(threads)
+        _local.threads = threads
+    a = a if _plain(a) else np.ascontiguousarray(a)
+    b = b if _plain(b) else np.ascontiguousarray(b)
+    if not _plain(out):
+        result = matmul(a, b, np.ascontiguousarray(out) if beta else np.empty(out.shape, np.float32), beta)
+        np.copyto(out, result)
+        return out
+    key = (_key(a), _key(b), _key(out), float(beta), threads)
+    product = cache.get(key)
+    if product is None:
+        product = cache[key] = _Product(lib, engine, a, b, out, beta)
+    product(lib, stream, a, b, out)
+    return out
