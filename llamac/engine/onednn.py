@@ -67,12 +67,22 @@ def _load():
         _state = "this CPU has no native bf16 multiply (avx512_bf16 or amx_bf16)"
         return _state
     lib = None
-    for path in _library_paths():
-        try:
-            lib = ctypes.CDLL(path)
-            break
-        except OSError:
-            continue
+    # OpenMP's threads sleep between products instead of spinning: a spinning thread took a core
+    # from the NumPy row blocks between the products, and on a shared machine a team waiting for
+    # a preempted member spun away a time slice (2048x256x768: 6 ms a product instead of 1.2).
+    # libgomp reads this once, as it loads with oneDNN; the process's environment is left as it was.
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
+    try:
+        for path in _library_paths():
+            try:
+                lib = ctypes.CDLL(path)
+                break
+            except OSError:
+                continue
+    finally:
+        if saved is None:
+            del os.environ["OMP_WAIT_POLICY"]
     if lib is None:
         _state = "oneDNN is not installed (pip install 'llamac[cpu-bf16]')"
         return _state
@@ -239,27 +249,37 @@ def _key(arr):
 def matmul(a, b, out, beta: float = 0.0):
     """out = a @ b (+ beta * out), multiplied in bf16 and accumulated in fp32 (check available()
     first). a (..., M, K), b (..., K, N), out (..., M, N) fp32, all with the same number of
-    dimensions; a batch dimension of a or b may be 1 (broadcast). Any strides."""
-    lib, engine, stream, set_threads = _state
-    cache = getattr(_local, "products", None)
-    if cache is None:
-        cache = _local.products = {}
-        _local.threads = None
-    # One OpenMP thread inside a row block (the blocks already run on every core), all of them
-    # elsewhere. oneDNN fixes a primitive's thread count when it makes it: one primitive per count.
-    threads = 1 if cpu.in_block() else cpu.n_threads()
-    if threads != _local.threads and set_threads is not None:
-        set_threads(threads)
-        _local.threads = threads
+    dimensions; a batch dimension of a or b may be 1 (broadcast). Any strides: an operand in a
+    layout the bf16 kernels do not read is copied first, an out of one is written through a copy."""
     a = a if _plain(a) else np.ascontiguousarray(a)
     b = b if _plain(b) else np.ascontiguousarray(b)
     if not _plain(out):
         result = matmul(a, b, np.ascontiguousarray(out) if beta else np.empty(out.shape, np.float32), beta)
         np.copyto(out, result)
         return out
+    primitive_for(a, b, out, beta)(a, b, out)
+    return out
+
+
+def primitive_for(a, b, out, beta: float = 0.0):
+    """The primitive computing out = a @ b (+ beta out) for operands laid out as these (plain
+    layouts), made on first use, as a function of (a, b, out): what matmul runs, timed alone by
+    llamac bench."""
+    lib, engine, stream, set_threads = _state
+    cache = getattr(_local, "products", None)
+    if cache is None:
+        cache = _local.products = {}
+        _local.threads = None
+    # One OpenMP thread inside a row block (the blocks already run on every core) and for a small
+    # product (waking and joining a team costs more than it saves), all of them otherwise. oneDNN
+    # fixes a primitive's thread count when it makes it: one primitive per count.
+    flops = out.size * a.shape[-1]
+    threads = 1 if cpu.in_block() or flops < cpu.MIN_MATMUL_FLOPS else cpu.n_threads()
+    if threads != _local.threads and set_threads is not None:
+        set_threads(threads)
+        _local.threads = threads
     key = (_key(a), _key(b), _key(out), float(beta), threads)
     product = cache.get(key)
     if product is None:
         product = cache[key] = _Product(lib, engine, a, b, out, beta)
-    product(lib, stream, a, b, out)
-    return out
+    return lambda a, b, out: product(lib, stream, a, b, out)

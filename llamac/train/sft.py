@@ -199,7 +199,7 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         if tokenizer.piece_to_id(token) == tokenizer.unk_id:
             raise LlamacError(f"the tokenizer of {ckpt} has no {token} token: train it with llamac's reserved tokens")
     recipe = replace(recipe, model=model.config)   # a copy: the caller's recipe is not changed
-    from llamac.train.loop import compute_precision
+    from llamac.train.precision import compute_precision
     compute_precision(model, recipe, device)
     seq_len = min(recipe.data.seq_len, model.config.max_seq_len)
     train_examples, heldout = load_sources(recipe.data.sources, recipe.seed)
