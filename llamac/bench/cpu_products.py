@@ -26,12 +26,12 @@ def best_seconds(fn, reps: int) -> float:
 SHAPES = ((2048, 256, 768), (2048, 256, 4096), (2048, 688, 256), (8192, 1024, 1024))   # M x K x N
 
 
-def bench_cpu_products(compare_torch: bool = True, reps: int = 10) -> list[dict]:
+def bench_cpu_products(compare_torch: bool = True, reps: int = 10, shapes=SHAPES) -> list[dict]:
     """TFLOP/s of out = a @ b per shape and implementation; `of_onednn` is llamac's rate over the
     primitive's own (the cost of llamac's dispatch: the engine's checks, the cache, the ctypes calls)."""
     rng = np.random.default_rng(0)
     rows = []
-    for M, K, N in SHAPES:
+    for M, K, N in shapes:
         a, b = rng.standard_normal((M, K), np.float32), rng.standard_normal((K, N), np.float32)
         out = np.empty((M, N), np.float32)
         flop = 2.0 * M * N * K

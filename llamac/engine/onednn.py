@@ -52,9 +52,9 @@ def native_bf16_flags() -> list[str]:
 
 
 def _library_paths():
-    here = os.environ.get("LLAMAC_ONEDNN_LIBRARY")
-    if here:
-        return [here]
+    chosen = runtime.options().onednn_library
+    if chosen:
+        return [chosen]
     roots = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable))}
     return [p for r in sorted(roots) for p in sorted(glob.glob(os.path.join(r, "lib", "libdnnl.so*")))] + ["libdnnl.so.3"]
 
