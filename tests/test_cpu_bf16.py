@@ -21,9 +21,11 @@ from llamac.engine import onednn
 from llamac.engine.matmul import matmul
 from llamac.ops import attention as attn
 from llamac.train.precision import resolve_dtype
-from tests.test_train import ROOT, debug_recipe, shard_dir  # noqa: F401 - the session's debug shards
+from tests import test_train
+from tests.test_train import ROOT, debug_recipe
 
 TOL_ACCUMULATION = 2 * 2.0 ** -23
+shard_dir = test_train.shard_dir            # the session's debug tokenizer and shards, made once
 
 needs_bf16 = pytest.mark.skipif(not onednn.available(), reason=f"no CPU bf16 products here: {onednn.unavailable()}")
 
@@ -147,7 +149,7 @@ def test_dtype_choice():
     assert resolve_dtype("auto", "cpu")[0] == resolve_dtype("bf16", "cpu")[0] == expected
 
 
-def test_without_onednn_the_cpu_trains_in_fp32_and_says_why(tmp_path, shard_dir, monkeypatch, capsys):  # noqa: F811
+def test_without_onednn_the_cpu_trains_in_fp32_and_says_why(tmp_path, shard_dir, monkeypatch, capsys):
     from llamac.train.loop import pretrain
     monkeypatch.setattr(onednn, "_state", "oneDNN is not installed (pip install 'llamac[cpu-bf16]')")
     assert resolve_dtype("bf16", "cpu") == ("fp32", "no bf16 products on this CPU: oneDNN is not installed "
@@ -186,7 +188,7 @@ def _losses(recipe) -> list:
 
 
 @needs_bf16
-def test_bf16_training_is_deterministic_and_close_to_fp32(tmp_path, shard_dir, capsys):  # noqa: F811
+def test_bf16_training_is_deterministic_and_close_to_fp32(tmp_path, shard_dir, capsys):
     from llamac.train.loop import pretrain
     runs = {}
     for name, dtype in (("a", "auto"), ("b", "bf16"), ("fp32", "fp32")):
