@@ -1,10 +1,11 @@
 """bf16 matrix products on the CPU: oneDNN's matmul through ctypes (the `cpu-bf16` extra).
 
-Products take fp32 (or bf16) operands, multiply them in bf16 and accumulate and write fp32:
-oneDNN's "bf16 fpmath mode", where the operands are rounded to bf16 as they are packed into the
-AVX512-BF16 / AMX tiles, so no bf16 copy of an activation is ever written. Operands are read
-in place through their strides (transposed views, attention's head layouts, a batch dimension of
-1 broadcast). One primitive per (shapes, strides, dtypes, beta) and thread, created on first use.
+Products take fp32 operands, multiply them in bf16 and accumulate and write fp32: oneDNN's
+"bf16 fpmath mode", where the operands are rounded to bf16 as they are packed into the
+AVX512-BF16 / AMX tiles, so no bf16 copy of an activation or a weight is ever written. Operands
+are read in place through their strides (transposed matrices, a batch dimension of 1 broadcast);
+one whose batch dimensions do not lie outermost-first is copied first (oneDNN would take an fp32
+GEMM for it). One primitive per (shapes, strides, beta, thread count) and thread, made on first use.
 
 Only where the processor multiplies bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo)
 and the library loads; `unavailable()` says why not otherwise."""
@@ -19,10 +20,10 @@ import threading
 import numpy as np
 
 from llamac import runtime
-from llamac.engine import backend, cpu
+from llamac.engine import cpu
 
 _MAX_NDIMS = 12
-_F32, _BF16 = 3, 2                      # dnnl_data_type_t
+_F32 = 3                                # dnnl_data_type_t
 _CPU = 1                                # dnnl_engine_kind_t
 _FPMATH_BF16 = 1
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
@@ -33,7 +34,7 @@ class _ExecArg(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_int), ("memory", ctypes.c_void_p)]
 
 
-_state = None                           # (lib, engine, stream) once loaded; a reason string when not
+_state = None                           # (lib, engine, stream, omp_set_num_threads) once loaded; else why not
 _local = threading.local()              # each thread's primitives: never executed by two threads at once
 _NATIVE_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -141,23 +142,15 @@ def bf16_products() -> bool:
 
 
 def takes(a, b, out=None) -> bool:
-    """Whether matmul can run a @ b into out: fp32 or bf16 matrices (or stacks of them, batch
-    dimensions equal or 1) with no empty dimension, and an fp32 out of the result's shape."""
-    if not (a.dtype in (np.float32, backend.bfloat16) and b.dtype in (np.float32, backend.bfloat16)
-            and 2 <= a.ndim == b.ndim <= _MAX_NDIMS and a.size and b.size and a.shape[-1] == b.shape[-2]):
+    """Whether matmul can run a @ b into out: fp32 matrices (or stacks of them, batch dimensions
+    equal or 1) with no empty dimension, and an fp32 out of the result's shape."""
+    if not (a.dtype == b.dtype == np.float32 and 2 <= a.ndim == b.ndim <= _MAX_NDIMS and a.size and b.size
+            and a.shape[-1] == b.shape[-2]):
         return False
     if any(x != y and 1 not in (x, y) for x, y in zip(a.shape[:-2], b.shape[:-2])):
         return False
     shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
     return out is None or (out.dtype == np.float32 and out.shape == shape)
-
-
-def _dtype_code(dtype) -> int:
-    if dtype == np.float32:
-        return _F32
-    if dtype == backend.bfloat16:
-        return _BF16
-    raise TypeError(f"oneDNN matmul: unsupported dtype {dtype}")
 
 
 def _check(status: int, what: str):
@@ -175,14 +168,13 @@ class _Product:
             md = p()
             n = arr.ndim
             _check(lib.dnnl_memory_desc_create_with_strides(
-                ctypes.byref(md), n, _Dims(*arr.shape), _dtype_code(arr.dtype), _Dims(*_strides(arr))), "memory_desc")
+                ctypes.byref(md), n, _Dims(*arr.shape), _F32, _Dims(*_strides(arr))), "memory_desc")
             descs.append(md)
         attr = p()
         _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attr")
         post = None
         try:
-            if a.dtype == np.float32 or b.dtype == np.float32:
-                _check(lib.dnnl_primitive_attr_set_fpmath_mode(attr, _FPMATH_BF16), "fpmath mode")
+            _check(lib.dnnl_primitive_attr_set_fpmath_mode(attr, _FPMATH_BF16), "fpmath mode")
             if beta:
                 post = p()
                 _check(lib.dnnl_post_ops_create(ctypes.byref(post)), "post_ops")
@@ -243,7 +235,7 @@ def _plain(arr) -> bool:
 
 
 def _key(arr):
-    return arr.shape, arr.strides, arr.dtype.char if arr.dtype == np.float32 else "b"
+    return arr.shape, arr.strides
 
 
 def matmul(a, b, out, beta: float = 0.0):
