@@ -167,13 +167,19 @@ def test_without_onednn_the_cpu_trains_in_fp32_and_says_why(tmp_path, shard_dir,
     assert losses["bf16"] == losses["fp32"]
 
 
-def test_a_missing_library_is_a_reason_not_an_error():
+@pytest.mark.parametrize("library", ["missing", "corrupt"])
+def test_a_library_that_does_not_load_is_a_reason_not_an_error(tmp_path, library):
+    path = tmp_path / "libdnnl.so.3"
+    if library == "corrupt":
+        path.write_bytes(b"not a shared object")
     code = "from llamac.engine import onednn; print(onednn.unavailable()); print(onednn.bf16_products())"
-    env = {"PYTHONPATH": str(ROOT), "LLAMAC_ONEDNN": "/nonexistent/libdnnl.so.3", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(ROOT), "LLAMAC_ONEDNN": str(path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     reason, on = out.splitlines()
-    assert reason in ("oneDNN is not installed (pip install 'llamac[cpu-bf16]')",
-                      "this CPU has no native bf16 multiply (avx512_bf16 or amx_bf16)") and on == "False"
+    expected = ("oneDNN is not installed (pip install 'llamac[cpu-bf16]')" if library == "missing"
+                else f"oneDNN at {path} did not load: {path}: ")
+    assert on == "False"
+    assert reason.startswith(expected) or reason == "this CPU has no native bf16 multiply (avx512_bf16 or amx_bf16)"
 
 
 # ---------------------------------------------------------------- training

@@ -74,18 +74,20 @@ def _load():
     # libgomp reads this once, as it loads with oneDNN; the process's environment is left as it was.
     saved = os.environ.get("OMP_WAIT_POLICY")
     os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
+    failure = None
     try:
         for path in _library_paths():
             try:
                 lib = ctypes.CDLL(path)
                 break
-            except OSError:
-                continue
+            except OSError as exc:
+                if os.path.exists(path):        # there, but it did not load (a missing libgomp.so.1, ...)
+                    failure = f"oneDNN at {path} did not load: {str(exc).splitlines()[0]}"
     finally:
         if saved is None:
             del os.environ["OMP_WAIT_POLICY"]
     if lib is None:
-        _state = "oneDNN is not installed (pip install 'llamac[cpu-bf16]')"
+        _state = failure or "oneDNN is not installed (pip install 'llamac[cpu-bf16]')"
         return _state
     p = ctypes.c_void_p
     for name, args in (("dnnl_engine_create", [ctypes.POINTER(p), ctypes.c_int, ctypes.c_size_t]),
