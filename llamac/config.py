@@ -151,7 +151,9 @@ class TrainConfig:
     beta2: float = bounded(0.95, ge=0, lt=1)
     eps: float = bounded(1e-8, gt=0)
     grad_clip: float = bounded(1.0, ge=0, note="0: no clipping")   # on the global gradient norm
-    dtype: str = "fp32"                 # fp32 | bf16 (mixed precision on the GPU)
+    # fp32 | bf16 (mixed precision: fp32 masters and AdamW state; the GPU computes in bf16, the CPU
+    # multiplies its matrices in bf16 where it can) | auto (bf16 where the processor multiplies bf16 natively)
+    dtype: str = "fp32"
     cuda_graph: bool = True             # GPU: replay forward+backward as a CUDA graph (static shapes, no dropout)
     recompute: bool = False             # keep only each layer's input; recompute the rest in the backward
     log_every: int = bounded(10, ge=1)
@@ -405,8 +407,8 @@ def validate(recipe: Recipe) -> None:
             parse_tasks(t.eval_tasks)
         except LlamacError as exc:
             raise LlamacError(f"recipe key 'train.eval_tasks': {exc}") from None
-    if t.dtype not in ("fp32", "bf16"):
-        raise LlamacError(f"train.dtype must be fp32 or bf16, got {t.dtype!r}")
+    if t.dtype not in ("fp32", "bf16", "auto"):
+        raise LlamacError(f"train.dtype must be fp32, bf16 or auto, got {t.dtype!r}")
     if recipe.sft.lora is not None:
         targets = recipe.sft.lora.targets
         unknown = [t for t in targets if t not in LORA_TARGETS]

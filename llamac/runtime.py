@@ -2,14 +2,15 @@
 environment variables llamac reads, as one typed, documented set of settings.
 
 They change speed or memory, never results beyond rounding, so they are not recipe keys: the
-defaults are the fast paths, tests and benchmarks turn them off to compare. Read them with
+defaults are the fast paths, tests and benchmarks turn them off to compare. cpu_bf16_products is
+the one that a recipe sets (train.dtype bf16 on the CPU: the trainer turns it on for its steps). Read them with
 `options()`; change them for a block with `override(...)`:
 
     with runtime.override(flash_attention=False):
         logits, _ = model(idx)
 
-gemm_autotune, cpu_malloc_tuning and kernel_dir take effect once per process (the
-cuBLASLt handle, the malloc settings and the kernel folder are set up on first use), so set them through
+gemm_autotune, cpu_malloc_tuning, kernel_dir and onednn_library take effect once per process (the
+cuBLASLt handle, the malloc settings, the kernel folder and oneDNN are set up on first use), so set them through
 the environment before llamac starts; override() changes the others at any time.
 
 Environment variables (read once, when llamac.runtime is first imported):
@@ -17,6 +18,8 @@ Environment variables (read once, when llamac.runtime is first imported):
     LLAMAC_CPU_THREADS=N     threads for the CPU's row blocks and GEMMs (default: every core)
     LLAMAC_CPU_MALLOC=0      leave glibc's malloc settings alone
     LLAMAC_KERNELS=DIR       where kernels/*.cu are read from
+    LLAMAC_ONEDNN=FILE       the oneDNN library for the CPU's bf16 products (default: libdnnl.so.3 from
+                             the onednn-cpu-gomp wheel in this environment)
 """
 from __future__ import annotations
 
@@ -55,10 +58,14 @@ class Options:
     swiglu_recompute: bool = True
     # GPU RMSNorm: each lane keeps its share of a row in registers between the kernel's passes.
     rmsnorm_register_cache: bool = True
+    # CPU: matrix products (projections, attention's) multiply in bf16 and accumulate in fp32
+    # (llamac.engine.onednn) where the processor and oneDNN can; fp32 NumPy/OpenBLAS otherwise.
+    cpu_bf16_products: bool = False
     gemm_autotune: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_GEMM_AUTOTUNE", True))
     cpu_threads: Optional[int] = dataclasses.field(default_factory=lambda: _env_int("LLAMAC_CPU_THREADS"))
     cpu_malloc_tuning: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_CPU_MALLOC", True))
     kernel_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get("LLAMAC_KERNELS"))
+    onednn_library: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get("LLAMAC_ONEDNN"))
 
 
 _options = Options()

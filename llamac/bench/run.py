@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llamac.engine import backend
+from llamac.bench.cpu_products import bench_cpu_products
 from llamac.bench.timing import error_row
+from llamac.engine import backend, onednn
 from llamac.errors import LlamacError
 from llamac.train import fusions
 
@@ -88,7 +89,9 @@ PEAK_BF16 = 989e12      # H100 SXM dense bf16 (datasheet), the MFU denominator
 def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, compare_torch: bool = True,
                 name: str = "tiny", dtype: str = "fp32") -> list[dict]:
     """Full training steps (forward, backward, clip, AdamW) on synthetic tokens: llamac, then the same
-    model in PyTorch eager (fp32 on the CPU; bf16 autocast, SDPA and fused AdamW on the GPU)."""
+    model in PyTorch eager (on the GPU bf16 autocast, SDPA and fused AdamW; on the CPU fp32, and
+    with dtype bf16 also CPU bf16 autocast, which the llamac row's vs_torch is then against).
+    dtype bf16 on the CPU: llamac's matrix products in bf16 (llamac.engine.onednn)."""
     import llamac
     from llamac.config import ModelConfig, TrainConfig
     from llamac.model.llama import Llama
@@ -104,12 +107,13 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
     x_np, y_np = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
     x, y = xp.asarray(x_np), xp.asarray(y_np)
     llamac.manual_seed(0)
-    model = fusions.fuse(Llama(cfg).to(device, dtype="bfloat16" if dtype == "bf16" else None))
+    gpu_bf16 = dtype == "bf16" and device == "cuda"
+    model = fusions.fuse(Llama(cfg).to(device, dtype="bfloat16" if gpu_bf16 else None))
     opt = AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.1)
     clip = TrainConfig().grad_clip
 
     from llamac.train.loop import TrainStep
-    runner = TrainStep(model, opt, grad_clip=clip, cuda_graph=False)
+    runner = TrainStep(model, opt, grad_clip=clip, cuda_graph=False, cpu_bf16=dtype == "bf16" and device == "cpu")
 
     def step():
         runner(lambda micro: (x, y, None), 1e-4)
@@ -135,28 +139,31 @@ def bench_train(device: str = "cpu", shape: dict | None = None, steps: int = 4, 
         tm = build_torch_llama(cfg).to(dev)
         topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1, fused=dev == "cuda")
         tx, ty = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
+        # the GPU: bf16 autocast; the CPU: fp32, and CPU bf16 autocast beside a bf16 llamac row
+        autocasts = [True] if dev == "cuda" else ([True, False] if dtype == "bf16" else [False])
+        for autocast in autocasts:
+            def tstep():
+                topt.zero_grad(set_to_none=True)
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+                    loss = tm(tx, ty)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(tm.parameters(), clip)
+                topt.step()
 
-        def tstep():
-            topt.zero_grad(set_to_none=True)
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                loss = tm(tx, ty)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tm.parameters(), clip)
-            topt.step()
-
-        tsync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-        if dev == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        theirs = _timeit(tstep, tsync, reps=steps)
-        trow = {"section": "train", "shape": name, "device": device,
-                "impl": f"torch {torch.__version__} eager" + (" bf16 autocast" if dev == "cuda" else
-                                                            f" ({torch.get_num_threads()} threads)"),
-                **s, "step_ms": round(theirs * 1e3, 1), "tokens_per_s": round(B * T / theirs, 1),
-                "TFLOP_s": round(flops * B * T / theirs / 1e12, 3)}
-        if dev == "cuda":
-            trow["gpu_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        rows.append(trow)
-        rows[0]["vs_torch"] = round(theirs / ours, 3)
+            tsync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            theirs = _timeit(tstep, tsync, reps=steps)
+            trow = {"section": "train", "shape": name, "device": device,
+                    "impl": f"torch {torch.__version__} eager" + (" bf16 autocast" if autocast else " fp32") +
+                            ("" if dev == "cuda" else f" ({torch.get_num_threads()} threads)"),
+                    **s, "step_ms": round(theirs * 1e3, 1), "tokens_per_s": round(B * T / theirs, 1),
+                    "TFLOP_s": round(flops * B * T / theirs / 1e12, 3)}
+            if dev == "cuda":
+                trow["gpu_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            rows.append(trow)
+            rows[0]["vs_torch" if autocast == (dtype == "bf16" or dev == "cuda") else "vs_torch_fp32"] = \
+                round(theirs / ours, 3)
     return rows
 
 
@@ -327,7 +334,11 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             from llamac.data.pipeline import measure_encoding_speed
             rows = [{"section": "tokenizer", **measure_encoding_speed(None)}]
         elif section == "train_cpu":
-            rows = bench_train("cpu", compare_torch=compare in ("torch", "torch-compile") or compare is None)
+            with_torch = compare in ("torch", "torch-compile") or compare is None
+            rows = bench_train("cpu", compare_torch=with_torch)
+            if onednn.available():
+                rows += bench_train("cpu", compare_torch=with_torch, dtype="bf16")
+                rows += bench_cpu_products(compare_torch=with_torch)
         elif section == "train":
             if device != "cuda":
                 raise LlamacError("bench --what train runs the GPU shapes (--device cuda); use train_cpu on the CPU")
@@ -375,8 +386,8 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 # reference, so that it reads at 80 columns; every other field is in --json.
 HEADLINES = (("decode_tok_s", "tok/s"), ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ms", "ms"),
              ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
-RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "torch_over_ours", "vs_hf", "vs_batch1",
-          "vs_one_client", "vs_generate", "peak_vs_full")
+RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "vs_torch", "of_onednn", "torch_over_ours", "vs_hf",
+          "vs_batch1", "vs_one_client", "vs_generate", "peak_vs_full")
 
 
 def summary_row(row: dict) -> tuple[str, str, str, str]:

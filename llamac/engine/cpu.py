@@ -83,6 +83,11 @@ def _block(fn, a, b, index):
         _inside.on, _inside.block = False, 0
 
 
+def in_block() -> bool:
+    """Whether this thread is running a block of a for_row_blocks call (the cores are taken)."""
+    return getattr(_inside, "on", False)
+
+
 def block_id() -> int:
     """Which block of the current for_row_blocks call this thread runs (0 when inline): lets a
     block keep its own partial sums, to be added in a fixed order afterwards."""

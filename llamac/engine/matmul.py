@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llamac.engine import backend, cpu, cublas
+from llamac.engine import backend, cpu, cublas, onednn
 from llamac.engine.tensor import Function, unbroadcast
 from llamac.errors import ShapeError
 
@@ -51,10 +51,15 @@ def matmul(a, b, out=None, beta: float = 0.0):
     attention's head layouts) are read in place, bf16 batches work (CuPy's batched matmul rejects
     them), fp32 accumulation, and the call can be captured in a CUDA graph.
     CPU: NumPy, folding batch dims into rows when b is a matrix (one big GEMM instead of many),
-    split over the cores by cpu.matmul."""
+    split over the cores by cpu.matmul; with bf16 products on (runtime cpu_bf16_products), oneDNN
+    multiplying in bf16 (cpu_bf16_matmul)."""
     xp = backend.get_array_module(a)
     if xp is not np:
         return _gpu_matmul(xp, a, b, out, beta)
+    if a.ndim >= 2 and b.ndim >= 2 and onednn.bf16_products():
+        result = cpu_bf16_matmul(a, b, out, beta)
+        if result is not None:
+            return result
     if a.ndim >= 2 and b.ndim == 2 and a.dtype.kind == "f":
         if out is not None and out.flags.c_contiguous and out.shape == (*a.shape[:-1], b.shape[-1]):
             # into out directly; with beta=1 the sum happens inside the GEMM where sgemm can do it
@@ -69,8 +74,11 @@ def matmul(a, b, out=None, beta: float = 0.0):
             # (attention's q, k, v) falls to a plain C loop ~100x slower than copying first.
             a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
         result = np.matmul(a, b)
-    if out is None:
-        return result
+    return result if out is None else _combine(out, result, beta)
+
+
+def _combine(out, result, beta):
+    """out = result + beta out."""
     if beta == 1:
         out += result
     elif beta:
@@ -79,6 +87,30 @@ def matmul(a, b, out=None, beta: float = 0.0):
     else:
         out[...] = result
     return out
+
+
+def cpu_bf16_matmul(a, b, out=None, beta: float = 0.0):
+    """a @ b (+ beta out) multiplied in bf16, accumulated and returned in fp32 (llamac.engine.onednn),
+    batch dimensions folded into rows when b is a matrix; None where oneDNN does not take the operands."""
+    if b.ndim == 2 and a.ndim > 2:
+        into = out is not None and out.flags.c_contiguous and out.shape == (*a.shape[:-1], b.shape[-1])
+        folded = cpu_bf16_matmul(a.reshape(-1, a.shape[-1]), b, out.reshape(-1, out.shape[-1]) if into else None,
+                                 beta if into else 0.0)
+        if folded is None or into:
+            return folded if folded is None else out
+        folded = folded.reshape(*a.shape[:-1], b.shape[-1])
+        return folded if out is None else _combine(out, folded, beta)
+    if a.ndim != b.ndim:                               # leading batch dimensions of one, as views
+        n = max(a.ndim, b.ndim)
+        a, b = a.reshape((1,) * (n - a.ndim) + a.shape), b.reshape((1,) * (n - b.ndim) + b.shape)
+    if not onednn.takes(a, b):
+        return None
+    if out is not None and not onednn.takes(a, b, out):   # out of another dtype: add afterwards
+        return _combine(out, cpu_bf16_matmul(a, b), beta)
+    if out is None:
+        out, beta = np.empty((*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]),
+                             np.float32), 0.0
+    return onednn.matmul(a, b, out, beta)
 
 
 def _gpu_matmul(xp, a, b, out, beta):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from llamac import runtime
-from llamac.engine import backend, cpu
+from llamac.engine import backend, cpu, onednn
 from llamac.engine.matmul import matmul
 from llamac.engine.ops import Concatenate, compute_dtype
 from llamac.engine.tensor import Function, Tensor
@@ -241,6 +241,7 @@ def attention_forward(q, k, v, bias):
     ones = np.ones(Tk, dt)
 
     c = _batch_rows_per_step(P)
+    product = _products(dt)
 
     def rows(a, b):
         qsT = np.empty((c, Hkv, G, hs, Tq), dt)
@@ -249,7 +250,7 @@ def attention_forward(q, k, v, bias):
             n = j - i
             np.multiply(q[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 4, 1), scale, out=qsT[:n])
             s = P[i:j]
-            np.matmul(k[i:j].transpose(0, 2, 1, 3)[:, :, None], qsT[:n], out=s)     # (n, Hkv, G, Tk, Tq)
+            product(k[i:j].transpose(0, 2, 1, 3)[:, :, None], qsT[:n], out=s)      # (n, Hkv, G, Tk, Tq)
             if biasT is not None:
                 s += biasT[i:j, None, None] if len(biasT) > 1 else biasT[0]
             s -= s.max(axis=3, keepdims=True)
@@ -257,8 +258,8 @@ def attention_forward(q, k, v, bias):
             r = np.matmul(ones, s)                                             # column sums, (n, Hkv, G, Tq)
             np.reciprocal(r, out=r)
             s *= r[..., None, :]                                               # P, normalised per query
-            np.matmul(s.swapaxes(-1, -2), v[i:j].transpose(0, 2, 1, 3)[:, :, None],
-                      out=out[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4))
+            product(s.swapaxes(-1, -2), v[i:j].transpose(0, 2, 1, 3)[:, :, None],
+                    out=out[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4))
 
     cpu.for_row_blocks(rows, B, P.size)
     return out, (q, k, v, out, P)
@@ -277,6 +278,7 @@ def attention_backward(g, q, k, v, out, P):
     dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
 
     c = _batch_rows_per_step(P)
+    product = _products(dt)
 
     def rows(a, b):
         dOT_buf = np.empty((c, Hkv, G, hs, Tq), dt)
@@ -291,18 +293,27 @@ def attention_backward(g, q, k, v, out, P):
             D = np.einsum("...d,...d->...", g[i:j], out[i:j])                  # rowsum(dO O), (n, Tq, H)
             D *= scale
             s = P[i:j]
-            np.matmul(s, gi.transpose(0, 2, 3, 1, 4), out=per_head)            # P^T dO per query head
+            product(s, gi.transpose(0, 2, 3, 1, 4), out=per_head)              # P^T dO per query head
             np.sum(per_head, axis=2, out=dv[i:j].transpose(0, 2, 1, 3))
-            np.matmul(v[i:j].transpose(0, 2, 1, 3)[:, :, None], dOT, out=dS)   # dO' V^T, transposed
+            product(v[i:j].transpose(0, 2, 1, 3)[:, :, None], dOT, out=dS)     # dO' V^T, transposed
             dS -= D.reshape(n, Tq, Hkv, G).transpose(0, 2, 3, 1)[..., None, :]
             dS *= s
-            np.matmul(dS, q[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4), out=per_head)
+            product(dS, q[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4), out=per_head)
             np.sum(per_head, axis=2, out=dk[i:j].transpose(0, 2, 1, 3))
-            np.matmul(dS.swapaxes(-1, -2), k[i:j].transpose(0, 2, 1, 3)[:, :, None],
-                      out=dq[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4))
+            product(dS.swapaxes(-1, -2), k[i:j].transpose(0, 2, 1, 3)[:, :, None],
+                    out=dq[i:j].reshape(n, Tq, Hkv, G, hs).transpose(0, 2, 3, 1, 4))
 
     cpu.for_row_blocks(rows, B, P.size)
     return dq, dk, dv
+
+
+def _products(dt):
+    """The CPU attention's matrix products: np.matmul, or with bf16 products on (fp32 operands)
+    oneDNN's bf16 multiply with fp32 accumulation, reading the same strided views in place. The
+    softmax and its sums stay fp32 either way."""
+    if dt == np.float32 and onednn.bf16_products():
+        return lambda a, b, out: onednn.matmul(a, b, out)
+    return np.matmul
 
 
 def _batch_rows_per_step(E):

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from llamac import runtime
 from llamac.config import Recipe
 from llamac.engine import backend
 from llamac.engine.tensor import manual_seed, no_grad
 from llamac.errors import LlamacError
 from llamac.model.llama import Llama
 from llamac.train import checkpoint, fusions
+from llamac.train.precision import compute_precision, resolve_dtype
 from llamac.train.optim import AdamW, lr_at
 from llamac.train.plot import plot_metrics
 
@@ -45,7 +47,9 @@ class TrainStep:
     """
 
     def __init__(self, model, optimizer, grad_accum: int = 1, grad_clip: float | None = None,
-                 cuda_graph: bool = True, warmup: int = 2, optimizer_in_graph: bool = True):
+                 cuda_graph: bool = True, warmup: int = 2, optimizer_in_graph: bool = True,
+                 cpu_bf16: bool = False):
+        self.cpu_bf16 = cpu_bf16    # the CPU's matrix products in bf16 (runtime cpu_bf16_products)
         self.model, self.optimizer = (fusions.fuse(model) if isinstance(model, Llama) else model), optimizer
         self.grad_accum, self.grad_clip, self.warmup = grad_accum, grad_clip, warmup
         self.params = [p for _, p in model.named_parameters() if p.requires_grad]   # frozen ones: no gradient
@@ -68,6 +72,9 @@ class TrainStep:
 
     def __call__(self, get_batch: Callable, lr: float):
         """get_batch(micro) -> (x, y, segments); returns (mean loss, pre-clip grad norm) as device scalars."""
+        if self.cpu_bf16 and not runtime.options().cpu_bf16_products:
+            with runtime.override(cpu_bf16_products=True):
+                return self(get_batch, lr)
         batches = [get_batch(micro) for micro in range(self.grad_accum)]
         if self.use_graph and not self.captured and self.graph_error is None and self.eager_steps >= self.warmup:
             self._capture(batches[0])
@@ -210,12 +217,16 @@ class Trainer:
         self.extra_state = extra_state or {}      # saved in every checkpoint (e.g. the chat template)
         self.out_dir = Path(recipe.out_dir)
         self.tokens_per_step = tokens_per_step or self.cfg.batch_size * self.cfg.grad_accum * recipe.data.seq_len
+        self.dtype, why = resolve_dtype(self.cfg.dtype, device)
+        if self.cfg.dtype == "auto" or self.dtype != self.cfg.dtype:
+            log(f"train.dtype {self.cfg.dtype}: {self.dtype} ({why})")
+        self.cpu_bf16 = self.dtype == "bf16" and device == "cpu"
         fusions.fuse(model, recompute=self.cfg.recompute)    # before AdamW: it may re-lay wq | wk | wv
         # Frozen parameters (a LoRA run's base) get no optimizer state: only what trains is updated and saved.
         self.optimizer = AdamW(checkpoint.trainable_parameters(model), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
         self.stepper = TrainStep(model, self.optimizer, self.cfg.grad_accum, self.cfg.grad_clip,
-                                 cuda_graph=self.cfg.cuda_graph)
+                                 cuda_graph=self.cfg.cuda_graph, cpu_bf16=self.cpu_bf16)
         self.step = 0
         self.already_finished = False   # run() found the run complete and did nothing
         self.stop_requested = False
@@ -345,7 +356,7 @@ class Trainer:
                     record = {"step": self.step, "loss": round(loss_value, 6), "lr": lr,
                               "tokens_per_s": round(tok_s, 1), "grad_norm": round(float(norm), 4)}
                     if self.device == "cuda":
-                        record["mfu"] = round(flops * tok_s / PEAK_FLOPS[cfg.dtype], 4)
+                        record["mfu"] = round(flops * tok_s / PEAK_FLOPS[self.dtype], 4)
                     self._metric(record)
                     bar.update(self.step, record)
                     t_last, steps_since = now, 0
@@ -378,7 +389,7 @@ class Trainer:
 
     def evaluate(self, bar) -> dict:
         self.model.eval()
-        with no_grad():
+        with no_grad(), runtime.override(cpu_bf16_products=self.cpu_bf16):
             result = self.eval_fn(self.model)
         self.model.train()
         record = {"step": self.step, **{k: round(float(v), 6) for k, v in result.items()}}
@@ -440,13 +451,6 @@ def build_model(recipe: Recipe, vocab_size: int, device: str) -> Llama:
     return compute_precision(Llama(cfg).to(device), recipe, device)
 
 
-def compute_precision(model: Llama, recipe: Recipe, device: str) -> Llama:
-    """train.dtype bf16 on the GPU: the model computes in bf16 (the optimizer keeps fp32 masters)."""
-    if recipe.train.dtype == "bf16" and device == "cuda":
-        model.to(dtype="bfloat16")
-    return model
-
-
 def pretrain(recipe: Recipe, resume: bool = True) -> dict:
     """`llamac pretrain`: data (tokenizer and shards made if missing), training, checkpoint, a sample."""
     from llamac.data.loader import TokenLoader
@@ -454,8 +458,6 @@ def pretrain(recipe: Recipe, resume: bool = True) -> dict:
     from llamac.data.tokenizer import Tokenizer
 
     device = backend.resolve_device(recipe.device)
-    if recipe.train.dtype == "bf16" and device == "cpu":
-        log("train.dtype bf16 is a GPU setting; training in fp32 on the CPU")
     info = prepare_data(recipe, verbose=True)
     tokenizer = Tokenizer(info.tokenizer_path)
     t = recipe.train

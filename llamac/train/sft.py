@@ -177,7 +177,7 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         if tokenizer.piece_to_id(token) == tokenizer.unk_id:
             raise LlamacError(f"the tokenizer of {ckpt} has no {token} token: train it with llamac's reserved tokens")
     recipe = replace(recipe, model=model.config)   # a copy: the caller's recipe is not changed
-    from llamac.train.loop import compute_precision
+    from llamac.train.precision import compute_precision
     adapters = None
     if recipe.sft.lora is not None:
         from llamac.train import lora
