@@ -21,11 +21,9 @@ from llamac.engine import onednn
 from llamac.engine.matmul import matmul
 from llamac.ops import attention as attn
 from llamac.train.precision import resolve_dtype
-from tests import test_train
 from tests.test_train import ROOT, debug_recipe
 
 TOL_ACCUMULATION = 2 * 2.0 ** -23
-shard_dir = test_train.shard_dir            # the session's debug tokenizer and shards, made once
 
 needs_bf16 = pytest.mark.skipif(not onednn.available(), reason=f"no CPU bf16 products here: {onednn.unavailable()}")
 
