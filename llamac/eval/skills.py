@@ -28,25 +28,14 @@ def greedy_batched(model, prompts: list[list[int]], room: int, stop_ids) -> list
     """[(new tokens, whether a stop id ended them)] of greedy decoding on the GPU decoder, 16 prompts
     at a time; None where the decoder can't take the model or the prompts."""
     from llamac.infer.decode import MAX_BATCH
-    from llamac.infer.generate import fast_decoder_for
+    from llamac.infer.generate import fast_decoder_for, until_stop
     out = []
     for g in range(0, len(prompts), MAX_BATCH):
         group = prompts[g:g + MAX_BATCH]
         decoder = fast_decoder_for(model, len(group), max(map(len, group)) + room)
         if decoder is None:
             return None
-        made = [[] for _ in group]
-        ended = [False] * len(group)
-        for row in decoder.generate(group, room, temperature=0.0):
-            for r, token in enumerate(row.tolist()):
-                if not ended[r]:
-                    if token in stop_ids:
-                        ended[r] = True
-                    else:
-                        made[r].append(token)
-            if all(ended):
-                break
-        out += list(zip(made, ended))
+        out += list(zip(*until_stop(decoder.generate(group, room, temperature=0.0), len(group), stop_ids)))
     return out
 
 

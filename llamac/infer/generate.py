@@ -125,6 +125,23 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     return text
 
 
+def until_stop(steps, rows: int, stop_ids) -> tuple[list[list[int]], list[bool]]:
+    """Each row's tokens from a batched decoder's steps (one token per row a step) up to its first stop
+    id, and whether a stop id ended it; stops reading once every row has stopped."""
+    made = [[] for _ in range(rows)]
+    ended = [False] * rows
+    for row in steps:
+        for r, token in enumerate(row.tolist()):
+            if not ended[r]:
+                if token in stop_ids:
+                    ended[r] = True
+                else:
+                    made[r].append(token)
+        if all(ended):
+            break
+    return made, ended
+
+
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
                    top_k, top_p, seed: int, out=None) -> bool:
     """Several prompts decoded together on the GPU (16 at a time), each printed when done.
@@ -146,17 +163,8 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, te
                 return False
             raise LlamacError("fast decoder unavailable for a later batch")
         first = False
-        made = [[] for _ in group]
-        ended = [False] * len(group)
-        for row in decoder.generate(group, max_new_tokens, temperature, top_k, top_p, seed + g0):
-            for r, token in enumerate(row.tolist()):
-                if not ended[r]:
-                    if token in stops:
-                        ended[r] = True
-                    else:
-                        made[r].append(token)
-            if all(ended):
-                break
+        made, _ = until_stop(decoder.generate(group, max_new_tokens, temperature, top_k, top_p, seed + g0),
+                             len(group), stops)
         for r, p_ids in enumerate(group):
             base = tokenizer.decode(p_ids)
             out.write(f"--- [{g0 + r + 1}/{len(prompts)}]\n{prompts[g0 + r]}{tokenizer.decode(p_ids + made[r])[len(base):]}\n")
