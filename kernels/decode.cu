@@ -20,13 +20,32 @@
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define MAX_ROWS 16          // batch rows one GEMV carries (the m16 of the mma)
 #define GEMV_MAX_WARPS 16
-#define ATTN_CHUNK 512       // keys per attention block; longer contexts split over blocks
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 4        // 32-element chunks of a weight row each lane has in flight per round
+#endif
+#ifndef ATTN_CHUNK
+#define ATTN_CHUNK 64        // keys per attention block: contexts split over blocks (decode.py sets it)
+#endif
 #define ATTN_WARPS 8
 
 static_assert(HEAD_DIM % 8 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 8, at most 256");
 static_assert(GROUP >= 1 && GROUP <= 16, "at most 16 query heads per kv head");
 // decode_attention's shared memory: scores (GROUP x chunk) and per-warp P.V partials
-static_assert(GROUP * (512 + 8 * HEAD_DIM) * 4 <= 48000, "GROUP * head_dim too large for decode_attention");
+static_assert(GROUP * (ATTN_CHUNK + 8 * HEAD_DIM) * 4 <= 48000, "GROUP * head_dim too large for decode_attention");
+
+// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while
+// the kernel before it finishes; it must not read that kernel's outputs (or write what that kernel
+// reads) before grid_dependency_wait. Without the attribute both are no-ops.
+LLAMAC_DEVICE void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+LLAMAC_DEVICE void grid_dependency_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
 
 LLAMAC_DEVICE float bf16r(float x) { return to_float(from_float<bf16_t>(x)); }
 
@@ -62,27 +81,39 @@ LLAMAC_DEVICE void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, uns
 }
 
 // ================================================================ GEMV, M <= 16 rows
-// y (M, N) = norm?(x) (M, K) @ W (N, K)^T, then an epilogue. One block per 8 output
-// features (the n8 of one mma); its warps split K, so even N = 288 fills the GPU with
-// loads. The mma's k order is free (a sum), so each lane loads 8 consecutive k of one
-// weight row in one 16-byte load and the x fragments take the same permutation:
-// lane (g = lane/4, q = lane%4) holds W row n0+g and x rows g, g+8 at k = 32c + 8q .. +7.
+// y (M, N) = norm?(x) (M, K) @ W (N, K)^T, then an epilogue. A tile is 8 output features (the
+// n8 of one mma); the grid is persistent (as many blocks as the GPU holds, tiles spread evenly)
+// and a block's warps split K. The mma's k order is free (a sum), so each lane loads 8
+// consecutive k of one weight row in one 16-byte load and the x fragments take the same
+// permutation: lane (g = lane/4, q = lane%4) holds W row n0+g and x rows g, g+8 at k = 32c + 8q .. +7.
 // Every weight byte is read once for all M rows, which makes batch 16 nearly free.
 
 #define MODE_STORE 0     // out bf16 (M, N)
 #define MODE_RESID 1     // out bf16 (M, N) += bf16(y), rounded once (the residual stream)
 #define MODE_SWIGLU 2    // rows interleaved (gate_j, up_j): out bf16 (M, N/2) = silu(g) * u
-#define MODE_LOGITS 3    // out fp32 (M, N) = bf16(y) (logits, as the plain path rounds them)
+#define MODE_LOGITS 3    // out fp32 (M, N) = bf16(y) (logits, as the plain path rounds them), and each
+                         // row's argmax over the first V into best[m] (argmax_key), for greedy sampling
 #define MODE_QKV 4       // RoPE on q and k, q -> out (M, Nq), k and v -> the caches at lens[m]
 
-struct QKVArgs {
+struct EpilogueArgs {
     bf16_t* k_cache;     // (M, max_len, Hkv, hs)
     bf16_t* v_cache;
     const bf16_t* cos;   // (max_len, hs/2), bf16 like the plain path's tables
     const bf16_t* sin;
     const int* lens;     // (M,) tokens already cached: the new token's position
     int n_heads, n_kv_heads, max_len;
+    unsigned long long* best;   // MODE_LOGITS: (M,) running argmax keys, zeroed by decode_sample
+    int V;
 };
+
+// A logit and its index as one integer whose order is (value, then lower index first), so that
+// an atomicMax over a row's keys is NumPy's argmax: float bits made monotonic, -0 taken as +0.
+LLAMAC_DEVICE unsigned long long argmax_key(float v, int n) {
+    unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (unsigned int)(0x7fffffff - n);
+}
+LLAMAC_DEVICE int argmax_index(unsigned long long key) { return 0x7fffffff - (int)(key & 0xffffffffu); }
 
 LLAMAC_DEVICE uint4 load_x8(const bf16_t* x, const bf16_t* norm_w, float rstd, int row, int K, int k) {
     uint4 u = __ldg(reinterpret_cast<const uint4*>(x + (size_t)row * K + k));
@@ -110,63 +141,11 @@ LLAMAC_DEVICE void rope_pair(float& a, float& b, float c, float s) {
     b = rb;
 }
 
+// One (row m, output pair n, n+1) of a finished tile: the warps' partial sums added in a fixed
+// order, rounded to bf16 as the plain path rounds a linear output, then the mode's epilogue.
 template <int MODE>
-LLAMAC_DEVICE void gemv_body(const bf16_t* __restrict__ x, int M, int K, const bf16_t* __restrict__ norm_w,
-                             float eps, const bf16_t* __restrict__ W, int N, void* out, const QKVArgs& qa) {
-    __shared__ float red[GEMV_MAX_WARPS][MAX_ROWS][8];
-    __shared__ float rstd_s[MAX_ROWS];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int n0 = blockIdx.x * 8;
-    const int g = lane >> 2, q = lane & 3;
-
-    if (norm_w != nullptr) {
-        // Each block recomputes the rows' 1/rms (M*K reads from L2) instead of a separate kernel.
-        for (int m = warp; m < M; m += nw) {
-            float ss = 0.0f;
-            for (int k = lane * 8; k < K; k += 256) {
-                float f[8];
-                unpack8(__ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)), f);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) ss = __fadd_rn(ss, __fmul_rn(f[e], f[e]));
-            }
-            ss = warp_sum(ss);
-            if (lane == 0) rstd_s[m] = 1.0f / sqrtf(ss / (float)K + eps);
-        }
-        __syncthreads();
-    }
-    const float rA = (norm_w != nullptr && g < M) ? rstd_s[g] : 1.0f;
-    const float rB = (norm_w != nullptr && g + 8 < M) ? rstd_s[g + 8] : 1.0f;
-
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const bf16_t* wrow = W + (size_t)(n0 + g) * K;
-    const int chunks = (K + 31) >> 5;
-    constexpr int U = 4;   // chunks in flight per warp
-    for (int base = warp; base < chunks; base += nw * U) {
-        uint4 wv[U], xa[U], xb[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int k = (base + u * nw) * 32 + q * 8;
-            const bool ok = base + u * nw < chunks && k < K;
-            wv[u] = ok ? __ldg(reinterpret_cast<const uint4*>(wrow + k)) : make_uint4(0, 0, 0, 0);
-            xa[u] = ok && g < M ? load_x8(x, norm_w, rA, g, K, k) : make_uint4(0, 0, 0, 0);
-            xb[u] = ok && g + 8 < M ? load_x8(x, norm_w, rB, g + 8, K, k) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            mma_bf16(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, wv[u].x, wv[u].y);
-            mma_bf16(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, wv[u].z, wv[u].w);
-        }
-    }
-    red[warp][g][2 * q] = c[0];
-    red[warp][g][2 * q + 1] = c[1];
-    red[warp][g + 8][2 * q] = c[2];
-    red[warp][g + 8][2 * q + 1] = c[3];
-    __syncthreads();
-
-    // Epilogue: one thread per (row, pair of adjacent outputs); warps summed in a fixed order.
-    const int t = threadIdx.x;
-    if (t >= M * 4) return;
-    const int m = t >> 2, col = 2 * (t & 3), n = n0 + col;
+LLAMAC_DEVICE void gemv_epilogue(const float (*red)[MAX_ROWS][8], int nw, int m, int col, int n, int N, void* out,
+                                 const EpilogueArgs& qa, unsigned long long& best) {
     float y0 = 0.0f, y1 = 0.0f;
     for (int w = 0; w < nw; ++w) {
         y0 += red[w][m][col];
@@ -189,6 +168,8 @@ LLAMAC_DEVICE void gemv_body(const bf16_t* __restrict__ x, int M, int K, const b
         float* o = static_cast<float*>(out) + (size_t)m * N + n;
         o[0] = y0;
         o[1] = y1;
+        if (n < qa.V) best = max(best, argmax_key(y0, n));
+        if (n + 1 < qa.V) best = max(best, argmax_key(y1, n + 1));
     } else {  // MODE_QKV
         const int hs = HEAD_DIM, nq = qa.n_heads * hs, nkv = qa.n_kv_heads * hs;
         const int pos = min(qa.lens[m], qa.max_len - 1);
@@ -212,25 +193,154 @@ LLAMAC_DEVICE void gemv_body(const bf16_t* __restrict__ x, int M, int K, const b
     }
 }
 
+// The rows' 1/rms for a norm-fused GEMV, once per block: each row's sum of squares split over
+// blockDim / Mp threads (Mp: M rounded up to a power of two), reduced in a fixed order.
+LLAMAC_DEVICE void block_rstd(const bf16_t* __restrict__ x, int M, int K, float eps, float* rstd_s, float* part_s) {
+    int Mp = 1;
+    while (Mp < M) Mp <<= 1;
+    const int tpr = blockDim.x / Mp, m = threadIdx.x / tpr, r = threadIdx.x % tpr;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float ss = 0.0f;
+    if (m < M) {
+#pragma unroll 4
+        for (int k = r * 8; k < K; k += tpr * 8) {
+            float f[8];
+            unpack8(__ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)), f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss = __fadd_rn(ss, __fmul_rn(f[e], f[e]));
+        }
+    }
+    if (tpr <= 32) {
+        for (int o = tpr / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (r == 0 && m < M) rstd_s[m] = 1.0f / sqrtf(ss / (float)K + eps);
+    } else {
+        ss = warp_sum(ss);
+        if (lane == 0) part_s[warp] = ss;
+        __syncthreads();
+        if (r == 0 && m < M) {
+            float t = 0.0f;
+            for (int w = 0; w < tpr / 32; ++w) t += part_s[m * (tpr / 32) + w];
+            rstd_s[m] = 1.0f / sqrtf(t / (float)K + eps);
+        }
+    }
+    __syncthreads();
+}
+
+// A persistent GEMV: block b takes tiles b, b + gridDim.x, ... of 8 output features, each in
+// `rounds` rounds of nw * U chunks; the weight loads of the next (tile, round) are in flight
+// while this one's x loads, mmas and (at a tile's end) reduction and epilogue run, so a block
+// streams weights without a gap between its tiles, and 1/rms is computed once per block.
+template <int MODE>
+LLAMAC_DEVICE void gemv_body(const bf16_t* __restrict__ x, int M, int K, const bf16_t* __restrict__ norm_w,
+                             float eps, const bf16_t* __restrict__ W, int N, void* out, const EpilogueArgs& qa) {
+    __shared__ float red[GEMV_MAX_WARPS][MAX_ROWS][8];
+    __shared__ float rstd_s[MAX_ROWS];
+    __shared__ float part_s[GEMV_MAX_WARPS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    constexpr int U = GEMV_UNROLL;   // chunks in flight per warp
+    const int tiles = N / 8, chunks = (K + 31) >> 5;
+    const int rounds = (chunks + nw * U - 1) / (nw * U);
+    const int steps = (tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x * rounds;
+
+    auto load_w = [&](int s, uint4* w) {
+        const int tile = blockIdx.x + (s / rounds) * gridDim.x, base = (s % rounds) * nw * U + warp;
+        const bf16_t* wrow = W + (size_t)(tile * 8 + g) * K;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = (base + u * nw) * 32 + q * 8;
+            w[u] = s < steps && base + u * nw < chunks && k < K ? __ldg(reinterpret_cast<const uint4*>(wrow + k))
+                                                               : make_uint4(0, 0, 0, 0);
+        }
+    };
+
+    // The first weights are loaded before waiting on the kernel that writes x: with programmatic
+    // dependent launch (decode.py) these loads overlap the previous kernel's tail.
+    uint4 wv[U];
+    load_w(0, wv);
+    grid_dependency_launch_dependents();
+    grid_dependency_wait();
+    // A norm-fused GEMV normalises its rows once into shared memory (M x K bf16, dynamic: the
+    // launcher sizes it): normalising each fragment as it is loaded costs more instructions than the
+    // SM can issue while streaming weights at full bandwidth.
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    const bf16_t* xs = x;
+    if (norm_w != nullptr) {
+        block_rstd(x, M, K, eps, rstd_s, part_s);
+        bf16_t* xn = reinterpret_cast<bf16_t*>(gemv_smem);
+        const int per_row = K / 8;
+        for (int i = threadIdx.x; i < M * per_row; i += blockDim.x) {
+            const int m = i / per_row, k = (i - m * per_row) * 8;
+            *reinterpret_cast<uint4*>(xn + (size_t)m * K + k) = load_x8(x, norm_w, rstd_s[m], m, K, k);
+        }
+        __syncthreads();
+        xs = xn;
+    }
+
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    unsigned long long best = 0;     // MODE_LOGITS: this thread's argmax key over its outputs
+    for (int s = 0; s < steps; ++s) {
+        uint4 wn[U], xa[U], xb[U];
+        load_w(s + 1, wn);
+        const int base = (s % rounds) * nw * U + warp;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = (base + u * nw) * 32 + q * 8;
+            const bool ok = base + u * nw < chunks && k < K;
+            xa[u] = ok && g < M ? *reinterpret_cast<const uint4*>(xs + (size_t)g * K + k) : make_uint4(0, 0, 0, 0);
+            xb[u] = ok && g + 8 < M ? *reinterpret_cast<const uint4*>(xs + (size_t)(g + 8) * K + k) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            mma_bf16(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, wv[u].x, wv[u].y);
+            mma_bf16(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, wv[u].z, wv[u].w);
+            wv[u] = wn[u];
+        }
+        if (s % rounds == rounds - 1) {
+            red[warp][g][2 * q] = c[0];
+            red[warp][g][2 * q + 1] = c[1];
+            red[warp][g + 8][2 * q] = c[2];
+            red[warp][g + 8][2 * q + 1] = c[3];
+            c[0] = c[1] = c[2] = c[3] = 0.0f;
+            __syncthreads();
+            const int t = threadIdx.x;
+            if (t < M * 4) {
+                const int tile = blockIdx.x + (s / rounds) * gridDim.x;
+                gemv_epilogue<MODE>(red, nw, t >> 2, 2 * (t & 3), tile * 8 + 2 * (t & 3), N, out, qa, best);
+            }
+            __syncthreads();
+        }
+    }
+    if (MODE == MODE_LOGITS && qa.best != nullptr && threadIdx.x < 64) {
+        // row m's 4 threads are lanes 4m..4m+3 of one warp: one atomic per row and block
+        best = max(best, __shfl_xor_sync(0xffffffffu, best, 1));
+        best = max(best, __shfl_xor_sync(0xffffffffu, best, 2));
+        if (threadIdx.x < M * 4 && (threadIdx.x & 3) == 0) atomicMax(qa.best + (threadIdx.x >> 2), best);
+    }
+}
+
 #define GEMV_PARAMS const bf16_t* __restrict__ x, int M, int K, const bf16_t* __restrict__ norm_w, float eps, \
                     const bf16_t* __restrict__ W, int N
 
 extern "C" __global__ void decode_gemv_store(GEMV_PARAMS, bf16_t* out) {
-    gemv_body<MODE_STORE>(x, M, K, norm_w, eps, W, N, out, QKVArgs{});
+    gemv_body<MODE_STORE>(x, M, K, norm_w, eps, W, N, out, EpilogueArgs{});
 }
 extern "C" __global__ void decode_gemv_resid(GEMV_PARAMS, bf16_t* out) {
-    gemv_body<MODE_RESID>(x, M, K, norm_w, eps, W, N, out, QKVArgs{});
+    gemv_body<MODE_RESID>(x, M, K, norm_w, eps, W, N, out, EpilogueArgs{});
 }
 extern "C" __global__ void decode_gemv_swiglu(GEMV_PARAMS, bf16_t* out) {
-    gemv_body<MODE_SWIGLU>(x, M, K, norm_w, eps, W, N, out, QKVArgs{});
+    gemv_body<MODE_SWIGLU>(x, M, K, norm_w, eps, W, N, out, EpilogueArgs{});
 }
-extern "C" __global__ void decode_gemv_logits(GEMV_PARAMS, float* out) {
-    gemv_body<MODE_LOGITS>(x, M, K, norm_w, eps, W, N, out, QKVArgs{});
+extern "C" __global__ void decode_gemv_logits(GEMV_PARAMS, float* out, unsigned long long* best, int V) {
+    EpilogueArgs qa{};
+    qa.best = best;
+    qa.V = V;
+    gemv_body<MODE_LOGITS>(x, M, K, norm_w, eps, W, N, out, qa);
 }
 extern "C" __global__ void decode_gemv_qkv(GEMV_PARAMS, bf16_t* q_out, bf16_t* k_cache, bf16_t* v_cache,
                                            const bf16_t* cos, const bf16_t* sin, const int* lens,
                                            int n_heads, int n_kv_heads, int max_len) {
-    QKVArgs qa{k_cache, v_cache, cos, sin, lens, n_heads, n_kv_heads, max_len};
+    EpilogueArgs qa{k_cache, v_cache, cos, sin, lens, n_heads, n_kv_heads, max_len, nullptr, 0};
     gemv_body<MODE_QKV>(x, M, K, norm_w, eps, W, N, q_out, qa);
 }
 
@@ -238,9 +348,11 @@ extern "C" __global__ void decode_gemv_qkv(GEMV_PARAMS, bf16_t* q_out, bf16_t* k
 // One block per (row m, kv head, chunk of ATTN_CHUNK keys): the GROUP query heads that
 // share a kv head read each key and value once. Only the filled part of the cache is
 // read: lens[m] + extra keys (extra = 1: the token this step just wrote).
-// One chunk (the usual case): exact plain-path rounding, probabilities normalised and
-// rounded to bf16 before P.V. Several chunks: each block writes (max, sum, unnormalised
-// P.V) and the last block to finish (a counter) combines them, flash-decoding style.
+// Chunks are short so that even a short context spreads over several blocks (a block's
+// keys are read in a couple of latency-bound passes). One chunk: exact plain-path rounding,
+// probabilities normalised and rounded to bf16 before P.V. Several chunks: each block writes
+// (max, sum, unnormalised P.V) and the last block to finish (a counter) combines them,
+// flash-decoding style, in fp32.
 
 #define KEY_LANES (HEAD_DIM <= 32 ? 4 : (HEAD_DIM <= 64 ? 8 : (HEAD_DIM <= 128 ? 16 : 32)))
 
@@ -258,6 +370,8 @@ decode_attention(const bf16_t* __restrict__ q,     // (M, H, hs)
     __shared__ float red[ATTN_WARPS][GROUP][HEAD_DIM];
     __shared__ float ml[GROUP][2];
     __shared__ int last_s;
+    grid_dependency_launch_dependents();
+    grid_dependency_wait();
     const int bh = blockIdx.x, m = bh / n_kv_heads, kh = bh % n_kv_heads, split = blockIdx.y;
     const int T = min(lens[m] + extra, max_len);
     const int active = (T + ATTN_CHUNK - 1) / ATTN_CHUNK;
@@ -514,23 +628,37 @@ decode_sample(const float* __restrict__ logits, int V, int ld,   // (M, ld), the
               int* __restrict__ steps,                     // (M,) tokens chosen so far
               int* __restrict__ lens, int advance,         // (M,) cache lengths
               const bf16_t* __restrict__ emb, int C,       // (V, C) embeddings
-              bf16_t* __restrict__ x) {                    // (M, C) next step's input
+              bf16_t* __restrict__ x,                      // (M, C) next step's input
+              unsigned long long* __restrict__ best) {     // (M,) argmax keys from decode_gemv_logits, or null
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ unsigned long long hist[256];
     __shared__ unsigned int word[3];
+    grid_dependency_wait();
     const int m = blockIdx.x, M = gridDim.x;
     const float* lg = logits + (size_t)m * ld;
     const int step = steps[m];
-    float best_v = NEG_INF;
-    int best_i = 0x7fffffff;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        const float v = lg[j];
-        if (v > best_v || (v == best_v && j < best_i)) { best_v = v; best_i = j; }
-    }
     float top;
     int token;
-    block_argmax(best_v, best_i, sv, si, top, token);
+    if (best != nullptr && temperature <= 0.0f) {
+        // greedy with the head's argmax at hand: no pass over the logits
+        if (threadIdx.x == 0) {
+            si[0] = argmax_index(best[m]);
+            best[m] = 0ull;          // ready for the next step's head
+        }
+        __syncthreads();
+        token = si[0];
+        top = 0.0f;
+    } else {
+        float best_v = NEG_INF;
+        int best_i = 0x7fffffff;
+        for (int j = threadIdx.x; j < V; j += blockDim.x) {
+            const float v = lg[j];
+            if (v > best_v || (v == best_v && j < best_i)) { best_v = v; best_i = j; }
+        }
+        block_argmax(best_v, best_i, sv, si, top, token);
+        if (best != nullptr && threadIdx.x == 0) best[m] = 0ull;
+    }
     if (temperature > 0.0f) {
         const float inv_t = 1.0f / temperature;
         const float mx = top * inv_t;

@@ -61,6 +61,9 @@ class Options:
     # CPU: matrix products (projections, attention's) multiply in bf16 and accumulate in fp32
     # (llamac.engine.onednn) where the processor and oneDNN can; fp32 NumPy/OpenBLAS otherwise.
     cpu_bf16_products: bool = False
+    # GPU decode: each kernel of a step may start while the one before it finishes (programmatic
+    # dependent launch), its weight loads overlapping that kernel's tail.
+    overlapped_launch: bool = True
     gemm_autotune: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_GEMM_AUTOTUNE", True))
     cpu_threads: Optional[int] = dataclasses.field(default_factory=lambda: _env_int("LLAMAC_CPU_THREADS"))
     cpu_malloc_tuning: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_CPU_MALLOC", True))

@@ -7,7 +7,7 @@ import pytest
 import llamac
 from llamac.config import ModelConfig
 from llamac.engine import backend
-from llamac.infer import decode
+from llamac.infer import decode, packed
 from llamac.model.llama import Llama, rope_tables
 from llamac.ops import rope
 
@@ -26,7 +26,7 @@ def test_reference_step_follows_the_plain_bf16_path(kv):
     path's next-token logits, steps after a prefill, for GQA and plain attention."""
     model = tiny_model(n_kv_heads=kv)
     cfg = model.config
-    layers, extra = decode.pack_weights(cfg, model.state_dict(), np)
+    layers, extra = packed.pack_weights(cfg, model.state_dict(), np)
     prompt = [[3, 17, 42, 5, 99], [7, 1, 2, 150, 8]]
     M, T = len(prompt), len(prompt[0])
     cache = model.new_cache(batch=M, max_len=32)
@@ -51,7 +51,7 @@ def test_reference_step_follows_the_plain_bf16_path(kv):
 
 def test_w13_interleaves_gate_and_up():
     model = tiny_model()
-    layers, _ = decode.pack_weights(model.config, model.state_dict(), np)
+    layers, _ = packed.pack_weights(model.config, model.state_dict(), np)
     L = layers[0]
     assert np.array_equal(L.w13[0::2], L.w1) and np.array_equal(L.w13[1::2], L.w3)
     H, Hkv, hs = 4, 2, 16

@@ -19,6 +19,8 @@ DECODE_SHAPES = {   # dim, layers, heads, kv heads, vocab, hidden
     "15M": (288, 6, 6, 6, 32000, 768),
     "110M": (768, 12, 12, 12, 32000, 2048),
     "350M": (1024, 24, 16, 4, 32000, 2816),
+    "1B-hs64": (2048, 16, 32, 8, 128256, 8192),     # the training issue's 1B shapes
+    "1B-hs128": (2048, 16, 16, 4, 32000, 5632),
 }
 CACHE_LEN = 1024
 VERBOSE = False
@@ -43,8 +45,11 @@ def _median(xs):
 
 def bench_llamac(name: str, n_new: int = 256, prompt_len: int = 16, batches=(1, 16), prefill_len: int = 512,
                  reps: int = 3) -> list[dict]:
-    from llamac.infer.decode import FastDecoder, random_state
+    from llamac.bench.timing import device_copy_bandwidth
+    from llamac.infer.decode import FastDecoder
+    from llamac.infer.packed import kv_cache_bytes, random_state, weight_bytes
     cp = backend.cupy_module()
+    bandwidth = device_copy_bandwidth()
     cfg = shape_config(name)
     state = random_state(cfg, cp)
     rng = np.random.default_rng(0)
@@ -65,8 +70,12 @@ def bench_llamac(name: str, n_new: int = 256, prompt_len: int = 16, batches=(1, 
         ttft, decode_s = ttft[1:], decode_s[1:]          # the first includes capture and warm-up
         _say(name, f"batch {B}: ttft {ttft}, decode {decode_s}")
         t = _median(decode_s)
+        # what a step must read: the weights once, and every row's cache at its mean length over the run
+        step_bytes = weight_bytes(cfg) + kv_cache_bytes(cfg, B * (prompt_len + n_new / 2))
         row = {"section": "decode", "shape": name, "impl": "llamac FastDecoder", "batch": B,
                "decode_tok_s": round(B * n_new / t, 1), "step_ms": round(t / n_new * 1e3, 4),
+               "step_MB": round(step_bytes / 1e6, 1), "copy_TB_s": round(bandwidth / 1e12, 3),
+               "bandwidth_util": round(step_bytes / (t / n_new) / bandwidth, 3),
                "ttft_ms": round(_median(ttft) * 1e3, 2), "prefill_attention": dec.prefill_mode}
         if B == 1:
             long_prompt = [rng.integers(0, cfg.vocab_size, prefill_len).tolist()]

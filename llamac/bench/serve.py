@@ -157,7 +157,7 @@ def generate_batch1(cfg, state, prompt, n_new: int, reps: int = 3) -> float:
 
 
 def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len: int = PROMPT_LEN) -> list[dict]:
-    from llamac.infer.decode import random_state
+    from llamac.infer.packed import random_state
     from llamac.serve.server import ServerThread, build_for, engine_friendly_switching
     from llamac.serve.steppers import FastStepper
     cp = backend.cupy_module()

@@ -28,6 +28,23 @@ def _time_ms(fn, reps: int = 20, warmup: int = 3, between=None) -> float:
     return statistics.median(backend.elapsed_ms(s, e) for s, e in pairs)
 
 
+_COPY_BANDWIDTH: dict = {}
+
+
+def device_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy, counting each byte read and written (the decode
+    roofline), measured once per process."""
+    if "bw" not in _COPY_BANDWIDTH:
+        cp = backend.cupy_module()
+        a = cp.empty(nbytes, dtype=cp.uint8)
+        b = cp.empty_like(a)
+        ms = _time_ms(lambda: cp.copyto(b, a), reps=10)
+        _COPY_BANDWIDTH["bw"] = 2 * nbytes / (ms / 1e3)
+        del a, b
+        backend.release_gpu_memory()
+    return _COPY_BANDWIDTH["bw"]
+
+
 def torch_time_ms(torch, fn, reps: int, warmup: int) -> float:
     """Median milliseconds of a PyTorch op from torch's own CUDA events, each rep waited for."""
     for _ in range(warmup):

@@ -26,13 +26,13 @@ decode step in NumPy on the same packed weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from llamac.engine import backend
 from llamac.errors import LlamacError
+from llamac.infer.packed import pack_weights
 from llamac.ops import attention, flash_forward, rmsnorm, rope, swiglu
 
 # The kernels/*.cu sources this module launches and the extern "C" entry points each must export
@@ -42,74 +42,12 @@ SOURCES = {"decode": ("decode_gemv_store", "decode_gemv_resid", "decode_gemv_swi
 
 BF16 = backend.bfloat16
 MAX_BATCH = 16            # rows per GEMV (the m16 of the tensor-core mma)
-ATTN_CHUNK = 512          # keys per attention block (kernels/decode.cu ATTN_CHUNK)
+ATTN_CHUNK = 64           # keys per attention block: a short context still spreads over several blocks
 ATTN_THREADS = 256
 SAMPLE_THREADS = 1024
-
-
-# ---------------------------------------------------------------- packed weights
-
-@dataclass
-class PackedLayer:
-    attn_norm: object   # (C,)
-    wq: object          # (H*hs, C)     the model's own matrices, for the prefill
-    wk: object          # (Hkv*hs, C)
-    wv: object
-    wo: object          # (C, H*hs)
-    ffn_norm: object
-    w1: object          # (hidden, C)
-    w2: object          # (C, hidden)
-    w3: object
-    wqkv: object        # (H*hs + 2*Hkv*hs, C)  q, k, v rows stacked: one GEMV
-    w13: object         # (2*hidden, C)  rows interleaved gate_0, up_0, gate_1, ...: SwiGLU in the epilogue
-
-
-def pack_weights(cfg, state: dict, xp) -> tuple[list[PackedLayer], dict]:
-    """bf16 weights on xp's device from a llamac state dict (names as llamac.model)."""
-
-    def get(name):
-        if name not in state:
-            raise LlamacError(f"fast decode: weight {name!r} missing from the model")
-        a = state[name]
-        a = backend.to_device(a, "cpu" if xp is np else "cuda")
-        return a if a.dtype == BF16 else a.astype(BF16)
-
-    layers = []
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        wq, wk, wv = (get(p + f"attention.{n}.weight") for n in ("wq", "wk", "wv"))
-        w1, w2, w3 = (get(p + f"feed_forward.{n}.weight") for n in ("w1", "w2", "w3"))
-        layers.append(PackedLayer(
-            attn_norm=get(p + "attention_norm.weight"), wq=wq, wk=wk, wv=wv, wo=get(p + "attention.wo.weight"),
-            ffn_norm=get(p + "ffn_norm.weight"), w1=w1, w2=w2, w3=w3,
-            wqkv=xp.ascontiguousarray(xp.concatenate([wq, wk, wv], axis=0)),
-            w13=xp.ascontiguousarray(xp.stack([w1, w3], axis=1).reshape(2 * cfg.ffn_hidden, cfg.dim))))
-    emb = get("tok_embeddings.weight")
-    head = emb if cfg.tie_embeddings else get("output.weight")
-    return layers, {"emb": emb, "head": head, "norm": get("norm.weight")}
-
-
-def random_state(cfg, xp, seed: int = 0) -> dict:
-    """A llamac state dict of N(0, 0.02) bf16 weights made on xp's device (benchmarks: no CPU init)."""
-    rs = xp.random.RandomState(seed) if xp is not np else np.random.RandomState(seed)
-    hs = cfg.head_size
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,)}
-    if not cfg.tie_embeddings:
-        shapes["output.weight"] = (cfg.vocab_size, cfg.dim)
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes.update({p + "attention.wq.weight": (cfg.n_heads * hs, cfg.dim), p + "attention.wk.weight": (cfg.kv_heads * hs, cfg.dim),
-                       p + "attention.wv.weight": (cfg.kv_heads * hs, cfg.dim), p + "attention.wo.weight": (cfg.dim, cfg.n_heads * hs),
-                       p + "feed_forward.w1.weight": (cfg.ffn_hidden, cfg.dim), p + "feed_forward.w2.weight": (cfg.dim, cfg.ffn_hidden),
-                       p + "feed_forward.w3.weight": (cfg.ffn_hidden, cfg.dim),
-                       p + "attention_norm.weight": (cfg.dim,), p + "ffn_norm.weight": (cfg.dim,)})
-    out = {}
-    for name, shape in shapes.items():
-        if name.endswith("norm.weight"):
-            out[name] = xp.ones(shape, BF16)
-        else:
-            out[name] = (rs.standard_normal(shape, dtype=np.float32) * 0.02).astype(BF16)
-    return out
+GEMV_UNROLL = 4           # chunks of a weight row in flight per lane (kernels/decode.cu GEMV_UNROLL)
+GEMV_WARPS = (4, 8, 16)   # the block sizes gemv_warps chooses among
+GEMV_SHARED_MAX = 227 * 1024   # a Hopper block's shared memory: the norm-fused GEMV holds its M x dim rows there
 
 
 # ---------------------------------------------------------------- references (NumPy or CuPy arrays)
@@ -283,6 +221,19 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def gemv_warps(fn, tiles: int, shared: int = 0) -> int:
+    """Warps per block of a GEMV of `tiles` tiles of 8 outputs: the fewest (4, 8 or 16) with which the
+    blocks the tiles can fill keep about as many warps streaming as the GPU holds. Small blocks win
+    where there are tiles enough (a tile's closing reduction stalls only its own block); a small N
+    needs fatter blocks to keep enough loads in flight. Depends on N only, never on the batch rows,
+    so a row's sums are the same in any batch."""
+    most = max(backend.resident_blocks(fn, 32 * w, shared) * w for w in GEMV_WARPS)
+    for w in GEMV_WARPS:
+        if min(tiles, backend.resident_blocks(fn, 32 * w, shared)) * w >= 0.9 * most:
+            return w
+    return GEMV_WARPS[-1]
+
+
 class FastDecoder:
     """Batched decoding of up to 16 sequences on the GPU (kernels/decode.cu) with a CUDA-graph step.
 
@@ -297,7 +248,10 @@ class FastDecoder:
         self.cp, self.cfg = cp, cfg
         if not 1 <= batch <= MAX_BATCH:
             raise LlamacError(f"fast decode takes 1 to {MAX_BATCH} sequences at once, not {batch}")
-        self.M = M = batch
+        self.M = M = self.rows = batch
+        if 2 * M * cfg.dim > GEMV_SHARED_MAX:
+            raise LlamacError(f"fast decode: {M} rows of dim {cfg.dim} exceed the GEMV's shared memory; "
+                              f"decode at most {GEMV_SHARED_MAX // (2 * cfg.dim)} sequences at once")
         self.max_len = L = int(max_len or cfg.max_seq_len)
         hs, H, Hkv = cfg.head_size, cfg.n_heads, cfg.kv_heads
         if hs % 8 or hs > 256 or H % Hkv or cfg.dim % 8 or cfg.ffn_hidden % 8:
@@ -329,6 +283,7 @@ class FastDecoder:
         self.part = z((M * Hkv, self.n_split, G, hs + 2), np.float32)
         self.counters = z((M * Hkv,), np.int32)
         self.tokens = z((M,), np.int32)
+        self.best = z((M,), np.uint64)          # the head's argmax keys, read and zeroed by the sampler
         self.steps = z((M,), np.int32)
         self.lens = z((M,), np.int32)
         self.max_steps = L + 1
@@ -336,7 +291,7 @@ class FastDecoder:
         self.k_cache = [z((M, L, Hkv, hs), BF16) for _ in range(cfg.n_layers)]
         self.v_cache = [z((M, L, Hkv, hs), BF16) for _ in range(cfg.n_layers)]
 
-        opts = (f"-DHEAD_DIM={hs}", f"-DGROUP={G}")
+        opts = (f"-DHEAD_DIM={hs}", f"-DGROUP={G}", f"-DGEMV_UNROLL={GEMV_UNROLL}", f"-DATTN_CHUNK={ATTN_CHUNK}")
         k = lambda name: backend.get_kernel("decode", name, BF16, opts)  # noqa: E731
         self.k_qkv, self.k_resid, self.k_swiglu = k("decode_gemv_qkv"), k("decode_gemv_resid"), k("decode_gemv_swiglu")
         self.k_logits, self.k_attn, self.k_sample = k("decode_gemv_logits"), k("decode_attention"), k("decode_sample")
@@ -350,16 +305,16 @@ class FastDecoder:
 
     # ------------------------------------------------------------ launches
 
-    @staticmethod
-    def _gemv_block(K: int) -> tuple[int]:
-        chunks = -(-K // 32)
-        return (32 * min(16, max(2, _pow2_at_least(-(-chunks // 4)))),)
-
     def _gemv(self, fn, x, K, norm_w, W, N, *out):
         null = np.uint64(0)
-        fn((N // 8,), self._gemv_block(K),
-           (x, np.int32(self.M), np.int32(K), norm_w if norm_w is not None else null,
-            np.float32(self.cfg.norm_eps), W, np.int32(N), *out))
+        # the normalised rows (bf16) for the buffers' full batch, so a row's arithmetic never depends on self.M
+        shared = 2 * self.rows * K if norm_w is not None else 0
+        warps = gemv_warps(fn, N // 8, shared)
+        tiles = N // 8
+        per_block = -(-tiles // backend.resident_blocks(fn, 32 * warps, shared))   # a persistent grid, tiles even
+        backend.launch(fn, (-(-tiles // per_block),), (32 * warps,),
+                       (x, np.int32(self.M), np.int32(K), norm_w if norm_w is not None else null,
+                        np.float32(self.cfg.norm_eps), W, np.int32(N), *out), overlap=True, shared=shared)
 
     def _launch_layers(self):
         cfg, M = self.cfg, self.M
@@ -368,21 +323,24 @@ class FastDecoder:
         for i, L in enumerate(self.layers):
             self._gemv(self.k_qkv, self.x, cfg.dim, L.attn_norm, L.wqkv, nqkv, self.q, self.k_cache[i], self.v_cache[i],
                        self.cos, self.sin, self.lens, np.int32(H), np.int32(Hkv), np.int32(self.max_len))
-            self.k_attn((M * Hkv, self.n_split), (ATTN_THREADS,),
-                        (self.q, self.k_cache[i], self.v_cache[i], self.lens, np.int32(1), self.att, self.part,
-                         self.counters, np.int32(Hkv), np.int32(self.max_len), np.int32(self.n_split), self.scale))
+            backend.launch(self.k_attn, (M * Hkv, self.n_split), (ATTN_THREADS,),
+                           (self.q, self.k_cache[i], self.v_cache[i], self.lens, np.int32(1), self.att, self.part,
+                            self.counters, np.int32(Hkv), np.int32(self.max_len), np.int32(self.n_split),
+                            self.scale), overlap=True)
             self._gemv(self.k_resid, self.att, H * hs, None, L.wo, cfg.dim, self.x)
             self._gemv(self.k_swiglu, self.x, cfg.dim, L.ffn_norm, L.w13, 2 * cfg.ffn_hidden, self.hid)
             self._gemv(self.k_resid, self.hid, cfg.ffn_hidden, None, L.w2, cfg.dim, self.x)
-        self._gemv(self.k_logits, self.x, cfg.dim, self.norm, self.head, self.Vp, self.logits)
+        self._gemv(self.k_logits, self.x, cfg.dim, self.norm, self.head, self.Vp, self.logits, self.best,
+                   np.int32(self.V))
 
     def _launch_sample(self, sampling, advance: int):
+        """advance 1: after a step's LM head, whose argmax the sampler reads; 0: after a prefill (logits only)."""
         temperature, top_k, top_p, seed = sampling
-        self.k_sample((self.M,), (SAMPLE_THREADS,),
+        backend.launch(self.k_sample, (self.M,), (SAMPLE_THREADS,),
                       (self.logits, np.int32(self.V), np.int32(self.Vp), np.float32(temperature), np.int32(top_k or 0),
                        np.float32(top_p or 0.0), np.uint32(seed & 0xFFFFFFFF), self.tokens, self.history,
                        np.int32(self.max_steps), self.steps, self.lens, np.int32(advance), self.emb,
-                       np.int32(self.cfg.dim), self.x))
+                       np.int32(self.cfg.dim), self.x, self.best if advance else np.uint64(0)), overlap=True)
 
     def _graph(self, sampling):
         graph = self._graphs.get(sampling)

@@ -144,3 +144,45 @@ def test_generate_batch_prints_every_prompt_as_decoded_alone():
         ids = tok.encode(p, bos=True)
         alone = list(generate_ids(model, ids, 30, temperature=0, eos_id=tok.eos_id))
         assert p + tok.decode(ids + alone)[len(tok.decode(ids)):] in text
+
+
+@pytest.mark.parametrize("K, N", [(96, 8), (200, 776), (2048, 3072), (8192, 264)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("norm", [False, True])
+def test_persistent_gemv_matches_reference(K, N, M, norm):
+    """The persistent GEMV (tiles spread over a grid the GPU holds at once, rows normalised into shared
+    memory) against gemv_reference, at tile counts that do not divide the grid and K not a multiple of 32."""
+    if norm and 2 * M * K > decode.GEMV_SHARED_MAX:
+        pytest.skip("a norm-fused GEMV's rows must fit shared memory (the decoder checks 2 * rows * dim)")
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(K + N + M)
+    x = cp.asarray(rng.standard_normal((M, K)).astype(BF16))
+    W = cp.asarray((rng.standard_normal((N, K)) / np.sqrt(K)).astype(BF16))
+    w = cp.asarray((1 + 0.1 * rng.standard_normal(K)).astype(BF16)) if norm else None
+    dec = decode.FastDecoder.from_model(random_model(), batch=M, max_len=16)
+    out = cp.zeros((M, N), BF16)
+    with dec.stream:
+        dec._gemv(backend.get_kernel("decode", "decode_gemv_store", BF16, ("-DHEAD_DIM=16", "-DGROUP=3")),
+                  x, K, w, W, N, out)
+    dec.stream.synchronize()
+    want = decode.gemv_reference(x, W, w, 1e-5).astype(np.float32)
+    err = float(abs(out.astype(np.float32) - want).max() / abs(want).max())
+    assert err < 1e-2, err
+
+
+def test_greedy_token_is_the_first_argmax_of_the_logits():
+    """The LM head's fused argmax (one atomic per row and block) picks what np.argmax picks, ties
+    included: the head has duplicated rows, so equal logits lie in different tiles and blocks."""
+    model = random_model(tie_embeddings=False)
+    head = model.output.weight.data
+    head[150:300] = head[0:150]           # every logit of 150..299 equals one below 150
+    dec = decode.FastDecoder.from_model(model, batch=3, max_len=64)
+    rng = np.random.default_rng(2)
+    dec.start([rng.integers(0, 300, n).tolist() for n in (4, 9, 1)])
+    for _ in range(5):
+        dec.step()
+        dec.stream.synchronize()
+        logits = dec.logits[:, :dec.V].get()
+        assert dec.tokens.get().tolist() == np.argmax(logits, axis=1).tolist()
+        assert int(dec.tokens.get().max()) < 150
+        assert dec.best.get().tolist() == [0, 0, 0]         # zeroed for the next step's head
