@@ -87,6 +87,52 @@ def load_cupy_cublas():
         pass
 
 
+def gpu_count() -> int:
+    """CUDA GPUs this process can see (0 without CuPy or a driver)."""
+    cp, _ = _cupy_or_reason()
+    return int(cp.cuda.runtime.getDeviceCount()) if cp is not None else 0
+
+
+def use_device(index: int):
+    """Make GPU `index` this process's current device (one data-parallel rank per GPU), before any
+    array lives on another one."""
+    cp = cupy_module()
+    count = cp.cuda.runtime.getDeviceCount()
+    if not 0 <= index < count:
+        raise LlamacError(f"GPU {index} does not exist: this process sees {count} (LOCAL_RANK picks the GPU)")
+    cp.cuda.Device(index).use()
+
+
+def nccl_module():
+    """CuPy's NCCL binding (cupy.cuda.nccl), for llamac.dist.nccl. NCCL itself comes from NVIDIA's
+    wheel (nvidia-nccl-cu12 / -cu13) when CuPy does not find it: that library is loaded first."""
+    cupy_module()
+    _preload_nccl_wheel()
+    try:
+        from cupy.cuda import nccl  # noqa: PLC0415 - CuPy's submodule
+    except Exception as exc:
+        raise LlamacError(f"CuPy's NCCL binding is unavailable ({type(exc).__name__}: {exc}); "
+                          "pip install 'llamac[cuda12-dist]' or 'llamac[cuda13-dist]'") from None
+    if not getattr(nccl, "available", True):
+        raise LlamacError("CuPy found no NCCL library: pip install nvidia-nccl-cu12 (or -cu13) beside cupy")
+    return nccl
+
+
+@functools.lru_cache(maxsize=None)
+def _preload_nccl_wheel():
+    import ctypes
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        for lib in sorted(Path(root).glob("nccl/lib/libnccl.so*")):
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                return str(lib)
+            except OSError:
+                continue
+    return None
+
+
 def cupy_module():
     cp, why = _cupy_or_reason()
     if cp is None:
