@@ -303,3 +303,18 @@ def test_the_buckets_run_backwards_by_dtype_and_pad_to_the_world():
     assert [[i for i, _, _ in b.entries] for b in buckets] == [[4], [3, 2, 1], [0]]
     assert [(b.numel, b.padded, b.shard) for b in buckets] == [(4, 4, 1), (15, 16, 4), (10, 12, 3)]
     assert buckets[1].entries == [(3, 0, 3), (2, 3, 5), (1, 8, 7)]
+
+
+def test_bench_dp_reports_scaling_and_zero1_halves_the_state_per_rank():
+    from llamac.bench.dp import bench_dp
+    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=None, vocab_size=512, seq_len=32,
+                 batch_size=4)
+    rows = bench_dp("cpu", shapes={"mini": shape}, counts=[1, 2], steps=2, warmup=1)
+    assert [(r["ranks"], r["zero"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    one, two, two_zero = rows
+    assert one["scaling_efficiency"] == 1.0
+    assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / 2 / one["tokens_per_s"], rel=1e-2)
+    # m and v in fp32: 8 bytes a parameter on one rank, half of them (and a bucket's padding) on each of two
+    assert two["optimizer_state_MB"] == one["optimizer_state_MB"]
+    assert two_zero["optimizer_state_MB"] == pytest.approx(one["optimizer_state_MB"] / 2, abs=1e-3)

@@ -85,11 +85,16 @@ def launch(command: str, args: list[str], recipe, gpus: int | None = None, procs
         from llamac.data.pipeline import prepare_data
         prepare_data(recipe, verbose=True)
     folder = Path(os.environ.get("LLAMAC_DIST_RUN_DIR") or Path(recipe.out_dir) / ".ranks")
+    return start_ranks([sys.executable, "-m", "llamac", command, *args], kind, n, folder)
+
+
+def start_ranks(base: list[str], kind: str, n: int, folder: Path) -> int:
+    """Run the command `base` as n ranks ('gpus': one process per GPU; 'procs': under mpirun),
+    watched through the run folder; returns the job's exit code."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in [*folder.glob("rank*"), watchdog.stop_path(folder)]:
         old.unlink(missing_ok=True)
     env = {**os.environ, "LLAMAC_DIST_RUN_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
-    base = [sys.executable, "-m", "llamac", command, *args]
     if kind == "gpus":
         port = free_port()
         children = [subprocess.Popen(base, env={**env, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r),
