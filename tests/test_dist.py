@@ -228,13 +228,14 @@ def test_gpus_without_a_gpu_and_cpu_ranks_without_mpi_are_one_line_errors(tmp_pa
 def test_the_launch_environment_of_torchrun_slurm_and_mpi():
     got = env.from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"})
     assert got == env.Launch(3, 8, 1, "node0", 29500, "env")
-    got = env.from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1",
-                        "MASTER_PORT": "1234"})
+    got = env.from_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                        "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
     assert got == env.Launch(5, 16, 1, "n1", 1234, "slurm")
     got = env.from_env({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-                        "PMIX_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
+                        "PMIX_RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4"})
     assert got == env.Launch(1, 2, 1, source="mpi")
-    assert env.from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == env.Launch()     # a one-task allocation
+    assert env.from_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}) == env.Launch()    # a one-task step
+    assert env.from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) == env.Launch()     # a batch script itself
     assert not env.from_env({}).launched
     for bad, message in [({"RANK": "2", "WORLD_SIZE": "2"}, "rank 2 is outside the world of 2 ranks"),
                          ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK must be an integer"),

@@ -3,8 +3,9 @@
     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
         torchrun, `llamac ... --gpus N`, or any launcher that sets them (a Slurm script may export
         them from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)
-    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (+ MASTER_ADDR / MASTER_PORT)
-        `srun llamac pretrain ...`
+    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID (+ MASTER_ADDR / MASTER_PORT)
+        `srun llamac pretrain ...` (the step's task count: a batch script's or salloc shell's own
+        SLURM_NTASKS does not make a plain `llamac pretrain` one rank of many)
     OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK, PMI_RANK / PMI_SIZE, PMIX_RANK
         `mpirun -n N llamac pretrain ...` (Open MPI, MPICH, Intel MPI); MPI itself connects the ranks
 
@@ -72,9 +73,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Launch:
         rank = _int(env, "RANK")
         return _check(Launch(rank, world, _int(env, "LOCAL_RANK", default=rank), env.get("MASTER_ADDR") or None,
                              _port(env), "env"))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "OMPI_COMM_WORLD_SIZE" not in env \
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and "OMPI_COMM_WORLD_SIZE" not in env \
             and "PMI_SIZE" not in env and "PMIX_RANK" not in env:
-        world = _int(env, "SLURM_NTASKS", low=1)
+        world = _int(env, "SLURM_STEP_NUM_TASKS", low=1)
         if world > 1:
             rank = _int(env, "SLURM_PROCID")
             return _check(Launch(rank, world, _int(env, "SLURM_LOCALID", default=0), env.get("MASTER_ADDR") or None,

@@ -28,7 +28,8 @@ def _common(tmp_path, steps=10, extra=()):
 
 def _run(out: Path, args, env_extra=None):
     environ = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    environ.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
+    # cuBLAS's first algorithm for every GEMM: timing the candidates could pick others in another run
+    environ.update(PYTHONPATH=str(ROOT), LLAMAC_GEMM_AUTOTUNE="0", **(env_extra or {}))
     done = subprocess.run([sys.executable, "-m", "llamac", "pretrain", str(DEBUG), "--set", f"out_dir={out}", *args],
                           capture_output=True, text=True, timeout=900, env=environ, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
