@@ -93,14 +93,20 @@ def gpu_count() -> int:
     return int(cp.cuda.runtime.getDeviceCount()) if cp is not None else 0
 
 
+_DEVICE_INDEX = None     # the GPU use_device chose for this process (None: CuPy's default, 0)
+
+
 def use_device(index: int):
-    """Make GPU `index` this process's current device (one data-parallel rank per GPU), before any
-    array lives on another one."""
+    """Make GPU `index` this process's device (one data-parallel rank per GPU), before any array
+    lives on another one. A process that sees one GPU (CUDA_VISIBLE_DEVICES set per rank) uses it."""
+    global _DEVICE_INDEX
     cp = cupy_module()
     count = cp.cuda.runtime.getDeviceCount()
+    index = 0 if count == 1 else index
     if not 0 <= index < count:
         raise LlamacError(f"GPU {index} does not exist: this process sees {count} (LOCAL_RANK picks the GPU)")
     cp.cuda.Device(index).use()
+    _DEVICE_INDEX = index
 
 
 def nccl_module():
@@ -176,7 +182,11 @@ def to_device(array, device: str):
         return array
     if device == "cpu":
         return array.get()
-    return cupy_module().asarray(array)
+    cp = cupy_module()
+    if _DEVICE_INDEX is not None:       # CuPy's current device is per thread: a loader's thread too
+        with cp.cuda.Device(_DEVICE_INDEX):
+            return cp.asarray(array)
+    return cp.asarray(array)
 
 
 def to_numpy(array) -> np.ndarray:

@@ -365,7 +365,7 @@ def _pretrain(recipe: Recipe, resume: bool, device: str, group) -> dict:
     model = build_model(recipe, info.vocab_size, device)
     recipe = dataclasses.replace(recipe, model=model.config)   # a copy: checkpoints record the model as built
     t = recipe.train
-    ranks = f"; {group.world_size} ranks ({group.backend})" if group.distributed else ""
+    ranks = f"; {group.world_size} rank{'s' * (group.world_size > 1)} ({group.backend})" if group.distributed else ""
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layers} layers, dim {model.config.dim}; "
         f"device {device}; {info.n_train_tokens:,} training tokens{ranks}")
     rows = world.rows(t.batch_size, group)         # this rank's rows of every batch

@@ -55,7 +55,7 @@ def test_nccl_with_one_rank_is_the_one_gpu_step(tmp_path):
     _run(tmp_path / "plain", args)
     _run(tmp_path / "plain_again", args)
     done = _run(tmp_path / "nccl", ["--gpus", "1", *args])          # the launcher: RANK=0, WORLD_SIZE=1
-    assert "1 ranks (nccl)" in done.stderr
+    assert "1 rank (nccl)" in done.stderr
     plain, again, nccl = _losses(tmp_path / "plain"), _losses(tmp_path / "plain_again"), _losses(tmp_path / "nccl")
     assert plain.keys() == nccl.keys() and max(plain) == 10
     if plain == again:
