@@ -50,8 +50,9 @@ def _torchrun_env(rank=0, world=1):
             "MASTER_PORT": str(port)}
 
 
-def test_nccl_with_one_rank_is_the_one_gpu_step(tmp_path):
-    args = _common(tmp_path)
+@pytest.mark.parametrize("grad_accum", [1, 2])      # 2: the last micro-batch's own graph reduces
+def test_nccl_with_one_rank_is_the_one_gpu_step(tmp_path, grad_accum):
+    args = _common(tmp_path, extra=["--set", f"train.grad_accum={grad_accum}"])
     _run(tmp_path / "plain", args)
     _run(tmp_path / "plain_again", args)
     done = _run(tmp_path / "nccl", ["--gpus", "1", *args])          # the launcher: RANK=0, WORLD_SIZE=1
@@ -68,8 +69,9 @@ def test_nccl_with_one_rank_is_the_one_gpu_step(tmp_path):
         assert worst <= max(4 * spread, 1e-5)
 
 
-def test_zero1_with_one_rank_follows_the_one_gpu_step(tmp_path):
-    args = _common(tmp_path)
+@pytest.mark.parametrize("grad_accum", [1, 2])      # 1: the sharded AdamW inside the graph; 2: after it
+def test_zero1_with_one_rank_follows_the_one_gpu_step(tmp_path, grad_accum):
+    args = _common(tmp_path, extra=["--set", f"train.grad_accum={grad_accum}"])
     _run(tmp_path / "plain", args)
     _run(tmp_path / "zero1", [*args, "--set", "train.zero=1"], env_extra=_torchrun_env())     # torchrun's variables
     plain, zero = _losses(tmp_path / "plain"), _losses(tmp_path / "zero1")
