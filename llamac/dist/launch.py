@@ -41,9 +41,11 @@ def check_counts(gpus: int | None, procs: int | None, device: str) -> tuple[str,
     from llamac.engine import backend
     if gpus is not None:
         have = backend.gpu_count()
-        if device.lower() not in ("cuda", "gpu", "auto") or have == 0:
-            raise LlamacError(f"--gpus {gpus} trains on GPUs, but " + (f"the device is {device}: pass --device cuda"
-                              if have else "this machine has no usable CUDA GPU") + ", or --procs N for CPU ranks")
+        if have == 0:
+            raise LlamacError(f"--gpus {gpus}: this machine has no usable CUDA GPU (--procs N starts CPU ranks)")
+        if device.lower() not in ("cuda", "gpu", "auto"):
+            raise LlamacError(f"--gpus {gpus} trains on GPUs but the device is {device}: pass --device cuda "
+                              "(or --procs N for CPU ranks)")
         if gpus > have:
             raise LlamacError(f"--gpus {gpus}: this machine has {have} GPU{'s' if have != 1 else ''}")
         return "gpus", gpus
