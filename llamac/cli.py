@@ -51,17 +51,36 @@ def tokenize(
     prepare_data(_recipe(recipe, set_), force=force, verbose=True)
 
 
+GPUS_HELP = "Data parallel: start N ranks on this host, one per GPU (NCCL), as torchrun would."
+PROCS_HELP = "Data parallel on the CPU: start N ranks under Open MPI's mpirun."
+
+
+def _launch(command: str, recipe, argv: List[str], set_: List[str], device: Optional[str], resume: bool,
+            gpus: Optional[int], procs: Optional[int]):
+    """--gpus / --procs: the same command as N ranks, watched (llamac.dist.launch)."""
+    from llamac.dist.launch import launch
+    args = [*argv, *(a for s in set_ for a in ("--set", s)), "--resume" if resume else "--no-resume"]
+    device = device or ("cpu" if procs is not None else "cuda")
+    code = launch(command, [*args, "--device", device], _recipe(recipe, set_, device), gpus=gpus, procs=procs)
+    raise SystemExit(code)
+
+
 @app.command()
 def pretrain(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: recipes/pretrain/tiny.yaml)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: the recipe's)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest checkpoint in out_dir."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    procs: Optional[int] = typer.Option(None, "--procs", help=PROCS_HELP),
 ):
     """Pretrain a Llama model from raw text, then print a sample."""
     from llamac.config import RECIPE_DIR
+    recipe = recipe or RECIPE_DIR / "pretrain" / "tiny.yaml"
+    if gpus is not None or procs is not None:
+        _launch("pretrain", recipe, [str(recipe)], set_, device, resume, gpus, procs)
     from llamac.train.loop import pretrain as run
-    run(_recipe(recipe or RECIPE_DIR / "pretrain" / "tiny.yaml", set_, device), resume=resume)
+    run(_recipe(recipe, set_, device), resume=resume)
 
 
 @app.command()
@@ -71,10 +90,14 @@ def sft(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
     resume: bool = typer.Option(True, "--resume/--no-resume"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    procs: Optional[int] = typer.Option(None, "--procs", help=PROCS_HELP),
 ):
     """Instruction-tune a model on chat / Alpaca data."""
     from llamac.train.sft import finetune
     extra = list(set_) + ([f"sft.from_checkpoint={from_}"] if from_ else [])
+    if gpus is not None or procs is not None:
+        _launch("sft", recipe, [str(recipe)], extra, device, resume, gpus, procs)
     finetune(_recipe(recipe, extra, device), resume=resume)
 
 
@@ -133,7 +156,7 @@ def serve(
 
 @app.command()
 def bench(
-    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients), eval (multiple-choice log-likelihoods vs PyTorch), lora (full SFT vs LoRA: GPU memory and step time)."),
+    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients), eval (multiple-choice log-likelihoods vs PyTorch), lora (full SFT vs LoRA: GPU memory and step time), dp (data parallel: step time on 1 vs N ranks, scaling efficiency, ZeRO-1's optimizer state per rank)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'torch' to run the same shapes in PyTorch; 'torch-compile' for torch.compile alone (train); 'none'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers to this JSON file."),
     device: str = typer.Option("auto", "--device"),

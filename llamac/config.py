@@ -156,6 +156,8 @@ class TrainConfig:
     dtype: str = "fp32"
     cuda_graph: bool = True             # GPU: replay forward+backward as a CUDA graph (static shapes, no dropout)
     recompute: bool = False             # keep only each layer's input; recompute the rest in the backward
+    # data parallel: 1 shards AdamW's moments (and the fp32 masters of a bf16 model) across the ranks (ZeRO-1)
+    zero: int = bounded(0, ge=0, le=1, note="0: every rank holds the whole optimizer state; 1: ZeRO-1")
     log_every: int = bounded(10, ge=1)
     eval_every: int = bounded(200, ge=0, note="0: at the end only")
     eval_batches: int = bounded(20, ge=1)

@@ -20,6 +20,9 @@ Environment variables (read once, when llamac.runtime is first imported):
     LLAMAC_KERNELS=DIR       where kernels/*.cu are read from
     LLAMAC_ONEDNN=FILE       the oneDNN library for the CPU's bf16 products (default: libdnnl.so.3 from
                              the onednn-cpu-gomp wheel in this environment)
+    LLAMAC_DIST_TIMEOUT=S    data parallel: seconds a collective, or a rank's heartbeat, may stall before
+                             the job is ended (default 600)
+    LLAMAC_DP_BUCKET_MB=N    data parallel: megabytes of gradients reduced together (default 25)
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ def _env_flag(name: str, default: bool) -> bool:
 def _env_int(name: str) -> Optional[int]:
     value = os.environ.get(name)
     return int(value) if value else None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Options:
     cpu_malloc_tuning: bool = dataclasses.field(default_factory=lambda: _env_flag("LLAMAC_CPU_MALLOC", True))
     kernel_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get("LLAMAC_KERNELS"))
     onednn_library: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get("LLAMAC_ONEDNN"))
+    dist_timeout: float = dataclasses.field(default_factory=lambda: _env_float("LLAMAC_DIST_TIMEOUT", 600.0))
+    dp_bucket_mb: float = dataclasses.field(default_factory=lambda: _env_float("LLAMAC_DP_BUCKET_MB", 25.0))
 
 
 _options = Options()

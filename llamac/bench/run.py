@@ -317,7 +317,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 
     device = backend.resolve_device(device)
     sections = [w.strip() for w in what.split(",") if w.strip()]
-    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode", "serve", "eval", "lora"}
+    known = {"engine", "tokenizer", "train_cpu", "train", "kernels", "decode", "serve", "eval", "lora", "dp"}
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise LlamacError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(sorted(known))}")
@@ -370,6 +370,9 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
                 raise LlamacError("bench --what serve needs a CUDA GPU (--device cuda)")
             from llamac.bench.serve import bench_serve
             rows = bench_serve()
+        elif section == "dp":
+            from llamac.bench.dp import bench_dp
+            rows = bench_dp(device)
         elif section == "eval":
             from llamac.bench.eval import bench_eval
             gpu = device == "cuda"
@@ -387,7 +390,7 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
 HEADLINES = (("decode_tok_s", "tok/s"), ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ms", "ms"),
              ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
 RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "vs_torch", "of_onednn", "torch_over_ours", "vs_hf",
-          "vs_batch1", "vs_one_client", "vs_generate", "peak_vs_full")
+          "vs_batch1", "vs_one_client", "vs_generate", "peak_vs_full", "scaling_efficiency")
 
 
 def summary_row(row: dict) -> tuple[str, str, str, str]:

@@ -25,13 +25,17 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1  # separate random streams for training and eva
 
 class TokenLoader:
     def __init__(self, path: str | os.PathLike, seq_len: int, batch_size: int, seed: int,
-                 device: str = "cpu", grad_accum: int = 1, prefetch: Optional[bool] = None):
+                 device: str = "cpu", grad_accum: int = 1, prefetch: Optional[bool] = None,
+                 rows: Optional[slice] = None):
         if seq_len <= 0 or batch_size <= 0 or grad_accum <= 0:
             raise LlamacError(f"TokenLoader: seq_len, batch_size and grad_accum must be positive "
                               f"(got {seq_len}, {batch_size}, {grad_accum})")
         self.path = str(path)
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.device, self.grad_accum = device, int(grad_accum)
+        # A data-parallel rank's rows of every batch: the windows are drawn for the whole batch,
+        # so any number of ranks sees the same tokens per step, and only these rows are read.
+        self.rows = rows if rows is not None else slice(0, self.batch_size)
         self.vocab_size = read_header(path).vocab_size
         self.tokens = read_shard(path)
         if len(self.tokens) < self.seq_len + 1:
@@ -115,7 +119,7 @@ class TokenLoader:
     # ---------------------------------------------------------------- internals
 
     def _prepare(self, key: tuple[int, int]):
-        x, y = self.make_batch(self.starts(*key))
+        x, y = self.make_batch(self.starts(*key)[self.rows])
         return to_device(x, self.device), to_device(y, self.device)
 
     def _next_key(self, key: tuple[int, int]) -> tuple[int, int]:

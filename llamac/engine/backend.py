@@ -88,6 +88,58 @@ def load_cupy_cublas():
         pass
 
 
+def gpu_count() -> int:
+    """CUDA GPUs this process can see (0 without CuPy or a driver)."""
+    cp, _ = _cupy_or_reason()
+    return int(cp.cuda.runtime.getDeviceCount()) if cp is not None else 0
+
+
+_DEVICE_INDEX = None     # the GPU use_device chose for this process (None: CuPy's default, 0)
+
+
+def use_device(index: int):
+    """Make GPU `index` this process's device (one data-parallel rank per GPU), before any array
+    lives on another one. A process that sees one GPU (CUDA_VISIBLE_DEVICES set per rank) uses it."""
+    global _DEVICE_INDEX
+    cp = cupy_module()
+    count = cp.cuda.runtime.getDeviceCount()
+    index = 0 if count == 1 else index
+    if not 0 <= index < count:
+        raise LlamacError(f"GPU {index} does not exist: this process sees {count} (LOCAL_RANK picks the GPU)")
+    cp.cuda.Device(index).use()
+    _DEVICE_INDEX = index
+
+
+def nccl_module():
+    """CuPy's NCCL binding (cupy.cuda.nccl), for llamac.dist.nccl. NCCL itself comes from NVIDIA's
+    wheel (nvidia-nccl-cu12 / -cu13) when CuPy does not find it: that library is loaded first."""
+    cupy_module()
+    _preload_nccl_wheel()
+    try:
+        from cupy.cuda import nccl  # noqa: PLC0415 - CuPy's submodule
+    except Exception as exc:
+        raise LlamacError(f"CuPy's NCCL binding is unavailable ({type(exc).__name__}: {exc}); "
+                          "pip install 'llamac[cuda12-dist]' or 'llamac[cuda13-dist]'") from None
+    if not getattr(nccl, "available", True):
+        raise LlamacError("CuPy found no NCCL library: pip install nvidia-nccl-cu12 (or -cu13) beside cupy")
+    return nccl
+
+
+@functools.lru_cache(maxsize=None)
+def _preload_nccl_wheel():
+    import ctypes
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        for lib in sorted(Path(root).glob("nccl/lib/libnccl.so*")):
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                return str(lib)
+            except OSError:
+                continue
+    return None
+
+
 def cupy_module():
     cp, why = _cupy_or_reason()
     if cp is None:
@@ -131,7 +183,11 @@ def to_device(array, device: str):
         return array
     if device == "cpu":
         return array.get()
-    return cupy_module().asarray(array)
+    cp = cupy_module()
+    if _DEVICE_INDEX is not None:       # CuPy's current device is per thread: a loader's thread too
+        with cp.cuda.Device(_DEVICE_INDEX):
+            return cp.asarray(array)
+    return cp.asarray(array)
 
 
 def to_numpy(array) -> np.ndarray:

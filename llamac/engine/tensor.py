@@ -225,15 +225,35 @@ class Tensor:
             # made in its forward (head_loss.HeadLoss) may skip multiplying by it. Only for this call.
             root.unit_grad = unit_seed
         grads = {id(self): dout}
-        for node in reversed(_topological_order(self)):
+        order = _topological_order(self)
+        hook = getattr(_state, "grad_ready", None)
+        # A leaf's gradient is final once every Function reading it has run its backward; with a
+        # grad_ready hook it is stored (and the hook called) right then rather than when the walk
+        # reaches the leaf, which can be the very end (data parallel starts reducing it at once).
+        pending = _leaf_uses(order) if hook is not None else None
+        _state.grad_ready = None     # a nested backward (recomputation) reports nothing itself
+        try:
+            self._walk(order, grads, xp, retain_graph, pending, hook)
+        finally:
+            _state.grad_ready = hook
+        if root is not None:
+            root.unit_grad = False
+
+    def _walk(self, order, grads, xp, retain_graph, pending, hook):
+        reported = set()
+        for node in reversed(order):
             grad = grads.pop(id(node), None)
-            if grad is None:
-                continue
             fn = node._ctx
             if fn is None:
-                if grad.dtype != node.data.dtype:
-                    grad = grad.astype(node.data.dtype)
-                node.grad = grad if node.grad is None else node.grad + grad
+                if grad is not None:
+                    _accumulate(node, grad)
+                if pending is not None and id(node) not in reported:
+                    # a leaf whose readers did not all run a backward (no gradient reached them),
+                    # or the root itself: final now that the walk reaches it
+                    pending.pop(id(node), None)
+                    hook(node)
+                continue
+            if grad is None:
                 continue
             if xp is np and grad.dtype in _LOW_PRECISION:
                 grad = grad.astype(np.float32)
@@ -247,12 +267,21 @@ class Tensor:
                     g = unbroadcast(g, inp.data.shape)
                 key = id(inp)
                 grads[key] = g if key not in grads else grads[key] + g
+            if pending is not None:
+                for inp, needed in zip(fn.inputs, fn.needs_grad):
+                    key = id(inp)
+                    if needed and key in pending:
+                        pending[key] -= 1
+                        if pending[key] == 0:        # its last reader is done: the gradient is final
+                            del pending[key]
+                            reported.add(key)
+                            if key in grads:
+                                _accumulate(inp, grads.pop(key))
+                            hook(inp)
             if not retain_graph:
                 node._ctx = None
                 fn.saved = None
                 fn.inputs = None
-        if root is not None:
-            root.unit_grad = False
 
     def zero_grad(self):
         self.grad = None
@@ -289,6 +318,39 @@ class Tensor:
         return self._compare(other, lambda a, b: a == b)
 
     __hash__ = object.__hash__
+
+
+def _accumulate(leaf: Tensor, grad):
+    if grad.dtype != leaf.data.dtype:
+        grad = grad.astype(leaf.data.dtype)
+    leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+
+
+def _leaf_uses(order: list) -> dict:
+    """id(leaf) -> how many (Function, input) edges read it, over the graph being walked."""
+    uses = {}
+    for node in order:
+        fn = node._ctx
+        if fn is not None:
+            for inp, needed in zip(fn.inputs, fn.needs_grad):
+                if needed and inp._ctx is None:
+                    uses[id(inp)] = uses.get(id(inp), 0) + 1
+    return uses
+
+
+@contextlib.contextmanager
+def grad_ready(hook):
+    """Call hook(leaf) inside every backward of the block, once per leaf that needs a gradient, as
+    soon as that gradient is final: its last reader has run (a Function may also have added into
+    leaf.grad in place and returned None). Nested backwards (recomputation) call it only through
+    their outer walk. Data parallel training reduces gradients in buckets with it while the rest
+    of the backward still runs."""
+    previous = getattr(_state, "grad_ready", None)
+    _state.grad_ready = hook
+    try:
+        yield
+    finally:
+        _state.grad_ready = previous
 
 
 def _is_number(x) -> bool:

@@ -51,9 +51,10 @@ def checkpoint_root(out_dir) -> Path:
 
 
 def save(out_dir, step: int, model, optimizer, recipe: Recipe, state: dict, tokenizer_path=None, keep: int = 2,
-         weights: dict | None = None) -> Path:
+         weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write a complete checkpoint atomically and prune all but the newest `keep`.
-    `weights` overrides the model's own (the fp32 masters of a mixed-precision run)."""
+    `weights` overrides the model's own (the fp32 masters of a mixed-precision run), and
+    `optimizer_state` the optimizer's state_dict() (ZeRO-1's, gathered from the ranks)."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -62,8 +63,10 @@ def save(out_dir, step: int, model, optimizer, recipe: Recipe, state: dict, toke
     tmp.mkdir()
     _save_safetensors(weights if weights is not None else model.state_dict(), tmp / "model.safetensors",
                       {"format": "llamac", "model_config": json.dumps(dataclasses.asdict(model.config))})
-    if optimizer is not None:
-        _save_safetensors(optimizer.state_dict(), tmp / "optimizer.safetensors")
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+    if optimizer_state is not None:
+        _save_safetensors(optimizer_state, tmp / "optimizer.safetensors")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
     payload = {"step": step, "recipe": recipe.to_dict(), "model_config": dataclasses.asdict(model.config), **state}

@@ -32,9 +32,13 @@ def decays(name: str, param) -> bool:
 class AdamW:
     """State (m, v) in fp32 beside fp32 master weights; `step` may be called with a clip."""
 
-    def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+    def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                 decay_names=None, sumsq_over_ranks=None):
         self.params = list(named_params)                     # [(name, Parameter)]
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        # ZeRO-1 (llamac.dist.zero) steps slices of parameters: which of them decay is given by name,
+        # and the clip's sum of squares is summed over the ranks' slices before its square root.
+        self.decay_names, self.sumsq_over_ranks = decay_names, sumsq_over_ranks
         self.m = {n: p.xp.zeros(p.shape, np.float32) for n, p in self.params}
         self.v = {n: p.xp.zeros(p.shape, np.float32) for n, p in self.params}
         # Mixed precision: bf16/fp16 parameters are what the model computes with; the optimizer
@@ -46,9 +50,12 @@ class AdamW:
     def grad_norm(self):
         """Global L2 norm of all gradients, as a device scalar (no host sync)."""
         total = None
+        reduce = self.sumsq_over_ranks
         if self.params[0][1].xp is np:                      # BLAS dot: no (n,) temporary per parameter
             sq = [np.dot(g.ravel(), g.ravel()) for g in (p.grad.astype(np.float32, copy=False)
                                                          for _, p in self.params if p.grad is not None)]
+            if reduce is not None:
+                return np.sqrt(reduce(np.float32(sum(sq))))
             return np.sqrt(np.float32(sum(sq))) if sq else np.float32(0.0)
         for _, p in self.params:
             if p.grad is not None:
@@ -56,7 +63,12 @@ class AdamW:
                 sq = (g * g).sum()
                 total = sq if total is None else total + sq
         xp = self.params[0][1].xp
+        if reduce is not None:
+            return xp.sqrt(reduce(total if total is not None else xp.float32(0.0)))
         return xp.sqrt(total) if total is not None else xp.float32(0.0)
+
+    def decays(self, name: str, param) -> bool:
+        return self.decay_names[name] if self.decay_names is not None else decays(name, param)
 
     def step(self, lr: float | None = None, clip: float | None = None):
         """One update; returns the pre-clip gradient norm (a device scalar)."""
@@ -87,7 +99,7 @@ class AdamW:
             xp = p.xp
             update = m / (xp.sqrt(v / bias2) + self.eps)
             master = self.master.get(name, p.data)
-            if self.weight_decay and decays(name, p):
+            if self.weight_decay and self.decays(name, p):
                 master *= (1 - lr * self.weight_decay)
             master -= step_size * update
             if name in self.master:
@@ -104,7 +116,7 @@ class AdamW:
         """kernels/adamw.cu: every parameter in three launches, no host sync; bf16/fp16 parameters
         are rewritten in place from their fp32 masters (their addresses never change)."""
         if self._fused is None:
-            self._fused = FusedAdamW([p.size for _, p in self.params], self.params[0][1].dtype)
+            self._fused = self._new_fused()
         b1, b2 = self.betas
         entries, keep = [], []
         for name, p in self.params:
@@ -113,9 +125,16 @@ class AdamW:
                 g = p.xp.ascontiguousarray(g.reshape(p.shape), dtype=p.dtype)   # e.g. a broadcast view
                 keep.append(g)
             entries.append((p.data, g, self.master.get(name, p.data), self.m[name], self.v[name],
-                            bool(self.weight_decay) and decays(name, p)))
+                            bool(self.weight_decay) and self.decays(name, p)))
         return self._fused.step(entries, lr=lr, step_size=lr / (1 - b1 ** self.t), inv_bias2=1 / (1 - b2 ** self.t),
                                 clip=clip, weight_decay=self.weight_decay, beta1=b1, beta2=b2, eps=self.eps)
+
+    def _new_fused(self) -> "FusedAdamW":
+        sizes, dtype = [p.size for _, p in self.params], self.params[0][1].dtype
+        if self.sumsq_over_ranks is None:
+            return FusedAdamW(sizes, dtype)
+        # the partial sums are added over the ranks element by element: every rank needs as many
+        return FusedAdamW(sizes, dtype, sumsq_grid=RANK_SUMSQ_GRID, reduce_partials=self.sumsq_over_ranks)
 
     def graph_update(self):
         """A GraphUpdate that records this optimizer's step into a CUDA graph after the backward, or
@@ -157,7 +176,7 @@ class GraphUpdate:
     def __init__(self, opt: AdamW):
         self.opt = opt
         first = opt.params[0][1]
-        self.fused = FusedAdamW([p.size for _, p in opt.params], first.dtype)
+        self.fused = opt._new_fused()
         self.norm = first.xp.zeros((), np.float32)
         self.entries = None
 
@@ -172,7 +191,7 @@ class GraphUpdate:
             if g is not None and (g.dtype != p.dtype or not g.flags.c_contiguous or g.shape != p.shape):
                 return False
             entries.append((p.data, g, opt.master.get(name, p.data), opt.m[name], opt.v[name],
-                            bool(opt.weight_decay) and decays(name, p)))
+                            bool(opt.weight_decay) and opt.decays(name, p)))
         self.fused.launch(self.norm)
         self.entries = entries
         return True
@@ -226,7 +245,7 @@ def _cpu_update(opt, lr, scale, bias2, step_size):
             np.sqrt(v, out=t)
             t += eps2
             np.divide(m, t, out=t)
-            if opt.weight_decay and decays(name, p):
+            if opt.weight_decay and opt.decays(name, p):
                 master *= decay
             t *= step2
             master -= t
@@ -246,6 +265,7 @@ _CHUNK = 1 << 15
 ADAMW_CHUNK = 16384          # must equal ADAMW_CHUNK in kernels/adamw.cu
 ADAMW_TABLE = 7              # 64-bit words per tensor in the table (param, grad, master, m, v, size, decays)
 ADAMW_SCALARS = 16           # fp32 slots after the table: 0-7 host-written, 8-9 device-written
+RANK_SUMSQ_GRID = 512        # partial sums per rank when the norm is summed over ranks (ZeRO-1)
 
 
 class FusedAdamW:
@@ -256,8 +276,9 @@ class FusedAdamW:
     launches (`launch`) can be captured in a CUDA graph once the table no longer changes.
     """
 
-    def __init__(self, sizes, dtype):
+    def __init__(self, sizes, dtype, sumsq_grid: int | None = None, reduce_partials=None):
         cp = backend.cupy_module()
+        self.reduce_partials = reduce_partials    # partial sums -> summed over the ranks, in place
         self.dtype = np.dtype(dtype)
         if self.dtype not in backend.CUDA_TYPES:
             raise LlamacError(f"FusedAdamW: the CUDA kernel takes float32, bfloat16 or float16, got {self.dtype}")
@@ -279,7 +300,7 @@ class FusedAdamW:
         self.table = self.device[: n * ADAMW_TABLE]
         self.scalars = self.device[n * ADAMW_TABLE:].view(np.float32)
         sms = common.sm_count()
-        self.sumsq_grid = max(1, min(self.n_chunks, sms * 4))   # fixed: the norm's summation order
+        self.sumsq_grid = sumsq_grid or max(1, min(self.n_chunks, sms * 4))   # fixed: the norm's summation order
         self.update_grid = max(1, min(self.n_chunks, sms * 8))
         self.partial = cp.empty(self.sumsq_grid, np.float32)
         self._fns = [backend.get_kernel("adamw", f, self.dtype) for f in SOURCES["adamw"]]
@@ -323,5 +344,7 @@ class FusedAdamW:
         n = np.int32(self.n_chunks)
         threads = (common.THREADS,)
         sumsq((self.sumsq_grid,), threads, (self.table, self.chunk_tensor, self.chunk_start, n, self.partial))
+        if self.reduce_partials is not None:
+            self.reduce_partials(self.partial)
         finalize((1,), (1024,), (self.partial, np.int32(self.sumsq_grid), self.scalars, norm_out))
         update((self.update_grid,), threads, (self.table, self.chunk_tensor, self.chunk_start, n, self.scalars))

@@ -163,13 +163,33 @@ def check_same_run(out_dir: Path, adapters: dict | None):
 
 
 def finetune(recipe: Recipe, resume: bool = True) -> dict:
-    """`llamac sft`: load the base model, pack the data, evaluate, train, evaluate again."""
-    from llamac.train.checkpoint import load_model
-    from llamac.train.loop import Trainer, log
+    """`llamac sft`: load the base model, pack the data, evaluate, train, evaluate again. Data
+    parallel as `pretrain`: each rank trains its rows of every batch; rank 0 scores and writes."""
+    from llamac.dist import world
 
     if not recipe.sft.from_checkpoint:
         raise LlamacError("sft needs a base model: set sft.from_checkpoint in the recipe or pass --from CHECKPOINT")
     device = backend.resolve_device(recipe.device)
+    group = world.init(device)
+    with world.failures_end_the_job(group):
+        world.check_recipe(recipe, group.world_size)
+        return _finetune(recipe, resume, device, group)
+
+
+def _rank_batch(x, y, s, group):
+    """This rank's rows of a global batch, and its loss weight: its share of the batch's loss
+    tokens times the world size, so that the ranks' mean of weighted losses (and of gradients)
+    is the loss over the whole batch, as in one process."""
+    from llamac.dist import world
+    rows = world.rows(len(x), group)
+    n_all, n_mine = int((y != IGNORE).sum()), int((y[rows] != IGNORE).sum())
+    return x[rows], y[rows], s[rows], n_mine * group.world_size / max(n_all, 1)
+
+
+def _finetune(recipe: Recipe, resume: bool, device: str, group) -> dict:
+    from llamac.train.checkpoint import load_model
+    from llamac.train.loop import Trainer, log
+
     model, tokenizer, ckpt = load_model(recipe.sft.from_checkpoint, device=device)
     if tokenizer is None:
         raise LlamacError(f"{ckpt} has no tokenizer.model")
@@ -214,28 +234,37 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         order = np.random.default_rng((recipe.seed, epoch)).permutation(n_rows)
         rows = order[np.arange(offset, offset + B) % n_rows]
         x, y, s = batch_arrays(train_packed, rows)
-        return (backend.to_device(x, device), backend.to_device(y, device), backend.to_device(s, device))
+        if not group.distributed:
+            return (backend.to_device(x, device), backend.to_device(y, device), backend.to_device(s, device))
+        x, y, s, weight = _rank_batch(x, y, s, group)
+        return (backend.to_device(x, device), backend.to_device(y, device), backend.to_device(s, device), weight)
 
     from llamac.eval.bpb import validation_texts
     from llamac.eval.runner import training_evaluator
     from llamac.train.checkpoint import resolve_checkpoint
-    tasks = training_evaluator(recipe, tokenizer, lambda: validation_texts(resolve_checkpoint(ckpt)))
+    tasks = training_evaluator(recipe, tokenizer, lambda: validation_texts(resolve_checkpoint(ckpt))) \
+        if group.is_main else None
 
     def eval_fn(m):
         losses, weights = [], []
         for start in range(0, len(val_packed.tokens), B):
-            x, y, s = batch_arrays(val_packed, np.arange(start, min(start + B, len(val_packed.tokens))))
+            rows = np.arange(start, min(start + B, len(val_packed.tokens)))
+            rows = np.array_split(rows, group.world_size)[group.rank]    # this rank's part of the batch
+            x, y, s = batch_arrays(val_packed, rows)
             n = int((y != IGNORE).sum())
             if n:
                 losses.append(float(m(backend.to_device(x, device), backend.to_device(y, device),
                                       segment_ids=backend.to_device(s, device))[1].item()) * n)
                 weights.append(n)
-        return {"val_loss": sum(losses) / max(sum(weights), 1), **(tasks(m) if tasks else {})}
+        total, count = sum(losses), sum(weights)
+        if group.distributed:
+            total, count = group.sum_host([total, count])
+        return {"val_loss": total / max(count, 1), **(tasks(m) if tasks else {})}
 
     tokens_per_step = B * recipe.train.grad_accum * seq_len
     extra = {"chat_template": JINJA_TEMPLATE, **({"lora": adapters} if adapters is not None else {})}
     trainer = Trainer(recipe, model, device, batch_fn, eval_fn, tokenizer_path=tokenizer.path,
-                      tokens_per_step=tokens_per_step, extra_state=extra)
+                      tokens_per_step=tokens_per_step, extra_state=extra, group=group)
     if resume:
         check_same_run(Path(recipe.out_dir), adapters)
     eval_path = Path(recipe.out_dir) / "sft_eval.json"
@@ -245,6 +274,7 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
         results["train"] = trainer.run(resume=resume)
         return results
     results = {"truncated": train_packed.truncated, "dropped": train_packed.dropped}
+    heldout = heldout if group.is_main else []      # scored by rank 0 alone
     if heldout:
         model.eval()
         before = exact_match(model, tokenizer, heldout)
@@ -252,12 +282,13 @@ def finetune(recipe: Recipe, resume: bool = True) -> dict:
             f"{100 * before['ended_turn']:.1f}% ended their turn")
         results["before"] = before
     results["train"] = trainer.run(resume=resume)
-    if heldout and not trainer.stop_requested:
+    if heldout and not trainer.stopping:
         model.eval()
         after = exact_match(model, tokenizer, heldout)
         log(f"after SFT: exact match {100 * after['exact_match']:.1f}% on {after['n']} held-out skill tasks, "
             f"{100 * after['ended_turn']:.1f}% ended their turn")
         log("per task: " + ", ".join(f"{task} {100 * acc:.0f}%" for task, acc in after["per_task"].items()))
         results["after"] = after
-    eval_path.write_text(json.dumps(results, indent=1, default=str))
+    if group.is_main:
+        eval_path.write_text(json.dumps(results, indent=1, default=str))
     return results
