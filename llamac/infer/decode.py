@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llamac.engine import backend
+from llamac.engine import backend, launch
 from llamac.errors import LlamacError
 from llamac.infer.packed import pack_weights
 from llamac.ops import attention, flash_forward, rmsnorm, rope, swiglu
@@ -227,9 +227,9 @@ def gemv_warps(fn, tiles: int, shared: int = 0) -> int:
     where there are tiles enough (a tile's closing reduction stalls only its own block); a small N
     needs fatter blocks to keep enough loads in flight. Depends on N only, never on the batch rows,
     so a row's sums are the same in any batch."""
-    most = max(backend.resident_blocks(fn, 32 * w, shared) * w for w in GEMV_WARPS)
+    most = max(launch.resident_blocks(fn, 32 * w, shared) * w for w in GEMV_WARPS)
     for w in GEMV_WARPS:
-        if min(tiles, backend.resident_blocks(fn, 32 * w, shared)) * w >= 0.9 * most:
+        if min(tiles, launch.resident_blocks(fn, 32 * w, shared)) * w >= 0.9 * most:
             return w
     return GEMV_WARPS[-1]
 
@@ -311,8 +311,8 @@ class FastDecoder:
         shared = 2 * self.rows * K if norm_w is not None else 0
         warps = gemv_warps(fn, N // 8, shared)
         tiles = N // 8
-        per_block = -(-tiles // backend.resident_blocks(fn, 32 * warps, shared))   # a persistent grid, tiles even
-        backend.launch(fn, (-(-tiles // per_block),), (32 * warps,),
+        per_block = -(-tiles // launch.resident_blocks(fn, 32 * warps, shared))   # a persistent grid, tiles even
+        launch.launch(fn, (-(-tiles // per_block),), (32 * warps,),
                        (x, np.int32(self.M), np.int32(K), norm_w if norm_w is not None else null,
                         np.float32(self.cfg.norm_eps), W, np.int32(N), *out), overlap=True, shared=shared)
 
@@ -323,7 +323,7 @@ class FastDecoder:
         for i, L in enumerate(self.layers):
             self._gemv(self.k_qkv, self.x, cfg.dim, L.attn_norm, L.wqkv, nqkv, self.q, self.k_cache[i], self.v_cache[i],
                        self.cos, self.sin, self.lens, np.int32(H), np.int32(Hkv), np.int32(self.max_len))
-            backend.launch(self.k_attn, (M * Hkv, self.n_split), (ATTN_THREADS,),
+            launch.launch(self.k_attn, (M * Hkv, self.n_split), (ATTN_THREADS,),
                            (self.q, self.k_cache[i], self.v_cache[i], self.lens, np.int32(1), self.att, self.part,
                             self.counters, np.int32(Hkv), np.int32(self.max_len), np.int32(self.n_split),
                             self.scale), overlap=True)
@@ -336,7 +336,7 @@ class FastDecoder:
     def _launch_sample(self, sampling, advance: int):
         """advance 1: after a step's LM head, whose argmax the sampler reads; 0: after a prefill (logits only)."""
         temperature, top_k, top_p, seed = sampling
-        backend.launch(self.k_sample, (self.M,), (SAMPLE_THREADS,),
+        launch.launch(self.k_sample, (self.M,), (SAMPLE_THREADS,),
                       (self.logits, np.int32(self.V), np.int32(self.Vp), np.float32(temperature), np.int32(top_k or 0),
                        np.float32(top_p or 0.0), np.uint32(seed & 0xFFFFFFFF), self.tokens, self.history,
                        np.int32(self.max_steps), self.steps, self.lens, np.int32(advance), self.emb,
