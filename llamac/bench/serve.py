@@ -1,4 +1,5 @@
-"""`llamac bench --what serve`: `llamac serve` on the GPU under 1 / 8 / 32 concurrent streaming clients.
+"""`llamac bench --what serve`: `llamac serve` on the GPU under 1 / 8 / 32 concurrent streaming clients,
+and the server's own host cost per token on any machine (a synthetic stepper, llamac.bench.serve_host).
 
 The server runs in this process (uvicorn in a thread, the engine in another) on the GPU decoder, at the
 110M shape of `bench --what decode` and TinyLlama's 1.1B shape, random bf16 weights. The clients run in
@@ -195,15 +196,18 @@ def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len
     return rows
 
 
-def bench_serve(shapes=None, clients=CLIENTS, n_new: int = N_NEW) -> list[dict]:
-    if not backend.cuda_available():
-        raise LlamacError("bench --what serve needs a CUDA GPU (--device cuda)")
+def bench_serve(shapes=None, clients=CLIENTS, n_new: int = N_NEW, gpu: bool = True) -> list[dict]:
+    """The GPU shapes (gpu: a CUDA GPU is needed), then the synthetic stepper's rows on this host."""
+    from llamac.bench.serve_host import bench_serve_host
     from llamac.serve import require_web_stack
+    if gpu and not backend.cuda_available():
+        raise LlamacError("bench --what serve's GPU shapes need a CUDA GPU (--device cuda); "
+                          "--device cpu measures the server's host cost alone")
     require_web_stack()
     rows = []
-    for name in shapes or SERVE_SHAPES:
+    for name in (shapes or SERVE_SHAPES) if gpu else ():
         rows += bench_serve_shape(name, clients, n_new)
-    return rows
+    return rows + bench_serve_host()
 
 
 if __name__ == "__main__":   # python -m llamac.bench.serve [shapes]: the rows as JSON lines

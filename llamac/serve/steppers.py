@@ -31,6 +31,7 @@ class PlainStepper:
     """The model's own modules on NumPy or CuPy, batched over the slots."""
 
     pipelined = False
+    depth = 1                 # steps in flight at once: each is read before the next is launched
     feeds_argmax = True
     feed_max = 0              # prompts are prefilled: one forward costs about what one batched step does
 
@@ -127,6 +128,7 @@ class FastStepper:
     written into the next step's input."""
 
     pipelined = True
+    depth = 2
     feeds_argmax = True
     # Prompts up to this long go through the shared decode steps, a token per step, instead of a prefill:
     # a prefill is ~20 launches per layer from the host (about 14 ms at 110M, whatever the prompt's
