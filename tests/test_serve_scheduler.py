@@ -91,9 +91,9 @@ def test_sixteen_concurrent_requests_give_the_answers_they_get_alone(model):
 
 def feeding_stepper(model, slots, pipelined):
     """The plain step with the GPU stepper's habits: short prompts fed one token per step and, when
-    pipelined, the next step launched before the last is read (its input the argmax it fed itself)."""
+    pipelined, up to three steps in flight before the oldest is read (their inputs the argmax it fed itself)."""
     st = PlainStepper(model, slots)
-    st.feed_max, st.pipelined = 6, pipelined
+    st.feed_max, st.pipelined, st.depth = 6, pipelined, 3 if pipelined else 1
     return st
 
 
@@ -270,3 +270,15 @@ def test_without_the_serve_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)        # an import of it now fails
     with pytest.raises(LlamacError, match=r"pip install 'llamac\[serve\]'"):
         require_web_stack()
+
+
+def test_chunk_encoder_gives_the_bytes_of_the_whole_chunks_json():
+    from llamac.serve.protocol import ChunkEncoder, chat_chunk, completion_chunk, sse
+    texts = [" the", "", 'a "quoted"\nline\\', "é 漢字 🙂", "\x00\x1f\u2028", ChunkEncoder.MARK, '"' + ChunkEncoder.MARK + '"']
+    for model in ("tiny", ChunkEncoder.MARK, 'we"ird'):
+        for chat, build in ((False, lambda i, t: completion_chunk("cmpl-1", 7, model, i, t)),
+                            (True, lambda i, t: chat_chunk("chatcmpl-1", 7, model, i, {"content": t}))):
+            encoder = ChunkEncoder("chatcmpl-1" if chat else "cmpl-1", 7, model, chat, n=3)
+            for i in range(3):
+                for t in texts:
+                    assert encoder.text(i, t) == sse(build(i, t))
