@@ -282,3 +282,45 @@ def test_chunk_encoder_gives_the_bytes_of_the_whole_chunks_json():
             for i in range(3):
                 for t in texts:
                     assert encoder.text(i, t) == sse(build(i, t))
+
+
+def test_a_deep_pipeline_launches_no_step_past_max_tokens(model):
+    sched = Scheduler(feeding_stepper(model, 4, pipelined=True)).start()
+    try:
+        prompt = [3, 1, 4]
+        tokens, finish = collect(sched, Request(prompt, 9))
+        assert finish == FINISH_LENGTH and len(tokens) == 9
+        assert sched.steps == len(prompt) + 9 - 1        # the last prompt token's step gives the first new token
+    finally:
+        sched.stop()
+
+
+def test_concurrent_answers_over_a_device_that_runs_behind_the_host():
+    """The synthetic stepper's steps finish on their own clock (up to four in flight); each request's
+    tokens are still its own chain of the stepper's token function, whoever else is decoding."""
+    from llamac.bench.serve_host import SyntheticStepper
+    stepper = SyntheticStepper(slots=4, max_len=64, vocab_size=97, step_s=2e-4)
+    assert stepper.depth == 4
+
+    def expected(prompt, n):
+        out, t = [], prompt[-1]
+        for _ in range(n):
+            t = (t * 31 + 7) % 97
+            out.append(t)
+        return out
+
+    ps = prompts(10, seed=6)
+    lengths = [int(n) for n in np.random.default_rng(7).integers(1, 30, 10)]
+    sched = Scheduler(stepper, max_waiting=10).start()
+    try:
+        results = [None] * 10
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, collect(sched, Request(ps[i], lengths[i]))))
+                   for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert results == [(expected(p, n), FINISH_LENGTH) for p, n in zip(ps, lengths)]
+        assert sched.peak == 4
+    finally:
+        sched.stop()

@@ -365,11 +365,12 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
                 raise LlamacError("bench --what decode needs a CUDA GPU (--device cuda)")
             from llamac.bench.decode import bench_decode
             rows = bench_decode(compare=compare != "none")
-        elif section == "serve":
-            if device != "cuda":
-                raise LlamacError("bench --what serve needs a CUDA GPU (--device cuda)")
+        elif section == "serve":      # the GPU shapes on CUDA; on any device, the host's cost per token
             from llamac.bench.serve import bench_serve
-            rows = bench_serve()
+            from llamac.bench.serve_host import bench_serve_host
+            from llamac.serve import require_web_stack
+            require_web_stack()
+            rows = (bench_serve() if device == "cuda" else []) + bench_serve_host()
         elif section == "eval":
             from llamac.bench.eval import bench_eval
             gpu = device == "cuda"
@@ -382,12 +383,12 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
     return results
 
 
-# The printed table: what a row measures, what ran, its headline figure and its ratio to the
-# reference, so that it reads at 80 columns; every other field is in --json.
+# The printed table: what a row measures, what ran, its headline figure (a server's p50 / p99 latencies
+# beneath it) and its ratio to the reference, so that it reads at 80 columns; every other field is in --json.
 HEADLINES = (("decode_tok_s", "tok/s"), ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ms", "ms"),
              ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
 RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "vs_torch", "of_onednn", "torch_over_ours", "vs_hf",
-          "vs_batch1", "vs_one_client", "vs_generate", "peak_vs_full")
+          "vs_batch1", "vs_one_client", "vs_generate", "vs_alone", "vs_device", "peak_vs_full")
 
 
 def summary_row(row: dict) -> tuple[str, str, str, str]:
@@ -400,6 +401,9 @@ def summary_row(row: dict) -> tuple[str, str, str, str]:
     figure = "" if headline is None else f"{_fmt(row[headline[0]])} {headline[1]}"
     if str(row.get("status", "")).startswith(("OOM", "error")):
         figure = str(row["status"])[:40]
+    for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL")):      # a server's latencies, under its tok/s
+        if row.get(f"{key}_p50") is not None:
+            figure += f"\n{label} {_fmt(row[f'{key}_p50'])} / {_fmt(row[f'{key}_p99'])} ms"
     ratio = next((f"{_fmt(row[k])}x {k}" for k in RATIOS if isinstance(row.get(k), (int, float))), "")
     return what or row.get("section", ""), impl, figure, ratio
 

@@ -2,14 +2,18 @@
 
 SyntheticStepper is the host's side of the GPU stepper (llamac.serve.steppers.FastStepper) without its
 arithmetic: each step takes a fixed time on a pretend device that runs the steps launched in order, one
-after the other. launch() queues a step and makes two short calls that let go of the GIL, as CuPy's
-graph launch and the tokens' copy to the host do; collect() waits for the step without the GIL, as a
-CUDA event does. So the engine thread and the event loop thread contend for the interpreter as they do
+after the other. launch() queues a step and makes two calls of a few microseconds that let go of the
+GIL, as CuPy's graph launch and the tokens' copy to the host do (a CRC of 8 KiB: work, not a sleep,
+which would give the core away); collect() waits for the step without the GIL, as a CUDA event does. So the engine thread and the event loop thread contend for the interpreter as they do
 on a GPU host, and tokens/s through the real HTTP stack over the device's own rate (1 / step) is the
 share of a step's time that the server's host work does not hide.
 
-Rows: one, 8 and 32 streaming clients (the bench's own clients, llamac.bench.serve.drive) at the 110M
-and 1B step times measured on an H200 (`bench --what decode`), and the scheduler alone (no HTTP).
+Rows, at the 110M and 1B step times of the GPU decoder on an H200: the device's rate (1 / step), the
+scheduler alone (no HTTP: what the stepper gives), then one, 8 and 32 streaming clients through the server
+(the bench's own clients, llamac.bench.serve.drive). One client's host_us_per_token is its time per token
+less the scheduler's alone; device_idle_us_per_token is the pretend device's idle time per token, and
+the part of it in gaps over a millisecond (device_stalled_us_per_token) is the machine's doing (a busy
+machine's scheduler preempting a thread, which on a GPU host with cores to spare does not happen).
 """
 from __future__ import annotations
 
@@ -18,15 +22,18 @@ import queue
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 
 from llamac.errors import LlamacError
 
-HOST_STEPS_MS = {"110M": 0.43, "1B": 2.2}    # one decode step of the GPU decoder at batch 1, H200
+HOST_STEPS_MS = {"the 110M step on an H200": 0.43, "the 1B step on an H200": 2.2}   # GPU decoder, batch 1
+STALL_S = 1e-3                               # a device gap this long is the machine's, not the server's
 HOST_CLIENTS = (1, 8, 32)
 HOST_N_NEW, HOST_REPS = 1024, 3
 PR_SET_TIMERSLACK = 29
+DRIVER_CALL = bytes(8192)      # zlib lets go of the GIL to checksum more than 5 KiB
 
 
 def _precise_sleeps():
@@ -53,6 +60,7 @@ class SyntheticStepper:
         self.last = np.zeros(self.slots, np.int64)
         self.lens = np.zeros(self.slots, np.int64)
         self.device_free_at = 0.0          # when the pretend device finishes the steps launched so far
+        self.idle_s = self.stalled_s = 0.0  # the device's time with nothing to do (in gaps over STALL_S)
         self._local = threading.local()
 
     def _next(self, token) -> int:
@@ -81,7 +89,7 @@ class SyntheticStepper:
         self.lens[slot] = 0
 
     def launch(self, inputs: dict, want_logits=()):
-        time.sleep(0)                      # the graph launch: a short call without the GIL
+        zlib.crc32(DRIVER_CALL)            # the graph launch: a few microseconds without the GIL
         argmax = {}
         for s, t in inputs.items():
             if self.lens[s] >= self.max_len:
@@ -89,8 +97,13 @@ class SyntheticStepper:
             self.last[s] = self._next(self.last[s] if t is None else t)
             self.lens[s] += 1
             argmax[s] = int(self.last[s])
-        time.sleep(0)                      # the tokens' copy to the host
-        self.device_free_at = max(time.perf_counter(), self.device_free_at) + self.step_s
+        zlib.crc32(DRIVER_CALL)            # the tokens' copy to the host
+        now = time.perf_counter()
+        if 0 < self.device_free_at < now:  # the device ran dry before this launch
+            gap = now - self.device_free_at
+            self.idle_s += gap
+            self.stalled_s += gap if gap >= STALL_S else 0.0
+        self.device_free_at = max(now, self.device_free_at) + self.step_s
         return self.device_free_at, argmax, {s: self._logits(argmax[s]) for s in want_logits}
 
     def collect(self, handle):
@@ -121,24 +134,23 @@ def scheduler_alone(step_s: float, n_new: int) -> float:
 
 def bench_serve_host(steps_ms: dict | None = None, clients=HOST_CLIENTS, n_new: int = HOST_N_NEW,
                      reps: int = HOST_REPS) -> list[dict]:
-    """Per step time: the device's rate, the scheduler alone, then each client count through the server
-    (the best of `reps` runs: other work on the machine only ever slows a run down)."""
-    from llamac.bench.serve import IdTokenizer, MODEL, PROMPT_LEN, drive, summarise, web_stack
+    """For each step time ({label: ms}): the device's rate, the scheduler alone, then each client count
+    through the server (the best of `reps` runs: other work on the machine only ever slows a run down)."""
+    from llamac.bench.serve import MODEL, PROMPT_LEN, IdTokenizer, drive, summarise, web_stack
     from llamac.serve.server import ServerThread, build_for, engine_friendly_switching
     rows = []
     rng = np.random.default_rng(0)
     V = 32000
     prompts = [rng.integers(0, V, PROMPT_LEN).tolist() for _ in range(max(clients))]
     stack = web_stack()
-    for shape, ms in (steps_ms or HOST_STEPS_MS).items():
+    for label, ms in (steps_ms or HOST_STEPS_MS).items():
         step_s = ms / 1e3
-        name = f"synthetic {shape} step ({ms} ms)"
+        head = {"section": "serve", "shape": f"synthetic {ms} ms", "as_of": label}
         device = 1 / step_s
-        rows.append({"section": "serve", "shape": name, "impl": "the pretend device (1 / step)", "case": "1 client",
-                     "tokens_per_s": round(device, 1)})
         alone = max(scheduler_alone(step_s, n_new) for _ in range(reps))
-        rows.append({"section": "serve", "shape": name, "impl": "scheduler alone, no HTTP", "case": "1 client",
-                     "tokens_per_s": round(alone, 1), "vs_device": round(alone / device, 3)})
+        rows.append({**head, "impl": "pretend device", "case": "1 / step", "tokens_per_s": round(device, 1)})
+        rows.append({**head, "impl": "scheduler, no HTTP", "case": "1 client", "tokens_per_s": round(alone, 1),
+                     "vs_device": round(alone / device, 3)})
         stepper = SyntheticStepper(max(clients), PROMPT_LEN + n_new + 32, V, step_s)
         app, scheduler = build_for(stepper, IdTokenizer(V), MODEL, max_queue=0)
         server = ServerThread(app).start()
@@ -148,16 +160,23 @@ def bench_serve_host(steps_ms: dict | None = None, clients=HOST_CLIENTS, n_new: 
                 return [{"model": MODEL, "prompt": p, "max_tokens": tokens, "temperature": 0, "stream": True,
                          "stream_options": {"include_usage": True}} for p in prompts[:n]]
 
+            def run(c):
+                stepper.idle_s = stepper.stalled_s = 0.0
+                figures = summarise(drive(server.host, server.port, bodies(c, n_new)))
+                tokens = max(figures["tokens"], 1)
+                return {**figures, "device_idle_us_per_token": round(stepper.idle_s / tokens * 1e6, 1),
+                        "device_stalled_us_per_token": round(stepper.stalled_s / tokens * 1e6, 1)}
+
             drive(server.host, server.port, bodies(max(clients), 8))          # warm-up
             for c in clients:
-                runs = [summarise(drive(server.host, server.port, bodies(c, n_new))) for _ in range(reps)]
+                runs = [run(c) for _ in range(reps)]
                 best = max(runs, key=lambda r: r["tokens_per_s"])
-                row = {"section": "serve", "shape": name, "impl": "llamac serve",
-                       "case": f"{c} client{'s' * (c > 1)}", "clients": c, "web_stack": stack, **best,
-                       "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+                row = {**head, "impl": "llamac serve", "case": f"{c} client{'s' * (c > 1)}", "clients": c,
+                       "web_stack": stack, **best, "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
                 if c == 1:
+                    row["vs_alone"] = round(best["tokens_per_s"] / alone, 3)
                     row["vs_device"] = round(best["tokens_per_s"] / device, 3)
-                    row["host_us_per_token"] = round((1 / best["tokens_per_s"] - step_s) * 1e6, 1)
+                    row["host_us_per_token"] = round((1 / best["tokens_per_s"] - 1 / alone) * 1e6, 1)
                 else:
                     row["vs_device"] = round(best["tokens_per_s"] / (c * device), 3)
                 rows.append(row)
@@ -168,8 +187,8 @@ def bench_serve_host(steps_ms: dict | None = None, clients=HOST_CLIENTS, n_new: 
     return rows
 
 
-if __name__ == "__main__":   # python -m llamac.bench.serve_host [ms,...]: the rows as JSON lines
+if __name__ == "__main__":   # python -m llamac.bench.serve_host [ms,ms...]: the rows as JSON lines
     import json
-    steps = {f"{float(ms)} ms": float(ms) for ms in sys.argv[1].split(",")} if len(sys.argv) > 1 else None
+    steps = {f"given ({ms} ms)": float(ms) for ms in sys.argv[1].split(",")} if len(sys.argv) > 1 else None
     for r in bench_serve_host(steps):
         print(json.dumps(r), flush=True)
