@@ -403,7 +403,7 @@ def summary_row(row: dict) -> tuple[str, str, str, str]:
         figure = str(row["status"])[:40]
     for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL")):      # a server's latencies, under its tok/s
         if row.get(f"{key}_p50") is not None:
-            figure += f"\n{label} {_fmt(row[f'{key}_p50'])} / {_fmt(row[f'{key}_p99'])} ms"
+            figure += f"\n{label} {row[f'{key}_p50']:.3g}/{row[f'{key}_p99']:.3g} ms"
     ratio = next((f"{_fmt(row[k])}x {k}" for k in RATIOS if isinstance(row.get(k), (int, float))), "")
     return what or row.get("section", ""), impl, figure, ratio
 
@@ -411,7 +411,8 @@ def summary_row(row: dict) -> tuple[str, str, str, str]:
 def _print_table(console, Table, title, rows):
     if not rows:
         return
-    table = Table(title=f"{title}  (every field: --json FILE)")
+    latencies = any(r.get("ttft_ms_p50") is not None for r in rows)
+    table = Table(title=f"{title}  ({'latencies p50/p99; ' * latencies}every field: --json FILE)")
     for c in ("what", "impl", "figure", "ratio"):
         table.add_column(c, overflow="fold")
     for r in rows:
@@ -421,7 +422,7 @@ def _print_table(console, Table, title, rows):
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
 
 

@@ -161,7 +161,7 @@ def bench_serve_host(steps_ms: dict | None = None, clients=HOST_CLIENTS, n_new: 
                          "stream_options": {"include_usage": True}} for p in prompts[:n]]
 
             def run(c):
-                stepper.idle_s = stepper.stalled_s = 0.0
+                stepper.idle_s = stepper.stalled_s = stepper.device_free_at = 0.0   # the gap before a run is not idle
                 figures = summarise(drive(server.host, server.port, bodies(c, n_new)))
                 tokens = max(figures["tokens"], 1)
                 return {**figures, "device_idle_us_per_token": round(stepper.idle_s / tokens * 1e6, 1),
