@@ -14,6 +14,9 @@ scheduler alone (no HTTP: what the stepper gives), then one, 8 and 32 streaming 
 less the scheduler's alone; device_idle_us_per_token is the pretend device's idle time per token, and
 the part of it in gaps over a millisecond (device_stalled_us_per_token) is the machine's doing (a busy
 machine's scheduler preempting a thread, which on a GPU host with cores to spare does not happen).
+engine_cpu_us_per_token and loop_cpu_us_per_token are the two threads' CPU time per token (their own
+clocks, so other work on the machine hardly moves them): while their sum stays under a step, the
+device never waits for the host, whatever the machine's speed.
 """
 from __future__ import annotations
 
@@ -160,12 +163,21 @@ def bench_serve_host(steps_ms: dict | None = None, clients=HOST_CLIENTS, n_new: 
                 return [{"model": MODEL, "prompt": p, "max_tokens": tokens, "temperature": 0, "stream": True,
                          "stream_options": {"include_usage": True}} for p in prompts[:n]]
 
+            clocks = {"engine": scheduler._thread.ident, "loop": server.thread.ident}
+
+            def cpu_seconds() -> dict:
+                return {name: time.clock_gettime(time.pthread_getcpuclockid(ident)) for name, ident in clocks.items()}
+
             def run(c):
                 stepper.idle_s = stepper.stalled_s = stepper.device_free_at = 0.0   # the gap before a run is not idle
+                before = cpu_seconds()
                 figures = summarise(drive(server.host, server.port, bodies(c, n_new)))
+                after = cpu_seconds()
                 tokens = max(figures["tokens"], 1)
                 return {**figures, "device_idle_us_per_token": round(stepper.idle_s / tokens * 1e6, 1),
-                        "device_stalled_us_per_token": round(stepper.stalled_s / tokens * 1e6, 1)}
+                        "device_stalled_us_per_token": round(stepper.stalled_s / tokens * 1e6, 1),
+                        **{f"{name}_cpu_us_per_token": round((after[name] - before[name]) / tokens * 1e6, 1)
+                           for name in clocks}}
 
             drive(server.host, server.port, bodies(max(clients), 8))          # warm-up
             for c in clients:
