@@ -156,7 +156,7 @@ def serve(
 
 @app.command()
 def bench(
-    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (GPU: the HTTP server under concurrent streaming clients), eval (multiple-choice log-likelihoods vs PyTorch), lora (full SFT vs LoRA: GPU memory and step time), dp (data parallel: step time on 1 vs N ranks, scaling efficiency, ZeRO-1's optimizer state per rank)."),
+    what: str = typer.Option("engine", "--what", help="Comma list: engine, tokenizer, train_cpu (CPU vs PyTorch), train (GPU shapes), kernels, decode (GPU decode tok/s vs PyTorch/HF), serve (the HTTP server under concurrent streaming clients on the GPU; on any device, its host cost per token over a synthetic step), eval (multiple-choice log-likelihoods vs PyTorch), lora (full SFT vs LoRA: GPU memory and step time), dp (data parallel: step time on 1 vs N ranks, scaling efficiency, ZeRO-1's optimizer state per rank)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'torch' to run the same shapes in PyTorch; 'torch-compile' for torch.compile alone (train); 'none'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers to this JSON file."),
     device: str = typer.Option("auto", "--device"),

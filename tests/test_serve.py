@@ -403,6 +403,20 @@ def test_the_serve_bench_clients_count_every_token(loaded):
     assert all(math.isfinite(v) for v in figures.values())
 
 
+def test_the_serve_bench_host_rows_on_the_synthetic_stepper():
+    """`bench --what serve`'s host rows: the pretend device, the scheduler alone, the clients' figures."""
+    import math
+    from llamac.bench.serve_host import bench_serve_host
+    rows = bench_serve_host({"test": 0.2}, clients=(1, 3), n_new=12, reps=1)
+    assert [r["impl"] for r in rows] == ["pretend device", "scheduler, no HTTP", "llamac serve", "llamac serve"]
+    assert rows[0]["tokens_per_s"] == 5000.0
+    served = rows[2:]
+    assert [r["tokens"] for r in served] == [12, 36] and [r["usage_tokens"] for r in served] == [12, 36]
+    assert all(math.isfinite(r[k]) for r in served for k in ("tokens_per_s", "ttft_ms_p50", "itl_ms_p99",
+                                                                "device_idle_us_per_token"))
+    assert math.isfinite(served[0]["host_us_per_token"]) and served[0]["vs_alone"] > 0
+
+
 def test_a_hugging_face_folder_serves_the_same_answers(tmp_path, checkpoint, client):
     from llamac.formats.export import export
     folder = export(checkpoint, format="hf", out=tmp_path / "hf")

@@ -91,9 +91,9 @@ def test_sixteen_concurrent_requests_give_the_answers_they_get_alone(model):
 
 def feeding_stepper(model, slots, pipelined):
     """The plain step with the GPU stepper's habits: short prompts fed one token per step and, when
-    pipelined, the next step launched before the last is read (its input the argmax it fed itself)."""
+    pipelined, up to three steps in flight before the oldest is read (their inputs the argmax it fed itself)."""
     st = PlainStepper(model, slots)
-    st.feed_max, st.pipelined = 6, pipelined
+    st.feed_max, st.pipelined, st.depth = 6, pipelined, 3 if pipelined else 1
     return st
 
 
@@ -270,3 +270,57 @@ def test_without_the_serve_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)        # an import of it now fails
     with pytest.raises(LlamacError, match=r"pip install 'llamac\[serve\]'"):
         require_web_stack()
+
+
+def test_chunk_encoder_gives_the_bytes_of_the_whole_chunks_json():
+    from llamac.serve.protocol import ChunkEncoder, chat_chunk, completion_chunk, sse
+    texts = [" the", "", 'a "quoted"\nline\\', "é 漢字 🙂", "\x00\x1f\u2028", ChunkEncoder.MARK, '"' + ChunkEncoder.MARK + '"']
+    for model in ("tiny", ChunkEncoder.MARK, 'we"ird'):
+        for chat, build in ((False, lambda i, t: completion_chunk("cmpl-1", 7, model, i, t)),
+                            (True, lambda i, t: chat_chunk("chatcmpl-1", 7, model, i, {"content": t}))):
+            encoder = ChunkEncoder("chatcmpl-1" if chat else "cmpl-1", 7, model, chat, n=3)
+            for i in range(3):
+                for t in texts:
+                    assert encoder.text(i, t) == sse(build(i, t))
+
+
+def test_a_deep_pipeline_launches_no_step_past_max_tokens(model):
+    sched = Scheduler(feeding_stepper(model, 4, pipelined=True)).start()
+    try:
+        prompt = [3, 1, 4]
+        tokens, finish = collect(sched, Request(prompt, 9))
+        assert finish == FINISH_LENGTH and len(tokens) == 9
+        assert sched.steps == len(prompt) + 9 - 1        # the last prompt token's step gives the first new token
+    finally:
+        sched.stop()
+
+
+def test_concurrent_answers_over_a_device_that_runs_behind_the_host():
+    """The synthetic stepper's steps finish on their own clock (up to four in flight); each request's
+    tokens are still its own chain of the stepper's token function, whoever else is decoding."""
+    from llamac.bench.serve_host import SyntheticStepper
+    stepper = SyntheticStepper(slots=4, max_len=64, vocab_size=97, step_s=2e-4)
+    assert stepper.depth == 4
+
+    def expected(prompt, n):
+        out, t = [], prompt[-1]
+        for _ in range(n):
+            t = (t * 31 + 7) % 97
+            out.append(t)
+        return out
+
+    ps = prompts(10, seed=6)
+    lengths = [int(n) for n in np.random.default_rng(7).integers(1, 30, 10)]
+    sched = Scheduler(stepper, max_waiting=10).start()
+    try:
+        results = [None] * 10
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, collect(sched, Request(ps[i], lengths[i]))))
+                   for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert results == [(expected(p, n), FINISH_LENGTH) for p, n in zip(ps, lengths)]
+        assert sched.peak == 4
+    finally:
+        sched.stop()

@@ -365,11 +365,12 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
                 raise LlamacError("bench --what decode needs a CUDA GPU (--device cuda)")
             from llamac.bench.decode import bench_decode
             rows = bench_decode(compare=compare != "none")
-        elif section == "serve":
-            if device != "cuda":
-                raise LlamacError("bench --what serve needs a CUDA GPU (--device cuda)")
+        elif section == "serve":      # the GPU shapes on CUDA; on any device, the host's cost per token
             from llamac.bench.serve import bench_serve
-            rows = bench_serve()
+            from llamac.bench.serve_host import bench_serve_host
+            from llamac.serve import require_web_stack
+            require_web_stack()
+            rows = (bench_serve() if device == "cuda" else []) + bench_serve_host()
         elif section == "dp":
             from llamac.bench.dp import bench_dp
             rows = bench_dp(device)
@@ -385,12 +386,12 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
     return results
 
 
-# The printed table: what a row measures, what ran, its headline figure and its ratio to the
-# reference, so that it reads at 80 columns; every other field is in --json.
+# The printed table: what a row measures, what ran, its headline figure (a server's p50 / p99 latencies
+# beneath it) and its ratio to the reference, so that it reads at 80 columns; every other field is in --json.
 HEADLINES = (("decode_tok_s", "tok/s"), ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ms", "ms"),
              ("us_per_op", "us/op"), ("mb_per_s", "MB/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s"))
 RATIOS = ("vs_torch_compile", "vs_torch_graph", "vs_torch_eager", "vs_torch", "of_onednn", "torch_over_ours", "vs_hf",
-          "vs_batch1", "vs_one_client", "vs_generate", "peak_vs_full", "scaling_efficiency")
+          "vs_batch1", "vs_one_client", "vs_generate", "vs_alone", "vs_device", "peak_vs_full", "scaling_efficiency")
 
 
 def summary_row(row: dict) -> tuple[str, str, str, str]:
@@ -403,6 +404,9 @@ def summary_row(row: dict) -> tuple[str, str, str, str]:
     figure = "" if headline is None else f"{_fmt(row[headline[0]])} {headline[1]}"
     if str(row.get("status", "")).startswith(("OOM", "error")):
         figure = str(row["status"])[:40]
+    for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL")):      # a server's latencies, under its tok/s
+        if row.get(f"{key}_p50") is not None:
+            figure += f"\n{label} {row[f'{key}_p50']:.3g}/{row[f'{key}_p99']:.3g} ms"
     ratio = next((f"{_fmt(row[k])}x {k}" for k in RATIOS if isinstance(row.get(k), (int, float))), "")
     return what or row.get("section", ""), impl, figure, ratio
 
@@ -410,7 +414,8 @@ def summary_row(row: dict) -> tuple[str, str, str, str]:
 def _print_table(console, Table, title, rows):
     if not rows:
         return
-    table = Table(title=f"{title}  (every field: --json FILE)")
+    latencies = any(r.get("ttft_ms_p50") is not None for r in rows)
+    table = Table(title=f"{title}  ({'latencies p50/p99; ' * latencies}every field: --json FILE)")
     for c in ("what", "impl", "figure", "ratio"):
         table.add_column(c, overflow="fold")
     for r in rows:
@@ -420,7 +425,7 @@ def _print_table(console, Table, title, rows):
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
 
 

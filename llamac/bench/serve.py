@@ -1,4 +1,5 @@
-"""`llamac bench --what serve`: `llamac serve` on the GPU under 1 / 8 / 32 concurrent streaming clients.
+"""`llamac bench --what serve`: `llamac serve` on the GPU under 1 / 8 / 32 concurrent streaming clients
+(the server's own host cost per token, on any machine, is llamac.bench.serve_host's).
 
 The server runs in this process (uvicorn in a thread, the engine in another) on the GPU decoder, at the
 110M shape of `bench --what decode` and TinyLlama's 1.1B shape, random bf16 weights. The clients run in
@@ -27,6 +28,7 @@ SERVE_SHAPES = {   # dim, layers, heads, kv heads, vocab, hidden
 }
 CLIENTS = (1, 8, 32)
 N_NEW, PROMPT_LEN, CACHE_LEN = 256, 16, 1024
+STEP_TIMING = 200              # graph replays timed for a step's GPU time (the cache stays under CACHE_LEN)
 MODEL = "bench"
 
 
@@ -144,8 +146,9 @@ def web_stack() -> str:
     return "uvicorn + " + (" + ".join(found) if found else "asyncio + h11")
 
 
-def generate_batch1(cfg, state, prompt, n_new: int, reps: int = 3) -> float:
-    """`llamac generate`'s GPU path at batch 1 (FastDecoder.generate): tokens/s from call to last token."""
+def generate_batch1(cfg, state, prompt, n_new: int, reps: int = 3) -> tuple[float, float]:
+    """`llamac generate`'s GPU path at batch 1 (FastDecoder.generate): tokens/s from call to last token,
+    and the GPU time of one of its decode steps (ms)."""
     from llamac.infer.decode import FastDecoder
     dec = FastDecoder(cfg, state, batch=1, max_len=CACHE_LEN)
     times = []
@@ -153,7 +156,25 @@ def generate_batch1(cfg, state, prompt, n_new: int, reps: int = 3) -> float:
         t0 = time.perf_counter()
         n = sum(1 for _ in dec.generate([prompt], n_new, temperature=0.0))
         times.append(time.perf_counter() - t0)
-    return round(n / float(np.median(times[1:])), 1)
+    dec.start([prompt])
+    step_ms = dec.decode_seconds(STEP_TIMING) / STEP_TIMING * 1e3
+    return round(n / float(np.median(times[1:])), 1), round(step_ms, 4)
+
+
+def stepper_step_ms(stepper, prompt) -> float:
+    """The GPU time of one step of the server's stepper over its first row alone (one client's step), so
+    that a gap to `generate` can be told apart: the device's step, or the host's work around it."""
+    cp = stepper.cp
+    stepper.begin(0, prompt)
+    graph = stepper.graphs[0][1]
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stepper.stream)
+    for _ in range(STEP_TIMING):
+        graph.launch(stepper.stream)
+    end.record(stepper.stream)
+    end.synchronize()
+    stepper.release(0)
+    return round(cp.cuda.get_elapsed_time(start, end) / STEP_TIMING, 4)
 
 
 def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len: int = PROMPT_LEN) -> list[dict]:
@@ -165,9 +186,11 @@ def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len
     state = random_state(cfg, cp)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(max(clients))]
+    generated, generate_step = generate_batch1(cfg, state, prompts[0], n_new)
     rows = [{"section": "serve", "shape": name, "impl": "llamac generate (batch 1)", "case": "1 client",
-             "tokens_per_s": generate_batch1(cfg, state, prompts[0], n_new)}]
+             "tokens_per_s": generated, "device_step_ms": generate_step}]
     stepper = FastStepper(cfg, state, slots=max(clients), max_len=CACHE_LEN)
+    server_step = stepper_step_ms(stepper, prompts[0])
     app, scheduler = build_for(stepper, IdTokenizer(cfg.vocab_size), MODEL, max_queue=0)
     server = ServerThread(app).start()
     switching = engine_friendly_switching()
@@ -185,6 +208,7 @@ def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len
             if c == 1:
                 one = row["tokens_per_s"]
                 row["vs_generate"] = round(one / rows[0]["tokens_per_s"], 3)
+                row["device_step_ms"] = server_step      # the stepper's step alone: generate's is rows[0]'s
             elif one:
                 row["vs_one_client"] = round(row["tokens_per_s"] / one, 2)
             rows.append(row)
@@ -197,7 +221,8 @@ def bench_serve_shape(name: str, clients=CLIENTS, n_new: int = N_NEW, prompt_len
 
 def bench_serve(shapes=None, clients=CLIENTS, n_new: int = N_NEW) -> list[dict]:
     if not backend.cuda_available():
-        raise LlamacError("bench --what serve needs a CUDA GPU (--device cuda)")
+        raise LlamacError("bench --what serve's GPU shapes need a CUDA GPU (--device cuda); "
+                          "--device cpu measures the server's host cost alone")
     from llamac.serve import require_web_stack
     require_web_stack()
     rows = []

@@ -19,9 +19,9 @@ import time
 
 from llamac.errors import LlamacError
 from llamac.serve import require_web_stack
-from llamac.serve.protocol import (ApiError, Job, Served, chat_chunk, chat_response, completion_chunk,
-                                   completion_response, error_body, models_list, new_id, parse_chat,
-                                   parse_completion, usage_chunk)
+from llamac.serve.protocol import (ApiError, ChunkEncoder, Job, Served, chat_chunk, chat_response,
+                                   completion_chunk, completion_response, error_body, models_list, new_id,
+                                   parse_chat, parse_completion, sse, usage_chunk)
 from llamac.serve.scheduler import FINISH_CANCELLED, FINISH_ERROR, Busy, Request, Scheduler
 from llamac.serve.text import TextStream
 
@@ -36,7 +36,6 @@ log = logging.getLogger("llamac.serve")
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.5
-GONE = object()           # queued when the client has disconnected
 
 
 def _error(status: int, message: str, kind="invalid_request_error", param=None, code=None) -> JSONResponse:
@@ -52,8 +51,8 @@ class Dispatcher:
         self.pending: collections.deque = collections.deque()
         self.scheduled = False
 
-    def post(self, queue: asyncio.Queue, event):
-        self.pending.append((queue, event))
+    def post(self, choices: "Choices", event):
+        self.pending.append((choices, event))
 
     def wake(self):
         """Engine thread, after a step."""
@@ -66,16 +65,22 @@ class Dispatcher:
 
     def _drain(self):
         self.scheduled = False              # before the pops: an event posted meanwhile gets its own wake-up
+        woken = set()
         while self.pending:
-            queue, event = self.pending.popleft()
-            queue.put_nowait(event)
+            choices, event = self.pending.popleft()
+            choices.inbox.append(event)
+            woken.add(choices)
+        for choices in woken:
+            choices.wake()
 
 
 class Choices:
     """The n scheduler requests of one API request, their events merged on the event loop's side."""
 
     def __init__(self, job: Job, served: Served, scheduler: Scheduler, dispatcher: Dispatcher):
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.inbox: list = []             # (index, token, finish) events handed over, not yet read
+        self.gone = False                 # the client has disconnected
+        self.waiter: asyncio.Future | None = None
         self.texts = [TextStream(served.tokenizer, job.prompt_ids, job.stop) for _ in range(job.n)]
         self.finish = [None] * job.n
         self.requests = []
@@ -84,7 +89,7 @@ class Choices:
             sampling = job.sampling
             if job.n > 1 and sampling.seed is not None:
                 sampling = type(sampling)(sampling.temperature, sampling.top_p, sampling.seed + i)
-            on_event = (lambda i: lambda token, finish: dispatcher.post(self.queue, (i, token, finish)))(i)
+            on_event = (lambda i: lambda token, finish: dispatcher.post(self, (i, token, finish)))(i)
             self.requests.append(Request(job.prompt_ids, job.max_tokens, sampling, job.stop_ids, on_event))
         try:
             for r in self.requests:
@@ -92,6 +97,11 @@ class Choices:
         except Busy:
             self.cancel()
             raise
+
+    def wake(self):
+        """Event loop: events have arrived, or the client has gone."""
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def cancel(self):
         for r in self.requests:
@@ -125,20 +135,24 @@ class Choices:
             await asyncio.sleep(DISCONNECT_POLL_S)
             if await is_disconnected():
                 self.cancel()
-                self.queue.put_nowait(GONE)
+                self.gone = True
+                self.wake()
                 return
 
     async def events(self, is_disconnected):
         """Yield (index, text, finish_reason or None) until every choice has finished. Events already
         waiting are merged into one piece of text per choice: a reader that falls behind catches up."""
         watcher = asyncio.ensure_future(self._watch(is_disconnected))
+        loop = asyncio.get_running_loop()
         try:
             while not all(self.finish):
-                batch = [await self.queue.get()]
-                while not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                if GONE in batch:
+                if not self.inbox and not self.gone:
+                    self.waiter = loop.create_future()
+                    await self.waiter
+                    self.waiter = None
+                if self.gone:
                     return
+                batch, self.inbox = self.inbox, []
                 merged: dict = {}
                 for index, token, finish in batch:
                     if self.finish[index]:
@@ -249,8 +263,7 @@ def create_app(served: Served, scheduler: Scheduler, api_key: str | None = None,
             build = chat_response if chat else completion_response
             return build(rid, created, served.name, texts, choices.finish, prompt_tokens, choices.completion_tokens)
 
-        def sse(obj) -> str:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        chunks = ChunkEncoder(rid, created, served.name, chat, job.n)
 
         async def stream():
             try:
@@ -258,12 +271,13 @@ def create_app(served: Served, scheduler: Scheduler, api_key: str | None = None,
                     for i in range(job.n):
                         yield sse(chat_chunk(rid, created, served.name, i, {"role": "assistant", "content": ""}))
                 async for index, text, finish in choices.events(request.is_disconnected):
-                    if chat:
+                    if finish is None:
+                        yield chunks.text(index, text)
+                    elif chat:
                         if text:
-                            yield sse(chat_chunk(rid, created, served.name, index, {"content": text}))
-                        if finish:
-                            yield sse(chat_chunk(rid, created, served.name, index, {}, finish))
-                    elif text or finish:
+                            yield chunks.text(index, text)
+                        yield sse(chat_chunk(rid, created, served.name, index, {}, finish))
+                    else:
                         yield sse(completion_chunk(rid, created, served.name, index, text, finish))
                 if job.include_usage:
                     yield sse(usage_chunk(rid, created, served.name, "chat.completion.chunk" if chat else

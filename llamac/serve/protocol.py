@@ -5,6 +5,7 @@ Every problem with a request is an ApiError: its HTTP status and the API's error
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -252,6 +253,31 @@ def completion_response(rid, created, model, texts, finishes, prompt_tokens, com
 def completion_chunk(rid, created, model, index, text: str, finish=None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+class ChunkEncoder:
+    """A stream's text chunks as server-sent events, the bytes json.dumps gives for completion_chunk /
+    chat_chunk: the parts around the text are encoded once per choice, so a token costs the encoding of
+    its own text alone."""
+
+    MARK = "@llamac-text@"
+
+    def __init__(self, rid, created, model, chat: bool, n: int):
+        def framing(index):
+            chunk = (chat_chunk(rid, created, model, index, {"content": self.MARK}) if chat
+                     else completion_chunk(rid, created, model, index, self.MARK))
+            head, _, tail = sse(chunk).rpartition(json.dumps(self.MARK))   # the text is the last string field
+            return head, tail
+        self.framing = [framing(i) for i in range(n)]
+
+    def text(self, index: int, text: str) -> str:
+        head, tail = self.framing[index]
+        return head + json.dumps(text, ensure_ascii=False) + tail
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying obj as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def usage_chunk(rid, created, model, kind: str, prompt_tokens, completion_tokens) -> dict:

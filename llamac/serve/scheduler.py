@@ -10,9 +10,12 @@ independent of what else is in the batch, so a greedy answer is the same token f
 among fifteen others; sampling draws from the request's own generator (seeded by its `seed`), so a
 seeded answer does not depend on the batch either.
 
-On the GPU a step is launched before the previous one is read back whenever every live request is
-greedy (the device then feeds each row its own argmax): the host's bookkeeping overlaps the GPU's
-work instead of adding to it.
+On the GPU, while every live request is greedy (the device then feeds each row its own argmax), up to
+`stepper.depth` steps are in flight: the engine launches the next steps, hands the event loop the
+tokens it read last, and only then waits for the oldest step. The loop's work (text, JSON, HTTP) runs
+while the engine waits on the device without the GIL, and when the loop holds the GIL at the moment a
+step ends, the device still has the steps queued behind it: the host's work overlaps the device's
+instead of adding to it.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.cancelled = False
         self.fed = 0                      # prompt tokens in the cache (or on their way there)
+        self.pending = 0                  # steps in flight whose output is this request's next token
         self.rng = np.random.default_rng(sampling.seed)
 
     def cancel(self):
@@ -87,6 +91,7 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}
         self._inputs: dict[int, Optional[int]] = {}   # slot -> next input token; None: the stepper feeds its argmax
+        self.depth = max(1, int(stepper.depth)) if stepper.pipelined else 1   # steps in flight at most
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -175,6 +180,8 @@ class Scheduler:
 
     def _admit(self) -> bool:
         """Prefill waiting requests into free slots, drop cancelled ones. False when stopping."""
+        if not self._active and not self._waiting:
+            self._stepped()                      # the last tokens go out before the engine sleeps
         with self._cv:
             while not self._stopping and not self._waiting and not self._active:
                 self._cv.wait()
@@ -183,15 +190,16 @@ class Scheduler:
             for slot in [s for s, r in self._active.items() if r.cancelled]:
                 self._release(slot, FINISH_CANCELLED)
             admitted = []
-            free = [s for s in range(self.slots) if s not in self._active]
-            while free and self._waiting:
-                request = self._waiting.popleft()
-                if request.cancelled:
-                    self._finish(request, FINISH_CANCELLED)
-                    continue
-                slot = free.pop(0)
-                self._active[slot] = request
-                admitted.append((slot, request))
+            if self._waiting:
+                free = [s for s in range(self.slots) if s not in self._active]
+                while free and self._waiting:
+                    request = self._waiting.popleft()
+                    if request.cancelled:
+                        self._finish(request, FINISH_CANCELLED)
+                        continue
+                    slot = free.pop(0)
+                    self._active[slot] = request
+                    admitted.append((slot, request))
         for slot, request in admitted:
             if len(request.prompt_ids) <= self.stepper.feed_max:
                 self.stepper.begin(slot, request.prompt_ids)     # the prompt goes through the shared steps
@@ -202,59 +210,79 @@ class Scheduler:
         return True
 
     def _launch(self):
-        inputs, launched = {}, {}
+        """One step for every request that needs one: (handle, {slot: (request, whether the output is its
+        next token)}), or None when every request has all its tokens on the way already."""
+        inputs, launched, want = {}, {}, set()
         for slot, request in self._active.items():
             if request.fed < len(request.prompt_ids):     # a prompt token: its output matters only for the last
                 inputs[slot] = request.prompt_ids[request.fed]
                 request.fed += 1
-                launched[slot] = (request, request.fed == len(request.prompt_ids))
-            else:
+                counts = request.fed == len(request.prompt_ids)
+            elif request.sampled + request.pending < request.max_tokens:
                 inputs[slot] = self._inputs.get(slot)
-                launched[slot] = (request, True)
-        want = {s for s, (r, counts) in launched.items() if counts and not r.sampling.greedy}
+                counts = True
+            else:
+                continue
+            if counts:
+                request.pending += 1
+                if not request.sampling.greedy:
+                    want.add(slot)
+            launched[slot] = (request, counts)
+        if not inputs:
+            return None
         handle = self.stepper.launch(inputs, want)
         self.steps += 1
         self.peak = max(self.peak, len(launched))
         return handle, launched
 
     def _can_look_ahead(self) -> bool:
-        """Whether the next step's inputs are known before the step in flight is read: every live request
+        """Whether the next step's inputs are known before the steps in flight are read: every live request
         greedy (the stepper feeds its argmax) or still in its prompt."""
-        return (self.stepper.pipelined and bool(self._active)
-                and all(r.sampling.greedy and (r.fed < len(r.prompt_ids) or self._inputs.get(s) is None)
-                        for s, r in self._active.items()))
+        return all(r.sampling.greedy and (r.fed < len(r.prompt_ids) or self._inputs.get(s) is None)
+                   for s, r in self._active.items())
 
-    def _collect(self, inflight):
-        handle, launched = inflight
+    def _fill(self, inflight: collections.deque):
+        """Launch steps until `depth` are in flight, or the next one's inputs are not known yet."""
+        while len(inflight) < self.depth and self._active and (not inflight or self._can_look_ahead()):
+            step = self._launch()
+            if step is None:
+                return
+            inflight.append(step)
+
+    def _collect(self, step):
+        handle, launched = step
         argmax, logits = self.stepper.collect(handle)
         for slot, (request, counts) in launched.items():
-            if not counts or self._active.get(slot) is not request or request.cancelled:
-                continue           # a prompt token's output, or a request that left while the step ran
+            if not counts:
+                continue           # a prompt token's output
+            request.pending -= 1
+            if self._active.get(slot) is not request or request.cancelled:
+                continue           # a request that left while the step ran
             self._take(request, slot, logits.get(slot), argmax[slot])
 
     def _run(self):
-        inflight = None
+        inflight: collections.deque = collections.deque()
         try:
             while True:
                 try:
                     if not self._admit():
                         break
-                    if inflight is None and self._active:
-                        inflight = self._launch()
-                    if inflight is not None:
-                        ahead = self._launch() if self._can_look_ahead() else None
-                        self._collect(inflight)
-                        inflight = ahead
+                    self._fill(inflight)
+                    if self.depth > 1:
+                        self._stepped()       # the last tokens go out while the device runs the next steps
+                    if inflight:
+                        self._collect(inflight.popleft())
+                    if self.depth == 1:
+                        self._stepped()
                 except Exception as exc:   # the engine keeps serving: the requests in flight end with an error
                     log.exception("decode step failed")
-                    inflight = None
+                    inflight.clear()
                     with self._cv:
                         for slot in list(self._active):
                             self._release(slot, FINISH_ERROR)
+                    self._stepped()
                     if isinstance(exc, MemoryError):
                         raise
-                finally:
-                    self._stepped()
         finally:
             with self._cv:
                 self._stopping = True

@@ -117,3 +117,4 @@ def test_serve_bench_at_a_tiny_shape(monkeypatch):
     served = [r for r in rows if r["impl"] == "llamac serve"]
     assert [r["tokens"] for r in served] == [16, 64] and [r["usage_tokens"] for r in served] == [16, 64]
     assert all(np.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["device_step_ms"] > 0 and served[0]["device_step_ms"] > 0     # generate's step, the stepper's
