@@ -233,6 +233,16 @@ def test_adapter_gradients_match_float64_finite_differences(tied):
     assert check_grad(loss, *start, rtol=1e-6, atol=1e-9)
 
 
+def test_chat_tokens_off_and_checkpoints_from_before_the_setting():
+    cfg = ModelConfig(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=24, vocab_size=40, max_seq_len=8)
+    model = lora.apply_lora(Llama(cfg), LoRAConfig(rank=2, chat_tokens=False), token_ids=[3, 4])
+    assert type(model) is not lora.LoRALlama and not any("token" in n for n, _ in model.named_parameters())
+    old = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj"], "base": "b", "base_hash": "h"}
+    assert lora.lora_config_of(old) == LoRAConfig(rank=4, alpha=8.0, targets=["q_proj"], chat_tokens=False)
+    assert lora.token_ids_of(old) == [] and lora.scale_of(old) == 2.0
+    assert lora.describe(LoRAConfig(chat_tokens=False), "b", "h", [3, 4])["token_ids"] == []
+
+
 def test_training_leaves_the_base_bit_identical_and_resumes(tmp_path):
     from llamac.train.loop import Trainer
     llamac.manual_seed(0)
@@ -329,6 +339,8 @@ def test_a_lora_recipe_does_not_resume_another_kind_of_run(tmp_path, lora_run):
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in NEW))
     with pytest.raises(LlamacError, match="has LoRA rank 16; the recipe asks for rank 2"):
         finetune(_sft_recipe(out, base, data, LoRAConfig(rank=2, alpha=32.0), max_steps=160))
+    with pytest.raises(LlamacError, match="has LoRA chat_tokens True; the recipe asks for chat_tokens False"):
+        finetune(_sft_recipe(out, base, data, LoRAConfig(rank=16, alpha=32.0, chat_tokens=False), max_steps=160))
     with pytest.raises(LlamacError, match="is a LoRA run; the recipe asks for full fine-tuning"):
         finetune(_sft_recipe(out, base, data, None, max_steps=160))
 
