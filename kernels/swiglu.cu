@@ -114,3 +114,47 @@ extern "C" __global__ void swiglu_backward_recompute(const DTYPE* __restrict__ g
                                                      long long n) {
     swiglu_backward_pass<true>(gate, up, dout, dgate, dup, h, n);
 }
+
+// The recomputing backward in place, for an MLP that recomputes gate and up in its own backward
+// (llamac.ops.lora.LoRASwiGLU): dgate over gate, dup over up, h over dout, so the pass needs no
+// new (N, hidden) arrays. Each element is read and then written by one thread only; the pointers
+// alias by design, so none is __restrict__ (the pass above may not be called with aliases).
+extern "C" __global__ void swiglu_backward_recompute_inplace(DTYPE* gate, DTYPE* up, DTYPE* dout,
+                                                             long long n) {
+    const long long tid = global_thread_id();
+    const long long stride = grid_stride();
+    long long done = 0;
+
+    if (is_aligned16(gate) && is_aligned16(up) && is_aligned16(dout)) {
+        constexpr int V = Packed128<DTYPE>::size;
+        const long long packs = n / V;
+        for (long long p = tid; p < packs; p += stride) {
+            const Packed128<DTYPE> g = load128(gate + p * V);
+            const Packed128<DTYPE> u = load128(up + p * V);
+            const Packed128<DTYPE> d = load128(dout + p * V);
+            Packed128<DTYPE> dg, du, o;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                float a, b;
+                const float gf = to_float(g.v[k]), uf = to_float(u.v[k]);
+                swiglu_bwd(gf, uf, to_float(d.v[k]), a, b);
+                dg.v[k] = from_float<DTYPE>(a);
+                du.v[k] = from_float<DTYPE>(b);
+                o.v[k] = from_float<DTYPE>(swiglu_fwd(gf, uf));
+            }
+            store128(gate + p * V, dg);
+            store128(up + p * V, du);
+            store128(dout + p * V, o);
+        }
+        done = packs * V;
+    }
+
+    for (long long i = done + tid; i < n; i += stride) {
+        float a, b;
+        const float gf = load_f(gate + i), uf = load_f(up + i), df = load_f(dout + i);
+        swiglu_bwd(gf, uf, df, a, b);
+        store_f(gate + i, a);
+        store_f(up + i, b);
+        store_f(dout + i, swiglu_fwd(gf, uf));
+    }
+}

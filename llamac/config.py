@@ -182,6 +182,10 @@ class LoRAConfig:
     alpha: float = bounded(32.0, gt=0)      # the adapter's product is scaled by alpha / rank
     dropout: float = bounded(0.0, ge=0, lt=1)   # on the adapter's input only
     targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    rslora: bool = False                    # scale by alpha / sqrt(rank) instead (rank-stabilized, PEFT's use_rslora)
+    # train the embedding rows (and an untied head's) of the chat template's special tokens, which
+    # pretraining never saw (PEFT's trainable_token_indices)
+    chat_tokens: bool = True
 
 
 @dataclass

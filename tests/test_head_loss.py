@@ -72,3 +72,39 @@ def test_every_row_ignored_gives_zero_loss_and_gradient():
 def test_chunk_rows():
     assert chunk_rows(32000, 2) == runtime.options().head_loss_chunk_bytes // 64000 and chunk_rows(32000, 2, 64000 * 300) == 300
     assert chunk_rows(10 ** 9, 2) == 128                   # never below a tensor-core-sized GEMM
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 10 ** 9])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_head_loss_with_token_rows_equals_linear_with_rows_then_cross_entropy(chunk_bytes, head_trains):
+    """LoRA's trainable token rows: logit columns `index` from rows (k, C) instead of the head's rows;
+    only (k, C) gradients for the rows, the head's gradient (if it trains) without those columns."""
+    from llamac.ops.lora import linear_with_rows
+    x, w, t = _case()
+    x, t = np.concatenate([x] * 4)[:130], np.concatenate([t] * 4)[:130]
+    index = np.array([3, 7, 8])
+    t[1::9] = 7                                            # rows' tokens as targets too
+    rows = np.random.default_rng(1).normal(size=(3, x.shape[1]))
+    results = []
+    for fused in (True, False):
+        xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=head_trains)
+        rt = Tensor(rows, requires_grad=True)
+        if fused:
+            loss = head_loss(xt, wt, t, chunk_bytes=chunk_bytes, rows=rt, index=index)
+        else:
+            loss = functional.cross_entropy(linear_with_rows(xt, wt, rt, index), Tensor(t))
+        _backward(loss, 0.5)
+        results.append((float(loss.data), xt.grad, rt.grad, wt.grad))
+    (loss, gx, grows, gw), (want_loss, want_gx, want_grows, want_gw) = results
+    assert abs(loss - want_loss) <= 1e-12 * abs(want_loss)
+    np.testing.assert_allclose(gx, want_gx, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(grows, want_grows, rtol=1e-10, atol=1e-14)
+    assert (gw is None) == (not head_trains)
+    if head_trains:
+        np.testing.assert_allclose(gw, want_gw, rtol=1e-10, atol=1e-14)
+        assert not gw[index].any()                         # those logits never read the head's own rows
+    # and linear_with_rows is the plain head on the weight with the rows in place
+    merged = w.copy()
+    merged[index] = rows
+    want = functional.cross_entropy(linear.linear(Tensor(x), Tensor(merged)), Tensor(t))
+    assert abs(float(want.data) - want_loss) <= 1e-12 * abs(want_loss)

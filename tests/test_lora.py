@@ -18,7 +18,7 @@ from llamac.train import checkpoint, lora
 from llamac.train.sft import finetune
 from llamac.infer.chat import END_OF_TURN, encode_chat
 from llamac.infer.generate import generate_ids
-from tests.test_export import GQA, PROMPTS, _checkpoint, _cpp_greedy, _greedy, _llama_cpp, _logits, _margins, \
+from tests.test_export import GQA, PROMPTS, TIED, _checkpoint, _cpp_greedy, _greedy, _llama_cpp, _logits, _margins, \
     _tokenizer, _tune, train_corpus
 from tests.test_train import ROOT
 
@@ -53,7 +53,7 @@ def adapted(run) -> Llama:
     ckpt = checkpoint.resolve_checkpoint(run)
     state = checkpoint.read_state(ckpt)["lora"]
     model, _, _ = checkpoint.load_model(state["base"])
-    lora.apply_lora(model, lora.lora_config_of(state))
+    lora.apply_lora(model, lora.lora_config_of(state), lora.token_ids_of(state))
     checkpoint.load_trainable(model, checkpoint.load_safetensors(ckpt / "model.safetensors")[0], ckpt)
     return model.eval()
 
@@ -77,18 +77,36 @@ def lora_run(tmp_path_factory, corpus):
     return base, root / "lora", tokenizer
 
 
+@pytest.fixture(scope="module")
+def tied_lora_run(tmp_path_factory, corpus):
+    """(base run, LoRA run, tokenizer) as lora_run, on an untuned model whose head is its embedding,
+    briefly: what the PEFT test needs is adapters and chat-token rows away from their start."""
+    root = tmp_path_factory.mktemp("tied-lora")
+    base, _ = _checkpoint(root, TIED, corpus[0])
+    data = root / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in NEW))
+    finetune(_sft_recipe(root / "lora", base, data, max_steps=20, ckpt_every=0))
+    return base, root / "lora", _tokenizer(corpus[0])
+
+
 def test_a_lora_checkpoint_holds_the_adapters_and_names_its_base(lora_run):
     base, run, _ = lora_run
     ckpt = checkpoint.latest(run)
     state = checkpoint.read_state(ckpt)
     weights, _ = checkpoint.load_safetensors(ckpt / "model.safetensors")
-    assert sorted(weights) == sorted(f"layers.{i}.{part}.{name}.lora_{side}" for i in range(GQA.n_layers)
-                                     for part, name in lora.TARGET_MODULES.values() for side in "ab")
+    assert sorted(weights) == sorted([f"layers.{i}.{part}.{name}.lora_{side}" for i in range(GQA.n_layers)
+                                      for part, name in lora.TARGET_MODULES.values() for side in "ab"]
+                                     + ["tok_embeddings.token_rows", "output.token_rows"])     # untied: both
     moments, _ = checkpoint.load_safetensors(ckpt / "optimizer.safetensors")
     assert sorted(moments) == sorted(f"{k}.{n}" for k in "mv" for n in weights)     # state for the adapters only
     assert state["lora"]["base"] == str(checkpoint.resolve_checkpoint(base).resolve())
     assert state["lora"]["base_hash"] == lora.weights_hash(checkpoint.base_weights(base))
     assert all(np.abs(w).max() > 0 for n, w in weights.items() if n.endswith("lora_b"))   # trained away from 0
+    ids = state["lora"]["token_ids"]
+    assert ids == [3, 4, 5, 6]                       # <|system|>, <|user|>, <|assistant|>, <|end|>
+    base_weights = checkpoint.base_weights(base)
+    for name in ("tok_embeddings", "output"):        # the rows trained away from the base's rows
+        assert np.abs(weights[f"{name}.token_rows"] - base_weights[f"{name}.weight"][ids]).max() > 1e-3
 
 
 def test_lora_learns_answers_the_base_does_not_give(lora_run):
@@ -101,11 +119,15 @@ def test_lora_learns_answers_the_base_does_not_give(lora_run):
     assert after == [c[-1]["content"] for c in NEW]
 
 
-def test_peft_gives_llamacs_logits_and_the_merged_exports(tmp_path, lora_run):
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_peft_gives_llamacs_logits_and_the_merged_exports(tmp_path, request, which):
+    """The adapters and the chat tokens' rows (PEFT's trainable tokens: the embedding's and the head's
+    untied, one set for both tied) in PEFT, against llamac's base + adapters and the merged export."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    base, run, tokenizer = lora_run
+    base, run, tokenizer = request.getfixturevalue("lora_run" if which == "untied" else "tied_lora_run")
+    cfg = GQA if which == "untied" else TIED
     base_hf = export(base, format="hf", out=tmp_path / "base-hf")
     adapter = export(run, format="peft", out=tmp_path / "adapter")
     merged_hf = export(run, format="hf", out=tmp_path / "merged-hf")
@@ -113,15 +135,21 @@ def test_peft_gives_llamacs_logits_and_the_merged_exports(tmp_path, lora_run):
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["task_type"]) == ("LORA", 16, 32.0,
                                                                                              "CAUSAL_LM")
     assert sorted(config["target_modules"]) == sorted(lora.TARGET_MODULES)
+    ids = [3, 4, 5, 6]
+    assert config["trainable_token_indices"] == (ids if which == "tied" else {"embed_tokens": ids, "lm_head": ids})
     ref = peft.PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32), adapter).eval()
-    assert sum(1 for n, _ in ref.named_parameters() if "lora_" in n) == 2 * 7 * GQA.n_layers   # every adapter loaded
+    assert sum(1 for n, _ in ref.named_parameters() if "lora_" in n) == 2 * 7 * cfg.n_layers   # every adapter loaded
+    deltas = [p.detach().numpy() for n, p in ref.named_parameters() if "trainable_tokens_delta" in n]
+    assert len(deltas) == (1 if which == "tied" else 2)
+    embed = checkpoint.base_weights(base)["tok_embeddings.weight"][ids]
+    assert min(np.abs(d - embed).max() for d in deltas[:1]) > 1e-3    # trained rows: they count in the logits
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_hf, dtype=torch.float32).eval()
     plain = transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32).eval()
     ours = adapted(run)
     worst_peft = worst_merged = 0.0
-    for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt, bos=True)
+    chats = [encode_chat(tokenizer, c[:-1], add_generation_prompt=True)[0] for c in NEW]   # the rows as inputs
+    for ids in [tokenizer.encode(prompt, bos=True) for prompt in PROMPTS] + chats:
         want = _logits(ours, ids)
         with torch.no_grad():
             theirs = ref(torch.tensor([ids])).logits[0].numpy()
@@ -133,6 +161,8 @@ def test_peft_gives_llamacs_logits_and_the_merged_exports(tmp_path, lora_run):
         assert np.abs(base_logits - want).max() / scale > 1e-2       # the adapters change the model
     print(f"max relative logit difference PEFT vs llamac {worst_peft:.2e}, merged HF vs PEFT {worst_merged:.2e}")
     assert worst_peft <= 1e-4 and worst_merged <= 1e-4
+    if which == "tied":
+        return                                                         # briefly trained: no answers to check
     hf_tok = transformers.AutoTokenizer.from_pretrained(adapter)       # the run's tokenizer, with the template
     for chat, answer in zip(NEW, _answers(ours, tokenizer)):
         prompt = hf_tok.apply_chat_template(chat[:-1], add_generation_prompt=True, return_tensors="pt",
@@ -179,13 +209,20 @@ def test_lora_on_a_hugging_face_folder(tmp_path, lora_run):
     assert np.abs(_logits(merged, ids) - want).max() / np.abs(want).max() < 1e-5
 
 
-def test_adapter_gradients_match_float64_finite_differences():
+@pytest.mark.parametrize("tied", [False, True])
+def test_adapter_gradients_match_float64_finite_differences(tied):
+    """The adapters' and the token rows' gradients (rows read as inputs and as logits, the head's own
+    rows untied, the embedding's tied), rsLoRA's scale."""
     llamac.manual_seed(3)
-    cfg = ModelConfig(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24, vocab_size=40, max_seq_len=8)
-    model = lora.apply_lora(Llama(cfg).to(dtype="float64"), LoRAConfig(rank=2, alpha=3.0))
+    cfg = ModelConfig(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24, vocab_size=40, max_seq_len=8,
+                      tie_embeddings=tied)
+    model = lora.apply_lora(Llama(cfg).to(dtype="float64"), LoRAConfig(rank=2, alpha=3.0, rslora=True), [3, 5, 6])
+    assert model.layers[0].attention.wq.scale == 3.0 / np.sqrt(2)
     rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 40, (2, 6)), rng.integers(0, 40, (2, 6))
+    x, y = rng.integers(0, 12, (2, 6)), rng.integers(0, 12, (2, 6))
+    x[0, :3], y[1, :3] = [3, 5, 6], [6, 3, 5]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n in names if "token" in n] == ["tok_embeddings.token_rows"] + ([] if tied else ["output.token_rows"])
     owners = {n: dict(model.named_modules())[n.rsplit(".", 1)[0]] for n in names}
     start = [rng.standard_normal(p.shape) * 0.3 for n, p in model.named_parameters() if p.requires_grad]
 
@@ -196,17 +233,28 @@ def test_adapter_gradients_match_float64_finite_differences():
     assert check_grad(loss, *start, rtol=1e-6, atol=1e-9)
 
 
+def test_chat_tokens_off_and_checkpoints_from_before_the_setting():
+    cfg = ModelConfig(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=24, vocab_size=40, max_seq_len=8)
+    model = lora.apply_lora(Llama(cfg), LoRAConfig(rank=2, chat_tokens=False), token_ids=[3, 4])
+    assert type(model) is not lora.LoRALlama and not any("token" in n for n, _ in model.named_parameters())
+    old = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj"], "base": "b", "base_hash": "h"}
+    assert lora.lora_config_of(old) == LoRAConfig(rank=4, alpha=8.0, targets=["q_proj"], chat_tokens=False)
+    assert lora.token_ids_of(old) == [] and lora.scale_of(old) == 2.0
+    assert lora.describe(LoRAConfig(chat_tokens=False), "b", "h", [3, 4])["token_ids"] == []
+
+
 def test_training_leaves_the_base_bit_identical_and_resumes(tmp_path):
     from llamac.train.loop import Trainer
     llamac.manual_seed(0)
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
     rng = np.random.default_rng(0)
     batch = (rng.integers(0, 64, (4, 16)), rng.integers(0, 64, (4, 16)), None)
+    batch[0][0, :2] = 3, 9                              # the token rows' ids among the inputs
     base = Llama(cfg)
 
     def run(out, steps=10):
         llamac.manual_seed(1)                           # the same adapters' start in each run
-        model = lora.apply_lora(Llama(cfg), LoRAConfig(rank=4, alpha=8.0))
+        model = lora.apply_lora(Llama(cfg), LoRAConfig(rank=4, alpha=8.0), token_ids=[3, 9])
         model.load_state_dict({**base.state_dict(), **{n: p.data for n, p in model.named_parameters()
                                                        if p.requires_grad}})
         frozen = {n: p.data.copy() for n, p in model.named_parameters() if not p.requires_grad}
@@ -214,6 +262,8 @@ def test_training_leaves_the_base_bit_identical_and_resumes(tmp_path):
                                                             eval_every=0, log_every=5, keep_checkpoints=0))
         Trainer(recipe, model, "cpu", lambda step, micro: batch, lambda m: {"val_loss": 0.0}).run()
         assert all(np.array_equal(p.data, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+        rows = model.tok_embeddings.token_rows.data             # the chat tokens' rows trained, the rest did not
+        assert np.abs(rows - base.tok_embeddings.weight.data[[3, 9]]).max() > 1e-3
         return checkpoint.load_safetensors(checkpoint.latest(out) / "model.safetensors")[0]
 
     straight = run(tmp_path / "a")
@@ -289,6 +339,8 @@ def test_a_lora_recipe_does_not_resume_another_kind_of_run(tmp_path, lora_run):
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in NEW))
     with pytest.raises(LlamacError, match="has LoRA rank 16; the recipe asks for rank 2"):
         finetune(_sft_recipe(out, base, data, LoRAConfig(rank=2, alpha=32.0), max_steps=160))
+    with pytest.raises(LlamacError, match="has LoRA chat_tokens True; the recipe asks for chat_tokens False"):
+        finetune(_sft_recipe(out, base, data, LoRAConfig(rank=16, alpha=32.0, chat_tokens=False), max_steps=160))
     with pytest.raises(LlamacError, match="is a LoRA run; the recipe asks for full fine-tuning"):
         finetune(_sft_recipe(out, base, data, None, max_steps=160))
 

@@ -167,6 +167,22 @@ def test_reused_node_gets_summed_gradient_and_graph_is_freed():
     assert h._ctx is None and y._ctx is None   # saved arrays released after backward
 
 
+def test_the_graph_does_not_keep_an_intermediate_no_backward_reads():
+    """x * w saves x and w, and x + h reads no array in its backward: once the caller drops h, its
+    array is freed before the backward (the graph holds h's producer and shape only), and the
+    gradients are the same."""
+    import weakref
+    x = llamac.tensor(r(3), requires_grad=True)
+    w = llamac.tensor(r(3) + 2, requires_grad=True)
+    h = x * w
+    kept = weakref.ref(h.data)
+    y = (h + x).sum()
+    del h
+    assert kept() is None
+    y.backward()
+    assert np.allclose(x.grad, w.numpy() + 1) and np.allclose(w.grad, x.numpy())
+
+
 def test_retain_graph_allows_second_backward():
     x = llamac.tensor(r(3), requires_grad=True)
     y = (x * x).sum()

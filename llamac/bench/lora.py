@@ -3,7 +3,7 @@
 Both runs are llamac's GPU training step as `llamac sft` runs it (bf16 compute, AdamW with fp32 masters,
 clip 1.0, the step as a CUDA graph after the eager warm-up), on the same synthetic tokens and the same
 model: first every weight trains, then the same model is frozen and given rank-16 adapters on every
-attention and MLP projection (train.lora). Peak memory is what CuPy's pools hold (the default pool and
+attention and MLP projection and the chat tokens' embedding rows (sft.lora's defaults). Peak memory is what CuPy's pools hold (the default pool and
 the graph's, blocks in use and cached), sampled after every step, the way `bench --what train` reports it.
 """
 from __future__ import annotations
@@ -44,6 +44,8 @@ def bench_lora(name: str, shape: dict, rank: int = 16, steps: int = 10, warmup: 
     graphs, no memory figures) for the tests."""
     import llamac
     from llamac.config import LORA_TARGETS, LoRAConfig, ModelConfig
+    from llamac.data.tokenizer import SPECIAL_TOKENS
+    from llamac.infer.chat import TEMPLATE_TOKENS
     from llamac.model.llama import Llama
     from llamac.train import fusions, lora
     from llamac.train.checkpoint import trainable_parameters
@@ -64,7 +66,9 @@ def bench_lora(name: str, shape: dict, rank: int = 16, steps: int = 10, warmup: 
     rows = []
     for mode in ("full", "lora"):
         if mode == "lora":
-            lora.apply_lora(model, LoRAConfig(rank=rank, targets=list(LORA_TARGETS)))
+            # llamac's tokenizer has its reserved tokens at ids 3, 4, ... (llamac.data.tokenizer)
+            chat_ids = [3 + SPECIAL_TOKENS.index(t) for t in TEMPLATE_TOKENS]
+            lora.apply_lora(model, LoRAConfig(rank=rank, targets=list(LORA_TARGETS)), chat_ids)
         trainable = trainable_parameters(model)
         runner = TrainStep(model, AdamW(trainable, lr=1e-4, weight_decay=0.0), grad_clip=1.0, cuda_graph=cuda_graph)
         row = {"section": "lora", "shape": name, "device": device, **s,

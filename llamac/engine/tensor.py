@@ -6,6 +6,11 @@ side; `Function.apply` runs the forward and, when gradients are wanted, records
 the node. `Tensor.backward` walks the recorded graph in reverse topological order
 and frees each node's saved arrays once its gradient has been passed on.
 
+The graph holds what each Function saved and, for its inputs, the parameters and
+leaves themselves but only a `_Node` (producer, shape) of an intermediate tensor:
+an activation that no backward reads (a residual branch's output, say) is freed
+as soon as the model's code drops it, not kept until the backward.
+
 Gradients (`.grad`) are plain xp arrays, as in Chainer.
 """
 from __future__ import annotations
@@ -85,10 +90,26 @@ class Function:
         needs = grad_enabled() and any(t.requires_grad for t in inputs)
         result = Tensor(out, requires_grad=needs)
         if needs:
-            fn.inputs = inputs
+            fn.inputs = graph_inputs(inputs)
             fn.needs_grad = tuple(t.requires_grad for t in inputs)
             result._ctx = fn
         return result
+
+
+class _Node:
+    """An intermediate tensor's place in the graph: the Function that made it and its shape,
+    without its array (Function.inputs holds these; the tensor itself owns its _Node)."""
+    __slots__ = ("_ctx", "shape")
+    requires_grad = True
+
+    def __init__(self, ctx, shape):
+        self._ctx, self.shape = ctx, shape
+
+
+def graph_inputs(inputs) -> tuple:
+    """What a Function's node keeps of its inputs: leaves as they are (their .grad is set), and the
+    _Node of each intermediate tensor (its array is freed when nothing else holds it)."""
+    return tuple(t._node if t._node is not None and t._node._ctx is not None else t for t in inputs)
 
 
 def _check_same_device(inputs, op_name):
@@ -115,7 +136,7 @@ def unbroadcast(grad, shape):
 
 
 class Tensor:
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "name", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_node", "name", "__weakref__")
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, device: str | None = None, name=None):
         if isinstance(data, Tensor):
@@ -137,8 +158,20 @@ class Tensor:
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)
-        self._ctx = None
+        self._node = None
         self.name = name
+
+    @property
+    def _ctx(self):
+        """The Function that made this tensor (None for a leaf, and once the backward has run)."""
+        return None if self._node is None else self._node._ctx
+
+    @_ctx.setter
+    def _ctx(self, fn):
+        if self._node is not None:
+            self._node._ctx = fn
+        elif fn is not None:
+            self._node = _Node(fn, self.data.shape)
 
     # ------------------------------------------------------------ basics
     @property
@@ -245,6 +278,8 @@ class Tensor:
             grad = grads.pop(id(node), None)
             fn = node._ctx
             if fn is None:
+                if isinstance(node, _Node):     # an intermediate whose graph an earlier backward freed
+                    continue
                 if grad is not None:
                     _accumulate(node, grad)
                 if pending is not None and id(node) not in reported:
@@ -263,8 +298,8 @@ class Tensor:
             for inp, g, needed in zip(fn.inputs, input_grads, fn.needs_grad):
                 if not needed or g is None:
                     continue
-                if g.shape != inp.data.shape:
-                    g = unbroadcast(g, inp.data.shape)
+                if g.shape != inp.shape:
+                    g = unbroadcast(g, inp.shape)
                 key = id(inp)
                 grads[key] = g if key not in grads else grads[key] + g
             if pending is not None:
@@ -333,7 +368,7 @@ def _leaf_uses(order: list) -> dict:
         fn = node._ctx
         if fn is not None:
             for inp, needed in zip(fn.inputs, fn.needs_grad):
-                if needed and inp._ctx is None:
+                if needed and inp._ctx is None and not isinstance(inp, _Node):
                     uses[id(inp)] = uses.get(id(inp), 0) + 1
     return uses
 

@@ -209,7 +209,7 @@ def write_peft(src: Source, folder: Path, torch_dtype: str):
     if src.tokenizer_path is not None:
         vocab = SpmVocab.read(src.tokenizer_path)
         write_tokenizer(src, vocab, vocab.pad_id if vocab.pad_id >= 0 else _piece_id(vocab, "<|pad|>"), folder)
-    _write_json(folder / "adapter_config.json", peft.adapter_config(src.lora["state"]))
+    _write_json(folder / "adapter_config.json", peft.adapter_config(src.lora["state"], src.config.tie_embeddings))
     tensors = {k: np.asarray(v, np.float32) for k, v in src.lora["tensors"].items()}
     write_safetensors(folder / "adapter_model.safetensors", peft.peft_tensors(tensors, src.config),
                       _numpy_dtype(torch_dtype), {"format": "pt"})

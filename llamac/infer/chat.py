@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 
 END_OF_TURN = "<|end|>"
+# The special tokens the template writes (the tokenizer's reserved pieces).
+TEMPLATE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN)
 
 # The same template as `render`, for tokenizer_config.json and GGUF.
 JINJA_TEMPLATE = (

@@ -107,8 +107,10 @@ class RoPEFlashAttention(Function):
     wq | wk | wv, larger and faster than three (the narrow k and v products run far below the
     tensor cores' rate), whose input gradient needs no accumulation either. The forward rotates
     q and k out of the packed rows (the RoPE kernel reads them in place) and runs the flash
-    forward on them and v, read in place too (the engine keeps qkv, this Function's input, until
-    the backward anyway). The backward writes dq, dk, dv straight into one packed gradient, with
+    forward on them and v, read in place too. It keeps qkv (the engine keeps this Function's
+    input until the backward anyway), not the rotated copies: the backward rotates q and k again,
+    two elementwise passes, rather than holding (H + Hkv) hs more values per token per layer from
+    forward to backward. The backward writes dq, dk, dv straight into one packed gradient, with
     RoPE's backward folded into the flash backward's stores."""
 
     def forward(self, qkv, cos, sin, n_heads, n_kv_heads, causal=True, segments=None):
@@ -120,15 +122,17 @@ class RoPEFlashAttention(Function):
         q, k, v = _unpack(qkv, H, Hkv, hs)
         qr, kr = rope.rope_forward(q, cos, sin), rope.rope_forward(k, cos, sin)
         out, lse = flash_forward.flash_attention_forward(qr, kr, v, causal=causal, segments=segments)
-        self.save(qr, kr, v, out, lse, cos, sin)
-        self.mask = (bool(causal), segments)
+        self.save(qkv, out, lse, cos, sin)
+        self.mask, self.heads = (bool(causal), segments), (H, Hkv, hs)
         return out                                                       # (B, T, H, hs)
 
     def backward(self, g):
-        qr, kr, v, out, lse, cos, sin = self.saved
+        qkv, out, lse, cos, sin = self.saved
         causal, segments = self.mask
-        B, T, H, hs = qr.shape
-        Hkv = kr.shape[2]
+        H, Hkv, hs = self.heads
+        B, T = qkv.shape[:2]
+        q, k, v = _unpack(qkv, H, Hkv, hs)
+        qr, kr = rope.rope_forward(q, cos, sin), rope.rope_forward(k, cos, sin)    # the forward's very values
         dqkv = backend.get_array_module(g).empty((B, T, (H + 2 * Hkv) * hs), qr.dtype)
         flash_attention_backward(qr, kr, v, out, g, lse, causal, segments, rope=(cos, sin),
                                  grads_out=_unpack(dqkv, H, Hkv, hs))

@@ -132,17 +132,28 @@ def cross_entropy_backward(logits, targets, lse, scale, ignore_index=-100, out=N
 # Logits per chunk (runtime.options().head_loss_chunk_bytes, 1 GB): two chunks for 32k rows x 32k
 # vocabulary in bf16. Every chunk after the first re-reads and re-writes the fp32 weight-gradient sum,
 # so fewer, larger chunks are faster (BENCHMARKS.md).
+# A frozen head's chunks: 256 MB of logits (1,046 rows of a 128k vocabulary in bf16, still a GEMM
+# that fills the tensor cores) instead of 1 GB, when that chunk would be the step's largest array.
+FROZEN_HEAD_CHUNK_BYTES = 1 << 28
+
+
 def chunk_rows(V: int, itemsize: int, chunk_bytes: int | None = None) -> int:
     """Rows per chunk: at least 128 (a GEMM that still fills the tensor cores)."""
     return max(128, (chunk_bytes or runtime.options().head_loss_chunk_bytes) // max(1, V * itemsize))
 
 
 class HeadLoss(Function):
-    """mean over valid rows of cross_entropy(x @ w.T, targets); x (..., C), w (V, C), targets (...)."""
+    """mean over valid rows of cross_entropy(x @ w.T, targets); x (..., C), w (V, C), targets (...).
+    With `rows` (k, C) and `index` (k ids): logit column index[j] is x rows[j] instead (trainable token
+    rows beside a frozen head, llamac.ops.lora.LinearWithRows); the rows' gradient is (k, C)."""
 
-    def forward(self, x, w, targets, ignore_index=-100, need_x=True, need_w=True, chunk_bytes=None):
+    def forward(self, x, w, targets, *rows, index=None, ignore_index=-100, need_x=True, need_w=True,
+                need_rows=True, chunk_bytes=None):
         if x.shape[-1] != w.shape[1] or x.shape[:-1] != targets.shape:
             raise ShapeError(f"head_loss: input {x.shape}, weight {w.shape} and targets {targets.shape} do not fit")
+        rows = rows[0] if rows else None
+        if rows is not None and rows.shape != (len(index), w.shape[1]):
+            raise ShapeError(f"head_loss: rows {rows.shape} do not fit {len(index)} ids of weight {w.shape}")
         xp = backend.get_array_module(x)
         C, V = w.shape[1], w.shape[0]
         x2 = x.reshape(-1, C)                                           # (N, C)
@@ -155,30 +166,45 @@ class HeadLoss(Function):
         dx = xp.empty_like(x2) if need_x else None
         # The weight gradient's fp32 sum over chunks (cuBLAS writes fp32 from bf16 inputs).
         dw = xp.zeros(w.shape, np.float32 if w.dtype.itemsize <= 4 else w.dtype) if need_w else None
-        rows = chunk_rows(V, x.dtype.itemsize, chunk_bytes)
-        buf = xp.empty((min(rows, N), V), x.dtype)
-        for a in range(0, N, rows):
-            b = min(a + rows, N)
+        if not need_w:          # a frozen head (LoRA): no fp32 sum to re-read, so chunks cost nothing
+            chunk_bytes = min(chunk_bytes or runtime.options().head_loss_chunk_bytes, FROZEN_HEAD_CHUNK_BYTES)
+        need_rows = need_rows and rows is not None
+        drows = xp.zeros(rows.shape, np.float32 if rows.dtype.itemsize <= 4 else rows.dtype) if need_rows else None
+        moved = rows - w[index] if rows is not None and need_x else None    # (k, C): the rows' change
+        step = chunk_rows(V, x.dtype.itemsize, chunk_bytes)
+        buf = xp.empty((min(step, N), V), x.dtype)
+        for a in range(0, N, step):
+            b = min(a + step, N)
             logits = buf[:b - a]                                        # (rows, V)
             matmul(x2[a:b], w.T, out=logits)
+            if rows is not None:
+                logits[:, index] = matmul(x2[a:b], rows.T)
             loss, lse = cross_entropy_forward(logits, t[a:b], ignore_index)
             losses[a:b] = loss
-            if need_x or need_w:
+            if need_x or need_w or need_rows:
                 grad = cross_entropy_backward(logits, t[a:b], lse, scale, ignore_index, out=logits)
+                g_rows = grad[:, index] if rows is not None else None  # (rows, k)
                 if need_x:
                     matmul(grad, w, out=dx[a:b])
+                    if rows is not None:
+                        matmul(g_rows, moved, out=dx[a:b], beta=1.0)
+                if need_rows:
+                    matmul(g_rows.T, x2[a:b], out=drows, beta=1.0)
                 if need_w:
+                    if rows is not None:
+                        grad[:, index] = 0                              # those columns are the rows'
                     matmul(grad.T, x2[a:b], out=dw, beta=1.0)
-        self.save(dx, dw)
+        self.save(dx, dw, drows)
         self.x_shape, self.w_dtype = x.shape, w.dtype
+        self.rows_dtype = rows.dtype if rows is not None else None
         return losses.sum() / count
 
     def backward(self, g):
-        dx, dw = self.saved
+        dx, dw, drows = self.saved
         self.saved = ()
-        g = backend.get_array_module(dx if dx is not None else dw).asarray(g)
+        g = backend.get_array_module(next(a for a in (dx, dw, drows) if a is not None)).asarray(g)
         scale = not self.unit_grad                        # loss.backward() itself: g is exactly 1
-        gx = gw = None
+        gx = gw = grows = None
         if dx is not None:
             if scale:
                 dx *= g.astype(dx.dtype)
@@ -187,15 +213,23 @@ class HeadLoss(Function):
             gw = dw.astype(self.w_dtype, copy=False)      # the narrow copy is the one scaled
             if scale:
                 gw *= g.astype(gw.dtype)
-        return gx, gw, None
+        if drows is not None:
+            grows = drows.astype(self.rows_dtype, copy=False)
+            if scale:
+                grows *= g.astype(grows.dtype)
+        return (gx, gw, None) + ((grows,) if self.rows_dtype is not None else ())
 
 
-def head_loss(x: Tensor, weight: Tensor, targets, ignore_index: int = -100, chunk_bytes: int | None = None) -> Tensor:
-    """The loss of linear(x, weight) under cross-entropy, without the whole logits array (HeadLoss)."""
+def head_loss(x: Tensor, weight: Tensor, targets, ignore_index: int = -100, chunk_bytes: int | None = None,
+              rows: Tensor | None = None, index=None) -> Tensor:
+    """The loss of linear(x, weight) under cross-entropy, without the whole logits array (HeadLoss);
+    with rows and index, those logit columns from the rows (llamac.ops.lora.linear_with_rows)."""
     targets = targets if isinstance(targets, Tensor) else Tensor(targets)
     on = grad_enabled()
-    return HeadLoss.apply(x, weight, targets, ignore_index=ignore_index, need_x=on and x.requires_grad,
-                          need_w=on and weight.requires_grad, chunk_bytes=chunk_bytes)
+    extra = (rows,) if rows is not None else ()
+    return HeadLoss.apply(x, weight, targets, *extra, index=index, ignore_index=ignore_index,
+                          need_x=on and x.requires_grad, need_w=on and weight.requires_grad,
+                          need_rows=on and rows is not None and rows.requires_grad, chunk_bytes=chunk_bytes)
 
 
 class CrossEntropy(Function):

@@ -8,7 +8,8 @@ is (N, r): the backward needs it and x (for A's gradient), nothing of size (N, o
 LoRASwiGLU is the Llama MLP, w2(silu(w1 x) * w3 x), with an adapter on any of its projections.
 It keeps x and the adapters' small products, not the (N, hidden) gate and up: with frozen base
 weights their gradients cost no GEMM, so the backward recomputes gate and up (two GEMMs) instead
-of holding 2 * hidden values per token from forward to backward.
+of holding 2 * hidden values per token from forward to backward, and writes SwiGLU's gradients
+over the recomputed arrays.
 
 Dropout masks are drawn from a seed taken from llamac's generator and drawn again in the
 backward, so no mask is kept either. Everything is xp code: the same Functions run on NumPy and
@@ -22,7 +23,7 @@ from llamac.engine import backend
 from llamac.engine.matmul import matmul
 from llamac.engine.tensor import Function, Tensor, generator
 from llamac.errors import ShapeError
-from llamac.ops.swiglu import swiglu_backward_recompute, swiglu_forward
+from llamac.ops.swiglu import swiglu_backward_recompute_inplace, swiglu_forward
 
 
 def _dropout_scale(xp, shape, dtype, p: float, seed):
@@ -200,9 +201,13 @@ class LoRASwiGLU(Function):
         if down is not None:
             gu_down = matmul(g2, down.b)
             gu_down *= gu_down.dtype.type(down.scale)
-            lora_dh = matmul(gu_down, down.a)
-            dh += self._dropped(lora_dh, 2) if self.p else lora_dh
-        dgate, dup, h = swiglu_backward_recompute(gate, up, dh)
+            if self.p:
+                dh += self._dropped(matmul(gu_down, down.a), 2)
+            else:
+                matmul(gu_down, down.a, out=dh, beta=1.0)               # added inside the GEMM
+        # gate, up and dh are this backward's own: dgate, dup and h are written over them, so the
+        # pass needs three (N, hidden) arrays, not six (the largest arrays of the LoRA step)
+        dgate, dup, h = swiglu_backward_recompute_inplace(gate, up, dh)
         del gate, up, dh
         if down is not None:
             _, grads[2] = down.grads(g2, us_down, self._dropped(h, 2))
@@ -217,8 +222,10 @@ class LoRASwiGLU(Function):
                 continue
             gu, grads[i] = ad.grads(d, us, self._dropped(x2, i))
             if gx is not None:
-                lora_gx = matmul(gu, ad.a)
-                gx += self._dropped(lora_gx, i) if self.p else lora_gx
+                if self.p:
+                    gx += self._dropped(matmul(gu, ad.a), i)
+                else:
+                    matmul(gu, ad.a, out=gx, beta=1.0)
         gw1 = matmul(dgate.T, x2) if self.needs_grad[1] else None
         gw3 = matmul(dup.T, x2) if self.needs_grad[2] else None
         adapter_grads = [t for i in range(3) if i in grads for t in grads[i]]
@@ -235,3 +242,78 @@ def lora_swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, adapters, scale: 
     tensors = [t for ad in adapters if ad is not None for t in ad]
     return LoRASwiGLU.apply(x, w1, w3, w2, *tensors, present=tuple(ad is not None for ad in adapters),
                             scale=scale, p=p, seeds=seeds)
+
+
+# ---------------------------------------------------------------- trainable token rows
+# A few rows of the frozen embedding (and LM head) trained apart, as PEFT's trainable tokens: rows
+# (k, C) stand in for rows `index` (k token ids) of W (V, C). Only the (k, C) rows get a gradient;
+# nothing of size (V, C) is made.
+
+class EmbeddingWithRows(Function):
+    """W[ids] with rows[j] in place of W[index[j]]: forward(ids, w, rows, index=(k,) ids)."""
+
+    def forward(self, ids, w, rows, index):
+        xp = backend.get_array_module(w)
+        if rows.shape != (len(index), w.shape[1]):
+            raise ShapeError(f"embedding_with_rows: rows {rows.shape} do not fit {len(index)} ids of weight {w.shape}")
+        hit = ids[..., None] == index                                   # (..., k)
+        out = xp.where(hit.any(-1)[..., None], rows[hit.argmax(-1)], w[ids])   # (..., C)
+        self.save(ids, hit)
+        self.num_embeddings = w.shape[0]
+        return out
+
+    def backward(self, g):
+        ids, hit = self.saved
+        C = g.shape[-1]
+        g2, hit2 = g.reshape(-1, C), hit.reshape(-1, hit.shape[-1])
+        grows = matmul(hit2.T.astype(g.dtype), g2)                     # (k, C): each row's positions summed
+        gw = None
+        if self.needs_grad[1]:                                          # the replaced rows take none
+            from llamac.ops.embedding import embedding_backward
+            gw = embedding_backward(ids, g2 * ~hit2.any(-1, keepdims=True), self.num_embeddings)
+        return None, gw, grows
+
+
+class LinearWithRows(Function):
+    """x W^T with column index[j] of the product from rows[j]: the LM head with trainable token rows.
+    forward(x, w, rows, index): x (..., C), w (V, C), rows (k, C) -> (..., V)."""
+
+    def forward(self, x, w, rows, index):
+        if rows.shape != (len(index), w.shape[1]) or x.shape[-1] != w.shape[1]:
+            raise ShapeError(f"linear_with_rows: input {x.shape}, weight {w.shape}, rows {rows.shape} do not fit")
+        x2 = x.reshape(-1, x.shape[-1])
+        out = matmul(x2, w.T)                                           # (N, V)
+        out[:, index] = matmul(x2, rows.T)
+        self.save(x2, w, rows, index)
+        self.lead = x.shape[:-1]
+        return out.reshape(*self.lead, w.shape[0])
+
+    def backward(self, g):
+        x2, w, rows, index = self.saved
+        g2 = g.reshape(-1, g.shape[-1])
+        g_rows = g2[:, index]                                           # (N, k)
+        gx = gw = None
+        if self.needs_grad[0]:      # through W, then the rows' columns moved from W's rows to `rows`
+            gx = matmul(g2, w)
+            matmul(g_rows, rows - w[index], out=gx, beta=1.0)
+            gx = gx.reshape(*self.lead, x2.shape[1])
+        if self.needs_grad[1]:
+            g_w = g2.copy()
+            g_w[:, index] = 0
+            gw = matmul(g_w.T, x2)
+        return gx, gw, matmul(g_rows.T, x2)
+
+
+def embedding_with_rows(ids, weight: Tensor, rows: Tensor, index) -> Tensor:
+    return EmbeddingWithRows.apply(ids if isinstance(ids, Tensor) else Tensor(ids), weight, rows, index=index)
+
+
+def linear_with_rows(x: Tensor, weight: Tensor, rows: Tensor, index) -> Tensor:
+    return LinearWithRows.apply(x, weight, rows, index=index)
+
+
+def with_rows(weight, rows, index):
+    """A copy of the array `weight` with rows[j] at row index[j] (the merged weight, for readers of W)."""
+    out = weight.copy()
+    out[index] = rows
+    return out

@@ -9,7 +9,7 @@ import numpy as np
 from llamac import runtime
 from llamac.engine import backend, cpu
 from llamac.engine.ops import compute_dtype
-from llamac.engine.tensor import Function, Tensor, grad_enabled
+from llamac.engine.tensor import Function, Tensor, grad_enabled, graph_inputs
 from llamac.errors import LlamacError, ShapeError
 from llamac.ops.common import THREADS, _cuda_dtype, _on_gpu, sm_count
 
@@ -316,7 +316,7 @@ class _SumState:
 
 def _record(fn, inputs, out: Tensor):
     """Attach a Function node computed outside Function.apply (a kernel with two outputs)."""
-    fn.inputs = inputs
+    fn.inputs = graph_inputs(inputs)
     fn.needs_grad = tuple(t.requires_grad for t in inputs)
     out._ctx = fn
 

@@ -15,7 +15,8 @@ from llamac.ops.linear import _accumulable_grad, linear
 
 # The kernels/*.cu sources this module launches and the extern "C" entry points each must export
 # (the NVRTC tests compile every one and check the PTX for them).
-SOURCES = {"swiglu": ("swiglu_forward", "swiglu_backward", "swiglu_backward_recompute")}
+SOURCES = {"swiglu": ("swiglu_forward", "swiglu_backward", "swiglu_backward_recompute",
+                      "swiglu_backward_recompute_inplace")}
 
 # ---------------------------------------------------------------- SwiGLU
 # The Llama MLP gate: silu(gate) * up, silu(x) = x * sigmoid(x). Kernel: kernels/swiglu.cu.
@@ -105,6 +106,25 @@ def swiglu_backward_recompute(gate, up, dout):
             grid, block = _launch_config(n, (gate, up, dout, dgate, dup, h))
             fn(grid, block, (gate, up, dout, dgate, dup, h, np.int64(n)))
     return dgate, dup, h
+
+
+def swiglu_backward_recompute_inplace(gate, up, dout):
+    """swiglu_backward_recompute written over its operands: gate becomes dgate, up dup, dout h.
+    For a caller that owns all three (gate and up recomputed for the backward, dout made for it):
+    the pass then needs no new (N, hidden) arrays. Returns (dgate, dup, h), the same arrays."""
+    xp = _check_operands("swiglu_backward_recompute_inplace", {"gate": gate, "up": up, "dout": dout}, {})
+    if xp is np:
+        dgate, dup = swiglu_backward_reference(gate, up, dout)
+        dout[...] = swiglu_forward_reference(gate, up)
+        gate[...], up[...] = dgate, dup
+        return gate, up, dout
+    n = gate.size
+    if n:
+        with gate.device:
+            fn = backend.get_kernel("swiglu", "swiglu_backward_recompute_inplace", gate.dtype)
+            grid, block = _launch_config(n, (gate, up, dout))
+            fn(grid, block, (gate, up, dout, np.int64(n)))
+    return gate, up, dout
 
 
 class SwiGLUDown(Function):

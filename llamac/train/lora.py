@@ -9,10 +9,14 @@ module classes whose forward adds the adapters' products (llamac.ops.lora):
 - on the packed GPU path, q | k | v stay one GEMM against the stacked weight, each adapter's
   product added into its block, then RoPE and flash attention as without adapters;
 - the MLP is one LoRASwiGLU, which recomputes gate and up in the backward (a frozen base needs
-  no weight gradients, so nothing of size (tokens, hidden) is kept from forward to backward).
+  no weight gradients, so nothing of size (tokens, hidden) is kept from forward to backward);
+- with cfg.chat_tokens, the rows of the chat template's special tokens train too (PEFT's trainable
+  tokens): pretraining never saw <|user|>, <|assistant|> or <|end|>, so their rows are alike (the
+  LM head's gradient pushes every unseen row the same way) and a frozen base cannot tell them
+  apart; token_rows (k, C) stand in for those rows of the embedding, and of an untied head.
 
-Only the adapters carry gradients and optimizer state. A LoRA checkpoint holds the adapters, and
-its state.json the adapter settings with the base's path and the hash of its weights
+Only the adapters (and token rows) carry gradients and optimizer state. A LoRA checkpoint holds
+them, and its state.json the adapter settings with the base's path and the hash of its weights
 (`weights_hash`); loading one checks the hash, then merges (`merge_adapters`).
 """
 from __future__ import annotations
@@ -22,21 +26,24 @@ import math
 
 import numpy as np
 
+from llamac import runtime
 from llamac.config import LORA_TARGETS, LoRAConfig
 from llamac.engine import backend
-from llamac.engine.tensor import generator
+from llamac.engine.tensor import Tensor, generator
 from llamac.errors import LlamacError
+from llamac.infer.chat import TEMPLATE_TOKENS
 from llamac.model import layers as nn
 from llamac.model.llama import Attention, Llama
 from llamac.ops import attention
-from llamac.ops.lora import lora_linear, lora_swiglu
+from llamac.ops.cross_entropy import CrossEntropy, head_loss
+from llamac.ops.lora import embedding_with_rows, linear_with_rows, lora_linear, lora_swiglu, with_rows
 from llamac.train import fusions
 
 # Hugging Face name of each target -> (the block's module, the projection) in llamac's model
 TARGET_MODULES = {"q_proj": ("attention", "wq"), "k_proj": ("attention", "wk"), "v_proj": ("attention", "wv"),
                   "o_proj": ("attention", "wo"), "gate_proj": ("feed_forward", "w1"),
                   "up_proj": ("feed_forward", "w3"), "down_proj": ("feed_forward", "w2")}
-ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
+ADAPTER_SUFFIXES = (".lora_a", ".lora_b", ".token_rows")
 
 
 class LoRAProjection(nn.Linear):
@@ -87,9 +94,12 @@ class LoRAFeedForward(fusions.FusedFeedForward):
 
 
 def scale_of(cfg) -> float:
-    """PEFT's scaling: alpha / rank (cfg: a LoRAConfig or its dict)."""
-    rank, alpha = (cfg["rank"], cfg["alpha"]) if isinstance(cfg, dict) else (cfg.rank, cfg.alpha)
-    return float(alpha) / int(rank)
+    """PEFT's scaling: alpha / rank, or alpha / sqrt(rank) with rslora (cfg: a LoRAConfig or its dict)."""
+    if isinstance(cfg, dict):
+        rank, alpha, rslora = cfg["rank"], cfg["alpha"], cfg.get("rslora", False)
+    else:
+        rank, alpha, rslora = cfg.rank, cfg.alpha, cfg.rslora
+    return float(alpha) / (math.sqrt(int(rank)) if rslora else int(rank))
 
 
 def check_rank(model: Llama, cfg: LoRAConfig):
@@ -103,8 +113,63 @@ def check_rank(model: Llama, cfg: LoRAConfig):
                               f"({out_features} x {in_features}): choose at most {min(in_features, out_features)}")
 
 
-def apply_lora(model: Llama, cfg: LoRAConfig) -> Llama:
-    """Freeze `model`, add cfg's adapters (in the model's dtype, on its device), in place; returns model."""
+class TokenRowsEmbedding(nn.Embedding):
+    """The frozen embedding with the rows of a few tokens (token_ids) trained apart, in token_rows."""
+
+    def forward(self, ids):
+        return embedding_with_rows(ids, self.weight, self.token_rows, token_index(self, self.weight.xp))
+
+
+class LoRALlama(fusions.FusedLlama):
+    """A LoRA model whose chat tokens' rows train (PEFT's trainable tokens): the embedding reads them
+    (TokenRowsEmbedding) and the head's logits for those ids come from them, the embedding's own when
+    tied, the head's (output.token_rows) otherwise; the frozen weights are never written."""
+
+    def forward(self, idx, targets=None, segment_ids=None, cache=None):
+        x = self.hidden_states(idx, segment_ids, cache)
+        return self.head(x, Llama.head_weight.fget(self), targets)
+
+    @property
+    def head_weight(self):
+        """The head's weight with the rows in place, a copy: for readers of the weight itself
+        (log-likelihood scoring); training and decoding go through `head`."""
+        rows, index = self._head_rows()
+        return Tensor(with_rows(Llama.head_weight.fget(self).data, rows.data, index))
+
+    def _head_rows(self):
+        module = self.tok_embeddings if self.output is None else self.output
+        return module.token_rows, token_index(module, module.weight.xp)
+
+    def head(self, x, weight, targets=None):
+        rows, index = self._head_rows()
+        if targets is not None and self._head_loss(x, weight):
+            return None, head_loss(x, weight, targets, ignore_index=-100, rows=rows, index=index)
+        logits = linear_with_rows(x, weight, rows, index)               # (B, T, V)
+        if targets is None:
+            return logits, None
+        targets = targets if isinstance(targets, Tensor) else Tensor(targets)
+        overwrite = logits.xp is not np and logits.requires_grad and runtime.options().overwrite_logits
+        return logits, CrossEntropy.apply(logits, targets, ignore_index=-100, overwrite_logits=overwrite)
+
+
+def token_index(module, xp):
+    """The module's token_ids as an int64 array on xp's device, made once (a CUDA graph keeps its address)."""
+    cache = module.__dict__.setdefault("_token_index", {})
+    if xp.__name__ not in cache:
+        cache[xp.__name__] = xp.asarray(np.asarray(module.token_ids, np.int64))
+    return cache[xp.__name__]
+
+
+def chat_token_ids(tokenizer) -> list:
+    """The ids of the chat template's special tokens that the tokenizer has."""
+    ids = [tokenizer.piece_to_id(t) for t in TEMPLATE_TOKENS]
+    return sorted(i for i in set(ids) if i != tokenizer.unk_id)
+
+
+def apply_lora(model: Llama, cfg: LoRAConfig, token_ids=()) -> Llama:
+    """Freeze `model`, add cfg's adapters (in the model's dtype, on its device), in place; returns model.
+    With cfg.chat_tokens, the rows of `token_ids` (chat_token_ids) in the embedding, and in an untied
+    head, train too: token_rows starts as a copy of those rows, as PEFT's trainable tokens do."""
     check_rank(model, cfg)
     for p in model.parameters():
         p.requires_grad = False
@@ -126,6 +191,14 @@ def apply_lora(model: Llama, cfg: LoRAConfig) -> Llama:
         for block, cls in ((layer.attention, LoRAAttention), (layer.feed_forward, LoRAFeedForward)):
             block.__class__ = cls
             block.lora_scale, block.lora_dropout = scale, cfg.dropout
+    ids = sorted({int(i) for i in token_ids}) if cfg.chat_tokens else []
+    if ids:
+        for module in (model.tok_embeddings, model.output):
+            if module is not None:
+                module.token_rows = nn.Parameter(module.weight.data[module.weight.xp.asarray(ids)].copy())
+                module.token_ids = tuple(ids)
+        model.tok_embeddings.__class__ = TokenRowsEmbedding
+        model.__class__ = LoRALlama
     model.lora = cfg
     return model
 
@@ -134,14 +207,27 @@ def _parameter_like(weight, values: np.ndarray) -> nn.Parameter:
     return nn.Parameter(backend.to_device(values, weight.device).astype(weight.dtype))
 
 
+# What a checkpoint from before a setting existed trained: plain alpha / rank, no token rows.
+SETTINGS_BEFORE = {"rslora": False, "chat_tokens": False}
+
+
 def lora_config_of(state: dict) -> LoRAConfig:
     """The LoRAConfig a checkpoint's state.json records under 'lora'."""
-    return LoRAConfig(rank=state["rank"], alpha=state["alpha"], dropout=state["dropout"], targets=list(state["targets"]))
+    return LoRAConfig(rank=state["rank"], alpha=state["alpha"], dropout=state["dropout"],
+                      targets=list(state["targets"]), **{k: state.get(k, v) for k, v in SETTINGS_BEFORE.items()})
 
 
-def describe(cfg: LoRAConfig, base: str, base_hash: str) -> dict:
-    """What a LoRA checkpoint records: the adapters' settings, the base's path and weights hash."""
+def token_ids_of(state: dict) -> list:
+    """The token ids whose rows a LoRA checkpoint trained (state.json's 'lora' entry)."""
+    return list(state.get("token_ids", []))
+
+
+def describe(cfg: LoRAConfig, base: str, base_hash: str, token_ids=()) -> dict:
+    """What a LoRA checkpoint records: the adapters' settings, the ids of the token rows it trains,
+    the base's path and weights hash."""
     return {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": list(cfg.targets),
+            "rslora": cfg.rslora, "chat_tokens": cfg.chat_tokens,
+            "token_ids": sorted({int(i) for i in token_ids}) if cfg.chat_tokens else [],
             "base": base, "base_hash": base_hash}
 
 
@@ -161,11 +247,17 @@ def is_adapter(name: str) -> bool:
 
 
 def merge_adapters(base: dict, adapters: dict, lora_state: dict) -> dict:
-    """The base's weights with every adapter merged in, W + (alpha / r) B A (float64 sums, float32 out).
-    `base` is not changed; `adapters` holds lora_a / lora_b under their projections' names."""
+    """The base's weights with every adapter merged in, W + (alpha / r) B A (float64 sums, float32 out),
+    and the trained token rows in place. `base` is not changed; `adapters` holds lora_a / lora_b under
+    their projections' names and token_rows under the embedding's (and an untied head's)."""
     scale = scale_of(lora_state)
     merged = dict(base)
+    ids = np.asarray(token_ids_of(lora_state), np.int64)
     for name in adapters:
+        if name.endswith(".token_rows"):
+            prefix = name[: -len(".token_rows")]
+            merged[prefix + ".weight"] = with_rows(np.asarray(base[prefix + ".weight"], np.float32),
+                                                 np.asarray(adapters[name], np.float32), ids)
         if not name.endswith(".lora_a"):
             continue
         prefix = name[: -len(".lora_a")]

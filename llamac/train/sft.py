@@ -147,7 +147,10 @@ def check_same_run(out_dir: Path, adapters: dict | None):
     if found is None:
         return
     saved = checkpoint.read_state(found).get("lora")
-    keys = ("rank", "alpha", "dropout", "targets")
+    keys = ("rank", "alpha", "dropout", "targets", "rslora", "chat_tokens")
+    if saved is not None:
+        from llamac.train.lora import SETTINGS_BEFORE
+        saved = {**SETTINGS_BEFORE, **saved}
     if (saved is None) != (adapters is None):
         kinds = ["full fine-tuning" if a is None else "LoRA" for a in (saved, adapters)]
         raise LlamacError(f"checkpoint {found} is a {kinds[0]} run; the recipe asks for {kinds[1]}: "
@@ -204,11 +207,13 @@ def _finetune(recipe: Recipe, resume: bool, device: str, group) -> dict:
         lora.check_rank(model, recipe.sft.lora)
         # the base's hash from its float32 weights, before any cast: what loading the checkpoint checks
         adapters = lora.describe(recipe.sft.lora, base=str(Path(ckpt).resolve()),
-                                 base_hash=lora.weights_hash(model.state_dict()))
+                                 base_hash=lora.weights_hash(model.state_dict()),
+                                 token_ids=lora.chat_token_ids(tokenizer))
     compute_precision(model, recipe, device)
     if adapters is not None:
-        lora.apply_lora(model, recipe.sft.lora)
-        log(f"LoRA: rank {recipe.sft.lora.rank} on {', '.join(recipe.sft.lora.targets)}: "
+        lora.apply_lora(model, recipe.sft.lora, adapters["token_ids"])
+        rows = f" and the rows of {len(adapters['token_ids'])} chat tokens" if adapters["token_ids"] else ""
+        log(f"LoRA: rank {recipe.sft.lora.rank} on {', '.join(recipe.sft.lora.targets)}{rows}: "
             f"{sum(p.size for p in model.parameters() if p.requires_grad):,} trainable parameters of "
             f"{model.num_params():,}; the base is frozen")
     seq_len = min(recipe.data.seq_len, model.config.max_seq_len)

@@ -113,6 +113,23 @@ def test_swiglu_backward_recompute_kernel(shape, dtype, offset):
     assert np.array_equal(backend.to_numpy(h), backend.to_numpy(forward))   # the forward's very bits
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (3, 1, 1000), (2, 77, 200)], ids=str)
+def test_swiglu_backward_recompute_inplace_kernel(shape, dtype, offset):
+    """The pass LoRA's MLP runs: dgate, dup and h written over gate, up and dout."""
+    dtype = DTYPES[dtype]
+    gate, up, d = normal(shape, dtype, 0, 3.0), normal(shape, dtype, 1), normal(shape, dtype, 2)
+    want = swiglu.swiglu_backward_recompute(on_gpu(gate, offset), on_gpu(up, offset), on_gpu(d, offset))
+    operands = on_gpu(gate, offset), on_gpu(up, offset), on_gpu(d, offset)
+    got = swiglu.swiglu_backward_recompute_inplace(*operands)
+    assert all(g is o for g, o in zip(got, operands))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= TOL[dtype]
+    want_dg, want_du = swiglu.swiglu_backward_reference(gate, up, d)
+    assert rel_err(got[0], want_dg) <= TOL[dtype] and rel_err(got[1], want_du) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_recomputed_layers_match_kept_activations_on_the_gpu(dtype, tol):
     # hs = 64: bf16 attention takes the flash kernels (whose dQ atomics are the only reordering).

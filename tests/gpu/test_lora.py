@@ -1,6 +1,7 @@
 """LoRA on the GPU: the bf16 model (q | k | v as one GEMM with the adapters' products in their blocks, RoPE and
 flash attention, the MLP recomputing gate and up) against the same adapted model in fp32 on the CPU; the
 training step as a CUDA graph against the eager one, with the base bit-identical; the memory benchmark."""
+import dataclasses
 import math
 
 import numpy as np
@@ -25,24 +26,31 @@ def rel_err(got, want) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def adapted(device, dtype=None, targets=None) -> Llama:
+TOKENS = [3, 5, 6]                          # rows trained apart (sft.lora.chat_tokens); X holds them too
+X[0, :3], Y[1, :3] = TOKENS, TOKENS
+
+
+def adapted(device, dtype=None, targets=None, cfg=CFG) -> Llama:
     llamac.manual_seed(0)
-    model = Llama(CFG).to(device, dtype)
-    lora.apply_lora(model, LoRAConfig(rank=8, alpha=16.0, **({"targets": targets} if targets else {})))
+    model = Llama(cfg).to(device, dtype)
+    lora.apply_lora(model, LoRAConfig(rank=8, alpha=16.0, **({"targets": targets} if targets else {})), TOKENS)
     for i, (name, p) in enumerate(trainable_parameters(model)):      # B away from zero: the products count
-        if name.endswith("lora_b"):
+        if name.endswith(("lora_b", "token_rows")):                  # and the rows away from the base's
             values = np.random.default_rng(i).normal(0, 0.05, p.shape).astype(np.float32)
-            p.data = backend.to_device(values, device).astype(p.dtype)
+            p.data = (p.data + backend.to_device(values, device).astype(p.dtype)).astype(p.dtype)
     return model
 
 
 def test_bf16_lora_matches_fp32_on_the_cpu():
-    for targets in (None, ["q_proj", "v_proj", "down_proj"]):
-        cpu, gpu = adapted("cpu", targets=targets), adapted("cuda", "bfloat16", targets=targets)
+    """On the GPU the LM head and its loss run in row chunks (HeadLoss) with the token rows' columns."""
+    untied = dataclasses.replace(CFG, tie_embeddings=False)
+    for targets, cfg in ((None, CFG), (["q_proj", "v_proj", "down_proj"], CFG), (None, untied)):
+        cpu, gpu = adapted("cpu", targets=targets, cfg=cfg), adapted("cuda", "bfloat16", targets=targets, cfg=cfg)
         assert attention.use_packed_attention(gpu.tok_embeddings(backend.to_device(X, "cuda")), CFG.head_size)
         losses = []
         for model, x, y in ((cpu, X, Y), (gpu, backend.to_device(X, "cuda"), backend.to_device(Y, "cuda"))):
-            _, loss = model(x, y)
+            logits, loss = model(x, y)
+            assert (logits is None) == (model is gpu)                  # the chunked head on the GPU
             loss.backward()
             losses.append(float(loss.item()))
         assert abs(losses[0] - losses[1]) / losses[0] < 1e-2, losses
