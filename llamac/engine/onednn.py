@@ -257,8 +257,9 @@ def _aligned_words(n):
 
 class _Product:
     """out = a @ b (+ beta out) for one layout of the operands: a reorder per operand rounding it
-    to bf16 (to nearest even) into the thread's scratch, a row-major and b dense in its own
-    orientation, then the bf16 x bf16 -> fp32 matmul; memory objects whose handles change per call."""
+    to bf16 (to nearest even) into the thread's scratch, dense, each matrix row- or column-major as
+    it was (a transposed a timed as fast as a row-major copy, or faster), then the bf16 x bf16 ->
+    fp32 matmul; memory objects whose handles change per call."""
 
     def __init__(self, lib, engine, stream, a, b, out, beta):
         p = ctypes.c_void_p
@@ -268,8 +269,7 @@ class _Product:
         try:
             wide = [_desc(lib, x.shape, _strides(x), _F32) for x in (a, b)]
             descs += wide
-            narrow = [_desc(lib, a.shape, _dense_strides(a.shape, True), _BF16),
-                      _desc(lib, b.shape, _dense_strides(b.shape, _row_major(b)), _BF16)]
+            narrow = [_desc(lib, x.shape, _dense_strides(x.shape, _row_major(x)), _BF16) for x in (a, b)]
             descs += narrow
             descs.append(_desc(lib, out.shape, _strides(out), _F32))
             self.reorders = [_primitive(lib, lib.dnnl_reorder_primitive_desc_create, w, engine, n, engine, None,
