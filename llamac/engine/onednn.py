@@ -76,6 +76,8 @@ def _load():
     # from the NumPy row blocks between the products, and on a shared machine a team waiting for
     # a preempted member spun away a time slice (2048x256x768: 6 ms a product instead of 1.2).
     # libgomp reads this once, as it loads with oneDNN; the process's environment is left as it was.
+    # Where another library loaded libgomp first (PyTorch, in llamac bench), oneDNN shares that
+    # one and its policy: the bench loads oneDNN first.
     saved = os.environ.get("OMP_WAIT_POLICY")
     os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
     failure = None
