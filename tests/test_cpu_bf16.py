@@ -96,6 +96,33 @@ def test_an_out_view_in_a_layout_the_kernels_cannot_write_gets_the_result():
     _check_product(target.transpose(0, 2, 1, 3), a, b)
 
 
+@needs_bf16
+def test_the_products_run_on_native_bf16_kernels():
+    """Every product above on oneDNN's kernels for a native bf16 multiply (the names ONEDNN_VERBOSE
+    prints), not its fp32 kernel or a bf16 emulation."""
+    r = _rng()
+    with runtime.override(cpu_bf16_products=True):
+        for make in PRODUCTS.values():
+            matmul(*make(r))
+    used = onednn.implementations()
+    assert used and all("avx512_core_bf16" in name or "avx512_core_amx" in name for name in used), used
+
+
+@needs_bf16
+def test_where_onednn_has_no_native_bf16_kernel_the_cpu_uses_fp32_and_says_why():
+    """oneDNN held to AVX512 without its bf16 instructions (as on a processor without them) would
+    emulate bf16 or compute in fp32: llamac asks which kernel it picks, says so and stays fp32."""
+    code = ("from llamac.engine import onednn; from llamac.train.precision import resolve_dtype; "
+            "print(onednn.bf16_products()); print(*resolve_dtype('bf16', 'cpu'), sep='\\n')")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    on, dtype, why = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                    check=True).stdout.splitlines()
+    assert on == "False" and dtype == "fp32"
+    assert why == "no bf16 products on this CPU: oneDNN has no bf16 matmul here" or (
+        why.startswith("no bf16 products on this CPU: oneDNN's bf16 matmul here is ")
+        and why.endswith(", not a native bf16 kernel")), why
+
+
 def test_products_outside_fp32_keep_their_path():
     """float64 (the gradient checks) and integers never go to bf16: bit-identical with the option on."""
     r = _rng()

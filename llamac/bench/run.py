@@ -335,8 +335,13 @@ def run_bench(what: str = "engine", compare: str | None = None, json_out: Path |
             rows = [{"section": "tokenizer", **measure_encoding_speed(None)}]
         elif section == "train_cpu":
             with_torch = compare in ("torch", "torch-compile") or compare is None
+            # oneDNN loads before PyTorch, as in a llamac run: its OpenMP runtime (which PyTorch then
+            # shares) starts with threads that sleep between products. Loaded after PyTorch's, it
+            # would inherit spinning threads that take a core from the NumPy row blocks (bf16 steps
+            # 2-3x slower); PyTorch timed as fast or faster with sleeping threads on 2 shared cores.
+            bf16 = onednn.available()
             rows = bench_train("cpu", compare_torch=with_torch)
-            if onednn.available():
+            if bf16:
                 rows += bench_train("cpu", compare_torch=with_torch, dtype="bf16")
                 rows += bench_cpu_products(compare_torch=with_torch)
         elif section == "train":
