@@ -29,7 +29,7 @@ import numpy as np
 from llamac import runtime
 from llamac.config import LORA_TARGETS, LoRAConfig
 from llamac.engine import backend
-from llamac.engine.tensor import Tensor, generator
+from llamac.engine.tensor import Tensor
 from llamac.errors import LlamacError
 from llamac.infer.chat import TEMPLATE_TOKENS
 from llamac.model import layers as nn
@@ -166,8 +166,9 @@ def chat_token_ids(tokenizer) -> list:
     return sorted(i for i in set(ids) if i != tokenizer.unk_id)
 
 
-def apply_lora(model: Llama, cfg: LoRAConfig, token_ids=()) -> Llama:
+def apply_lora(model: Llama, cfg: LoRAConfig, token_ids=(), seed: int = 0) -> Llama:
     """Freeze `model`, add cfg's adapters (in the model's dtype, on its device), in place; returns model.
+    The A matrices are drawn from their own generator seeded by `seed`, so a run repeats exactly.
     With cfg.chat_tokens, the rows of `token_ids` (chat_token_ids) in the embedding, and in an untied
     head, train too: token_rows starts as a copy of those rows, as PEFT's trainable tokens do."""
     check_rank(model, cfg)
@@ -175,6 +176,7 @@ def apply_lora(model: Llama, cfg: LoRAConfig, token_ids=()) -> Llama:
         p.requires_grad = False
     fusions.fuse(model)
     scale = scale_of(cfg)
+    rng = np.random.default_rng(seed)
     for layer in model.layers:
         for target in LORA_TARGETS:             # a fixed order: the parameters' order does not follow the recipe's
             if target not in cfg.targets:
@@ -183,7 +185,7 @@ def apply_lora(model: Llama, cfg: LoRAConfig, token_ids=()) -> Llama:
             module = getattr(getattr(layer, part), name)
             out_features, in_features = module.weight.shape
             bound = 1 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5)), U(-1/sqrt(in), 1/sqrt(in))
-            a = generator("cpu").uniform(-bound, bound, (cfg.rank, in_features)).astype(np.float32)
+            a = rng.uniform(-bound, bound, (cfg.rank, in_features)).astype(np.float32)
             module.lora_a = _parameter_like(module.weight, a)
             module.lora_b = _parameter_like(module.weight, np.zeros((out_features, cfg.rank), np.float32))
             module.scale, module.dropout = scale, cfg.dropout

@@ -211,7 +211,7 @@ def _finetune(recipe: Recipe, resume: bool, device: str, group) -> dict:
                                  token_ids=lora.chat_token_ids(tokenizer))
     compute_precision(model, recipe, device)
     if adapters is not None:
-        lora.apply_lora(model, recipe.sft.lora, adapters["token_ids"])
+        lora.apply_lora(model, recipe.sft.lora, adapters["token_ids"], seed=recipe.seed)
         rows = f" and the rows of {len(adapters['token_ids'])} chat tokens" if adapters["token_ids"] else ""
         log(f"LoRA: rank {recipe.sft.lora.rank} on {', '.join(recipe.sft.lora.targets)}{rows}: "
             f"{sum(p.size for p in model.parameters() if p.requires_grad):,} trainable parameters of "
