@@ -158,7 +158,9 @@ def _start_long_run(tmp_path, shard_dir, env_extra=None):
 
 
 def _error_lines(stderr: str):
-    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    # ranks' output reaches the same stream through mpirun and may leave a line unfinished (a space)
+    # just before the launcher's message
+    return [ln.strip() for ln in stderr.splitlines() if ln.strip().startswith("error:")]
 
 
 def test_a_killed_rank_ends_the_job_with_one_line(tmp_path, shard_dir):
